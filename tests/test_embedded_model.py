@@ -1,0 +1,43 @@
+"""Integration on the embedded SmolLM2-135M-Instruct: real weights, real tokenizer, real chat template."""
+
+import pytest
+import torch
+from conftest import make_adapter
+
+import lora_utils as lu
+
+pytestmark = pytest.mark.embedded
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return lu.load_model_and_tokenizer(None, dtype="bfloat16")
+
+
+def test_embedded_model_loads_offline_with_chat_template(embedded):
+    model, tokenizer = embedded
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>assistant" in prompt
+    assert (lu.cache_dir() / lu.EMBEDDED_MODEL_NAME / "config.json").is_file()
+
+
+def test_merge_generate_restore_on_embedded_model(embedded, tmp_path):
+    model, tokenizer = embedded
+    base = [lu.load_model_and_tokenizer(None, dtype="bfloat16")[0]]  # a fresh copy for adapter creation
+    pos_dir, _ = make_adapter(base[0], tmp_path / "pos", seed=1, r=4, alpha=8, target_modules=["o_proj", "down_proj"])
+    neg_dir, _ = make_adapter(base[0], tmp_path / "neg", seed=2, r=4, alpha=8, target_modules=["o_proj", "down_proj"])
+    diff = lu.compute_persona_lora_diff(pos_dir, neg_dir, trait="random")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    inputs = tokenizer.apply_chat_template([[{"role": "user", "content": "Name a colour."}]], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True, padding=True)
+    with torch.no_grad():
+        plain = model(**inputs).logits[0, -1].float()
+        with lu.LoRASteerer(model, diff, coefficient=0.05, backup_device="cpu"):
+            steered = model(**inputs).logits[0, -1].float()
+            text = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert text.shape[1] > inputs["input_ids"].shape[1]
+    assert not torch.allclose(plain, steered, atol=1e-2)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
