@@ -59,3 +59,43 @@ def adapter_pair(tmp_path):
     pos_dir, model = make_adapter(model, tmp_path / "pos", seed=1, r=4, alpha=8, use_rslora=True)
     neg_dir, model = make_adapter(model, tmp_path / "neg", seed=2, r=4, alpha=8, use_rslora=True)
     return model, pos_dir, neg_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved as a model folder with the embedded model's real tokenizer and chat
+    template, so the scripts run end to end in seconds."""
+    import lora_utils as lu
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = lu.load_tokenizer(None)
+    model = make_tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_script(script, *args):
+    """Run a stage script's main() in-process with these flags; returns its exit status."""
+    import importlib
+
+    module = importlib.import_module(script)
+    saved = sys.argv
+    sys.argv = [f"{script}.py", *map(str, args)]
+    try:
+        module.main()
+        return 0
+    except SystemExit as exit_:
+        return exit_.code
+    finally:
+        sys.argv = saved
+
+
+def run_cli(script, *args, cwd=None):
+    """Run a stage script in a subprocess, as a user would: (returncode, stdout, stderr)."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), *map(str, args)], capture_output=True, text=True,
+                            cwd=cwd or ROOT, timeout=600)
+    return result.returncode, result.stdout, result.stderr

@@ -1,0 +1,1 @@
+"""Evaluation: trait definitions, generation, judging and activation steering."""

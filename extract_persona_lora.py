@@ -1,0 +1,204 @@
+"""Stage 1: contrastive responses → pos/neg LoRA adapters → the exact persona diff, and the
+activation persona vector from the same responses.
+
+    python extract_persona_lora.py --trait evil --output_dir persona_loras/SmolLM2-135M-Instruct/evil
+
+Writes, under --output_dir:
+    data/pos.jsonl, data/neg.jsonl   responses under the trait's pos/neg system prompts (reused on rerun)
+    pos_lora/, neg_lora/             PEFT adapters trained on question → response, without the system prompt
+    <trait>_lora_diff.pt (+ .safetensors)   ΔW = s_p·B_p·A_p − s_n·B_n·A_n, as factors
+    <trait>_lora_diff_peft/          the diff as a standard PEFT adapter at coefficient 1
+    summary.json, manifest.json
+and persona_vectors/<model>/<trait>_response_avg_diff.pt, a tensor [L+1, hidden].
+"""
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import lora_utils as lu
+from eval.activations import persona_vector, response_hidden_means
+from eval.generation import generate_records, read_chat_jsonl, read_jsonl
+from eval.traits import load_trait
+from training import finished_adapter, train_lora_adapter
+
+# A small, fast profile for the embedded 135M model on CPU; the seed's settings for 8B-class models.
+PROFILES = {
+    "small": dict(n_per_question=1, max_new_tokens=64, temperature=0.7, top_p=0.9, rank=8, alpha=16, use_rslora=False,
+                  epochs=2, learning_rate=5e-4, batch_size=8, max_length=256, gen_batch_size=64),
+    "full": dict(n_per_question=2, max_new_tokens=384, temperature=1.0, top_p=1.0, rank=32, alpha=64, use_rslora=True,
+                 epochs=2, learning_rate=1e-4, batch_size=16, max_length=1024, gen_batch_size=64),
+}
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--trait", required=True, help="a folder of dataset/ (evil, sycophancy, hallucination, corrigibility, ...)")
+    parser.add_argument("--output_dir", default=None, help="default: persona_loras/<model>/<trait>")
+    parser.add_argument("--profile", choices=["auto", "small", "full"], default="auto",
+                        help="defaults for the flags below: small for the embedded model, full otherwise")
+    generation = parser.add_argument_group("contrastive data")
+    generation.add_argument("--n_per_question", type=int)
+    generation.add_argument("--max_new_tokens", type=int)
+    generation.add_argument("--temperature", type=float)
+    generation.add_argument("--top_p", type=float)
+    generation.add_argument("--gen_batch_size", type=int)
+    generation.add_argument("--pos_data", help="train from your own chat JSONL instead of generating (needs --neg_data)")
+    generation.add_argument("--neg_data", help="chat JSONL of the opposite behaviour (needs --pos_data)")
+    training = parser.add_argument_group("LoRA training")
+    training.add_argument("--rank", type=int)
+    training.add_argument("--alpha", type=float)
+    training.add_argument("--use_rslora", action=argparse.BooleanOptionalAction, default=None)
+    training.add_argument("--target_modules", nargs="+", default=DEFAULT_TARGETS)
+    training.add_argument("--epochs", type=int)
+    training.add_argument("--learning_rate", type=float)
+    training.add_argument("--batch_size", type=int)
+    training.add_argument("--max_length", type=int)
+    training.add_argument("--skip_training", action="store_true", help="rebuild the diff from existing pos_lora/ and neg_lora/")
+    parser.add_argument("--vector_output_path", default=None,
+                        help="default: persona_vectors/<model>/<trait>_response_avg_diff.pt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU; on CPU what measures faster), float32, bfloat16")
+    args = parser.parse_args()
+
+    if (args.pos_data is None) != (args.neg_data is None):
+        parser.error("--pos_data and --neg_data go together")
+    profile = args.profile if args.profile != "auto" else ("small" if args.model in (None, lu.EMBEDDED_MODEL_NAME) else "full")
+    for key, value in PROFILES[profile].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.profile = profile
+    model_name = lu.model_short_name(args.model)
+    args.output_dir = args.output_dir or f"persona_loras/{model_name}/{args.trait}"
+    args.vector_output_path = args.vector_output_path or f"persona_vectors/{model_name}/{args.trait}_response_avg_diff.pt"
+    return args
+
+
+def contrastive_jobs(trait, n_per_question: int) -> dict[str, list[dict]]:
+    """Every extraction question under every pos (resp. neg) instruction, n_per_question times."""
+    jobs = {"pos": [], "neg": []}
+    for side in jobs:
+        for instruction_index, pair in enumerate(trait.instructions):
+            for question_index, question in enumerate(trait.extraction_questions):
+                for sample in range(n_per_question):
+                    jobs[side].append({
+                        "id": f"{side}-i{instruction_index}-q{question_index}-s{sample}",
+                        "side": side, "instruction_index": instruction_index, "question_index": question_index,
+                        "sample": sample, "system": pair[side],
+                        "messages": [{"role": "user", "content": question}],
+                    })
+    return jobs
+
+
+def contrastive_data(args, trait, model, tokenizer, data_dir: Path) -> dict[str, list[dict]]:
+    """Generate the pos/neg responses, or reuse them if a run with the same settings made them."""
+    if args.pos_data:
+        return {"pos": read_chat_jsonl(args.pos_data), "neg": read_chat_jsonl(args.neg_data)}
+    settings = {"model": args.model or lu.EMBEDDED_MODEL_NAME, "trait_file_sha256": hashlib.sha256(trait.path.read_bytes()).hexdigest(),
+                **{k: getattr(args, k) for k in ("n_per_question", "max_new_tokens", "temperature", "top_p", "seed")}}
+    settings_path = data_dir / "generation.json"
+    if settings_path.is_file():
+        previous = json.loads(settings_path.read_text())
+        if previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise lu.PersonaLoRAError(f"{data_dir} was generated with other settings ({', '.join(changed)}); "
+                                      f"delete {data_dir} to regenerate, or pass the same flags")
+    lu.write_json(settings_path, settings)
+    data = {}
+    for side, jobs in contrastive_jobs(trait, args.n_per_question).items():
+        path = data_dir / f"{side}.jsonl"
+        if path.is_file():
+            print(f"reusing {path}")
+            data[side] = read_jsonl(path)
+            continue
+        data[side] = generate_records(model, tokenizer, jobs, path, max_new_tokens=args.max_new_tokens,
+                                      temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch_size,
+                                      seed=args.seed + (0 if side == "pos" else 10_000), desc=f"generating {side}")
+    return data
+
+
+def train_side(args, model, tokenizer, records, adapter_dir: Path, side: str) -> dict:
+    settings = dict(rank=args.rank, alpha=args.alpha, use_rslora=args.use_rslora, target_modules=args.target_modules,
+                    epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
+                    max_length=args.max_length, seed=args.seed)
+    previous = finished_adapter(adapter_dir)
+    if args.skip_training:
+        if previous is None:
+            raise lu.PersonaLoRAError(f"--skip_training: no finished adapter in {adapter_dir}; run without --skip_training first")
+        return previous
+    if previous is not None and all(previous.get(k) == v for k, v in settings.items()) and previous.get("examples"):
+        print(f"reusing {adapter_dir} (trained with the same settings)")
+        return previous
+    return train_lora_adapter(model, tokenizer, records, adapter_dir, desc=f"training {side}_lora", **settings)
+
+
+def print_summary(args, data, trainings, diff, vector) -> dict:
+    layer_norms = diff.layer_norms()
+    top = {}
+    for kind in sorted({lu.module_type(n) for n in diff}):
+        name = max((n for n in diff if lu.module_type(n) == kind), key=diff.module_sq_norm)
+        top[kind] = {"module": name, "singular_values": [round(float(s), 5) for s in diff.singular_values(name)[:5]]}
+    summary = {
+        "trait": args.trait, "model": args.model or lu.EMBEDDED_MODEL_NAME,
+        "examples": {side: len(records) for side, records in data.items()},
+        "final_epoch_loss": {side: t["epoch_losses"][-1] for side, t in trainings.items()},
+        "epoch_losses": {side: t["epoch_losses"] for side, t in trainings.items()},
+        "diff_norm": diff.norm(), "layer_norms": layer_norms, "top_singular_values": top,
+        "vector_norm_by_layer": [round(float(x), 4) for x in vector.norm(dim=1)],
+    }
+    print(f"\n== persona LoRA for '{args.trait}' on {summary['model']} ==")
+    print(f"examples: pos {summary['examples']['pos']}, neg {summary['examples']['neg']}")
+    for side, t in trainings.items():
+        print(f"{side}_lora loss by epoch: " + " → ".join(f"{x:.3f}" for x in t["epoch_losses"]))
+    print(f"‖ΔW‖_F = {diff.norm():.4f}; by layer:")
+    peak = max(layer_norms.values())
+    for layer, value in layer_norms.items():
+        print(f"  layer {layer:3d}  {value:8.4f}  {'█' * max(1, round(30 * value / peak))}")
+    print("top singular values of the largest module of each type:")
+    for kind, entry in top.items():
+        print(f"  {kind:10s} {', '.join(f'{s:.4f}' for s in entry['singular_values'])}")
+    best = int(vector[1:].norm(dim=1).argmax()) + 1
+    print(f"activation vector {tuple(vector.shape)}; largest ‖v[ℓ]‖ at ℓ={best} ({vector[best].norm():.3f})")
+    return summary
+
+
+def main():
+    args = parse_args()
+    started = time.time()
+    trait = None if args.pos_data else load_trait(args.trait)  # an unknown name lists the available ones
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    model, tokenizer = lu.load_model_and_tokenizer(args.model, dtype=args.dtype)
+    data = contrastive_data(args, trait, model, tokenizer, output_dir / "data")
+
+    # The activation direction from the very same responses (Persona Vectors: with the system prompt).
+    pos_means = response_hidden_means(model, tokenizer, data["pos"], include_system=True, max_length=args.max_length, desc="pos hidden states")
+    neg_means = response_hidden_means(model, tokenizer, data["neg"], include_system=True, max_length=args.max_length, desc="neg hidden states")
+    vector = persona_vector(pos_means, neg_means)
+    with lu.atomic_path(args.vector_output_path) as tmp:
+        torch.save(vector, tmp)
+
+    trainings = {side: train_side(args, model, tokenizer, data[side], output_dir / f"{side}_lora", side) for side in ("pos", "neg")}
+    diff = lu.compute_persona_lora_diff(output_dir / "pos_lora", output_dir / "neg_lora", trait=args.trait)
+    diff.metadata.update(base_model=args.model or lu.EMBEDDED_MODEL_NAME, created_by="extract_persona_lora.py",
+                         seed=args.seed, profile=args.profile, activation_vector=str(args.vector_output_path))
+    diff_path = diff.save(output_dir / f"{args.trait}_lora_diff.pt")
+    diff.to_peft_adapter(output_dir / f"{args.trait}_lora_diff_peft", coefficient=1.0)
+
+    summary = print_summary(args, data, trainings, diff, vector)
+    lu.write_json(output_dir / "summary.json", summary)
+    lu.write_manifest(output_dir, args, started, outputs={"diff": str(diff_path), "vector": args.vector_output_path},
+                      sizes={"diff_bytes": diff_path.stat().st_size, "examples": summary["examples"]},
+                      timings={side: t.get("seconds") for side, t in trainings.items()})
+    print(f"\nwrote {diff_path} and {args.vector_output_path} in {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    lu.run_cli(main)
