@@ -580,8 +580,9 @@ class LoRAMerger:
         self.backup_device = backup_device
         self._params = dict(model.named_parameters())
         self._backups: dict[str, torch.Tensor] = {}
-        self._merged: PersonaLoRADiff | None = None
+        self._terms: list[tuple[float, PersonaLoRADiff]] = []
         self.history: list[tuple[str, float]] = []
+        self.workspace_elements = 1 << 18
 
     def _resolve(self, diff: PersonaLoRADiff) -> dict[str, str]:
         """Map each diff module to this model's parameter name, tolerating a PEFT wrapper."""
@@ -614,18 +615,25 @@ class LoRAMerger:
         if bad is not None:
             raise PersonaLoRAError(f"the persona diff has non-finite values (NaN or inf) in {bad}; re-create it")
         resolved = self._resolve(diff)
-        scaled = coefficient * diff
-        total = scaled if self._merged is None else self._merged + scaled
+        # Terms are kept by reference (no scaled copies of the factors): the only memory a merge
+        # adds is the backups of the weights it touches.
+        self._terms.append((float(coefficient), diff))
         with torch.no_grad():
             for name, param_name in resolved.items():
                 param = self._params[param_name]
                 if param_name not in self._backups:
                     self._backups[param_name] = param.detach().to(self.backup_device or param.device, copy=True)
-                # One float32 buffer per module: ΔW_total, then W₀ added in place, rounded once.
-                merged = total.delta(name, device=param.device)
-                merged += self._backups[param_name].to(param.device)
-                param.copy_(merged)
-        self._merged = total
+                terms = [(c, d.factors[name]) for c, d in self._terms if name in d]
+                up = torch.cat([c * b.to(device=param.device, dtype=torch.float32) for c, (b, _) in terms], dim=1)
+                down = torch.cat([a.to(device=param.device, dtype=torch.float32) for _, (_, a) in terms], dim=0)
+                backup = self._backups[param_name]
+                # Row blocks keep the float32 workspace at ~1 MB whatever the module's size, so
+                # the extra memory of a merge is its backups and nothing more.
+                rows = max(1, self.workspace_elements // param.shape[1])
+                for start in range(0, param.shape[0], rows):
+                    block = up[start:start + rows] @ down
+                    block += backup[start:start + rows].to(param.device)
+                    param[start:start + rows].copy_(block)  # W₀ + Σcᵢ·ΔWᵢ, rounded once
         self.history.append((diff.metadata.get("trait") or diff.metadata.get("source_path") or "diff", coefficient))
         return self
 
@@ -634,13 +642,16 @@ class LoRAMerger:
             for param_name, backup in self._backups.items():
                 self._params[param_name].copy_(backup)
         self._backups.clear()
-        self._merged = None
+        self._terms.clear()
         self.history.clear()
 
     @property
     def merged_diff(self) -> PersonaLoRADiff | None:
         """Σᵢ cᵢ·ΔWᵢ currently merged (None when nothing is)."""
-        return self._merged
+        total = None
+        for coefficient, diff in self._terms:
+            total = coefficient * diff if total is None else total + coefficient * diff
+        return total
 
     def backup_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._backups.values())

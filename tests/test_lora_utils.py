@@ -326,3 +326,17 @@ def test_save_is_atomic_when_interrupted(adapter_pair, tmp_path, monkeypatch):
 def test_missing_model_gives_one_clear_line():
     with pytest.raises(PersonaLoRAError, match="omit --model to use the embedded default"):
         lu.load_model_and_tokenizer("/no/such/model-folder", dtype="float32")
+
+
+def test_row_blocked_merge_equals_whole_module_merge(adapter_pair):
+    model, pos_dir, neg_dir = adapter_pair
+    diff = lu.compute_persona_lora_diff(pos_dir, neg_dir)
+    whole = LoRAMerger(model).merge_lora_diff(diff, 0.7)
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    whole.restore_original_weights()
+    blocked = LoRAMerger(model)
+    blocked.workspace_elements = 40  # one or two rows per block
+    blocked.merge_lora_diff(diff, 0.7)
+    for name, param in model.named_parameters():  # equal up to GEMM rounding of other block shapes
+        torch.testing.assert_close(param, reference[name], rtol=1e-6, atol=1e-7)
+    blocked.restore_original_weights()
