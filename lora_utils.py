@@ -78,7 +78,7 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def write_manifest(output_dir: str | os.PathLike, args, started_at: float, **extra) -> Path:
+def write_manifest(output_dir: str | os.PathLike, args, started_at: float, name: str = "manifest.json", **extra) -> Path:
     """Record how an output was made: arguments, versions, machine, timings, and stage extras."""
     arguments = vars(args) if hasattr(args, "__dict__") else dict(args)
     manifest = {
@@ -94,7 +94,7 @@ def write_manifest(output_dir: str | os.PathLike, args, started_at: float, **ext
         "seconds": round(time.time() - started_at, 2),
         **extra,
     }
-    path = Path(output_dir) / "manifest.json"
+    path = Path(output_dir) / name
     write_json(path, manifest)
     return path
 
@@ -606,15 +606,21 @@ class LoRAMerger:
             resolved[name] = match
         return resolved
 
-    def merge_lora_diff(self, lora_diff, coefficient: float = 1.0) -> "LoRAMerger":
-        """Add coefficient·ΔW to the model's weights. Validates everything before touching any."""
+    def check(self, lora_diff, coefficient: float = 1.0) -> dict[str, str]:
+        """Refuse a diff that does not fit this model, has non-finite values, or a bad coefficient.
+        Returns {diff module: this model's parameter name}. Touches nothing."""
         diff = _as_diff(lora_diff)
         if not isinstance(coefficient, (int, float)) or not math.isfinite(coefficient):
             raise PersonaLoRAError(f"coefficient {coefficient!r} is not a finite number")
         bad = diff.first_non_finite()
         if bad is not None:
             raise PersonaLoRAError(f"the persona diff has non-finite values (NaN or inf) in {bad}; re-create it")
-        resolved = self._resolve(diff)
+        return self._resolve(diff)
+
+    def merge_lora_diff(self, lora_diff, coefficient: float = 1.0) -> "LoRAMerger":
+        """Add coefficient·ΔW to the model's weights. Validates everything before touching any."""
+        diff = _as_diff(lora_diff)
+        resolved = self.check(diff, coefficient)
         # Terms are kept by reference (no scaled copies of the factors): the only memory a merge
         # adds is the backups of the weights it touches.
         self._terms.append((float(coefficient), diff))
@@ -659,16 +665,22 @@ class LoRAMerger:
 
 class LoRASteerer(contextlib.AbstractContextManager):
     """`with LoRASteerer(model, diff_or_path, coefficient): ...` merges on entry and restores on
-    exit, also when the body raises."""
+    exit, also when the body raises. `LoRASteerer.compose(model, [(diff, c), ...])` merges several."""
 
     def __init__(self, model: torch.nn.Module, lora_diff_path, coefficient: float = 1.0, backup_device=None):
         self.merger = LoRAMerger(model, backup_device=backup_device)
-        self.lora_diff = lora_diff_path
-        self.coefficient = coefficient
+        self.terms = [(lora_diff_path, coefficient)]
+
+    @classmethod
+    def compose(cls, model: torch.nn.Module, terms, backup_device=None) -> "LoRASteerer":
+        steerer = cls(model, None, backup_device=backup_device)
+        steerer.terms = list(terms)
+        return steerer
 
     def __enter__(self) -> LoRAMerger:
         try:
-            self.merger.merge_lora_diff(self.lora_diff, self.coefficient)
+            for diff, coefficient in self.terms:
+                self.merger.merge_lora_diff(diff, coefficient)
         except BaseException:
             self.merger.restore_original_weights()
             raise

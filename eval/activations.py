@@ -42,3 +42,59 @@ def response_hidden_means(model, tokenizer, records: list[dict], include_system:
 def persona_vector(pos_means: torch.Tensor, neg_means: torch.Tensor) -> torch.Tensor:
     """v = mean(pos) − mean(neg) over examples: [L+1, hidden]."""
     return pos_means.mean(0) - neg_means.mean(0)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's list of transformer blocks (model.model.layers for Llama, Qwen, Mistral, ...)."""
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList):
+            return module
+    raise ValueError("cannot find the decoder layers (a ModuleList named 'layers') of this model")
+
+
+STEERING_TYPES = ("all", "prompt", "response")
+
+
+class ActivationSteerer:
+    """Persona Vectors' activation steering: add coef·v[layer] to the output of block layer−1
+    (hidden_states[layer] is that block's output). `positions`:
+        all       every position of every forward pass;
+        prompt    only the prompt (the prefill pass, when more than one position is processed);
+        response  only the last position of each pass, i.e. every generated token (and, as in
+                  Persona Vectors, the final prompt token that produces the first one).
+    A context manager: the hook is always removed, also when the body raises."""
+
+    def __init__(self, model, vector: torch.Tensor, layer: int, coef: float, positions: str = "response"):
+        layers = decoder_layers(model)
+        if vector.ndim != 2 or vector.shape[0] != len(layers) + 1:
+            raise ValueError(f"the persona vector has shape {tuple(vector.shape)}; expected [{len(layers) + 1}, hidden] for this model")
+        if not 1 <= layer <= len(layers):
+            raise ValueError(f"--layer {layer} is outside 1..{len(layers)}")
+        if positions not in STEERING_TYPES:
+            raise ValueError(f"--steering_type {positions!r} is not one of {', '.join(STEERING_TYPES)}")
+        self.block = layers[layer - 1]
+        self.steer = coef * vector[layer]
+        self.positions = positions
+        self.handle = None
+
+    def _hook(self, module, inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        steer = self.steer.to(device=hidden.device, dtype=hidden.dtype)
+        if self.positions == "all":
+            hidden = hidden + steer
+        elif self.positions == "prompt":
+            if hidden.shape[1] == 1:
+                return output
+            hidden = hidden + steer
+        else:
+            hidden = torch.cat([hidden[:, :-1], hidden[:, -1:] + steer], dim=1)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def __enter__(self):
+        self.handle = self.block.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None

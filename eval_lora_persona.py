@@ -1,0 +1,70 @@
+"""Stage 2: evaluate a model with persona LoRAs merged into its weights.
+
+    # Baseline (no steering)
+    python eval_lora_persona.py --trait evil --output_path results/baseline.csv
+    # Steered at α = 2.0, or a sweep of coefficients in one process (restored between them)
+    python eval_lora_persona.py --trait evil --lora_diff_path persona_loras/SmolLM2-135M-Instruct/evil/evil_lora_diff.pt \\
+        --lora_coef 2.0 --output_path results/lora_steer_2.0.csv
+    # Composition: several diffs, one coefficient each, merged together
+    python eval_lora_persona.py --trait evil --lora_diff_path evil.pt sycophancy.pt --lora_coef 1.5 -0.5 --output_path results/combo.csv
+
+Answers the trait's held-out evaluation questions, judges each for the trait and for coherence,
+and writes one CSV row per answer (question_id, question, prompt, answer, <trait>, coherence,
+coef, method), a .summary.json (mean ± standard error per coefficient, the judge, missing
+judgments) and a .manifest.json.
+"""
+
+import argparse
+import time
+
+import lora_utils as lu
+from eval.evaluate import Condition, add_eval_args, file_identity, fill_eval_defaults, prepare_judge, run_evaluation
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_args(parser)
+    parser.add_argument("--lora_diff_path", nargs="+", default=None, help="persona diff(s) (.pt or .safetensors)")
+    parser.add_argument("--lora_coef", nargs="+", type=float, default=None,
+                        help="with one diff: the coefficient(s) to sweep; with several: one coefficient per diff")
+    parser.add_argument("--backup_device", default=None, help="where LoRAMerger keeps its backups (e.g. cpu)")
+    args = parser.parse_args()
+    if args.lora_diff_path and not args.lora_coef:
+        args.lora_coef = [1.0]
+    if args.lora_coef and not args.lora_diff_path:
+        parser.error("--lora_coef needs --lora_diff_path")
+    if args.lora_diff_path and len(args.lora_diff_path) > 1 and len(args.lora_coef) != len(args.lora_diff_path):
+        parser.error(f"{len(args.lora_diff_path)} diffs need {len(args.lora_diff_path)} coefficients, got {len(args.lora_coef)}")
+    fill_eval_defaults(args)
+    return args
+
+
+def lora_conditions(args, model, diffs) -> list[Condition]:
+    identity = {"diffs": [file_identity(p) for p in args.lora_diff_path]}
+
+    def merged(terms):
+        return lambda: lu.LoRASteerer.compose(model, terms, backup_device=args.backup_device)
+
+    if len(diffs) == 1:
+        return [Condition(f"lora_coef{c:g}", "lora", c, merged([(diffs[0], c)]), identity=identity) for c in args.lora_coef]
+    name = "lora_" + "_".join(f"{d.metadata.get('trait', i)}{c:+g}" for i, (d, c) in enumerate(zip(diffs, args.lora_coef)))
+    return [Condition(name, "lora_composed", args.lora_coef[0], merged(list(zip(diffs, args.lora_coef))), identity=identity)]
+
+
+def main():
+    args = parse_args()
+    started = time.time()
+    trait, judge = prepare_judge(args)
+    diffs = [lu.load_lora_diff(p) for p in args.lora_diff_path or []]  # a bad path fails before the model loads
+    model, tokenizer = lu.load_model_and_tokenizer(args.model, dtype=args.dtype)
+    if diffs:
+        for diff, coefficient in zip(diffs, args.lora_coef * len(diffs)):
+            lu.LoRAMerger(model).check(diff, coefficient)  # refuse a diff for another model before generating
+        conditions = lora_conditions(args, model, diffs)
+    else:
+        conditions = [Condition("baseline", "baseline", 0.0)]
+    run_evaluation(args, trait, judge, conditions, model, tokenizer, started)
+
+
+if __name__ == "__main__":
+    lu.run_cli(main)
