@@ -15,6 +15,7 @@ and persona_vectors/<model>/<trait>_response_avg_diff.pt, a tensor [L+1, hidden]
 import argparse
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 import lora_utils as lu
 from eval.activations import persona_vector, response_hidden_means
 from eval.generation import generate_records, read_chat_jsonl, read_jsonl
+from eval.judge import DEFAULT_OPENAI_JUDGE, make_judge
 from eval.traits import load_trait
 from training import finished_adapter, train_lora_adapter
 
@@ -61,6 +63,11 @@ def parse_args():
     training.add_argument("--batch_size", type=int)
     training.add_argument("--max_length", type=int)
     training.add_argument("--skip_training", action="store_true", help="rebuild the diff from existing pos_lora/ and neg_lora/")
+    judging = parser.add_argument_group("judge filtering (Persona Vectors' filter)")
+    judging.add_argument("--filter_threshold", type=float, default=None,
+                         help="keep pos responses whose trait score is ≥ this and neg responses below it")
+    judging.add_argument("--judge", default=None, help="openai | hf:<model> | offline (default: openai if OPENAI_API_KEY is set)")
+    judging.add_argument("--judge_model", default=DEFAULT_OPENAI_JUDGE)
     parser.add_argument("--vector_output_path", default=None,
                         help="default: persona_vectors/<model>/<trait>_response_avg_diff.pt")
     parser.add_argument("--seed", type=int, default=0)
@@ -69,6 +76,8 @@ def parse_args():
 
     if (args.pos_data is None) != (args.neg_data is None):
         parser.error("--pos_data and --neg_data go together")
+    if args.filter_threshold is not None and args.pos_data:
+        parser.error("--filter_threshold needs the trait's rubric: use it with generated data, not --pos_data")
     profile = args.profile if args.profile != "auto" else ("small" if args.model in (None, lu.EMBEDDED_MODEL_NAME) else "full")
     for key, value in PROFILES[profile].items():
         if getattr(args, key) is None:
@@ -123,19 +132,41 @@ def contrastive_data(args, trait, model, tokenizer, data_dir: Path) -> dict[str,
     return data
 
 
+def filter_by_judge(args, trait, data: dict[str, list[dict]], data_dir: Path) -> tuple[dict[str, list[dict]], dict]:
+    """Keep pos responses that the judge scores ≥ threshold and neg responses below it."""
+    judge = make_judge(args.judge, trait, args.judge_model, judge_data=str(data_dir))
+    if judge.name.startswith("offline"):
+        print("warning: the offline judge was fit on these very responses, so this filter is in-sample", file=sys.stderr)
+    kept, report = {}, {"threshold": args.filter_threshold, "judge": judge.name}
+    for side, records in data.items():
+        scores = judge.score_answers(trait.eval_prompt, [r["messages"][-2]["content"] for r in records],
+                                     [r["messages"][-1]["content"] for r in records], desc=f"judging {side}")
+        keep = [s is not None and s == s and (s >= args.filter_threshold if side == "pos" else s < args.filter_threshold)
+                for s in scores]
+        kept[side] = [r for r, k in zip(records, keep) if k]
+        report[side] = {"kept": len(kept[side]), "of": len(records)}
+        if not kept[side]:
+            raise lu.PersonaLoRAError(f"--filter_threshold {args.filter_threshold} keeps no {side} response; choose another threshold")
+    print(f"judge filter at {args.filter_threshold}: kept pos {report['pos']['kept']}/{report['pos']['of']}, "
+          f"neg {report['neg']['kept']}/{report['neg']['of']}")
+    return kept, report
+
+
 def train_side(args, model, tokenizer, records, adapter_dir: Path, side: str) -> dict:
     settings = dict(rank=args.rank, alpha=args.alpha, use_rslora=args.use_rslora, target_modules=args.target_modules,
                     epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
                     max_length=args.max_length, seed=args.seed)
+    identity = {"examples_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()}
     previous = finished_adapter(adapter_dir)
     if args.skip_training:
         if previous is None:
             raise lu.PersonaLoRAError(f"--skip_training: no finished adapter in {adapter_dir}; run without --skip_training first")
         return previous
-    if previous is not None and all(previous.get(k) == v for k, v in settings.items()) and previous.get("examples"):
-        print(f"reusing {adapter_dir} (trained with the same settings)")
+    if previous is not None and all(previous.get(k) == v for k, v in {**settings, **identity}.items()):
+        print(f"reusing {adapter_dir} (trained on the same data with the same settings)")
         return previous
-    return train_lora_adapter(model, tokenizer, records, adapter_dir, desc=f"training {side}_lora", **settings)
+    return train_lora_adapter(model, tokenizer, records, adapter_dir, desc=f"training {side}_lora", record_extra=identity,
+                              **settings)
 
 
 def print_summary(args, data, trainings, diff, vector) -> dict:
@@ -177,6 +208,9 @@ def main():
 
     model, tokenizer = lu.load_model_and_tokenizer(args.model, dtype=args.dtype)
     data = contrastive_data(args, trait, model, tokenizer, output_dir / "data")
+    filter_report = None
+    if args.filter_threshold is not None:
+        data, filter_report = filter_by_judge(args, trait, data, output_dir / "data")
 
     # The activation direction from the very same responses (Persona Vectors: with the system prompt).
     pos_means = response_hidden_means(model, tokenizer, data["pos"], include_system=True, max_length=args.max_length, desc="pos hidden states")
@@ -193,6 +227,7 @@ def main():
     diff.to_peft_adapter(output_dir / f"{args.trait}_lora_diff_peft", coefficient=1.0)
 
     summary = print_summary(args, data, trainings, diff, vector)
+    summary["judge_filter"] = filter_report
     lu.write_json(output_dir / "summary.json", summary)
     lu.write_manifest(output_dir, args, started, outputs={"diff": str(diff_path), "vector": args.vector_output_path},
                       sizes={"diff_bytes": diff_path.stat().st_size, "examples": summary["examples"]},

@@ -55,7 +55,8 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def train_lora_adapter(model, tokenizer, records: list[dict], output_dir: str | os.PathLike, *, rank: int, alpha: float,
                        use_rslora: bool, target_modules: list[str], epochs: int, learning_rate: float, batch_size: int,
-                       max_length: int, seed: int, desc: str = "training", include_system: bool = False) -> dict:
+                       max_length: int, seed: int, desc: str = "training", include_system: bool = False,
+                       record_extra: dict | None = None) -> dict:
     """Train one LoRA adapter on `records` and save it (atomically) as a PEFT folder.
 
     The adapter is initialised from `seed`, and the data order is drawn from `seed` too, so two
@@ -110,7 +111,7 @@ def train_lora_adapter(model, tokenizer, records: list[dict], output_dir: str | 
     summary = {"losses": losses, "epoch_losses": epoch_losses, "examples": len(examples), "tokens": tokens,
                "seconds": round(time.time() - started, 2), "seed": seed, "rank": rank, "alpha": alpha,
                "use_rslora": use_rslora, "target_modules": list(target_modules), "epochs": epochs,
-               "learning_rate": learning_rate, "batch_size": batch_size, "max_length": max_length}
+               "learning_rate": learning_rate, "batch_size": batch_size, "max_length": max_length, **(record_extra or {})}
     with atomic_path(output_dir) as tmp:
         peft_model.save_pretrained(str(tmp))
         (tmp / TRAINING_RECORD).write_text(json.dumps(summary, indent=2) + "\n")

@@ -176,3 +176,17 @@ def test_malformed_trait_files_are_refused(tmp_path, problem, message):
     with pytest.raises(lu.PersonaLoRAError, match=message) as error:
         load_trait("evil", dataset_dir=tmp_path)
     assert "trait.json" in str(error.value)
+
+
+def test_judge_filter_keeps_pos_above_and_neg_below_threshold(extracted, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("eval.judge.cache_dir", lambda: tmp_path / "judge-cache")
+    out, _ = extracted
+    copy = tmp_path / "evil"
+    shutil.copytree(out / "data", copy / "data")
+    assert run_script("extract_persona_lora", "--model", tiny_model_dir, "--trait", "evil", "--output_dir", copy,
+                      "--vector_output_path", tmp_path / "v.pt", "--filter_threshold", "50", "--judge", "offline", *FAST) == 0
+    report = json.loads((copy / "summary.json").read_text())["judge_filter"]
+    assert report["threshold"] == 50 and report["judge"].startswith("offline")
+    for side in ("pos", "neg"):
+        assert 0 < report[side]["kept"] < report[side]["of"]
+        assert json.loads((copy / f"{side}_lora/training.json").read_text())["examples"] == report[side]["kept"]
