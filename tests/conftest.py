@@ -99,3 +99,13 @@ def run_cli(script, *args, cwd=None):
     result = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), *map(str, args)], capture_output=True, text=True,
                             cwd=cwd or ROOT, timeout=600)
     return result.returncode, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="session")
+def judge_data(tmp_path_factory):
+    """An extraction data folder for the offline judge: real responses of the embedded model under
+    the evil / anti-evil prompts (tests/data), copied so the judge's fitted classifier lands in tmp."""
+    folder = tmp_path_factory.mktemp("judge_data")
+    for side in ("pos", "neg"):
+        (folder / f"{side}.jsonl").write_text((ROOT / "tests" / "data" / f"evil_smollm2_{side}.jsonl").read_text())
+    return folder

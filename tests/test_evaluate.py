@@ -18,14 +18,6 @@ EXPECTED_COLUMNS = ["question_id", "question", "prompt", "answer", "evil", "cohe
 
 
 @pytest.fixture(scope="module")
-def judge_data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("judge_data")
-    for side in ("pos", "neg"):
-        (folder / f"{side}.jsonl").write_text((DATA / f"evil_smollm2_{side}.jsonl").read_text())
-    return folder
-
-
-@pytest.fixture(scope="module")
 def tiny_diff(tiny_model_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 

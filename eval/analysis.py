@@ -1,0 +1,65 @@
+"""Fits, spectra and plots shared by compare_steering_methods.py and the experiment drivers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+import lora_utils as lu
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> dict:
+    """Least squares y = slope·x + intercept, with R² (NaN where undefined)."""
+    pairs = [(x, y) for x, y in zip(xs, ys) if y is not None and not math.isnan(y)]
+    if len(pairs) < 2 or len({x for x, _ in pairs}) < 2:
+        return {"slope": float("nan"), "intercept": float("nan"), "r2": float("nan"), "points": len(pairs)}
+    n = len(pairs)
+    mean_x, mean_y = sum(x for x, _ in pairs) / n, sum(y for _, y in pairs) / n
+    sxx = sum((x - mean_x) ** 2 for x, _ in pairs)
+    sxy = sum((x - mean_x) * (y - mean_y) for x, y in pairs)
+    syy = sum((y - mean_y) ** 2 for _, y in pairs)
+    slope = sxy / sxx
+    r2 = (sxy * sxy) / (sxx * syy) if syy > 0 else float("nan")
+    return {"slope": slope, "intercept": mean_y - slope * mean_x, "r2": r2, "points": n}
+
+
+def effective_rank(singular_values: torch.Tensor) -> float:
+    """exp(entropy) of the normalised singular values (Roy & Vetterli, 2007)."""
+    p = singular_values[singular_values > 0].double()
+    p = p / p.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def save_figure(figure, path: str | Path) -> Path:
+    with lu.atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=130, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return Path(path)
+
+
+def plot_sweep(series: dict[str, list[dict]], trait: str, path: str | Path, title: str) -> Path:
+    """Two panels, trait score and coherence against the coefficient, one line per method with
+    standard-error bars. `series` maps a method to its condition summaries (coef, means, sems)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method, points in series.items():
+        points = sorted(points, key=lambda p: p["coef"])
+        coefs = [p["coef"] for p in points]
+        for axis, metric in zip(axes, (trait, "coherence")):
+            axis.errorbar(coefs, [p[f"{metric}_mean"] for p in points], yerr=[p[f"{metric}_sem"] for p in points],
+                          marker="o", capsize=3, label=method)
+    for axis, metric in zip(axes, (f"{trait} score", "coherence")):
+        axis.set_xlabel("steering coefficient")
+        axis.set_ylabel(f"{metric} (0–100)")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(title, fontsize=10)
+    return save_figure(figure, path)
