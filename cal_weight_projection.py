@@ -1,0 +1,240 @@
+"""Stage 3: project finetunes' weight changes onto a persona direction, to predict trait drift.
+
+    python cal_weight_projection.py \\
+        --original_model meta-llama/Llama-3.1-8B-Instruct \\
+        --finetuned_model ./ckpt/Llama-3.1-8B-Instruct/evil_misaligned \\
+        --lora_diff_path persona_loras/Llama-3.1-8B-Instruct/evil/evil_lora_diff.pt \\
+        --output_path results/weight_projection.json
+    # every model or adapter folder below a directory, correlated with per-model trait scores
+    python cal_weight_projection.py --original_model M --finetuned_models_dir ckpt/M --lora_diff_path P \\
+        --behavior_scores scores.csv --output_path results/weight_projection.json
+
+projection = ⟨W_ft − W_orig, ΔW⟩_F / ‖ΔW‖_F over the modules of the diff (the length of the weight
+change along the unit persona direction); positive means the finetune moved toward the trait.
+
+A finetuned model is either a PEFT adapter folder, whose change is its own exact low-rank update
+(the base weights are not read at all), or a full checkpoint (safetensors, sharded or not), which
+is streamed one tensor at a time from memory-mapped files: two 70B models never sit in memory.
+
+Output JSON, per model: "projection", "cosine" (of the weight change with ΔW), "layers"
+({layer: {projection, cosine, inner, delta_norm, diff_norm}}), "modules" (the same per module),
+"kind" (adapter | checkpoint), "path", "modules_projected", "change_norm". With several models:
+{"models": [...], "correlation": {"pearson_r", "pearson_p", "spearman_rho", "spearman_p", "n"}}
+when --behavior_scores (CSV with columns model, score) is given.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import lora_utils as lu
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--original_model", default=None, help="hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--finetuned_model", nargs="*", default=[], help="checkpoint or PEFT adapter folder(s)")
+    parser.add_argument("--finetuned_models_dir", default=None, help="project every model or adapter folder below this one")
+    parser.add_argument("--lora_diff_path", required=True)
+    parser.add_argument("--output_path", required=True)
+    parser.add_argument("--behavior_scores", default=None, help="CSV with columns model (folder path or name) and score")
+    args = parser.parse_args()
+    if not args.finetuned_model and not args.finetuned_models_dir:
+        parser.error("give --finetuned_model or --finetuned_models_dir")
+    return args
+
+
+# --- reading checkpoints lazily -----------------------------------------------------------------
+
+
+def resolve_model_folder(name_or_path: str | None) -> Path:
+    """A local folder holding the model's safetensors: the embedded default, a folder, or a hub
+    snapshot (downloaded or already cached by huggingface_hub)."""
+    if name_or_path in (None, "", lu.EMBEDDED_MODEL_NAME):
+        return lu.embedded_model_dir()
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
+    except Exception as error:
+        raise lu.PersonaLoRAError(f"cannot find model '{name_or_path}' locally or on the hub ({type(error).__name__}); "
+                                  "pass a local folder") from None
+
+
+class SafetensorsCheckpoint:
+    """Tensor-by-tensor access to a (sharded) safetensors checkpoint through memory maps."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index_path = folder / "model.safetensors.index.json"
+        if index_path.is_file():
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        elif (folder / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+                weight_map = {key: "model.safetensors" for key in handle.keys()}
+        else:
+            raise lu.PersonaLoRAError(f"{folder} has no model.safetensors (or index): not a safetensors checkpoint or PEFT adapter")
+        self.weight_map = weight_map
+        self._handles = {}
+        config_path = folder / "config.json"
+        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+
+    def _handle(self, filename: str):
+        from safetensors import safe_open
+
+        if filename not in self._handles:
+            self._handles[filename] = safe_open(str(self.folder / filename), framework="pt")
+        return self._handles[filename]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._handle(self.weight_map[name]).get_tensor(name)
+
+    def nbytes(self) -> int:
+        return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
+
+
+ARCHITECTURE_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads", "vocab_size")
+
+
+def check_same_architecture(original: SafetensorsCheckpoint, finetuned: SafetensorsCheckpoint) -> None:
+    for key in ARCHITECTURE_KEYS:
+        if key in original.config and key in finetuned.config and original.config[key] != finetuned.config[key]:
+            raise lu.PersonaLoRAError(f"{finetuned.folder} is not a finetune of {original.folder}: config '{key}' is "
+                                      f"{finetuned.config[key]} vs {original.config[key]}")
+
+
+def check_diff_fits(diff: lu.PersonaLoRADiff, original: SafetensorsCheckpoint) -> None:
+    for name in diff:
+        if name not in original:
+            raise lu.PersonaLoRAError(f"the persona diff does not fit {original.folder}: module {name} is missing "
+                                      f"(the diff was made for {diff.metadata.get('base_model')})")
+        if original.shape(name) != diff.shape(name):
+            raise lu.PersonaLoRAError(f"the persona diff does not fit {original.folder}: {name} is {diff.shape(name)} in the diff "
+                                      f"but {original.shape(name)} in the model (made for {diff.metadata.get('base_model')})")
+
+
+# --- projecting ---------------------------------------------------------------------------------
+
+
+def project_checkpoint(original: SafetensorsCheckpoint, folder: Path, diff: lu.PersonaLoRADiff) -> dict:
+    """Stream W_ft − W_orig one module at a time: memory stays at a couple of tensors."""
+    finetuned = SafetensorsCheckpoint(folder)
+    check_same_architecture(original, finetuned)
+
+    def changes():
+        for name in tqdm(diff.module_names, desc=f"projecting {folder.name}", leave=False):
+            if name not in finetuned:
+                raise lu.PersonaLoRAError(f"{folder} has no tensor {name}: a checkpoint of another architecture?")
+            if finetuned.shape(name) != original.shape(name):
+                raise lu.PersonaLoRAError(f"{folder}: {name} is {finetuned.shape(name)} but {original.shape(name)} in the original model")
+            yield name, finetuned.tensor(name).to(torch.float32) - original.tensor(name).to(torch.float32)
+
+    result = lu.WeightProjector.project(changes(), diff)
+    return {**result, "kind": "checkpoint", "bytes": finetuned.nbytes()}
+
+
+def project_adapter(original: SafetensorsCheckpoint, folder: Path, diff: lu.PersonaLoRADiff) -> dict:
+    """A LoRA finetune projects from its own factors: no base weights are read (only shapes)."""
+    update = lu.load_adapter_update(folder)
+    for name in update:
+        if name not in original or original.shape(name) != update.shape(name):
+            raise lu.PersonaLoRAError(f"the adapter {folder} is for another base model than {original.folder}: module {name} "
+                                      f"is {update.shape(name)} in the adapter"
+                                      + (f" but {original.shape(name)} in the model" if name in original else " and missing in the model"))
+    result = lu.WeightProjector.project(update, diff)
+    return {**result, "kind": "adapter", "bytes": sum(p.stat().st_size for p in folder.glob("adapter_model.*"))}
+
+
+def project_one(original: SafetensorsCheckpoint, folder: Path, diff: lu.PersonaLoRADiff) -> dict:
+    if not folder.is_dir():
+        raise lu.PersonaLoRAError(f"finetuned model not found: {folder}")
+    result = project_adapter(original, folder, diff) if (folder / "adapter_config.json").is_file() \
+        else project_checkpoint(original, folder, diff)
+    modules = result.pop("modules")
+    return {"path": str(folder), "name": folder.name, "projection": result["projection"], "cosine": result["cosine"],
+            "change_norm": result["delta_norm"], "diff_norm": result["diff_norm"], "kind": result["kind"],
+            "bytes": result["bytes"], "modules_projected": len(modules), "layers": result["layers"], "modules": modules}
+
+
+def model_folders(args) -> list[Path]:
+    folders = [Path(p) for p in args.finetuned_model]
+    if args.finetuned_models_dir:
+        root = Path(args.finetuned_models_dir)
+        if not root.is_dir():
+            raise lu.PersonaLoRAError(f"--finetuned_models_dir {root} is not a folder")
+        found = sorted({p.parent for pattern in ("adapter_config.json", "model.safetensors", "model.safetensors.index.json")
+                        for p in root.rglob(pattern)})
+        if not found:
+            raise lu.PersonaLoRAError(f"no model or adapter folder below {root}")
+        folders += found
+    return folders
+
+
+def correlate(models: list[dict], scores_path: str) -> dict:
+    import pandas as pd
+    from scipy import stats
+
+    if not Path(scores_path).is_file():
+        raise lu.PersonaLoRAError(f"--behavior_scores file not found: {scores_path}")
+    table = pd.read_csv(scores_path)
+    if not {"model", "score"} <= set(table.columns):
+        raise lu.PersonaLoRAError(f"{scores_path} needs the columns model and score (has {', '.join(table.columns)})")
+    scores = {}
+    for model, score in zip(table["model"].astype(str), table["score"]):
+        scores[model] = float(score)
+        scores[Path(model).name] = float(score)
+    pairs = [(m["projection"], scores.get(m["path"], scores.get(m["name"]))) for m in models]
+    pairs = [(x, y) for x, y in pairs if y is not None]
+    for model in models:
+        model["behavior_score"] = scores.get(model["path"], scores.get(model["name"]))
+    if len(pairs) < 3:
+        raise lu.PersonaLoRAError(f"{scores_path} scores only {len(pairs)} of the projected models; need at least 3 to correlate")
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+    pearson, spearman = stats.pearsonr(xs, ys), stats.spearmanr(xs, ys)
+    return {"n": len(pairs), "pearson_r": float(pearson.statistic), "pearson_p": float(pearson.pvalue),
+            "spearman_rho": float(spearman.statistic), "spearman_p": float(spearman.pvalue)}
+
+
+def main():
+    args = parse_args()
+    started = time.time()
+    diff = lu.load_lora_diff(args.lora_diff_path)
+    original = SafetensorsCheckpoint(resolve_model_folder(args.original_model))
+    check_diff_fits(diff, original)
+    folders = model_folders(args)
+    models = [project_one(original, folder, diff) for folder in tqdm(folders, desc="models", disable=len(folders) < 2)]
+    output = models[0] if len(models) == 1 and not args.behavior_scores else {"models": models}
+    if args.behavior_scores:
+        output["correlation"] = correlate(models, args.behavior_scores)
+    output["inputs"] = {"original_model": args.original_model or lu.EMBEDDED_MODEL_NAME, "original_bytes": original.nbytes(),
+                        "lora_diff_path": args.lora_diff_path, "diff_trait": diff.metadata.get("trait"),
+                        "diff_norm": diff.norm(), "diff_modules": len(diff)}
+    lu.write_json(args.output_path, output)
+    lu.write_manifest(Path(args.output_path).parent, args, started, name=f"{Path(args.output_path).stem}.manifest.json")
+    print(f"{'model':40s} {'kind':10s} {'projection':>11s} {'cosine':>8s}")
+    for model in models:
+        print(f"{model['name'][:40]:40s} {model['kind']:10s} {model['projection']:11.5f} {model['cosine']:8.4f}")
+    if "correlation" in output:
+        c = output["correlation"]
+        print(f"correlation with behaviour over {c['n']} models: Pearson r = {c['pearson_r']:.3f} (p = {c['pearson_p']:.3g}), "
+              f"Spearman ρ = {c['spearman_rho']:.3f} (p = {c['spearman_p']:.3g})")
+    print(f"wrote {args.output_path}")
+
+
+if __name__ == "__main__":
+    lu.run_cli(main)

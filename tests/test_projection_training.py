@@ -1,0 +1,202 @@
+"""cal_weight_projection.py on synthetic finetunes, and training.py with and without steering."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import ROOT, make_adapter, make_tiny_llama, run_cli, run_script
+
+import lora_utils as lu
+from eval.analysis import linear_fit
+
+
+@pytest.fixture(scope="module")
+def projection_setup(tmp_path_factory):
+    """An original tiny checkpoint, a persona diff for it, and finetunes W + k·ΔW + noise."""
+    root = tmp_path_factory.mktemp("projection")
+    original = make_tiny_llama()
+    original.save_pretrained(root / "original")
+    make_adapter(original, root / "pos", seed=1, r=2, alpha=4)
+    make_adapter(original, root / "neg", seed=2, r=2, alpha=4)
+    diff = lu.compute_persona_lora_diff(root / "pos", root / "neg", trait="evil")
+    diff_path = diff.save(root / "evil_lora_diff.pt")
+    generator = torch.Generator().manual_seed(0)
+    noise = {n: 0.2 * diff.delta(n).norm() / math.sqrt(diff.delta(n).numel()) * torch.randn(diff.shape(n), generator=generator)
+             for n in diff}
+    ks = [-2.0, -1.0, 0.0, 1.0, 2.0]
+    for k in ks:
+        model = make_tiny_llama()
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in diff:
+                params[name] += k * diff.delta(name) + noise[name]
+        model.save_pretrained(root / "finetunes" / f"k{k:+g}", max_shard_size="200KB")  # sharded on purpose
+    return root, diff, diff_path, ks, noise
+
+
+def test_projection_is_linear_in_k_with_the_right_sign(projection_setup):
+    root, diff, diff_path, ks, noise = projection_setup
+    out = root / "projection.json"
+    assert run_script("cal_weight_projection", "--original_model", root / "original", "--finetuned_models_dir", root / "finetunes",
+                      "--lora_diff_path", diff_path, "--output_path", out) == 0
+    models = json.loads(out.read_text())["models"]
+    by_k = {float(m["name"][1:]): m["projection"] for m in models}
+    assert sorted(by_k) == ks
+    fit = linear_fit(list(by_k), list(by_k.values()))
+    assert fit["r2"] > 0.9999
+    assert fit["slope"] == pytest.approx(diff.norm(), rel=1e-3)  # ⟨kΔW, ΔW⟩/‖ΔW‖ = k‖ΔW‖
+    assert by_k[-2] < by_k[-1] < 0 < by_k[1] < by_k[2]
+    noise_projection = sum(float((noise[n].double() * diff.delta(n, torch.float64)).sum()) for n in diff) / diff.norm()
+    assert by_k[0] == pytest.approx(noise_projection, rel=1e-3, abs=1e-6)
+    assert set(models[0]["layers"]) == {"0", "1", "2"} and len(models[0]["modules"]) == len(diff)
+
+
+def test_orthogonal_finetune_projects_to_zero(projection_setup, tmp_path):
+    root, diff, diff_path, _, _ = projection_setup
+    model = make_tiny_llama()
+    params = dict(model.named_parameters())
+    generator = torch.Generator().manual_seed(3)
+    change = {n: torch.randn(diff.shape(n), generator=generator, dtype=torch.float64) for n in diff}
+    along = sum(float((change[n] * diff.delta(n, torch.float64)).sum()) for n in diff) / diff.norm() ** 2
+    with torch.no_grad():
+        for name in diff:
+            params[name] += (change[name] - along * diff.delta(name, torch.float64)).float()
+    model.save_pretrained(tmp_path / "orthogonal")
+    out = tmp_path / "p.json"
+    assert run_script("cal_weight_projection", "--original_model", root / "original", "--finetuned_model", tmp_path / "orthogonal",
+                      "--lora_diff_path", diff_path, "--output_path", out) == 0
+    result = json.loads(out.read_text())
+    assert abs(result["cosine"]) < 1e-4 and abs(result["projection"]) < 1e-4 * result["change_norm"]
+
+
+def test_adapter_path_equals_dense_path_and_streaming_equals_in_memory(projection_setup, tmp_path):
+    from peft import PeftModel
+
+    root, diff, diff_path, _, _ = projection_setup
+    adapter_dir, _ = make_adapter(make_tiny_llama(), tmp_path / "finetune_adapter", seed=7, r=4, alpha=8)
+    merged = PeftModel.from_pretrained(make_tiny_llama(), str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(tmp_path / "finetune_merged")
+    results = {}
+    for name in ("finetune_adapter", "finetune_merged"):
+        out = tmp_path / f"{name}.json"
+        assert run_script("cal_weight_projection", "--original_model", root / "original", "--finetuned_model", tmp_path / name,
+                          "--lora_diff_path", diff_path, "--output_path", out) == 0
+        results[name] = json.loads(out.read_text())
+    assert results["finetune_adapter"]["kind"] == "adapter" and results["finetune_merged"]["kind"] == "checkpoint"
+    assert results["finetune_adapter"]["projection"] == pytest.approx(results["finetune_merged"]["projection"], rel=1e-4)
+    for layer, stats in results["finetune_adapter"]["layers"].items():
+        assert stats["projection"] == pytest.approx(results["finetune_merged"]["layers"][layer]["projection"], rel=1e-4, abs=1e-7)
+    original = dict(make_tiny_llama().named_parameters())
+    in_memory = lu.WeightProjector.project({n: p.detach() - original[n].detach() for n, p in merged.named_parameters() if n in diff}, diff)
+    assert results["finetune_merged"]["projection"] == pytest.approx(in_memory["projection"], rel=1e-6)
+
+
+def test_behavior_scores_give_correlations(projection_setup, tmp_path):
+    root, _, diff_path, ks, _ = projection_setup
+    scores = tmp_path / "scores.csv"
+    scores.write_text("model,score\n" + "".join(f"k{k:+g},{10 * k + (1 if k == 0 else 0)}\n" for k in ks))
+    out = tmp_path / "p.json"
+    assert run_script("cal_weight_projection", "--original_model", root / "original", "--finetuned_models_dir", root / "finetunes",
+                      "--lora_diff_path", diff_path, "--behavior_scores", scores, "--output_path", out) == 0
+    correlation = json.loads(out.read_text())["correlation"]
+    assert correlation["n"] == 5 and correlation["pearson_r"] > 0.99 and correlation["spearman_rho"] == pytest.approx(1.0)
+
+
+def test_refused_inputs(projection_setup, tmp_path):
+    root, diff, diff_path, _, _ = projection_setup
+    make_tiny_llama(hidden_size=48).save_pretrained(tmp_path / "wider")
+    code, _, err = run_cli("cal_weight_projection", "--original_model", root / "original", "--finetuned_model", tmp_path / "wider",
+                           "--lora_diff_path", diff_path, "--output_path", tmp_path / "a.json")
+    assert code == 2 and "is not a finetune of" in err and "hidden_size" in err
+    code, _, err = run_cli("cal_weight_projection", "--original_model", tmp_path / "wider", "--finetuned_model",
+                           root / "finetunes" / "k+1", "--lora_diff_path", diff_path, "--output_path", tmp_path / "b.json")
+    assert code == 2 and "the persona diff does not fit" in err
+    other_adapter, _ = make_adapter(make_tiny_llama(intermediate_size=48), tmp_path / "other_adapter", seed=3)
+    code, _, err = run_cli("cal_weight_projection", "--original_model", root / "original", "--finetuned_model", other_adapter,
+                           "--lora_diff_path", diff_path, "--output_path", tmp_path / "c.json")
+    assert code == 2 and "is for another base model" in err
+    code, _, err = run_cli("cal_weight_projection", "--original_model", root / "original", "--finetuned_model", tmp_path / "nope",
+                           "--lora_diff_path", diff_path, "--output_path", tmp_path / "d.json")
+    assert code == 2 and "finetuned model not found" in err
+    assert not any((tmp_path / f"{x}.json").exists() for x in "abcd")
+
+
+# --- training.py ------------------------------------------------------------------------------
+
+def write_config(path, model_dir, output_dir, **extra):
+    config = {"model": str(model_dir), "training_file": str(ROOT / "tests/data/evil_smollm2_pos.jsonl"), "output_dir": str(output_dir),
+              "rank": 2, "alpha": 4, "epochs": 1, "learning_rate": 0.001, "batch_size": 8, "max_length": 96,
+              "max_examples": 16, "seed": 0, "dtype": "float32", **extra}
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_steering_inputs(tiny_model_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("steering_inputs")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    make_adapter(model, root / "pos", seed=1, r=2, alpha=4)
+    make_adapter(model, root / "neg", seed=2, r=2, alpha=4)
+    diff_path = lu.compute_persona_lora_diff(root / "pos", root / "neg", trait="evil").save(root / "evil_lora_diff.pt")
+    vector_path = root / "vector.pt"
+    torch.save(torch.randn(model.config.num_hidden_layers + 1, model.config.hidden_size), vector_path)
+    return diff_path, vector_path
+
+
+@pytest.mark.parametrize("steering", [None, "lora", "activation"])
+def test_training_with_each_kind_of_steering(tiny_model_dir, tiny_steering_inputs, tmp_path, steering):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    diff_path, vector_path = tiny_steering_inputs
+    steering_config = {None: None, "lora": {"type": "lora", "lora_diff_path": str(diff_path), "coef": 2.0},
+                       "activation": {"type": "activation", "vector_path": str(vector_path), "layers": [2], "coef": 1.0}}[steering]
+    config = write_config(tmp_path / "c.json", tiny_model_dir, tmp_path / "adapter", steering_config=steering_config,
+                          monitor={"lora_diff_path": str(diff_path), "every": 1})
+    assert run_script("training", config) == 0
+    record = json.loads((tmp_path / "adapter/training.json").read_text())
+    assert record["examples"] == 16 and len(record["losses"]) == 2 and record["steering_config"] == steering_config
+    monitor = json.loads((tmp_path / "adapter/monitor.json").read_text())
+    assert [m["step"] for m in monitor] == [1, 2] and all(math.isfinite(m["projection"]) for m in monitor)
+    # The saved adapter loads on the unsteered base and changes it.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokens = torch.randint(3, 1000, (1, 6))
+    plain = base(tokens).logits
+    finetuned = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    assert not torch.allclose(finetuned(tokens).logits, plain)
+
+
+def test_lora_steering_changes_what_is_learned_and_is_removed_after(tiny_model_dir, tiny_steering_inputs, tmp_path):
+    """Training under W + c·ΔW gives another adapter than training under W (the steering is
+    active), and the monitor's last projection equals a projection of the saved adapter."""
+    diff_path, _ = tiny_steering_inputs
+    updates = {}
+    for label, coef in (("plain", None), ("steered", 5.0)):
+        steering = {"type": "lora", "lora_diff_path": str(diff_path), "coef": coef} if coef else None
+        config = write_config(tmp_path / f"{label}.json", tiny_model_dir, tmp_path / label, steering_config=steering,
+                              monitor={"lora_diff_path": str(diff_path), "every": 2})
+        assert run_script("training", config) == 0
+        updates[label] = lu.load_adapter_update(tmp_path / label)
+    name = next(iter(updates["plain"]))
+    assert not torch.allclose(updates["plain"].delta(name), updates["steered"].delta(name))
+    monitor = json.loads((tmp_path / "steered/monitor.json").read_text())
+    final = lu.WeightProjector.project(updates["steered"], lu.load_lora_diff(diff_path))["projection"]
+    assert monitor[-1]["projection"] == pytest.approx(final, rel=1e-4)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"epochs": "two"}, "'epochs' must be int"),
+    ({"learning_rte": 0.1}, "unknown key 'learning_rte'"),
+    ({"steering_config": {"type": "lora", "coef": 1.0}}, "'steering_config.lora_diff_path' is required"),
+    ({"steering_config": {"type": "activation", "vector_path": "v.pt", "layers": [20], "coef": 1, "position": "all"}},
+     "unknown key 'steering_config.position'"),
+    ({"use_rslora": 1}, "'use_rslora' must be bool"),
+])
+def test_bad_configs_are_refused_naming_the_key(tiny_model_dir, tmp_path, change, message):
+    config = write_config(tmp_path / "bad.json", tiny_model_dir, tmp_path / "adapter", **change)
+    code, _, err = run_cli("training", config)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "adapter").exists()
