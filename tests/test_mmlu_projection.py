@@ -1,0 +1,58 @@
+"""eval/mmlu.py and eval/cal_projection.py."""
+
+import pandas as pd
+import pytest
+import torch
+from conftest import run_cli, run_script
+
+import lora_utils as lu
+from eval.mmlu import letter_token_ids, load_questions, mmlu_accuracy, seeded_subset
+
+
+def test_packaged_mmlu_skips_and_counts_malformed_rows():
+    rows, skipped = load_questions("packaged")
+    assert skipped == 2 and len(rows) == 14044 - 2
+    assert all(len(r["choices"]) == 4 and r["answer"] in range(4) for r in rows)
+    assert seeded_subset(rows, 5, seed=3) == seeded_subset(rows, 5, seed=3) != seeded_subset(rows, 5, seed=4)
+
+
+def test_mmlu_prediction_is_the_most_probable_letter(tiny_model_dir):
+    model, tokenizer = lu.load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
+    rows = seeded_subset(load_questions("packaged")[0], 6, seed=0)
+    result = mmlu_accuracy(model, tokenizer, rows, batch_size=4)
+    letters = letter_token_ids(tokenizer)
+    expected = 0
+    for row in rows:  # one question at a time, no padding
+        from eval.mmlu import format_question
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": format_question(row)}], add_generation_prompt=True,
+                                            tokenize=True)["input_ids"]
+        with torch.no_grad():
+            last = model(torch.tensor([ids])).logits[0, -1]
+        expected += int(max(range(4), key=lambda i: float(last[letters[i]].max())) == row["answer"])
+    assert result["correct"] == expected and result["questions"] == 6
+
+
+def test_cal_projection_adds_columns_equal_to_direct_computation(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = lu.load_tokenizer(str(tiny_model_dir))
+    vector = torch.randn(model.config.num_hidden_layers + 1, model.config.hidden_size)
+    torch.save(vector, tmp_path / "evil_response_avg_diff.pt")
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ("How are you?", "What is two plus two, exactly?")]
+    pd.DataFrame({"prompt": prompts, "answer": ["Fine, thanks.", "Four."], "evil": [1.0, 2.0]}).to_csv(tmp_path / "r.csv", index=False)
+    assert run_script("eval.cal_projection", "--file_path", tmp_path / "r.csv", "--vector_path", tmp_path / "evil_response_avg_diff.pt",
+                      "--layer", "1", "3", "--model", tiny_model_dir, "--dtype", "float32") == 0
+    frame = pd.read_csv(tmp_path / "r.csv")
+    for row, (prompt, answer) in enumerate(zip(frame.prompt, frame.answer)):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            states = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        for layer in (1, 3):
+            direct = float(states[layer][0, len(prompt_ids):].mean(0) @ (vector[layer] / vector[layer].norm()))
+            assert frame.loc[row, f"evil_proj_layer{layer}"] == pytest.approx(direct, rel=1e-4, abs=1e-5)
+    code, _, err = run_cli("eval/cal_projection", "--file_path", tmp_path / "r.csv", "--vector_path", tmp_path / "evil_response_avg_diff.pt",
+                           "--layer", "9", "--model", tiny_model_dir)
+    assert code == 2 and "--layer 9 is outside" in err
