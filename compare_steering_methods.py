@@ -96,46 +96,51 @@ def timed_generation(model, inputs, tokens: int) -> float:
 
 
 def test_latency(args, model, tokenizer, trait, vector, diff, coefficient: float) -> dict:
-    """Tokens/s for the same prompts and lengths under each method; warm-up excluded; medians.
-    The merge and restore are one-off costs, timed apart."""
+    """Tokens/s for the same prompts and lengths under each method. Rounds are interleaved (every
+    method once per round, the first round a discarded full-length warm-up), so drift of the
+    machine's speed over time does not favour any method; medians over rounds. The merge and
+    restore are one-off costs, timed apart."""
     from peft import PeftModel
 
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in trait.evaluation_questions[:8]]
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(lu.model_device(model))
-
-    def measure(setup_label):
-        timed_generation(model, inputs, 8)  # warm-up
-        return statistics.median(timed_generation(model, inputs, args.latency_tokens) for _ in range(args.latency_runs))
-
-    results = {"unsteered": measure("unsteered")}
-    with ActivationSteerer(model, vector, args.layer, coefficient, args.steering_type):
-        results["activation_hook"] = measure("hook")
+    adapter_dir = Path(args.output_dir) / "latency_adapter"
+    diff.to_peft_adapter(adapter_dir, coefficient=coefficient)
+    rates = {"unsteered": [], "activation_hook": [], "merged_lora": [], "unmerged_peft_adapter": []}
     merge_times, restore_times = [], []
-    for _ in range(3):
+    for round_index in range(args.latency_runs + 1):
+        keep = round_index > 0
+        rate = timed_generation(model, inputs, args.latency_tokens)
+        if keep:
+            rates["unsteered"].append(rate)
+        with ActivationSteerer(model, vector, args.layer, coefficient, args.steering_type):
+            rate = timed_generation(model, inputs, args.latency_tokens)
+        if keep:
+            rates["activation_hook"].append(rate)
         merger = lu.LoRAMerger(model)
         start = time.perf_counter()
         merger.merge_lora_diff(diff, coefficient)
         merge_times.append(time.perf_counter() - start)
-        if len(merge_times) == 3:
-            results["merged_lora"] = measure("merged")
+        rate = timed_generation(model, inputs, args.latency_tokens)
         start = time.perf_counter()
         merger.restore_original_weights()
         restore_times.append(time.perf_counter() - start)
-    adapter_dir = Path(args.output_dir) / "latency_adapter"
-    diff.to_peft_adapter(adapter_dir, coefficient=coefficient)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    try:
-        timed_generation(peft_model, inputs, 8)
-        results["unmerged_peft_adapter"] = statistics.median(
-            timed_generation(peft_model, inputs, args.latency_tokens) for _ in range(args.latency_runs))
-    finally:
-        peft_model.unload()
-    report = {"tokens_per_second": results, "batch": len(prompts), "new_tokens": args.latency_tokens, "runs": args.latency_runs,
-              "device": str(lu.model_device(model)), "dtype": str(next(model.parameters()).dtype),
-              "merge_seconds_median": statistics.median(merge_times), "restore_seconds_median": statistics.median(restore_times),
-              "ratios_vs_unsteered": {k: v / results["unsteered"] for k, v in results.items()}}
-    return report
+        if keep:
+            rates["merged_lora"].append(rate)
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+        try:
+            rate = timed_generation(peft_model, inputs, args.latency_tokens)
+        finally:
+            peft_model.unload()
+        if keep:
+            rates["unmerged_peft_adapter"].append(rate)
+    results = {method: statistics.median(values) for method, values in rates.items()}
+    return {"tokens_per_second": results, "batch": len(prompts), "new_tokens": args.latency_tokens, "rounds": args.latency_runs,
+            "device": str(lu.model_device(model)), "dtype": str(next(model.parameters()).dtype),
+            "merge_seconds_median": statistics.median(merge_times[1:] or merge_times),
+            "restore_seconds_median": statistics.median(restore_times[1:] or restore_times),
+            "ratios_vs_unsteered": {k: v / results["unsteered"] for k, v in results.items()}}
 
 
 def analyze_spaces(args, model, tokenizer, vector, diff, records, coefficient: float) -> dict:

@@ -67,6 +67,20 @@ def write_json(path: str | os.PathLike, data) -> None:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def read_json_object(path: str | os.PathLike, what: str = "file") -> dict:
+    """A JSON object from `path`, or a PersonaLoRAError naming the file and what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise PersonaLoRAError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise PersonaLoRAError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise PersonaLoRAError(f"{path} must hold a JSON object")
+    return data
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in ("torch", "transformers", "peft", "accelerate"):

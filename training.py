@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eval.generation import chat_with_system, pad_right, tokenize_chat
-from lora_utils import PersonaLoRAError, atomic_path
+from lora_utils import PersonaLoRAError, atomic_path, read_json_object
 
 TRAINING_RECORD = "training.json"
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -199,14 +199,7 @@ def _check_keys(where: str, given: dict, schema: dict, path: Path) -> None:
 
 def load_config(path: str | os.PathLike) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise PersonaLoRAError(f"config not found: {path}")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise PersonaLoRAError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise PersonaLoRAError(f"{path} must hold a JSON object")
+    config = read_json_object(path, "config")
     _check_keys("", config, CONFIG_SCHEMA, path)
     for key, (_, required, default) in CONFIG_SCHEMA.items():
         if key not in config:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_utils import PersonaLoRAError
+from lora_utils import PersonaLoRAError, read_json_object
 
 DATASET_DIR = Path(__file__).resolve().parents[1] / "dataset"
 MIN_INSTRUCTION_PAIRS = 5
@@ -47,12 +46,7 @@ def load_trait(name: str, dataset_dir: Path = DATASET_DIR) -> Trait:
             f"unknown trait '{name}': no {path}. Available: {', '.join(available_traits(dataset_dir)) or 'none'} "
             "(add a trait by adding dataset/<trait>/trait.json, see dataset/README.md)"
         )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise PersonaLoRAError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise PersonaLoRAError(f"{path} must hold a JSON object (see dataset/README.md)")
+    data = read_json_object(path, "trait file")
     for field, kind in REQUIRED_FIELDS.items():
         if field not in data:
             raise PersonaLoRAError(f"{path} is missing the field '{field}' (see dataset/README.md)")

@@ -109,3 +109,21 @@ def judge_data(tmp_path_factory):
     for side in ("pos", "neg"):
         (folder / f"{side}.jsonl").write_text((ROOT / "tests" / "data" / f"evil_smollm2_{side}.jsonl").read_text())
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_persona(tiny_model_dir, tmp_path_factory):
+    """(diff_path, vector_path) for the tiny model: a diff of two random adapters and a random
+    vector of shape [L+1, hidden]."""
+    import lora_utils as lu
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny_persona")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    make_adapter(model, root / "pos", seed=1, r=2, alpha=4)
+    make_adapter(model, root / "neg", seed=2, r=2, alpha=4)
+    diff_path = lu.compute_persona_lora_diff(root / "pos", root / "neg", trait="evil").save(root / "evil_lora_diff.pt")
+    vector_path = root / "evil_response_avg_diff.pt"
+    torch.manual_seed(0)
+    torch.save(torch.randn(model.config.num_hidden_layers + 1, model.config.hidden_size), vector_path)
+    return diff_path, vector_path

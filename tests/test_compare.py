@@ -5,9 +5,8 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import make_adapter, run_script
+from conftest import run_script
 
-import lora_utils as lu
 from eval.analysis import effective_rank, linear_fit
 
 
@@ -19,16 +18,12 @@ def test_linear_fit_and_effective_rank():
     assert effective_rank(torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(1)
 
 
-def test_compare_writes_behaviour_latency_and_spaces(tiny_model_dir, judge_data, tmp_path, monkeypatch):
-    from transformers import AutoModelForCausalLM
+def test_compare_writes_behaviour_latency_and_spaces(tiny_model_dir, tiny_persona, judge_data, tmp_path, monkeypatch):
+    from transformers import AutoConfig
 
     monkeypatch.setattr("eval.judge.cache_dir", lambda: tmp_path / "judge-cache")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    make_adapter(model, tmp_path / "pos", seed=1, r=2, alpha=4)
-    make_adapter(model, tmp_path / "neg", seed=2, r=2, alpha=4)
-    diff_path = lu.compute_persona_lora_diff(tmp_path / "pos", tmp_path / "neg", trait="evil").save(tmp_path / "evil_lora_diff.pt")
-    vector_path = tmp_path / "evil_response_avg_diff.pt"
-    torch.save(torch.randn(model.config.num_hidden_layers + 1, model.config.hidden_size), vector_path)
+    diff_path, vector_path = tiny_persona
+    config = AutoConfig.from_pretrained(tiny_model_dir)
     out = tmp_path / "comparison"
     assert run_script("compare_steering_methods", "--model", tiny_model_dir, "--trait", "evil", "--activation_vector_path", vector_path,
                       "--lora_diff_path", diff_path, "--coefficients", "0", "1", "2", "--output_dir", out, "--layer", "2",
@@ -43,7 +38,7 @@ def test_compare_writes_behaviour_latency_and_spaces(tiny_model_dir, judge_data,
     assert set(latency["tokens_per_second"]) == {"unsteered", "activation_hook", "merged_lora", "unmerged_peft_adapter"}
     assert all(v > 0 for v in latency["tokens_per_second"].values())
     spaces = json.loads((out / "spaces.json").read_text())
-    assert len(spaces["shift_vs_vector_cosine_by_layer"]) == model.config.num_hidden_layers + 1
+    assert len(spaces["shift_vs_vector_cosine_by_layer"]) == config.num_hidden_layers + 1
     assert spaces["shift_vs_vector_cosine_by_layer"]["0"] == 0  # embeddings are not touched by ΔW
     for name in ("behavior.png", "spaces.png", "manifest.json"):
         assert (out / name).stat().st_size > 0

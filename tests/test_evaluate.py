@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import make_adapter, run_cli, run_script
+from conftest import run_cli, run_script
 
 import lora_utils as lu
 from eval.activations import ActivationSteerer, decoder_layers
@@ -17,15 +17,9 @@ DATA = Path(__file__).parent / "data"
 EXPECTED_COLUMNS = ["question_id", "question", "prompt", "answer", "evil", "coherence", "coef", "method"]
 
 
-@pytest.fixture(scope="module")
-def tiny_diff(tiny_model_dir, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("diff")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    make_adapter(model, folder / "pos", seed=1, r=2, alpha=4)
-    make_adapter(model, folder / "neg", seed=2, r=2, alpha=4)
-    return lu.compute_persona_lora_diff(folder / "pos", folder / "neg", trait="evil").save(folder / "evil_lora_diff.pt")
+@pytest.fixture
+def tiny_diff(tiny_persona):
+    return tiny_persona[0]
 
 
 def common(tiny_model_dir, judge_data, cache_dir):

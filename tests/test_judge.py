@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_tiny_llama
+from conftest import ROOT
 from openai_server import FakeOpenAIServer
 
 import lora_utils as lu

@@ -132,18 +132,9 @@ def write_config(path, model_dir, output_dir, **extra):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_steering_inputs(tiny_model_dir, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("steering_inputs")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    make_adapter(model, root / "pos", seed=1, r=2, alpha=4)
-    make_adapter(model, root / "neg", seed=2, r=2, alpha=4)
-    diff_path = lu.compute_persona_lora_diff(root / "pos", root / "neg", trait="evil").save(root / "evil_lora_diff.pt")
-    vector_path = root / "vector.pt"
-    torch.save(torch.randn(model.config.num_hidden_layers + 1, model.config.hidden_size), vector_path)
-    return diff_path, vector_path
+@pytest.fixture
+def tiny_steering_inputs(tiny_persona):
+    return tiny_persona
 
 
 @pytest.mark.parametrize("steering", [None, "lora", "activation"])
