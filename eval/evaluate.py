@@ -64,8 +64,13 @@ def fill_eval_defaults(args) -> None:
 
 
 def file_identity(path) -> dict:
-    stat = Path(path).stat()
-    return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    """What a cached generation depends on: the file's content, not its timestamp (a rerun of the
+    extraction rewrites an identical diff, and that must not invalidate finished answers)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return {"path": str(path), "sha256": digest.hexdigest()}
 
 
 def evaluation_jobs(trait, n_per_question: int, instruction_type: str | None) -> list[dict]:
