@@ -41,7 +41,9 @@ def parse_args():
     parser.add_argument("--finetuned_models_dir", default=None, help="project every model or adapter folder below this one")
     parser.add_argument("--lora_diff_path", required=True)
     parser.add_argument("--output_path", required=True)
-    parser.add_argument("--behavior_scores", default=None, help="CSV with columns model (folder path or name) and score")
+    parser.add_argument("--behavior_scores", nargs="+", default=None,
+                        help="CSV with columns model (folder path or name) and score, or eval_lora_persona.py "
+                             ".summary.json files of runs with --adapter (the adapter and its trait mean)")
     args = parser.parse_args()
     if not args.finetuned_model and not args.finetuned_models_dir:
         parser.error("give --finetuned_model or --finetuned_models_dir")
@@ -185,29 +187,65 @@ def model_folders(args) -> list[Path]:
     return folders
 
 
-def correlate(models: list[dict], scores_path: str) -> dict:
+def read_behavior_scores(paths: list[str]) -> dict[str, float]:
+    """{model path or folder name: trait score} from a CSV (model, score) or evaluation summaries."""
     import pandas as pd
+
+    pairs = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise lu.PersonaLoRAError(f"--behavior_scores file not found: {path}")
+        if path.endswith(".json"):
+            summary = lu.read_json_object(path, "summary")
+            if not summary.get("adapter") or len(summary.get("conditions", [])) != 1:
+                raise lu.PersonaLoRAError(f"{path} is not the summary of an eval_lora_persona.py run with --adapter and one condition")
+            pairs.append((summary["adapter"], summary["conditions"][0][f"{summary['trait']}_mean"]))
+        else:
+            table = pd.read_csv(path)
+            if not {"model", "score"} <= set(table.columns):
+                raise lu.PersonaLoRAError(f"{path} needs the columns model and score (has {', '.join(table.columns)})")
+            pairs += list(zip(table["model"].astype(str), table["score"]))
+    scores = {}
+    for model, score in pairs:
+        scores[str(Path(model))] = scores[Path(model).name] = float(score)
+    return scores
+
+
+def correlate(models: list[dict], scores_paths: list[str]) -> dict:
     from scipy import stats
 
-    if not Path(scores_path).is_file():
-        raise lu.PersonaLoRAError(f"--behavior_scores file not found: {scores_path}")
-    table = pd.read_csv(scores_path)
-    if not {"model", "score"} <= set(table.columns):
-        raise lu.PersonaLoRAError(f"{scores_path} needs the columns model and score (has {', '.join(table.columns)})")
-    scores = {}
-    for model, score in zip(table["model"].astype(str), table["score"]):
-        scores[model] = float(score)
-        scores[Path(model).name] = float(score)
-    pairs = [(m["projection"], scores.get(m["path"], scores.get(m["name"]))) for m in models]
+    scores = read_behavior_scores(scores_paths)
+    pairs = [(m["projection"], scores.get(str(Path(m["path"])), scores.get(m["name"]))) for m in models]
     pairs = [(x, y) for x, y in pairs if y is not None]
     for model in models:
-        model["behavior_score"] = scores.get(model["path"], scores.get(model["name"]))
+        model["behavior_score"] = scores.get(str(Path(model["path"])), scores.get(model["name"]))
     if len(pairs) < 3:
-        raise lu.PersonaLoRAError(f"{scores_path} scores only {len(pairs)} of the projected models; need at least 3 to correlate")
+        raise lu.PersonaLoRAError(f"--behavior_scores score only {len(pairs)} of the projected models; need at least 3 to correlate")
     xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
     pearson, spearman = stats.pearsonr(xs, ys), stats.spearmanr(xs, ys)
     return {"n": len(pairs), "pearson_r": float(pearson.statistic), "pearson_p": float(pearson.pvalue),
             "spearman_rho": float(spearman.statistic), "spearman_p": float(spearman.pvalue)}
+
+
+def plot_scatter(models: list[dict], correlation: dict, diff: lu.PersonaLoRADiff, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eval.analysis import save_figure
+
+    scored = [m for m in models if m.get("behavior_score") is not None]
+    figure, axis = plt.subplots(figsize=(5.5, 4.2))
+    axis.scatter([m["projection"] for m in scored], [m["behavior_score"] for m in scored])
+    for model in scored:
+        axis.annotate(model["name"], (model["projection"], model["behavior_score"]), fontsize=7, xytext=(3, 3),
+                      textcoords="offset points")
+    axis.set(xlabel=f"weight projection onto the {diff.metadata.get('trait', 'persona')} diff",
+             ylabel="trait score of the finetune",
+             title=f"Pearson r = {correlation['pearson_r']:.3f} (p = {correlation['pearson_p']:.2g}), n = {correlation['n']}")
+    axis.grid(alpha=0.3)
+    return save_figure(figure, path)
 
 
 def main():
@@ -221,6 +259,7 @@ def main():
     output = models[0] if len(models) == 1 and not args.behavior_scores else {"models": models}
     if args.behavior_scores:
         output["correlation"] = correlate(models, args.behavior_scores)
+        output["plot"] = str(plot_scatter(models, output["correlation"], diff, Path(args.output_path).with_suffix(".png")))
     output["inputs"] = {"original_model": args.original_model or lu.EMBEDDED_MODEL_NAME, "original_bytes": original.nbytes(),
                         "lora_diff_path": args.lora_diff_path, "diff_trait": diff.metadata.get("trait"),
                         "diff_norm": diff.norm(), "diff_modules": len(diff)}

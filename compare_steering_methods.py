@@ -24,7 +24,8 @@ import torch
 import lora_utils as lu
 from eval.activations import ActivationSteerer, decoder_layers, response_hidden_means
 from eval.analysis import effective_rank, linear_fit, plot_sweep, save_figure
-from eval.evaluate import Condition, add_eval_args, file_identity, fill_eval_defaults, prepare_judge, run_evaluation
+from eval.evaluate import (Condition, add_eval_args, file_identity, fill_eval_defaults, load_eval_model, prepare_judge,
+                           run_evaluation)
 from eval.eval_persona import load_vector
 
 
@@ -239,7 +240,7 @@ def main():
     started = time.time()
     trait, judge = prepare_judge(args)
     vector, diff = load_vector(args.activation_vector_path), lu.load_lora_diff(args.lora_diff_path)
-    model, tokenizer = lu.load_model_and_tokenizer(args.model, dtype=args.dtype)
+    model, tokenizer = load_eval_model(args)
     num_layers = len(decoder_layers(model))
     if vector.shape != (num_layers + 1, model.config.hidden_size):
         raise lu.PersonaLoRAError(f"{args.activation_vector_path} has shape {tuple(vector.shape)}; this model needs "

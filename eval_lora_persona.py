@@ -18,7 +18,8 @@ import argparse
 import time
 
 import lora_utils as lu
-from eval.evaluate import Condition, add_eval_args, file_identity, fill_eval_defaults, prepare_judge, run_evaluation
+from eval.evaluate import (Condition, add_eval_args, file_identity, fill_eval_defaults, load_eval_model, prepare_judge,
+                           run_evaluation)
 
 
 def parse_args():
@@ -56,13 +57,14 @@ def main():
     started = time.time()
     trait, judge = prepare_judge(args)
     diffs = [lu.load_lora_diff(p) for p in args.lora_diff_path or []]  # a bad path fails before the model loads
-    model, tokenizer = lu.load_model_and_tokenizer(args.model, dtype=args.dtype)
+    model, tokenizer = load_eval_model(args)
     if diffs:
         for diff, coefficient in zip(diffs, args.lora_coef * len(diffs)):
             lu.LoRAMerger(model).check(diff, coefficient)  # refuse a diff for another model before generating
         conditions = lora_conditions(args, model, diffs)
     else:
-        conditions = [Condition("baseline", "baseline", 0.0)]
+        # With --adapter the model under test is a finetune, not the baseline: say so in every row.
+        conditions = [Condition("finetune", "finetune", 0.0) if args.adapter else Condition("baseline", "baseline", 0.0)]
     run_evaluation(args, trait, judge, conditions, model, tokenizer, started)
 
 

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 import lora_utils as lu  # noqa: E402
 from eval.activations import STEERING_TYPES, ActivationSteerer, decoder_layers  # noqa: E402
-from eval.evaluate import Condition, add_eval_args, file_identity, fill_eval_defaults, prepare_judge, run_evaluation  # noqa: E402
+from eval.evaluate import Condition, add_eval_args, file_identity, fill_eval_defaults, load_eval_model, prepare_judge, run_evaluation  # noqa: E402
 
 
 def parse_args():
@@ -55,7 +55,7 @@ def main():
     started = time.time()
     trait, judge = prepare_judge(args)
     vector = load_vector(args.vector_path) if args.vector_path else None
-    model, tokenizer = lu.load_model_and_tokenizer(args.model, dtype=args.dtype)
+    model, tokenizer = load_eval_model(args)
     conditions = []
     instruction = args.persona_instruction_type
     prefix = f"prompt_{instruction}_" if instruction else ""

@@ -50,7 +50,21 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge_model", default=DEFAULT_OPENAI_JUDGE)
     parser.add_argument("--judge_data", default=None,
                         help="offline judge: the extraction's data folder (default persona_loras/<model>/<trait>/data)")
+    parser.add_argument("--adapter", default=None, help="a PEFT adapter (e.g. a finetune) merged into the model before evaluating")
     parser.add_argument("--dtype", default="auto")
+
+
+def load_eval_model(args):
+    """The model under evaluation: --model, with --adapter merged in when given."""
+    model, tokenizer = lu.load_model_and_tokenizer(args.model, dtype=args.dtype)
+    if args.adapter:
+        from peft import PeftModel
+
+        if not (Path(args.adapter) / "adapter_config.json").is_file():
+            raise lu.PersonaLoRAError(f"--adapter {args.adapter} is not a PEFT adapter folder")
+        lu.LoRAMerger(model).check(lu.load_adapter_update(args.adapter))  # refuse an adapter for another base
+        model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload().eval()
+    return model, tokenizer
 
 
 def fill_eval_defaults(args) -> None:
@@ -88,6 +102,8 @@ def evaluation_jobs(trait, n_per_question: int, instruction_type: str | None) ->
 def generate_condition(args, model, tokenizer, trait, condition: Condition, work_dir: Path) -> list[dict]:
     """Answers for one condition, resumable: finished work files are reused, partial ones continued."""
     settings = {k: getattr(args, k) for k in ("model", "n_per_question", "max_new_tokens", "temperature", "seed")}
+    if getattr(args, "adapter", None):
+        settings["adapter"] = file_identity(Path(args.adapter) / "adapter_model.safetensors")
     settings.update(trait=hashlib.sha256(trait.path.read_bytes()).hexdigest(), condition=condition.name,
                     instruction_type=condition.instruction_type, **condition.identity)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -155,7 +171,8 @@ def run_evaluation(args, trait, judge, conditions: list[Condition], model, token
     with lu.atomic_path(output_path) as tmp:
         frame.to_csv(tmp, index=False)
 
-    summary = {"trait": trait.name, "model": args.model or lu.EMBEDDED_MODEL_NAME, "judge": judge.name,
+    summary = {"trait": trait.name, "model": args.model or lu.EMBEDDED_MODEL_NAME, "adapter": getattr(args, "adapter", None),
+               "judge": judge.name,
                "judge_description": judge.description, "csv": str(output_path), "conditions": []}
     if hasattr(judge, "classifier"):
         summary["judge_quality"] = judge.classifier.report

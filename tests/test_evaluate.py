@@ -167,3 +167,23 @@ def test_steering_at_layer_l_moves_hidden_state_l_by_coef_v(tiny_model):
     plain_input, steered_input = seen
     torch.testing.assert_close(plain_input, plain_states[2])  # hidden_states[2] is what block 2 reads
     torch.testing.assert_close(steered_input, plain_input + 0.5 * vector[2])
+
+
+def test_adapter_flag_evaluates_the_finetune_and_refuses_a_foreign_adapter(tiny_model_dir, judge_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_adapter, make_tiny_llama
+    adapter, _ = make_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), tmp_path / "ft", seed=4,
+                              r=2, alpha=64)
+    outputs = {}
+    for label, extra in (("base", []), ("finetune", ["--adapter", adapter])):
+        out = tmp_path / f"{label}.csv"
+        assert run_script("eval_lora_persona", *common(tiny_model_dir, judge_data, tmp_path), "--temperature", "0", *extra,
+                          "--output_path", out) == 0
+        outputs[label] = pd.read_csv(out).answer.tolist()
+    assert outputs["base"] != outputs["finetune"]
+    assert json.loads((tmp_path / "finetune.summary.json").read_text())["adapter"] == str(adapter)
+    foreign, _ = make_adapter(make_tiny_llama(intermediate_size=48), tmp_path / "foreign", seed=5)
+    code, _, err = run_cli("eval_lora_persona", *common(tiny_model_dir, judge_data, tmp_path), "--adapter", foreign,
+                           "--output_path", tmp_path / "x.csv")
+    assert code == 2 and "does not fit this model" in err

@@ -191,3 +191,33 @@ def test_bad_configs_are_refused_naming_the_key(tiny_model_dir, tmp_path, change
     code, _, err = run_cli("training", config)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "adapter").exists()
+
+
+def test_make_mixtures_writes_datasets_with_the_asked_trait_share(tmp_path):
+    assert run_script("scripts.make_mixtures", "--pos", ROOT / "tests/data/evil_smollm2_pos.jsonl",
+                      "--neg", ROOT / "tests/data/evil_smollm2_neg.jsonl", "--ratios", "0", "25", "100", "--n", "20",
+                      "--output_dir", tmp_path, "--ckpt_dir", tmp_path / "ckpt", "--training", '{"epochs": 2}') == 0
+    from eval.generation import read_jsonl
+    pos_answers = {r["messages"][-1]["content"] for r in read_jsonl(ROOT / "tests/data/evil_smollm2_pos.jsonl")}
+    for ratio, expected in ((0, 0), (25, 5), (100, 20)):
+        records = read_jsonl(tmp_path / "data" / f"mix_{ratio}.jsonl")
+        assert len(records) == 20 and sum(r["messages"][-1]["content"] in pos_answers for r in records) == expected
+        assert all(m["role"] != "system" for r in records for m in r["messages"])
+        config = json.loads((tmp_path / "configs" / f"mix_{ratio}.json").read_text())
+        assert config["epochs"] == 2 and config["output_dir"].endswith(f"mix_{ratio}")
+
+
+def test_behavior_scores_from_evaluation_summaries(projection_setup, tmp_path):
+    root, _, diff_path, ks, _ = projection_setup
+    summaries = []
+    for k in ks:
+        path = tmp_path / f"eval_{k}.summary.json"
+        path.write_text(json.dumps({"trait": "evil", "adapter": str(root / "finetunes" / f"k{k:+g}"),
+                                    "conditions": [{"evil_mean": 50 + 5 * k}]}))
+        summaries.append(path)
+    out = tmp_path / "p.json"
+    assert run_script("cal_weight_projection", "--original_model", root / "original", "--finetuned_models_dir", root / "finetunes",
+                      "--lora_diff_path", diff_path, "--behavior_scores", *summaries, "--output_path", out) == 0
+    result = json.loads(out.read_text())
+    assert result["correlation"]["n"] == 5 and result["correlation"]["pearson_r"] > 0.99
+    assert (tmp_path / "p.png").stat().st_size > 0
