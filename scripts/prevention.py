@@ -84,6 +84,7 @@ def summarize(args) -> None:
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+    figure.tight_layout()
     save_figure(figure, out / "drift.png")
     print(f"base {args.trait} {base['trait']:.2f}, MMLU {base['mmlu']:.3f}")
     for name, r in runs.items():
