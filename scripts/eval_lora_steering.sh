@@ -7,11 +7,8 @@
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct N_PER_QUESTION=10 bash scripts/eval_lora_steering.sh   # full size
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
-trait="${TRAIT:-evil}"
-model_flag=()
-[ -n "${MODEL:-}" ] && model_flag=(--model "$MODEL")
+source "$(dirname "$0")/experiment_env.sh"
 out="${OUTPUT_DIR:-results/exp1_steering}"
-started=$(date +%s)
 python extract_persona_lora.py "${model_flag[@]}" --trait "$trait"
 # shellcheck disable=SC2086
 python compare_steering_methods.py "${model_flag[@]}" --trait "$trait" --coefficients ${COEFFICIENTS:-0 0.5 1 1.5 2} \

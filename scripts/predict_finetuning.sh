@@ -7,14 +7,9 @@
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct N_EXAMPLES=1000 TRAINING='{"epochs": 1, "rank": 32, "alpha": 64}' bash scripts/predict_finetuning.sh
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
-trait="${TRAIT:-evil}"
-model_flag=()
-[ -n "${MODEL:-}" ] && model_flag=(--model "$MODEL")
-model_name="$(basename "${MODEL:-SmolLM2-135M-Instruct}")"
-persona="persona_loras/$model_name/$trait"
+source "$(dirname "$0")/experiment_env.sh"
 out="${OUTPUT_DIR:-results/exp2_prediction}"
 ckpt="ckpt/$model_name/exp2_$trait"
-started=$(date +%s)
 python extract_persona_lora.py "${model_flag[@]}" --trait "$trait"
 # shellcheck disable=SC2086
 python scripts/make_mixtures.py "${model_flag[@]}" --pos "$persona/data/pos.jsonl" --neg "$persona/data/neg.jsonl" \

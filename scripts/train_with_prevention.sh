@@ -7,14 +7,9 @@
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct N_EXAMPLES=1000 COEFS="-2 -1 1 2" MMLU_N=1000 bash scripts/train_with_prevention.sh
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
-trait="${TRAIT:-evil}"
-model_flag=()
-[ -n "${MODEL:-}" ] && model_flag=(--model "$MODEL")
-model_name="$(basename "${MODEL:-SmolLM2-135M-Instruct}")"
-persona="persona_loras/$model_name/$trait"
+source "$(dirname "$0")/experiment_env.sh"
 out="${OUTPUT_DIR:-results/exp3_prevention}"
 ckpt="ckpt/$model_name/exp3_$trait"
-started=$(date +%s)
 python extract_persona_lora.py "${model_flag[@]}" --trait "$trait"
 # shellcheck disable=SC2086
 python scripts/prevention.py configs "${model_flag[@]}" --training_file "$persona/data/pos.jsonl" \
