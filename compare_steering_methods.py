@@ -260,7 +260,7 @@ def main():
     if args.analyze_spaces:
         from eval.generation import read_jsonl
 
-        baseline_records = [r for r in read_jsonl(next((output_dir / ".behavior.work").glob("baseline-*.jsonl")))]
+        baseline_records = read_jsonl(next((output_dir / ".behavior.work").glob("baseline-*.jsonl")))
         comparison["spaces"] = analyze_spaces(args, model, tokenizer, vector, diff, baseline_records, strongest)
         lu.write_json(output_dir / "spaces.json", comparison["spaces"])
     lu.write_json(output_dir / "comparison.json", comparison)

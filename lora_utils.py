@@ -208,9 +208,6 @@ class PersonaLoRADiff:
         up, down = self.factors[name]
         return up.to(device=device, dtype=dtype) @ down.to(device=device, dtype=dtype)
 
-    def is_finite(self) -> bool:
-        return all(torch.isfinite(up).all() and torch.isfinite(down).all() for up, down in self.factors.values())
-
     def first_non_finite(self) -> str | None:
         for name, (up, down) in self.factors.items():
             if not (torch.isfinite(up).all() and torch.isfinite(down).all()):

@@ -248,8 +248,6 @@ class HFJudge(Judge):
             sequences.append(ids[len(prefix_ids):])
         device = model_device(self.model)
         with torch.no_grad():
-            cache_out = self.model(torch.tensor([prefix_ids], device=device), use_cache=False)
-            first = torch.log_softmax(cache_out.logits[0, -1].float(), -1)
             width = max(len(s) for s in sequences)
             batch = torch.full((101, len(prefix_ids) + width), self.tokenizer.pad_token_id, device=device)
             mask = torch.zeros_like(batch)
@@ -259,9 +257,8 @@ class HFJudge(Judge):
             logprobs = torch.log_softmax(self.model(batch, attention_mask=mask).logits.float(), -1)
         probabilities = {}
         for n, suffix in enumerate(sequences):
-            total = float(first[suffix[0]])
-            for position, token in enumerate(suffix[1:], start=len(prefix_ids)):
-                total += float(logprobs[n, position, token])
+            # Position p predicts token p+1: the number's tokens are read from the one batched pass.
+            total = sum(float(logprobs[n, len(prefix_ids) - 1 + i, token]) for i, token in enumerate(suffix))
             end = len(prefix_ids) + len(suffix) - 1
             stop = torch.logsumexp(logprobs[n, end, self.stop_ids], 0) if self.stop_ids else torch.tensor(0.0)
             probabilities[n] = math.exp(total + float(stop))
