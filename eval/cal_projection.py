@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lora_utils as lu  # noqa: E402
 from eval.activations import span_hidden_means  # noqa: E402
-from eval.eval_persona import load_vector  # noqa: E402
+from eval.activations import load_vector  # noqa: E402
 
 
 def prompt_answer_span(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:

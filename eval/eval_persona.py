@@ -15,10 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
 import lora_utils as lu  # noqa: E402
-from eval.activations import STEERING_TYPES, ActivationSteerer, decoder_layers  # noqa: E402
+from eval.activations import STEERING_TYPES, ActivationSteerer, decoder_layers, load_vector  # noqa: E402
 from eval.evaluate import Condition, add_eval_args, file_identity, fill_eval_defaults, load_eval_model, prepare_judge, run_evaluation  # noqa: E402
 
 
@@ -36,18 +34,6 @@ def parse_args():
         parser.error("--coef needs --vector_path")
     fill_eval_defaults(args)
     return args
-
-
-def load_vector(path) -> torch.Tensor:
-    if not Path(path).is_file():
-        raise lu.PersonaLoRAError(f"persona vector not found: {path} (extract_persona_lora.py writes it)")
-    try:
-        vector = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise lu.PersonaLoRAError(f"cannot read persona vector {path}: {type(error).__name__}") from None
-    if not isinstance(vector, torch.Tensor) or vector.ndim != 2 or not torch.isfinite(vector).all():
-        raise lu.PersonaLoRAError(f"{path} is not a finite persona vector of shape [L+1, hidden]")
-    return vector.float()
 
 
 def main():
