@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import lora_utils as lu
-from eval.activations import persona_vector, response_hidden_means
+from eval.activations import load_vector, persona_vector, response_hidden_means
 from eval.generation import generate_records, read_chat_jsonl, read_jsonl
 from eval.judge import DEFAULT_OPENAI_JUDGE, make_judge
 from eval.traits import load_trait
@@ -83,9 +83,9 @@ def parse_args():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.profile = profile
-    model_name = lu.model_short_name(args.model)
-    args.output_dir = args.output_dir or f"persona_loras/{model_name}/{args.trait}"
-    args.vector_output_path = args.vector_output_path or f"persona_vectors/{model_name}/{args.trait}_response_avg_diff.pt"
+    diff_path, vector_path = lu.default_persona_paths(args.model, args.trait)
+    args.output_dir = args.output_dir or str(diff_path.parent)
+    args.vector_output_path = args.vector_output_path or str(vector_path)
     return args
 
 
@@ -152,6 +152,25 @@ def filter_by_judge(args, trait, data: dict[str, list[dict]], data_dir: Path) ->
     return kept, report
 
 
+def activation_vector(args, model, tokenizer, data, summary_path: Path) -> tuple[torch.Tensor, str]:
+    """The activation direction from the very same responses (Persona Vectors: with the system
+    prompt). Reused when the previous run's summary says it came from the same responses, model and
+    settings, and the file is still there."""
+    identity = hashlib.sha256(json.dumps({"data": data, "model": args.model, "dtype": str(model.dtype),
+                                          "max_length": args.max_length}, sort_keys=True).encode()).hexdigest()
+    if summary_path.is_file() and Path(args.vector_output_path).is_file():
+        previous = json.loads(summary_path.read_text()).get("activation_vector") or {}
+        if previous == {"path": str(args.vector_output_path), "identity": identity}:
+            print(f"reusing {args.vector_output_path} (computed from the same responses)")
+            return load_vector(args.vector_output_path), identity
+    means = {side: response_hidden_means(model, tokenizer, data[side], include_system=True, max_length=args.max_length,
+                                         desc=f"{side} hidden states") for side in ("pos", "neg")}
+    vector = persona_vector(means["pos"], means["neg"])
+    with lu.atomic_path(args.vector_output_path) as tmp:
+        torch.save(vector, tmp)
+    return vector, identity
+
+
 def train_side(args, model, tokenizer, records, adapter_dir: Path, side: str) -> dict:
     settings = dict(rank=args.rank, alpha=args.alpha, use_rslora=args.use_rslora, target_modules=args.target_modules,
                     epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
@@ -167,6 +186,23 @@ def train_side(args, model, tokenizer, records, adapter_dir: Path, side: str) ->
         return previous
     return train_lora_adapter(model, tokenizer, records, adapter_dir, desc=f"training {side}_lora", record_extra=identity,
                               **settings)
+
+
+def same_diff_saved(diff, diff_path: Path, peft_dir: Path) -> bool:
+    """Whether diff_path (and its twin and PEFT export) already hold this diff: the same factors and
+    the same metadata but for the time it was created."""
+    if not (diff_path.is_file() and diff_path.with_suffix(".safetensors").is_file() and (peft_dir / "adapter_config.json").is_file()):
+        return False
+    try:
+        saved = lu.load_lora_diff(diff_path)
+    except lu.PersonaLoRAError:
+        return False  # unreadable: overwrite it
+
+    def described(metadata):
+        return json.loads(json.dumps({k: v for k, v in metadata.items() if k != "created"}, default=str))
+
+    return (described(saved.metadata) == described(diff.metadata) and set(saved.factors) == set(diff.factors)
+            and all(torch.equal(saved.factors[n][i], diff.factors[n][i]) for n in diff.factors for i in (0, 1)))
 
 
 def print_summary(args, data, trainings, diff, vector) -> dict:
@@ -212,22 +248,24 @@ def main():
     if args.filter_threshold is not None:
         data, filter_report = filter_by_judge(args, trait, data, output_dir / "data")
 
-    # The activation direction from the very same responses (Persona Vectors: with the system prompt).
-    pos_means = response_hidden_means(model, tokenizer, data["pos"], include_system=True, max_length=args.max_length, desc="pos hidden states")
-    neg_means = response_hidden_means(model, tokenizer, data["neg"], include_system=True, max_length=args.max_length, desc="neg hidden states")
-    vector = persona_vector(pos_means, neg_means)
-    with lu.atomic_path(args.vector_output_path) as tmp:
-        torch.save(vector, tmp)
+    vector, vector_identity = activation_vector(args, model, tokenizer, data, output_dir / "summary.json")
 
     trainings = {side: train_side(args, model, tokenizer, data[side], output_dir / f"{side}_lora", side) for side in ("pos", "neg")}
     diff = lu.compute_persona_lora_diff(output_dir / "pos_lora", output_dir / "neg_lora", trait=args.trait)
     diff.metadata.update(base_model=args.model or lu.EMBEDDED_MODEL_NAME, created_by="extract_persona_lora.py",
                          seed=args.seed, profile=args.profile, activation_vector=str(args.vector_output_path))
-    diff_path = diff.save(output_dir / f"{args.trait}_lora_diff.pt")
-    diff.to_peft_adapter(output_dir / f"{args.trait}_lora_diff_peft", coefficient=1.0)
+    diff_path = output_dir / f"{args.trait}_lora_diff.pt"
+    if same_diff_saved(diff, diff_path, output_dir / f"{args.trait}_lora_diff_peft"):
+        # Rewriting would only change its "created" stamp, and with it the file's hash that keys
+        # every cached evaluation of this diff: keep the file, so reruns of the drivers reuse them.
+        print(f"{diff_path} is unchanged (same adapters): kept")
+    else:
+        diff.save(diff_path)
+        diff.to_peft_adapter(output_dir / f"{args.trait}_lora_diff_peft", coefficient=1.0)
 
     summary = print_summary(args, data, trainings, diff, vector)
     summary["judge_filter"] = filter_report
+    summary["activation_vector"] = {"path": str(args.vector_output_path), "identity": vector_identity}
     lu.write_json(output_dir / "summary.json", summary)
     lu.write_manifest(output_dir, args, started, outputs={"diff": str(diff_path), "vector": args.vector_output_path},
                       sizes={"diff_bytes": diff_path.stat().st_size, "examples": summary["examples"]},

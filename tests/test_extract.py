@@ -117,6 +117,31 @@ def test_rerun_reuses_data_and_skip_training_rebuilds_same_diff(extracted, tiny_
         assert torch.equal(original.delta(name), rebuilt.delta(name))
 
 
+def test_rerun_reuses_the_activation_vector_and_keeps_an_unchanged_diff(extracted, tiny_model_dir, tmp_path, monkeypatch):
+    out, vector_path = extracted
+    copy, copied_vector = tmp_path / "evil", tmp_path / "vectors" / "evil.pt"
+    shutil.copytree(out, copy)
+    copied_vector.parent.mkdir()
+    flags = ["--model", tiny_model_dir, "--trait", "evil", "--output_dir", copy, "--vector_output_path", copied_vector,
+             "--skip_training", *FAST]
+    assert run_script("extract_persona_lora", *flags) == 0  # another vector path: computed afresh, the same vector
+    torch.testing.assert_close(torch.load(copied_vector, weights_only=True), torch.load(vector_path, weights_only=True))
+
+    import extract_persona_lora
+
+    def no_recomputation(*args, **kwargs):
+        raise AssertionError("the activation vector was recomputed")
+
+    monkeypatch.setattr(extract_persona_lora, "response_hidden_means", no_recomputation)
+    diff_bytes = (copy / "evil_lora_diff.pt").read_bytes()
+    assert run_script("extract_persona_lora", *flags) == 0  # same responses, model, settings: reused
+    # The same adapters give the same diff: the file is kept byte for byte (cached evaluations key on its hash).
+    assert (copy / "evil_lora_diff.pt").read_bytes() == diff_bytes
+    shorter = ["64" if previous == "--max_length" else flag for previous, flag in zip([None, *flags], flags)]
+    with pytest.raises(AssertionError, match="recomputed"):  # another truncation changes the vector: recomputed
+        run_script("extract_persona_lora", *shorter)
+
+
 def test_interrupted_generation_resumes_without_loss_or_duplicates(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
