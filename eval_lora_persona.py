@@ -7,15 +7,19 @@
         --lora_coef 2.0 --output_path results/lora_steer_2.0.csv
     # Composition: several diffs, one coefficient each, merged together
     python eval_lora_persona.py --trait evil --lora_diff_path evil.pt sycophancy.pt --lora_coef 1.5 -0.5 --output_path results/combo.csv
+    # ... and several combinations in one process: the coefficients in groups of one per diff
+    python eval_lora_persona.py --trait evil --lora_diff_path evil.pt sycophancy.pt --lora_coef 0 0  2 0  0 2  2 2 --output_path results/grid.csv
 
 Answers the trait's held-out evaluation questions, judges each for the trait and for coherence,
 and writes one CSV row per answer (question_id, question, prompt, answer, <trait>, coherence,
 coef, method), a .summary.json (mean ± standard error per coefficient, the judge, missing
-judgments) and a .manifest.json.
+judgments) and a .manifest.json. With several diffs the rows also carry one coef_<trait> column per
+diff (coef is then the first diff's) and each summary condition its {trait: coefficient}.
 """
 
 import argparse
 import time
+from pathlib import Path
 
 import lora_utils as lu
 from eval.evaluate import (Condition, add_eval_args, file_identity, fill_eval_defaults, load_eval_model, prepare_judge,
@@ -27,29 +31,52 @@ def parse_args():
     add_eval_args(parser)
     parser.add_argument("--lora_diff_path", nargs="+", default=None, help="persona diff(s) (.pt or .safetensors)")
     parser.add_argument("--lora_coef", nargs="+", type=float, default=None,
-                        help="with one diff: the coefficient(s) to sweep; with several: one coefficient per diff")
+                        help="with one diff: the coefficient(s) to sweep; with several: one coefficient per diff, "
+                             "repeated in groups to evaluate several combinations")
     parser.add_argument("--backup_device", default=None, help="where LoRAMerger keeps its backups (e.g. cpu)")
     args = parser.parse_args()
     if args.lora_diff_path and not args.lora_coef:
         args.lora_coef = [1.0]
     if args.lora_coef and not args.lora_diff_path:
         parser.error("--lora_coef needs --lora_diff_path")
-    if args.lora_diff_path and len(args.lora_diff_path) > 1 and len(args.lora_coef) != len(args.lora_diff_path):
-        parser.error(f"{len(args.lora_diff_path)} diffs need {len(args.lora_diff_path)} coefficients, got {len(args.lora_coef)}")
+    if args.lora_diff_path and len(args.lora_coef) % len(args.lora_diff_path):
+        parser.error(f"{len(args.lora_diff_path)} diffs need their coefficients in groups of {len(args.lora_diff_path)} "
+                     f"(one per diff for each combination), got {len(args.lora_coef)}")
     fill_eval_defaults(args)
     return args
+
+
+def diff_labels(paths, diffs) -> list[str]:
+    """A short, unique name per diff for condition names and columns: its trait, else its file name."""
+    labels = []
+    for path, diff in zip(paths, diffs):
+        label = str(diff.metadata.get("trait") or Path(path).stem)
+        labels.append(label if label not in labels else f"{label}_{len(labels) + 1}")
+    return labels
+
+
+def coefficient_groups(args) -> list[list[float]]:
+    """--lora_coef read in groups of one coefficient per diff; with one diff, one group per coefficient."""
+    k = len(args.lora_diff_path)
+    return [args.lora_coef[i:i + k] for i in range(0, len(args.lora_coef), k)]
 
 
 def lora_conditions(args, model, diffs) -> list[Condition]:
     identity = {"diffs": [file_identity(p) for p in args.lora_diff_path]}
 
     def merged(terms):
-        return lambda: lu.LoRASteerer.compose(model, terms, backup_device=args.backup_device)
+        # A zero coefficient is no merge at all: the all-zero combination is the unsteered model.
+        return lambda: lu.LoRASteerer.compose(model, [(d, c) for d, c in terms if c != 0], backup_device=args.backup_device)
 
     if len(diffs) == 1:
         return [Condition(f"lora_coef{c:g}", "lora", c, merged([(diffs[0], c)]), identity=identity) for c in args.lora_coef]
-    name = "lora_" + "_".join(f"{d.metadata.get('trait', i)}{c:+g}" for i, (d, c) in enumerate(zip(diffs, args.lora_coef)))
-    return [Condition(name, "lora_composed", args.lora_coef[0], merged(list(zip(diffs, args.lora_coef))), identity=identity)]
+    labels = diff_labels(args.lora_diff_path, diffs)
+    conditions = []
+    for coefs in coefficient_groups(args):
+        name = "lora_" + "_".join(f"{label}{c:+g}" for label, c in zip(labels, coefs))
+        conditions.append(Condition(name, "lora_composed", coefs[0], merged(list(zip(diffs, coefs))), identity=identity,
+                                    coefs=dict(zip(labels, coefs))))
+    return conditions
 
 
 def main():
@@ -59,8 +86,9 @@ def main():
     diffs = [lu.load_lora_diff(p) for p in args.lora_diff_path or []]  # a bad path fails before the model loads
     model, tokenizer = load_eval_model(args)
     if diffs:
-        for diff, coefficient in zip(diffs, args.lora_coef * len(diffs)):
-            lu.LoRAMerger(model).check(diff, coefficient)  # refuse a diff for another model before generating
+        for diff, coefficients in zip(diffs, zip(*coefficient_groups(args))):
+            for coefficient in coefficients:
+                lu.LoRAMerger(model).check(diff, coefficient)  # refuse a diff for another model before generating
         conditions = lora_conditions(args, model, diffs)
     else:
         # With --adapter the model under test is a finetune, not the baseline: say so in every row.

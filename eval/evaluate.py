@@ -30,11 +30,12 @@ class Condition:
     """One setting to evaluate. `steer` returns a context manager that is active while generating."""
 
     name: str
-    method: str  # baseline | lora | activation | system_prompt
+    method: str  # baseline | lora | lora_composed | activation | system_prompt | finetune
     coef: float = 0.0
     steer: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     instruction_type: str | None = None  # pos | neg: answer under the trait's system prompts
     identity: dict = field(default_factory=dict)  # what, besides the flags, determines the answers
+    coefs: dict[str, float] | None = None  # a composition's coefficient per diff, by the diff's name
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +75,8 @@ def fill_eval_defaults(args) -> None:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.judge_data = args.judge_data or f"persona_loras/{lu.model_short_name(args.model)}/{args.trait}/data"
+    if hasattr(args, "judge_data"):  # the judged scripts; the judge-free likelihood readout has none
+        args.judge_data = args.judge_data or str(lu.default_persona_paths(args.model, args.trait)[0].parent / "data")
 
 
 def file_identity(path) -> dict:
@@ -160,14 +162,15 @@ def run_evaluation(args, trait, judge, conditions: list[Condition], model, token
                 tokenize=False, add_generation_prompt=True)
             rows.append({"question_id": record["question_id"], "question": question, "prompt": prompt,
                          "answer": record["messages"][-1]["content"], "coef": condition.coef, "method": condition.method,
-                         "condition": condition.name})
+                         "condition": condition.name, **{f"coef_{k}": c for k, c in (condition.coefs or {}).items()}})
     questions, answers = [r["question"] for r in rows], [r["answer"] for r in rows]
     trait_scores = judge.score_answers(trait.eval_prompt, questions, answers, desc=f"judging {trait.name}")
     coherence = judge.score_answers(COHERENCE_PROMPT, questions, answers, desc="judging coherence")
     for row, trait_score, coherence_score in zip(rows, trait_scores, coherence):
         row[trait.name], row["coherence"] = trait_score, coherence_score
 
-    frame = pd.DataFrame(rows)[CSV_COLUMNS_BEFORE_TRAIT + [trait.name] + CSV_COLUMNS_AFTER_TRAIT]
+    composition_columns = list(dict.fromkeys(f"coef_{k}" for c in conditions for k in (c.coefs or {})))
+    frame = pd.DataFrame(rows)[CSV_COLUMNS_BEFORE_TRAIT + [trait.name] + CSV_COLUMNS_AFTER_TRAIT + composition_columns]
     with lu.atomic_path(output_path) as tmp:
         frame.to_csv(tmp, index=False)
 
@@ -186,6 +189,7 @@ def run_evaluation(args, trait, judge, conditions: list[Condition], model, token
             "coherence_sem": coherence_sem,
             "refusals": sum(1 for i in members if trait_scores[i] is None or coherence[i] is None),
             "missing": sum(1 for i in members if is_failed(trait_scores[i]) or is_failed(coherence[i])),
+            **({"coefs": condition.coefs} if condition.coefs else {}),
         })
     if getattr(judge, "failures", None):
         summary["judge_failures"] = len(judge.failures)
@@ -199,8 +203,9 @@ def run_evaluation(args, trait, judge, conditions: list[Condition], model, token
 def print_table(summary: dict) -> None:
     trait = summary["trait"]
     print(f"\n{trait} on {summary['model']} — judge: {summary['judge_description']}")
-    print(f"{'condition':28s} {'method':13s} {'coef':>6s} {'n':>4s} {trait:>16s} {'coherence':>16s} {'missing':>7s}")
+    width = max([28] + [len(c["condition"]) for c in summary["conditions"]])
+    print(f"{'condition':{width}s} {'method':13s} {'coef':>6s} {'n':>4s} {trait:>16s} {'coherence':>16s} {'missing':>7s}")
     for c in summary["conditions"]:
-        print(f"{c['condition']:28s} {c['method']:13s} {c['coef']:6.2f} {c['answers']:4d} "
+        print(f"{c['condition']:{width}s} {c['method']:13s} {c['coef']:6.2f} {c['answers']:4d} "
               f"{c[f'{trait}_mean']:8.2f} ± {c[f'{trait}_sem']:5.2f} {c['coherence_mean']:8.2f} ± {c['coherence_sem']:5.2f} "
               f"{c['missing'] + c['refusals']:7d}")

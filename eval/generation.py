@@ -77,6 +77,26 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
+def response_log_likelihoods(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
+                             max_length: int | None = None) -> list[float]:
+    """Per conversation, the mean log-probability (nats per token) the model gives its final
+    assistant response, given everything before it: teacher-forced, no sampling."""
+    spans = [tokenize_chat(tokenizer, c, max_length) for c in conversations]
+    scores = []
+    for start in range(0, len(spans), batch_size):
+        chunk = spans[start:start + batch_size]
+        input_ids, attention_mask = pad_right([ids for ids, _ in chunk], tokenizer.pad_token_id)
+        input_ids = input_ids.to(model_device(model))
+        logits = model(input_ids=input_ids, attention_mask=attention_mask.to(input_ids.device)).logits
+        for row, (ids, response_start) in enumerate(chunk):
+            # Token t is predicted at position t−1; only the response's tokens count.
+            predicted = logits[row, response_start - 1:len(ids) - 1].float().log_softmax(-1)
+            targets = input_ids[row, response_start:len(ids)]
+            scores.append(float(predicted.gather(1, targets[:, None]).mean()) if len(targets) else float("nan"))
+    return scores
+
+
+@torch.no_grad()
 def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, temperature: float,
                    top_p: float = 1.0, seed: int | None = None) -> list[str]:
     """Answers to a batch of conversations (each ending with a user turn), left-padded."""

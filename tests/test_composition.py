@@ -1,0 +1,180 @@
+"""Multi-persona composition: eval_lora_persona.py with several diffs and grouped coefficients,
+and scripts/composition.py's factorial grid and additive fit."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT, make_adapter, run_cli, run_script
+
+import lora_utils as lu
+from eval.traits import load_trait
+from scripts.composition import additive_fit
+
+
+@pytest.fixture(autouse=True)
+def private_judge_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr("eval.judge.cache_dir", lambda: tmp_path / "judge-cache")
+
+
+@pytest.fixture
+def two_diffs(tiny_model_dir, tiny_persona, tmp_path):
+    """The tiny model's evil diff and a second, independent one labelled sycophancy."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    make_adapter(model, tmp_path / "pos", seed=3, r=2, alpha=4)
+    make_adapter(model, tmp_path / "neg", seed=4, r=2, alpha=4)
+    second = lu.compute_persona_lora_diff(tmp_path / "pos", tmp_path / "neg", trait="sycophancy").save(tmp_path / "syco.pt")
+    return tiny_persona[0], second
+
+
+def flags(tiny_model_dir, judge_data, trait="evil"):
+    return ["--model", tiny_model_dir, "--trait", trait, "--n_per_question", "1", "--max_new_tokens", "5", "--temperature", "1.0",
+            "--judge", "offline", "--judge_data", judge_data, "--dtype", "float32"]
+
+
+def answers(frame, **coefs):
+    rows = frame
+    for name, value in coefs.items():
+        rows = rows[rows[name] == value]
+    return list(rows.answer.fillna(""))
+
+
+def test_grid_of_compositions_matches_single_diff_runs(tiny_model_dir, judge_data, two_diffs, tmp_path):
+    evil, syco = two_diffs
+    grid = tmp_path / "eval_evil.csv"
+    assert run_script("eval_lora_persona", *flags(tiny_model_dir, judge_data), "--lora_diff_path", evil, syco,
+                      "--lora_coef", "0", "0", "30", "0", "0", "30", "30", "30", "--output_path", grid) == 0
+    single = tmp_path / "single.csv"
+    assert run_script("eval_lora_persona", *flags(tiny_model_dir, judge_data), "--lora_diff_path", evil,
+                      "--lora_coef", "0", "30", "--output_path", single) == 0
+
+    frame, alone = pd.read_csv(grid), pd.read_csv(single)
+    questions = len(load_trait("evil").evaluation_questions)
+    assert list(frame.columns)[-2:] == ["coef_evil", "coef_sycophancy"] and len(frame) == 4 * questions
+    assert set(frame.method) == {"lora_composed"}
+    summary = json.loads(grid.with_suffix(".summary.json").read_text())
+    assert [c["coefs"] for c in summary["conditions"]] == [{"evil": 0, "sycophancy": 0}, {"evil": 30, "sycophancy": 0},
+                                                           {"evil": 0, "sycophancy": 30}, {"evil": 30, "sycophancy": 30}]
+    # A zero coefficient merges nothing: those combinations are the single-diff runs, answer for answer.
+    assert answers(frame, coef_evil=0, coef_sycophancy=0) == answers(alone, coef=0)
+    assert answers(frame, coef_evil=30, coef_sycophancy=0) == answers(alone, coef=30)
+    # ... and the second diff really is merged when its coefficient is not zero.
+    assert answers(frame, coef_evil=0, coef_sycophancy=30) != answers(alone, coef=0)
+    assert answers(frame, coef_evil=30, coef_sycophancy=30) != answers(alone, coef=30)
+
+    # The same grid judged for the second trait, then the composition summary over both.
+    assert run_script("eval_lora_persona", *flags(tiny_model_dir, judge_data, "sycophancy"), "--lora_diff_path", evil, syco,
+                      "--lora_coef", "0", "0", "30", "0", "0", "30", "30", "30",
+                      "--output_path", tmp_path / "eval_sycophancy.csv") == 0
+    assert run_script("scripts.composition", "summarize", "--traits", "evil", "sycophancy", "--output_dir", tmp_path,
+                      "--model", tiny_model_dir) == 0
+    report = json.loads((tmp_path / "summary.json").read_text())
+    for trait in ("evil", "sycophancy"):
+        points = {(c["coefs"]["evil"], c["coefs"]["sycophancy"]): c[f"{trait}_mean"]
+                  for c in json.loads((tmp_path / f"eval_{trait}.summary.json").read_text())["conditions"]}
+        # In a 2 × 2 factorial the additive fit's slope is the main effect: the mean change per unit.
+        main_effect = (points[30, 0] + points[30, 30] - points[0, 0] - points[0, 30]) / 2 / 30
+        assert report["fits"][trait]["trait_score"]["slope"]["evil"] == pytest.approx(main_effect, abs=1e-9)
+        assert report["headline"][trait]["own_slope"] == report["fits"][trait]["trait_score"]["slope"][trait]
+    assert (tmp_path / "composition.png").stat().st_size > 10_000 and (tmp_path / "slopes.png").stat().st_size > 5_000
+
+
+def test_coefficients_must_come_in_groups_of_one_per_diff(tiny_model_dir, judge_data, two_diffs, tmp_path):
+    evil, syco = two_diffs
+    code, _, stderr = run_cli("eval_lora_persona", *flags(tiny_model_dir, judge_data), "--lora_diff_path", evil, syco,
+                              "--lora_coef", "1", "2", "3", "--output_path", tmp_path / "bad.csv")
+    assert code != 0 and "groups of 2" in stderr and not (tmp_path / "bad.csv").exists()
+
+
+def test_grid_is_the_full_factorial():
+    code, stdout, _ = run_cli("scripts/composition", "grid", "--n_diffs", "3", "--levels", "0", "2")
+    groups = [tuple(float(x) for x in stdout.split()[i:i + 3]) for i in range(0, 24, 3)]
+    assert code == 0 and len(stdout.split()) == 24 and len(set(groups)) == 8 and set(groups[-1]) == {2.0}
+    assert run_cli("scripts/composition", "grid", "--n_diffs", "2", "--levels", "1")[0] != 0
+
+
+def test_additive_fit_recovers_slopes_and_propagates_standard_errors():
+    truth = {"a": 3.0, "b": -1.5, "c": 0.25}
+    sigma, level = 2.0, 2.0
+    points = [{"coefs": dict(zip(truth, combo)), "x_mean": 40 + sum(truth[n] * c for n, c in zip(truth, combo)), "x_sem": sigma}
+              for combo in __import__("itertools").product([0.0, level], repeat=3)]
+    fit = additive_fit(points, list(truth), "x")
+    assert fit["intercept"] == pytest.approx(40) and fit["additive_r2"] == pytest.approx(1)
+    for name, slope in truth.items():
+        assert fit["slope"][name] == pytest.approx(slope)
+        # Two-level factorial, n runs, equal errors σ: s.e.(β) = 2σ / (level·√n).
+        assert fit["slope_sem"][name] == pytest.approx(2 * sigma / (level * math.sqrt(8)))
+    interacting = [dict(p, x_mean=p["x_mean"] + 5 * p["coefs"]["a"] * p["coefs"]["b"]) for p in points]
+    assert additive_fit(interacting, list(truth), "x")["additive_r2"] < 0.99
+    together = [p for p in points if p["coefs"]["a"] == p["coefs"]["b"]]  # a and b never vary apart
+    with pytest.raises(lu.PersonaLoRAError, match="do not separate"):
+        additive_fit(together, list(truth), "x")
+
+
+def test_summarize_refuses_results_of_other_diffs(tmp_path):
+    lu.write_json(tmp_path / "eval_evil.summary.json", {"conditions": [{"coefs": {"evil": 1.0, "other": 0.0}}]})
+    code, _, stderr = run_cli("scripts/composition", "summarize", "--traits", "evil", "sycophancy", "--output_dir", tmp_path,
+                              cwd=ROOT)
+    assert code != 0 and "eval_evil.summary.json" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_response_log_likelihoods_match_one_sequence_at_a_time(tiny_model_dir):
+    from eval.generation import response_log_likelihoods, tokenize_chat
+
+    model, tokenizer = lu.load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
+    conversations = [[{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+                     for question, answer in [("Hi?", "Hello there, friend."), ("What is 2+2? Explain.", "4"),
+                                              ("Tell me a long story about a cat.", "Once upon a time a cat sat on a very long mat.")]]
+    batched = response_log_likelihoods(model, tokenizer, conversations, batch_size=3)
+    for conversation, score in zip(conversations, batched):
+        ids, start = tokenize_chat(tokenizer, conversation)
+        with torch.no_grad():
+            log_probs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        reference = sum(float(log_probs[t - 1, ids[t]]) for t in range(start, len(ids))) / (len(ids) - start)
+        assert score == pytest.approx(reference, abs=1e-4)
+
+
+def test_likelihood_margins_over_the_grid(tiny_model_dir, two_diffs, tmp_path):
+    from eval.generation import response_log_likelihoods, read_jsonl
+
+    evil, syco = two_diffs
+    code, stdout, stderr = run_cli("scripts/composition", "likelihood", "--traits", "evil", "sycophancy", "--lora_diff_path",
+                                   evil, syco, "--levels", "0", "30", "--model", tiny_model_dir, "--n_per_question", "1",
+                                   "--max_new_tokens", "5", "--dtype", "float32", "--output_dir", tmp_path)
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "likelihood.json").read_text())
+    assert [p["coefs"] for p in report["points"]["evil"]] == [{"evil": 0, "sycophancy": 0}, {"evil": 0, "sycophancy": 30},
+                                                              {"evil": 30, "sycophancy": 0}, {"evil": 30, "sycophancy": 30}]
+    # The unsteered margin, recomputed here from the cached reference answers.
+    model, tokenizer = lu.load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
+    work = tmp_path / ".likelihood.work"
+    sides = {side: [r for path in work.glob(f"prompted_{side}-*.jsonl") for r in read_jsonl(path)
+                    if r["question_id"].startswith("evil_")] for side in ("pos", "neg")}
+    scores = {side: response_log_likelihoods(model, tokenizer, [r["messages"] for r in records]) for side, records in sides.items()}
+    margins = [p - n for p, n in zip(scores["pos"], scores["neg"])]  # one answer per question and side
+    unsteered = report["points"]["evil"][0]
+    assert unsteered["margin_mean"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
+    assert unsteered["questions"] == len(load_trait("evil").evaluation_questions)
+    steered = [p["margin_mean"] for p in report["points"]["evil"][1:]]
+    assert all(abs(m - unsteered["margin_mean"]) > 1e-4 for m in steered)  # each merged diff moves the margin
+    assert run_cli("scripts/composition", "likelihood", "--traits", "evil", "sycophancy", "--lora_diff_path", evil,
+                   "--model", tiny_model_dir, "--output_dir", tmp_path / "bad")[0] != 0
+
+
+def test_paired_slope_errors_ignore_what_every_combination_shares():
+    import itertools
+    import statistics
+
+    from scripts.composition import paired_slope_sem
+
+    offsets = {"q0": -3.0, "q1": 0.5, "q2": 7.0, "q3": 1.0}  # big, question-specific, the same under every merge
+    slopes = {"q0": 0.10, "q1": 0.12, "q2": 0.07, "q3": 0.11}  # each question's own response to coefficient a
+    points = [{"coefs": {"a": a, "b": b}, "margin_by_question": {q: offsets[q] + slopes[q] * a for q in offsets}}
+              for a, b in itertools.product([0.0, 2.0], repeat=2)]
+    sem = paired_slope_sem(points, ["a", "b"], "margin_by_question")
+    assert sem["a"] == pytest.approx(statistics.stdev(slopes.values()) / 2)  # √4 questions
+    assert sem["b"] == pytest.approx(0, abs=1e-12)  # b changes nothing for any question
