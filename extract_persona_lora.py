@@ -198,8 +198,8 @@ def same_diff_saved(diff, diff_path: Path, peft_dir: Path) -> bool:
     except lu.PersonaLoRAError:
         return False  # unreadable: overwrite it
 
-    def described(metadata):
-        return json.loads(json.dumps({k: v for k, v in metadata.items() if k != "created"}, default=str))
+    def described(metadata):  # less what differs between two savings of one diff, or is added on loading
+        return json.loads(json.dumps({k: v for k, v in metadata.items() if k not in ("created", "source_path")}, default=str))
 
     return (described(saved.metadata) == described(diff.metadata) and set(saved.factors) == set(diff.factors)
             and all(torch.equal(saved.factors[n][i], diff.factors[n][i]) for n in diff.factors for i in (0, 1)))
