@@ -28,6 +28,7 @@ traits' similarity in weight space and in activation space).
 
 import argparse
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -47,9 +48,31 @@ def print_grid(args) -> None:
     print(" ".join(f"{c:g}" for combination in factorial(args.levels, args.n_diffs) for c in combination))
 
 
-def likelihood(args) -> None:
-    from eval.evaluate import Condition, fill_eval_defaults, generate_condition, mean_and_sem
+def combination_margins(model, tokenizer, names, diffs, combination, references, batch_size) -> dict:
+    """Every trait's margin with the diffs merged at these coefficients (restored afterwards)."""
+    from eval.evaluate import mean_and_sem
     from eval.generation import response_log_likelihoods
+
+    points = {}
+    with lu.LoRASteerer.compose(model, [(d, c) for d, c in zip(diffs, combination) if c != 0]):
+        for t in names:
+            per_side = {}
+            for side, records in references[t].items():
+                scores = response_log_likelihoods(model, tokenizer, [r["messages"] for r in records], batch_size)
+                by_question = {}
+                for record, score in zip(records, scores):
+                    by_question.setdefault(record["question_id"], []).append(score)
+                per_side[side] = {q: sum(v) / len(v) for q, v in by_question.items()}
+            margins = {q: per_side["pos"][q] - per_side["neg"][q] for q in per_side["pos"]}
+            mean, sem, n = mean_and_sem(list(margins.values()))
+            points[t] = {"coefs": dict(zip(names, combination)), "margin_mean": mean, "margin_sem": sem, "questions": n,
+                         "margin_by_question": margins, "pos_log_likelihood": sum(per_side["pos"].values()) / n,
+                         "neg_log_likelihood": sum(per_side["neg"].values()) / n}
+    return points
+
+
+def likelihood(args) -> None:
+    from eval.evaluate import Condition, fill_eval_defaults, generate_condition
     from eval.traits import load_trait
 
     started = time.time()
@@ -68,24 +91,22 @@ def likelihood(args) -> None:
                                                                                         instruction_type=side), out / ".likelihood.work")
                       for side in ("pos", "neg")} for t, trait in traits.items()}
 
+    # Each combination's margins are kept as they finish (an interrupted run resumes); the key holds
+    # everything they depend on: the diffs' content, the reference answers, the model and its dtype.
+    import hashlib
+
+    from eval.evaluate import file_identity
+
+    depends_on = {"diffs": [file_identity(p)["sha256"] for p in diff_paths], "model": args.model, "dtype": str(model.dtype),
+                  "references": hashlib.sha256(json.dumps(references, sort_keys=True).encode()).hexdigest()}
     points = {t: [] for t in names}
     for combination in tqdm(factorial(args.levels, len(names)), desc="likelihood margins"):
-        terms = [(d, c) for d, c in zip(diffs, combination) if c != 0]
-        with lu.LoRASteerer.compose(model, terms):
-            for t in names:
-                per_side = {}
-                for side, records in references[t].items():
-                    scores = response_log_likelihoods(model, tokenizer, [r["messages"] for r in records], args.batch_size)
-                    by_question = {}
-                    for record, score in zip(records, scores):
-                        by_question.setdefault(record["question_id"], []).append(score)
-                    per_side[side] = {q: sum(v) / len(v) for q, v in by_question.items()}
-                margins = {q: per_side["pos"][q] - per_side["neg"][q] for q in per_side["pos"]}
-                mean, sem, n = mean_and_sem(list(margins.values()))
-                points[t].append({"coefs": dict(zip(names, combination)), "margin_mean": mean, "margin_sem": sem, "questions": n,
-                                  "margin_by_question": margins,
-                                  "pos_log_likelihood": sum(per_side["pos"].values()) / n,
-                                  "neg_log_likelihood": sum(per_side["neg"].values()) / n})
+        key = hashlib.sha256(json.dumps({**depends_on, "combination": combination}).encode()).hexdigest()[:12]
+        finished = out / ".likelihood.work" / f"margins-{key}.json"
+        if not finished.is_file():
+            lu.write_json(finished, combination_margins(model, tokenizer, names, diffs, combination, references, args.batch_size))
+        for t, point in lu.read_json_object(finished, "finished margins").items():
+            points[t].append(point)
     lu.write_json(out / "likelihood.json", {
         "traits": names, "model": args.model or lu.EMBEDDED_MODEL_NAME, "diffs": [str(p) for p in diff_paths],
         "measure": "mean log-probability per response token of the trait's pos-prompted reference answers minus its "

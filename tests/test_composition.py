@@ -142,9 +142,10 @@ def test_likelihood_margins_over_the_grid(tiny_model_dir, two_diffs, tmp_path):
     from eval.generation import response_log_likelihoods, read_jsonl
 
     evil, syco = two_diffs
-    code, stdout, stderr = run_cli("scripts/composition", "likelihood", "--traits", "evil", "sycophancy", "--lora_diff_path",
-                                   evil, syco, "--levels", "0", "30", "--model", tiny_model_dir, "--n_per_question", "1",
-                                   "--max_new_tokens", "5", "--dtype", "float32", "--output_dir", tmp_path)
+    likelihood_flags = ["likelihood", "--traits", "evil", "sycophancy", "--lora_diff_path", evil, syco, "--levels", "0", "30",
+                        "--model", tiny_model_dir, "--n_per_question", "1", "--max_new_tokens", "5", "--dtype", "float32",
+                        "--output_dir", tmp_path]
+    code, stdout, stderr = run_cli("scripts/composition", *likelihood_flags)
     assert code == 0, stderr
     report = json.loads((tmp_path / "likelihood.json").read_text())
     assert [p["coefs"] for p in report["points"]["evil"]] == [{"evil": 0, "sycophancy": 0}, {"evil": 0, "sycophancy": 30},
@@ -161,6 +162,15 @@ def test_likelihood_margins_over_the_grid(tiny_model_dir, two_diffs, tmp_path):
     assert unsteered["questions"] == len(load_trait("evil").evaluation_questions)
     steered = [p["margin_mean"] for p in report["points"]["evil"][1:]]
     assert all(abs(m - unsteered["margin_mean"]) > 1e-4 for m in steered)  # each merged diff moves the margin
+    # Finished combinations are kept and reused by a rerun (marked here to see that it is not recomputed).
+    finished = sorted(work.glob("margins-*.json"))
+    assert len(finished) == 4
+    marked = json.loads(finished[0].read_text())
+    marked["evil"]["margin_mean"] = 123.0
+    finished[0].write_text(json.dumps(marked))
+    assert run_cli("scripts/composition", *likelihood_flags)[0] == 0
+    rerun = json.loads((tmp_path / "likelihood.json").read_text())
+    assert 123.0 in [p["margin_mean"] for p in rerun["points"]["evil"]]
     assert run_cli("scripts/composition", "likelihood", "--traits", "evil", "sycophancy", "--lora_diff_path", evil,
                    "--model", tiny_model_dir, "--output_dir", tmp_path / "bad")[0] != 0
 
