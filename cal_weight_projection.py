@@ -187,8 +187,9 @@ def model_folders(args) -> list[Path]:
     return folders
 
 
-def read_behavior_scores(paths: list[str]) -> dict[str, float]:
-    """{model path or folder name: trait score} from a CSV (model, score) or evaluation summaries."""
+def read_behavior_scores(paths: list[str]) -> dict[str, tuple[float, float | None]]:
+    """{model path or folder name: (trait score, its standard error or None)} from a CSV (model,
+    score, optionally sem) or evaluation summaries."""
     import pandas as pd
 
     pairs = []
@@ -199,15 +200,17 @@ def read_behavior_scores(paths: list[str]) -> dict[str, float]:
             summary = lu.read_json_object(path, "summary")
             if not summary.get("adapter") or len(summary.get("conditions", [])) != 1:
                 raise lu.PersonaLoRAError(f"{path} is not the summary of an eval_lora_persona.py run with --adapter and one condition")
-            pairs.append((summary["adapter"], summary["conditions"][0][f"{summary['trait']}_mean"]))
+            condition = summary["conditions"][0]
+            pairs.append((summary["adapter"], condition[f"{summary['trait']}_mean"], condition.get(f"{summary['trait']}_sem")))
         else:
             table = pd.read_csv(path)
             if not {"model", "score"} <= set(table.columns):
                 raise lu.PersonaLoRAError(f"{path} needs the columns model and score (has {', '.join(table.columns)})")
-            pairs += list(zip(table["model"].astype(str), table["score"]))
+            sems = table["sem"] if "sem" in table.columns else [None] * len(table)
+            pairs += list(zip(table["model"].astype(str), table["score"], sems))
     scores = {}
-    for model, score in pairs:
-        scores[str(Path(model))] = scores[Path(model).name] = float(score)
+    for model, score, sem in pairs:
+        scores[str(Path(model))] = scores[Path(model).name] = (float(score), None if sem is None else float(sem))
     return scores
 
 
@@ -215,10 +218,9 @@ def correlate(models: list[dict], scores_paths: list[str]) -> dict:
     from scipy import stats
 
     scores = read_behavior_scores(scores_paths)
-    pairs = [(m["projection"], scores.get(str(Path(m["path"])), scores.get(m["name"]))) for m in models]
-    pairs = [(x, y) for x, y in pairs if y is not None]
     for model in models:
-        model["behavior_score"] = scores.get(str(Path(model["path"])), scores.get(model["name"]))
+        model["behavior_score"], model["behavior_sem"] = scores.get(str(Path(model["path"])), scores.get(model["name"], (None, None)))
+    pairs = [(m["projection"], m["behavior_score"]) for m in models if m["behavior_score"] is not None]
     if len(pairs) < 3:
         raise lu.PersonaLoRAError(f"--behavior_scores score only {len(pairs)} of the projected models; need at least 3 to correlate")
     xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
@@ -237,12 +239,13 @@ def plot_scatter(models: list[dict], correlation: dict, diff: lu.PersonaLoRADiff
 
     scored = [m for m in models if m.get("behavior_score") is not None]
     figure, axis = plt.subplots(figsize=(5.5, 4.2))
-    axis.scatter([m["projection"] for m in scored], [m["behavior_score"] for m in scored])
+    axis.errorbar([m["projection"] for m in scored], [m["behavior_score"] for m in scored],
+                  yerr=[m["behavior_sem"] or 0.0 for m in scored], fmt="o", capsize=3)
     for model in scored:
         axis.annotate(model["name"], (model["projection"], model["behavior_score"]), fontsize=7, xytext=(3, 3),
                       textcoords="offset points")
     axis.set(xlabel=f"weight projection onto the {diff.metadata.get('trait', 'persona')} diff",
-             ylabel="trait score of the finetune",
+             ylabel="trait score of the finetune (± s.e.)",
              title=f"Pearson r = {correlation['pearson_r']:.3f} (p = {correlation['pearson_p']:.2g}), n = {correlation['n']}")
     axis.grid(alpha=0.3)
     return save_figure(figure, path)

@@ -213,7 +213,7 @@ def test_behavior_scores_from_evaluation_summaries(projection_setup, tmp_path):
     for k in ks:
         path = tmp_path / f"eval_{k}.summary.json"
         path.write_text(json.dumps({"trait": "evil", "adapter": str(root / "finetunes" / f"k{k:+g}"),
-                                    "conditions": [{"evil_mean": 50 + 5 * k}]}))
+                                    "conditions": [{"evil_mean": 50 + 5 * k, "evil_sem": 1.0 + k * k}]}))
         summaries.append(path)
     out = tmp_path / "p.json"
     assert run_script("cal_weight_projection", "--original_model", root / "original", "--finetuned_models_dir", root / "finetunes",
@@ -221,3 +221,6 @@ def test_behavior_scores_from_evaluation_summaries(projection_setup, tmp_path):
     result = json.loads(out.read_text())
     assert result["correlation"]["n"] == 5 and result["correlation"]["pearson_r"] > 0.99
     assert (tmp_path / "p.png").stat().st_size > 0
+    # Each finetune's standard error travels with its score, for the scatter's error bars.
+    by_score = {m["behavior_score"]: m["behavior_sem"] for m in result["models"]}
+    assert all(by_score[50 + 5 * k] == pytest.approx(1.0 + k * k) for k in ks)
