@@ -6,7 +6,8 @@ for each.
 
 mix_<r>.jsonl holds r % trait answers (pos) and the rest anti-trait answers (neg), drawn without
 replacement with --seed; the persona system prompts are dropped (training never sees them).
-configs/mix_<r>.json trains a LoRA on it with training.py.
+configs/mix_<r>.json trains a LoRA on it with training.py. Each --other NAME=FILE adds a dataset
+of --n answers drawn from FILE (e.g. another trait's pos.jsonl) as other_<NAME>.
 """
 
 import argparse
@@ -32,7 +33,17 @@ def main():
     parser.add_argument("--ckpt_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--training", default="{}", help='JSON of training.py config keys to set, e.g. \'{"epochs": 2}\'')
+    parser.add_argument("--other", nargs="*", default=[], metavar="NAME=FILE",
+                        help="more datasets, e.g. sycophancy=persona_loras/<model>/sycophancy/data/pos.jsonl")
     args = parser.parse_args()
+    others = {}
+    for item in args.other:
+        name, _, path = item.partition("=")
+        if not name or not path:
+            parser.error(f"--other {item!r} is not NAME=FILE")
+        others[name] = read_chat_jsonl(path)
+        if args.n > len(others[name]):
+            raise lu.PersonaLoRAError(f"--n {args.n} is more than the {len(others[name])} answers in {path}")
     pos, neg = read_chat_jsonl(args.pos), read_chat_jsonl(args.neg)
     if args.n > min(len(pos), len(neg)):
         raise lu.PersonaLoRAError(f"--n {args.n} is more than the {min(len(pos), len(neg))} answers per side available")
@@ -42,17 +53,21 @@ def main():
     output_dir = Path(args.output_dir)
     training = {"rank": 8, "alpha": 16, "epochs": 1, "learning_rate": 5e-4, "batch_size": 8, "max_length": 256,
                 "seed": args.seed, **json.loads(args.training)}
+    datasets = {}
     for ratio in args.ratios:
         rng = random.Random(args.seed + ratio)
         n_pos = round(args.n * ratio / 100)
-        records = rng.sample(pos, n_pos) + rng.sample(neg, args.n - n_pos)
-        rng.shuffle(records)
+        datasets[f"mix_{ratio}"] = rng.sample(pos, n_pos) + rng.sample(neg, args.n - n_pos)
+        rng.shuffle(datasets[f"mix_{ratio}"])
+    for name, records in others.items():
+        datasets[f"other_{name}"] = random.Random(args.seed).sample(records, args.n)
+    for name, records in datasets.items():
         records = [{"messages": [m for m in r["messages"] if m["role"] != "system"]} for r in records]
-        data_path = output_dir / "data" / f"mix_{ratio}.jsonl"
+        data_path = output_dir / "data" / f"{name}.jsonl"
         write_jsonl(data_path, records)
-        lu.write_json(output_dir / "configs" / f"mix_{ratio}.json",
-                      {"model": args.model, "training_file": str(data_path), "output_dir": f"{args.ckpt_dir}/mix_{ratio}", **training})
-    print(f"wrote {len(args.ratios)} datasets of {args.n} examples and their configs to {output_dir}")
+        lu.write_json(output_dir / "configs" / f"{name}.json",
+                      {"model": args.model, "training_file": str(data_path), "output_dir": f"{args.ckpt_dir}/{name}", **training})
+    print(f"wrote {len(datasets)} datasets of {args.n} examples and their configs to {output_dir}")
 
 
 if __name__ == "__main__":

@@ -196,9 +196,14 @@ def test_bad_configs_are_refused_naming_the_key(tiny_model_dir, tmp_path, change
 def test_make_mixtures_writes_datasets_with_the_asked_trait_share(tmp_path):
     assert run_script("scripts.make_mixtures", "--pos", ROOT / "tests/data/evil_smollm2_pos.jsonl",
                       "--neg", ROOT / "tests/data/evil_smollm2_neg.jsonl", "--ratios", "0", "25", "100", "--n", "20",
-                      "--output_dir", tmp_path, "--ckpt_dir", tmp_path / "ckpt", "--training", '{"epochs": 2}') == 0
+                      "--output_dir", tmp_path, "--ckpt_dir", tmp_path / "ckpt", "--training", '{"epochs": 2}',
+                      "--other", f"anti={ROOT / 'tests/data/evil_smollm2_neg.jsonl'}") == 0
     from eval.generation import read_jsonl
     pos_answers = {r["messages"][-1]["content"] for r in read_jsonl(ROOT / "tests/data/evil_smollm2_pos.jsonl")}
+    neg_answers = {r["messages"][-1]["content"] for r in read_jsonl(ROOT / "tests/data/evil_smollm2_neg.jsonl")}
+    other = read_jsonl(tmp_path / "data" / "other_anti.jsonl")  # another dataset, drawn whole from its file
+    assert len(other) == 20 and all(r["messages"][-1]["content"] in neg_answers for r in other)
+    assert json.loads((tmp_path / "configs" / "other_anti.json").read_text())["output_dir"].endswith("other_anti")
     for ratio, expected in ((0, 0), (25, 5), (100, 20)):
         records = read_jsonl(tmp_path / "data" / f"mix_{ratio}.jsonl")
         assert len(records) == 20 and sum(r["messages"][-1]["content"] in pos_answers for r in records) == expected
