@@ -241,9 +241,15 @@ def plot_scatter(models: list[dict], correlation: dict, diff: lu.PersonaLoRADiff
     figure, axis = plt.subplots(figsize=(5.5, 4.2))
     axis.errorbar([m["projection"] for m in scored], [m["behavior_score"] for m in scored],
                   yerr=[m["behavior_sem"] or 0.0 for m in scored], fmt="o", capsize=3)
-    for model in scored:
-        axis.annotate(model["name"], (model["projection"], model["behavior_score"]), fontsize=7, xytext=(3, 3),
-                      textcoords="offset points")
+    # Labels of points close along x take turns at four heights, so long names do not overprint.
+    xs = [m["projection"] for m in scored]
+    span, previous_x, turn = (max(xs) - min(xs)) or 1.0, None, 0
+    for model in sorted(scored, key=lambda m: m["projection"]):
+        close = previous_x is not None and model["projection"] - previous_x < 0.15 * span
+        turn = turn + 1 if close else 0
+        axis.annotate(model["name"], (model["projection"], model["behavior_score"]), fontsize=7,
+                      xytext=(3, (4, -11, 14, -21)[turn % 4]), textcoords="offset points")
+        previous_x = model["projection"]
     axis.set(xlabel=f"weight projection onto the {diff.metadata.get('trait', 'persona')} diff",
              ylabel="trait score of the finetune (± s.e.)",
              title=f"Pearson r = {correlation['pearson_r']:.3f} (p = {correlation['pearson_p']:.2g}), n = {correlation['n']}")
