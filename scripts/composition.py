@@ -138,7 +138,8 @@ def additive_fit(points: list[dict], names: list[str], metric: str) -> dict:
             "slope": {n: float(b) for n, b in zip(names, beta[1:])},
             "slope_sem": {n: float(s) for n, s in zip(names, np.sqrt(np.diag(covariance))[1:])},
             "additive_r2": float(1 - (residual ** 2).sum() / total) if total > 0 else float("nan"),
-            "max_abs_residual": float(np.abs(residual).max()), "mean_condition_sem": float(sem.mean())}
+            "max_abs_residual": float(np.abs(residual).max()), "mean_condition_sem": float(sem.mean()),
+            "slope_sem_kind": "propagated from each combination's standard error (independent samples)"}
 
 
 def paired_slope_sem(points: list[dict], names: list[str], by_question: str) -> dict[str, float]:
@@ -182,7 +183,7 @@ def summarize(args) -> None:
     judged, fits = {}, {}
     for trait in names:
         summary, points = read_points(out, trait, names)
-        judged[trait] = {"judge": summary["judge_description"], "judge_quality": summary.get("judge_quality"), "points": points}
+        judged[trait] = {"judge": summary.get("judge_description"), "judge_quality": summary.get("judge_quality"), "points": points}
         fits[trait] = {"trait_score": additive_fit(points, names, trait), "coherence": additive_fit(points, names, "coherence")}
     margins = read_margins(out, names)
     for trait, points in (margins or {}).items():
