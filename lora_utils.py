@@ -468,10 +468,7 @@ def load_adapter_update(adapter_dir: str | os.PathLike) -> PersonaLoRADiff:
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
         raise PersonaLoRAError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise PersonaLoRAError(f"{config_path} is not valid JSON ({error})") from None
+    config = read_json_object(config_path, "adapter config")
     if config.get("peft_type", "LORA") != "LORA":
         raise PersonaLoRAError(f"{config_path}: peft_type {config.get('peft_type')} is not a LoRA adapter")
     if config.get("use_dora"):

@@ -38,21 +38,26 @@ class Condition:
     coefs: dict[str, float] | None = None  # a composition's coefficient per diff, by the diff's name
 
 
-def add_eval_args(parser: argparse.ArgumentParser) -> None:
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    """The model and how it answers the held-out questions (fill_generation_defaults completes them)."""
     parser.add_argument("--model", default=None, help="hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--trait", required=True)
-    parser.add_argument("--output_path", required=True, help="CSV; a .summary.json and a .manifest.json are written beside it")
     parser.add_argument("--n_per_question", type=int, default=None, help="samples per question (default 3 embedded, 10 otherwise)")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="default 64 embedded, 600 otherwise")
     parser.add_argument("--temperature", type=float, default=None, help="default 0.7 embedded, 1.0 otherwise")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto")
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    add_generation_args(parser)
+    parser.add_argument("--trait", required=True)
+    parser.add_argument("--output_path", required=True, help="CSV; a .summary.json and a .manifest.json are written beside it")
     parser.add_argument("--judge", default=None, help="openai | hf:<model> | offline (default: openai if OPENAI_API_KEY is set, else offline)")
     parser.add_argument("--judge_model", default=DEFAULT_OPENAI_JUDGE)
     parser.add_argument("--judge_data", default=None,
                         help="offline judge: the extraction's data folder (default persona_loras/<model>/<trait>/data)")
     parser.add_argument("--adapter", default=None, help="a PEFT adapter (e.g. a finetune) merged into the model before evaluating")
-    parser.add_argument("--dtype", default="auto")
 
 
 def load_eval_model(args):
@@ -68,15 +73,18 @@ def load_eval_model(args):
     return model, tokenizer
 
 
-def fill_eval_defaults(args) -> None:
+def fill_generation_defaults(args) -> None:
     embedded = args.model in (None, lu.EMBEDDED_MODEL_NAME)
     defaults = dict(n_per_question=3 if embedded else 10, max_new_tokens=64 if embedded else 600,
                     temperature=0.7 if embedded else 1.0)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if hasattr(args, "judge_data"):  # the judged scripts; the judge-free likelihood readout has none
-        args.judge_data = args.judge_data or str(lu.default_persona_paths(args.model, args.trait)[0].parent / "data")
+
+
+def fill_eval_defaults(args) -> None:
+    fill_generation_defaults(args)
+    args.judge_data = args.judge_data or str(lu.default_persona_paths(args.model, args.trait)[0].parent / "data")
 
 
 def file_identity(path) -> dict:

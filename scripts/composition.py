@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm.auto import tqdm  # noqa: E402
 
 import lora_utils as lu  # noqa: E402
+from eval.evaluate import add_generation_args  # noqa: E402
 
 
 def factorial(levels: list[float], n_diffs: int) -> list[tuple[float, ...]]:
@@ -48,7 +49,7 @@ def print_grid(args) -> None:
     print(" ".join(f"{c:g}" for combination in factorial(args.levels, args.n_diffs) for c in combination))
 
 
-def combination_margins(model, tokenizer, names, diffs, combination, references, batch_size) -> dict:
+def combination_margins(model, tokenizer, names, diffs, combination, references) -> dict:
     """Every trait's margin with the diffs merged at these coefficients (restored afterwards)."""
     from eval.evaluate import mean_and_sem
     from eval.generation import response_log_likelihoods
@@ -58,7 +59,8 @@ def combination_margins(model, tokenizer, names, diffs, combination, references,
         for t in names:
             per_side = {}
             for side, records in references[t].items():
-                scores = response_log_likelihoods(model, tokenizer, [r["messages"] for r in records], batch_size)
+                # Small batches (the default): full-vocabulary logits of long answers are the memory here.
+                scores = response_log_likelihoods(model, tokenizer, [r["messages"] for r in records])
                 by_question = {}
                 for record, score in zip(records, scores):
                     by_question.setdefault(record["question_id"], []).append(score)
@@ -72,11 +74,11 @@ def combination_margins(model, tokenizer, names, diffs, combination, references,
 
 
 def likelihood(args) -> None:
-    from eval.evaluate import Condition, fill_eval_defaults, generate_condition
+    from eval.evaluate import Condition, fill_generation_defaults, generate_condition
     from eval.traits import load_trait
 
     started = time.time()
-    fill_eval_defaults(args)
+    fill_generation_defaults(args)
     out, names = Path(args.output_dir), args.traits
     traits = {t: load_trait(t) for t in names}
     diff_paths = args.lora_diff_path or [lu.default_persona_paths(args.model, t)[0] for t in names]
@@ -104,7 +106,7 @@ def likelihood(args) -> None:
         key = hashlib.sha256(json.dumps({**depends_on, "combination": combination}).encode()).hexdigest()[:12]
         finished = out / ".likelihood.work" / f"margins-{key}.json"
         if not finished.is_file():
-            lu.write_json(finished, combination_margins(model, tokenizer, names, diffs, combination, references, args.batch_size))
+            lu.write_json(finished, combination_margins(model, tokenizer, names, diffs, combination, references))
         for t, point in lu.read_json_object(finished, "finished margins").items():
             points[t].append(point)
     lu.write_json(out / "likelihood.json", {
@@ -331,13 +333,7 @@ def main():
     margins.add_argument("--lora_diff_path", nargs="+", default=None,
                          help="one diff per trait, in order (default: persona_loras/<model>/<trait>/<trait>_lora_diff.pt)")
     margins.add_argument("--levels", nargs="+", type=float, default=[0.0, 2.0])
-    margins.add_argument("--model", default=None, help="hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
-    margins.add_argument("--n_per_question", type=int, default=None, help="reference answers per question and side")
-    margins.add_argument("--max_new_tokens", type=int, default=None)
-    margins.add_argument("--temperature", type=float, default=None)
-    margins.add_argument("--batch_size", type=int, default=16)
-    margins.add_argument("--seed", type=int, default=0)
-    margins.add_argument("--dtype", default="auto")
+    add_generation_args(margins)  # of the reference answers; --n_per_question: per question and side
     summary = commands.add_parser("summarize")
     summary.add_argument("--output_dir", required=True)
     summary.add_argument("--traits", nargs="+", required=True, help="the composed traits, each judged on its own questions")
