@@ -159,7 +159,10 @@ def activation_vector(args, model, tokenizer, data, summary_path: Path) -> tuple
     identity = hashlib.sha256(json.dumps({"data": data, "model": args.model, "dtype": str(model.dtype),
                                           "max_length": args.max_length}, sort_keys=True).encode()).hexdigest()
     if summary_path.is_file() and Path(args.vector_output_path).is_file():
-        previous = json.loads(summary_path.read_text()).get("activation_vector") or {}
+        try:
+            previous = lu.read_json_object(summary_path, "extraction summary").get("activation_vector")
+        except lu.PersonaLoRAError:
+            previous = None  # an unreadable summary proves nothing: compute the vector again
         if previous == {"path": str(args.vector_output_path), "identity": identity}:
             print(f"reusing {args.vector_output_path} (computed from the same responses)")
             return load_vector(args.vector_output_path), identity

@@ -55,9 +55,10 @@ def summarize(args) -> None:
     runs = {}
     for config in sorted((out / "configs").glob("*.json")):
         name = config.stem
-        steering = json.loads(config.read_text())["steering_config"]
+        settings = lu.read_json_object(config, "training config")
+        steering = settings["steering_config"]
         result = scores(name)
-        monitor_path = Path(json.loads(config.read_text())["output_dir"]) / "monitor.json"
+        monitor_path = Path(settings["output_dir"]) / "monitor.json"
         runs[name] = {**result, "kind": steering["type"] if steering else "none", "coef": steering["coef"] if steering else 0.0,
                       "drift": result["trait"] - base["trait"], "mmlu_change": result["mmlu"] - base["mmlu"],
                       "final_projection": json.loads(monitor_path.read_text())[-1]["projection"] if monitor_path.is_file() else None}
