@@ -24,7 +24,6 @@ when --behavior_scores (CSV with columns model, score) is given.
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -32,6 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 import lora_utils as lu
+from io_utils import PersonaLoRAError, read_json_object, run_cli, write_json, write_manifest
+from model_loading import model_label, resolve_model_folder
 
 
 def parse_args():
@@ -50,121 +51,62 @@ def parse_args():
     return args
 
 
-# --- reading checkpoints lazily -----------------------------------------------------------------
-
-
-def resolve_model_folder(name_or_path: str | None) -> Path:
-    """A local folder holding the model's safetensors: the embedded default, a folder, or a hub
-    snapshot (downloaded or already cached by huggingface_hub)."""
-    if name_or_path in (None, "", lu.EMBEDDED_MODEL_NAME):
-        return lu.embedded_model_dir()
-    if Path(name_or_path).is_dir():
-        return Path(name_or_path)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
-    except Exception as error:
-        raise lu.PersonaLoRAError(f"cannot find model '{name_or_path}' locally or on the hub ({type(error).__name__}); "
-                                  "pass a local folder") from None
-
-
-class SafetensorsCheckpoint:
-    """Tensor-by-tensor access to a (sharded) safetensors checkpoint through memory maps."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        index_path = folder / "model.safetensors.index.json"
-        if index_path.is_file():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        elif (folder / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
-                weight_map = {key: "model.safetensors" for key in handle.keys()}
-        else:
-            raise lu.PersonaLoRAError(f"{folder} has no model.safetensors (or index): not a safetensors checkpoint or PEFT adapter")
-        self.weight_map = weight_map
-        self._handles = {}
-        config_path = folder / "config.json"
-        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-
-    def _handle(self, filename: str):
-        from safetensors import safe_open
-
-        if filename not in self._handles:
-            self._handles[filename] = safe_open(str(self.folder / filename), framework="pt")
-        return self._handles[filename]
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
-
-    def tensor(self, name: str) -> torch.Tensor:
-        return self._handle(self.weight_map[name]).get_tensor(name)
-
-    def nbytes(self) -> int:
-        return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
-
-
 ARCHITECTURE_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                      "num_key_value_heads", "vocab_size")
 
 
-def check_same_architecture(original: SafetensorsCheckpoint, finetuned: SafetensorsCheckpoint) -> None:
+def check_same_architecture(original: lu.SafetensorsCheckpoint, finetuned: lu.SafetensorsCheckpoint) -> None:
     for key in ARCHITECTURE_KEYS:
         if key in original.config and key in finetuned.config and original.config[key] != finetuned.config[key]:
-            raise lu.PersonaLoRAError(f"{finetuned.folder} is not a finetune of {original.folder}: config '{key}' is "
+            raise PersonaLoRAError(f"{finetuned.folder} is not a finetune of {original.folder}: config '{key}' is "
                                       f"{finetuned.config[key]} vs {original.config[key]}")
 
 
-def check_diff_fits(diff: lu.PersonaLoRADiff, original: SafetensorsCheckpoint) -> None:
+def check_diff_fits(diff: lu.PersonaLoRADiff, original: lu.SafetensorsCheckpoint) -> None:
     for name in diff:
         if name not in original:
-            raise lu.PersonaLoRAError(f"the persona diff does not fit {original.folder}: module {name} is missing "
+            raise PersonaLoRAError(f"the persona diff does not fit {original.folder}: module {name} is missing "
                                       f"(the diff was made for {diff.metadata.get('base_model')})")
         if original.shape(name) != diff.shape(name):
-            raise lu.PersonaLoRAError(f"the persona diff does not fit {original.folder}: {name} is {diff.shape(name)} in the diff "
+            raise PersonaLoRAError(f"the persona diff does not fit {original.folder}: {name} is {diff.shape(name)} in the diff "
                                       f"but {original.shape(name)} in the model (made for {diff.metadata.get('base_model')})")
 
 
 # --- projecting ---------------------------------------------------------------------------------
 
 
-def project_checkpoint(original: SafetensorsCheckpoint, folder: Path, diff: lu.PersonaLoRADiff) -> dict:
+def project_checkpoint(original: lu.SafetensorsCheckpoint, folder: Path, diff: lu.PersonaLoRADiff) -> dict:
     """Stream W_ft − W_orig one module at a time: memory stays at a couple of tensors."""
-    finetuned = SafetensorsCheckpoint(folder)
+    finetuned = lu.SafetensorsCheckpoint(folder)
     check_same_architecture(original, finetuned)
 
     def changes():
         for name in tqdm(diff.module_names, desc=f"projecting {folder.name}", leave=False):
             if name not in finetuned:
-                raise lu.PersonaLoRAError(f"{folder} has no tensor {name}: a checkpoint of another architecture?")
+                raise PersonaLoRAError(f"{folder} has no tensor {name}: a checkpoint of another architecture?")
             if finetuned.shape(name) != original.shape(name):
-                raise lu.PersonaLoRAError(f"{folder}: {name} is {finetuned.shape(name)} but {original.shape(name)} in the original model")
+                raise PersonaLoRAError(f"{folder}: {name} is {finetuned.shape(name)} but {original.shape(name)} in the original model")
             yield name, finetuned.tensor(name).to(torch.float32) - original.tensor(name).to(torch.float32)
 
     result = lu.WeightProjector.project(changes(), diff)
     return {**result, "kind": "checkpoint", "bytes": finetuned.nbytes()}
 
 
-def project_adapter(original: SafetensorsCheckpoint, folder: Path, diff: lu.PersonaLoRADiff) -> dict:
+def project_adapter(original: lu.SafetensorsCheckpoint, folder: Path, diff: lu.PersonaLoRADiff) -> dict:
     """A LoRA finetune projects from its own factors: no base weights are read (only shapes)."""
     update = lu.load_adapter_update(folder)
     for name in update:
         if name not in original or original.shape(name) != update.shape(name):
-            raise lu.PersonaLoRAError(f"the adapter {folder} is for another base model than {original.folder}: module {name} "
+            raise PersonaLoRAError(f"the adapter {folder} is for another base model than {original.folder}: module {name} "
                                       f"is {update.shape(name)} in the adapter"
                                       + (f" but {original.shape(name)} in the model" if name in original else " and missing in the model"))
     result = lu.WeightProjector.project(update, diff)
     return {**result, "kind": "adapter", "bytes": sum(p.stat().st_size for p in folder.glob("adapter_model.*"))}
 
 
-def project_one(original: SafetensorsCheckpoint, folder: Path, diff: lu.PersonaLoRADiff) -> dict:
+def project_one(original: lu.SafetensorsCheckpoint, folder: Path, diff: lu.PersonaLoRADiff) -> dict:
     if not folder.is_dir():
-        raise lu.PersonaLoRAError(f"finetuned model not found: {folder}")
+        raise PersonaLoRAError(f"finetuned model not found: {folder}")
     result = project_adapter(original, folder, diff) if (folder / "adapter_config.json").is_file() \
         else project_checkpoint(original, folder, diff)
     modules = result.pop("modules")
@@ -178,11 +120,11 @@ def model_folders(args) -> list[Path]:
     if args.finetuned_models_dir:
         root = Path(args.finetuned_models_dir)
         if not root.is_dir():
-            raise lu.PersonaLoRAError(f"--finetuned_models_dir {root} is not a folder")
+            raise PersonaLoRAError(f"--finetuned_models_dir {root} is not a folder")
         found = sorted({p.parent for pattern in ("adapter_config.json", "model.safetensors", "model.safetensors.index.json")
                         for p in root.rglob(pattern)})
         if not found:
-            raise lu.PersonaLoRAError(f"no model or adapter folder below {root}")
+            raise PersonaLoRAError(f"no model or adapter folder below {root}")
         folders += found
     return folders
 
@@ -195,17 +137,17 @@ def read_behavior_scores(paths: list[str]) -> dict[str, tuple[float, float | Non
     pairs = []
     for path in paths:
         if not Path(path).is_file():
-            raise lu.PersonaLoRAError(f"--behavior_scores file not found: {path}")
+            raise PersonaLoRAError(f"--behavior_scores file not found: {path}")
         if path.endswith(".json"):
-            summary = lu.read_json_object(path, "summary")
+            summary = read_json_object(path, "summary")
             if not summary.get("adapter") or len(summary.get("conditions", [])) != 1:
-                raise lu.PersonaLoRAError(f"{path} is not the summary of an eval_lora_persona.py run with --adapter and one condition")
+                raise PersonaLoRAError(f"{path} is not the summary of an eval_lora_persona.py run with --adapter and one condition")
             condition = summary["conditions"][0]
             pairs.append((summary["adapter"], condition[f"{summary['trait']}_mean"], condition.get(f"{summary['trait']}_sem")))
         else:
             table = pd.read_csv(path)
             if not {"model", "score"} <= set(table.columns):
-                raise lu.PersonaLoRAError(f"{path} needs the columns model and score (has {', '.join(table.columns)})")
+                raise PersonaLoRAError(f"{path} needs the columns model and score (has {', '.join(table.columns)})")
             sems = table["sem"] if "sem" in table.columns else [None] * len(table)
             pairs += list(zip(table["model"].astype(str), table["score"], sems))
     scores = {}
@@ -222,7 +164,7 @@ def correlate(models: list[dict], scores_paths: list[str]) -> dict:
         model["behavior_score"], model["behavior_sem"] = scores.get(str(Path(model["path"])), scores.get(model["name"], (None, None)))
     pairs = [(m["projection"], m["behavior_score"]) for m in models if m["behavior_score"] is not None]
     if len(pairs) < 3:
-        raise lu.PersonaLoRAError(f"--behavior_scores score only {len(pairs)} of the projected models; need at least 3 to correlate")
+        raise PersonaLoRAError(f"--behavior_scores score only {len(pairs)} of the projected models; need at least 3 to correlate")
     xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
     pearson, spearman = stats.pearsonr(xs, ys), stats.spearmanr(xs, ys)
     return {"n": len(pairs), "pearson_r": float(pearson.statistic), "pearson_p": float(pearson.pvalue),
@@ -261,7 +203,7 @@ def main():
     args = parse_args()
     started = time.time()
     diff = lu.load_lora_diff(args.lora_diff_path)
-    original = SafetensorsCheckpoint(resolve_model_folder(args.original_model))
+    original = lu.SafetensorsCheckpoint(resolve_model_folder(args.original_model))
     check_diff_fits(diff, original)
     folders = model_folders(args)
     models = [project_one(original, folder, diff) for folder in tqdm(folders, desc="models", disable=len(folders) < 2)]
@@ -269,11 +211,11 @@ def main():
     if args.behavior_scores:
         output["correlation"] = correlate(models, args.behavior_scores)
         output["plot"] = str(plot_scatter(models, output["correlation"], diff, Path(args.output_path).with_suffix(".png")))
-    output["inputs"] = {"original_model": args.original_model or lu.EMBEDDED_MODEL_NAME, "original_bytes": original.nbytes(),
+    output["inputs"] = {"original_model": model_label(args.original_model), "original_bytes": original.nbytes(),
                         "lora_diff_path": args.lora_diff_path, "diff_trait": diff.metadata.get("trait"),
                         "diff_norm": diff.norm(), "diff_modules": len(diff)}
-    lu.write_json(args.output_path, output)
-    lu.write_manifest(Path(args.output_path).parent, args, started, name=f"{Path(args.output_path).stem}.manifest.json")
+    write_json(args.output_path, output)
+    write_manifest(Path(args.output_path).parent, args, started, name=f"{Path(args.output_path).stem}.manifest.json")
     print(f"{'model':40s} {'kind':10s} {'projection':>11s} {'cosine':>8s}")
     for model in models:
         print(f"{model['name'][:40]:40s} {model['kind']:10s} {model['projection']:11.5f} {model['cosine']:8.4f}")
@@ -285,4 +227,4 @@ def main():
 
 
 if __name__ == "__main__":
-    lu.run_cli(main)
+    run_cli(main)

@@ -23,9 +23,19 @@ import torch
 
 import lora_utils as lu
 from eval.activations import ActivationSteerer, decoder_layers, load_vector, response_hidden_means
-from eval.analysis import effective_rank, linear_fit, plot_sweep, save_figure, trait_similarity
-from eval.evaluate import (Condition, add_eval_args, file_identity, fill_eval_defaults, load_eval_model, prepare_judge,
-                           run_evaluation)
+from eval.analysis import effective_rank, plot_sweep, save_figure, trait_similarity
+from eval.evaluate import (
+    Condition,
+    add_eval_args,
+    file_identity,
+    fill_eval_defaults,
+    load_eval_model,
+    prepare_judge,
+    run_evaluation,
+)
+from eval.stats import linear_fit
+from io_utils import PersonaLoRAError, run_cli, write_json, write_manifest
+from model_loading import default_persona_paths, model_device
 
 
 def parse_args():
@@ -49,7 +59,7 @@ def parse_args():
                         help="traits whose diffs and vectors (default paths) join the trait-by-trait similarity")
     args = parser.parse_args()
     fill_eval_defaults(args)
-    diff_path, vector_path = lu.default_persona_paths(args.model, args.trait)
+    diff_path, vector_path = default_persona_paths(args.model, args.trait)
     args.activation_vector_path = args.activation_vector_path or str(vector_path)
     args.lora_diff_path = args.lora_diff_path or str(diff_path)
     args.output_path = str(Path(args.output_dir) / "behavior.csv")
@@ -104,7 +114,7 @@ def test_latency(args, model, tokenizer, trait, vector, diff, coefficient: float
 
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in trait.evaluation_questions[:8]]
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(lu.model_device(model))
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model_device(model))
     adapter_dir = Path(args.output_dir) / "latency_adapter"
     diff.to_peft_adapter(adapter_dir, coefficient=coefficient)
     rates = {"unsteered": [], "activation_hook": [], "merged_lora": [], "unmerged_peft_adapter": []}
@@ -137,7 +147,7 @@ def test_latency(args, model, tokenizer, trait, vector, diff, coefficient: float
             rates["unmerged_peft_adapter"].append(rate)
     results = {method: statistics.median(values) for method, values in rates.items()}
     return {"tokens_per_second": results, "batch": len(prompts), "new_tokens": args.latency_tokens, "rounds": args.latency_runs,
-            "device": str(lu.model_device(model)), "dtype": str(next(model.parameters()).dtype),
+            "device": str(model_device(model)), "dtype": str(next(model.parameters()).dtype),
             "merge_seconds_median": statistics.median(merge_times[1:] or merge_times),
             "restore_seconds_median": statistics.median(restore_times[1:] or restore_times),
             "ratios_vs_unsteered": {k: v / results["unsteered"] for k, v in results.items()}}
@@ -187,7 +197,7 @@ def other_traits_similarity(args, diff, vector) -> dict | None:
     """The trait-by-trait similarity of --trait and the --other_traits whose outputs exist."""
     traits = {args.trait: (diff, vector)}
     for other in args.other_traits or []:
-        diff_path, vector_path = lu.default_persona_paths(args.model, other)
+        diff_path, vector_path = default_persona_paths(args.model, other)
         if diff_path.is_file() and vector_path.is_file():
             traits[other] = (lu.load_lora_diff(diff_path), load_vector(vector_path))
         else:
@@ -233,7 +243,7 @@ def main():
     model, tokenizer = load_eval_model(args)
     num_layers = len(decoder_layers(model))
     if vector.shape != (num_layers + 1, model.config.hidden_size):
-        raise lu.PersonaLoRAError(f"{args.activation_vector_path} has shape {tuple(vector.shape)}; this model needs "
+        raise PersonaLoRAError(f"{args.activation_vector_path} has shape {tuple(vector.shape)}; this model needs "
                                   f"[{num_layers + 1}, {model.config.hidden_size}]")
     lu.LoRAMerger(model).check(diff)
     args.layer = args.layer or round(2 * num_layers / 3)
@@ -246,15 +256,15 @@ def main():
     strongest = max(args.coefficients, key=abs) or 1.0
     if args.test_latency:
         comparison["latency"] = test_latency(args, model, tokenizer, trait, vector, diff, strongest)
-        lu.write_json(output_dir / "latency.json", comparison["latency"])
+        write_json(output_dir / "latency.json", comparison["latency"])
     if args.analyze_spaces:
-        from eval.generation import read_jsonl
+        from io_utils import read_jsonl
 
         baseline_records = read_jsonl(next((output_dir / ".behavior.work").glob("baseline-*.jsonl")))
         comparison["spaces"] = analyze_spaces(args, model, tokenizer, vector, diff, baseline_records, strongest)
-        lu.write_json(output_dir / "spaces.json", comparison["spaces"])
-    lu.write_json(output_dir / "comparison.json", comparison)
-    lu.write_manifest(output_dir, args, started)
+        write_json(output_dir / "spaces.json", comparison["spaces"])
+    write_json(output_dir / "comparison.json", comparison)
+    write_manifest(output_dir, args, started)
 
     print("\n== fits of the trait score against the coefficient ==")
     for method, fit in comparison["fits"].items():
@@ -276,4 +286,4 @@ def main():
 
 
 if __name__ == "__main__":
-    lu.run_cli(main)
+    run_cli(main)

@@ -22,8 +22,16 @@ import time
 from pathlib import Path
 
 import lora_utils as lu
-from eval.evaluate import (Condition, add_eval_args, file_identity, fill_eval_defaults, load_eval_model, prepare_judge,
-                           run_evaluation)
+from eval.evaluate import (
+    Condition,
+    add_eval_args,
+    file_identity,
+    fill_eval_defaults,
+    load_eval_model,
+    prepare_judge,
+    run_evaluation,
+)
+from io_utils import run_cli
 
 
 def parse_args():
@@ -97,4 +105,4 @@ def main():
 
 
 if __name__ == "__main__":
-    lu.run_cli(main)
+    run_cli(main)

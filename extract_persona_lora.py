@@ -23,9 +23,11 @@ import torch
 
 import lora_utils as lu
 from eval.activations import load_vector, persona_vector, response_hidden_means
-from eval.generation import generate_records, read_chat_jsonl, read_jsonl
+from eval.generation import generate_records, read_chat_jsonl
 from eval.judge import DEFAULT_OPENAI_JUDGE, make_judge
 from eval.traits import load_trait
+from io_utils import PersonaLoRAError, atomic_path, read_json_object, read_jsonl, run_cli, write_json, write_manifest
+from model_loading import default_persona_paths, is_embedded, load_model_and_tokenizer, model_label
 from training import finished_adapter, train_lora_adapter
 
 # A small, fast profile for the embedded 135M model on CPU; the seed's settings for 8B-class models.
@@ -78,12 +80,12 @@ def parse_args():
         parser.error("--pos_data and --neg_data go together")
     if args.filter_threshold is not None and args.pos_data:
         parser.error("--filter_threshold needs the trait's rubric: use it with generated data, not --pos_data")
-    profile = args.profile if args.profile != "auto" else ("small" if args.model in (None, lu.EMBEDDED_MODEL_NAME) else "full")
+    profile = args.profile if args.profile != "auto" else ("small" if is_embedded(args.model) else "full")
     for key, value in PROFILES[profile].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.profile = profile
-    diff_path, vector_path = lu.default_persona_paths(args.model, args.trait)
+    diff_path, vector_path = default_persona_paths(args.model, args.trait)
     args.output_dir = args.output_dir or str(diff_path.parent)
     args.vector_output_path = args.vector_output_path or str(vector_path)
     return args
@@ -109,16 +111,16 @@ def contrastive_data(args, trait, model, tokenizer, data_dir: Path) -> dict[str,
     """Generate the pos/neg responses, or reuse them if a run with the same settings made them."""
     if args.pos_data:
         return {"pos": read_chat_jsonl(args.pos_data), "neg": read_chat_jsonl(args.neg_data)}
-    settings = {"model": args.model or lu.EMBEDDED_MODEL_NAME, "trait_file_sha256": hashlib.sha256(trait.path.read_bytes()).hexdigest(),
+    settings = {"model": model_label(args.model), "trait_file_sha256": hashlib.sha256(trait.path.read_bytes()).hexdigest(),
                 **{k: getattr(args, k) for k in ("n_per_question", "max_new_tokens", "temperature", "top_p", "seed")}}
     settings_path = data_dir / "generation.json"
     if settings_path.is_file():
         previous = json.loads(settings_path.read_text())
         if previous != settings:
             changed = sorted(k for k in settings if previous.get(k) != settings[k])
-            raise lu.PersonaLoRAError(f"{data_dir} was generated with other settings ({', '.join(changed)}); "
+            raise PersonaLoRAError(f"{data_dir} was generated with other settings ({', '.join(changed)}); "
                                       f"delete {data_dir} to regenerate, or pass the same flags")
-    lu.write_json(settings_path, settings)
+    write_json(settings_path, settings)
     data = {}
     for side, jobs in contrastive_jobs(trait, args.n_per_question).items():
         path = data_dir / f"{side}.jsonl"
@@ -146,7 +148,7 @@ def filter_by_judge(args, trait, data: dict[str, list[dict]], data_dir: Path) ->
         kept[side] = [r for r, k in zip(records, keep) if k]
         report[side] = {"kept": len(kept[side]), "of": len(records)}
         if not kept[side]:
-            raise lu.PersonaLoRAError(f"--filter_threshold {args.filter_threshold} keeps no {side} response; choose another threshold")
+            raise PersonaLoRAError(f"--filter_threshold {args.filter_threshold} keeps no {side} response; choose another threshold")
     print(f"judge filter at {args.filter_threshold}: kept pos {report['pos']['kept']}/{report['pos']['of']}, "
           f"neg {report['neg']['kept']}/{report['neg']['of']}")
     return kept, report
@@ -160,8 +162,8 @@ def activation_vector(args, model, tokenizer, data, summary_path: Path) -> tuple
                                           "max_length": args.max_length}, sort_keys=True).encode()).hexdigest()
     if summary_path.is_file() and Path(args.vector_output_path).is_file():
         try:
-            previous = lu.read_json_object(summary_path, "extraction summary").get("activation_vector")
-        except lu.PersonaLoRAError:
+            previous = read_json_object(summary_path, "extraction summary").get("activation_vector")
+        except PersonaLoRAError:
             previous = None  # an unreadable summary proves nothing: compute the vector again
         if previous == {"path": str(args.vector_output_path), "identity": identity}:
             print(f"reusing {args.vector_output_path} (computed from the same responses)")
@@ -169,7 +171,7 @@ def activation_vector(args, model, tokenizer, data, summary_path: Path) -> tuple
     means = {side: response_hidden_means(model, tokenizer, data[side], include_system=True, max_length=args.max_length,
                                          desc=f"{side} hidden states") for side in ("pos", "neg")}
     vector = persona_vector(means["pos"], means["neg"])
-    with lu.atomic_path(args.vector_output_path) as tmp:
+    with atomic_path(args.vector_output_path) as tmp:
         torch.save(vector, tmp)
     return vector, identity
 
@@ -182,7 +184,7 @@ def train_side(args, model, tokenizer, records, adapter_dir: Path, side: str) ->
     previous = finished_adapter(adapter_dir)
     if args.skip_training:
         if previous is None:
-            raise lu.PersonaLoRAError(f"--skip_training: no finished adapter in {adapter_dir}; run without --skip_training first")
+            raise PersonaLoRAError(f"--skip_training: no finished adapter in {adapter_dir}; run without --skip_training first")
         return previous
     if previous is not None and all(previous.get(k) == v for k, v in {**settings, **identity}.items()):
         print(f"reusing {adapter_dir} (trained on the same data with the same settings)")
@@ -198,7 +200,7 @@ def same_diff_saved(diff, diff_path: Path, peft_dir: Path) -> bool:
         return False
     try:
         saved = lu.load_lora_diff(diff_path)
-    except lu.PersonaLoRAError:
+    except PersonaLoRAError:
         return False  # unreadable: overwrite it
 
     def described(metadata):  # less what differs between two savings of one diff, or is added on loading
@@ -215,7 +217,7 @@ def print_summary(args, data, trainings, diff, vector) -> dict:
         name = max((n for n in diff if lu.module_type(n) == kind), key=diff.module_sq_norm)
         top[kind] = {"module": name, "singular_values": [round(float(s), 5) for s in diff.singular_values(name)[:5]]}
     summary = {
-        "trait": args.trait, "model": args.model or lu.EMBEDDED_MODEL_NAME,
+        "trait": args.trait, "model": model_label(args.model),
         "examples": {side: len(records) for side, records in data.items()},
         "final_epoch_loss": {side: t["epoch_losses"][-1] for side, t in trainings.items()},
         "epoch_losses": {side: t["epoch_losses"] for side, t in trainings.items()},
@@ -245,7 +247,7 @@ def main():
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    model, tokenizer = lu.load_model_and_tokenizer(args.model, dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     data = contrastive_data(args, trait, model, tokenizer, output_dir / "data")
     filter_report = None
     if args.filter_threshold is not None:
@@ -255,7 +257,7 @@ def main():
 
     trainings = {side: train_side(args, model, tokenizer, data[side], output_dir / f"{side}_lora", side) for side in ("pos", "neg")}
     diff = lu.compute_persona_lora_diff(output_dir / "pos_lora", output_dir / "neg_lora", trait=args.trait)
-    diff.metadata.update(base_model=args.model or lu.EMBEDDED_MODEL_NAME, created_by="extract_persona_lora.py",
+    diff.metadata.update(base_model=model_label(args.model), created_by="extract_persona_lora.py",
                          seed=args.seed, profile=args.profile, activation_vector=str(args.vector_output_path))
     diff_path = output_dir / f"{args.trait}_lora_diff.pt"
     if same_diff_saved(diff, diff_path, output_dir / f"{args.trait}_lora_diff_peft"):
@@ -269,12 +271,12 @@ def main():
     summary = print_summary(args, data, trainings, diff, vector)
     summary["judge_filter"] = filter_report
     summary["activation_vector"] = {"path": str(args.vector_output_path), "identity": vector_identity}
-    lu.write_json(output_dir / "summary.json", summary)
-    lu.write_manifest(output_dir, args, started, outputs={"diff": str(diff_path), "vector": args.vector_output_path},
+    write_json(output_dir / "summary.json", summary)
+    write_manifest(output_dir, args, started, outputs={"diff": str(diff_path), "vector": args.vector_output_path},
                       sizes={"diff_bytes": diff_path.stat().st_size, "examples": summary["examples"]},
                       timings={side: t.get("seconds") for side, t in trainings.items()})
     print(f"\nwrote {diff_path} and {args.vector_output_path} in {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":
-    lu.run_cli(main)
+    run_cli(main)

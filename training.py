@@ -37,7 +37,8 @@ import torch
 from tqdm.auto import tqdm
 
 from eval.generation import chat_with_system, pad_right, tokenize_chat
-from lora_utils import PersonaLoRAError, atomic_path, read_json_object
+from io_utils import PersonaLoRAError, atomic_path, read_json_object, run_cli, write_json, write_manifest
+from model_loading import load_model_and_tokenizer
 
 TRAINING_RECORD = "training.json"
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -263,7 +264,7 @@ def main():
     config = load_config(sys.argv[1])
     records = read_chat_jsonl(config["training_file"])[: config["max_examples"]]
     monitor_diff = lu.load_lora_diff(config["monitor"]["lora_diff_path"]) if config["monitor"] else None
-    model, tokenizer = lu.load_model_and_tokenizer(config["model"], dtype=config["dtype"], device_map=process_device_map())
+    model, tokenizer = load_model_and_tokenizer(config["model"], dtype=config["dtype"], device_map=process_device_map())
     monitor_log = []
 
     def monitor(step, peft_model, loss):
@@ -285,8 +286,8 @@ def main():
     output_dir = Path(config["output_dir"])
     if int(os.environ.get("RANK", "0")) == 0:
         if monitor_log:
-            lu.write_json(output_dir / "monitor.json", monitor_log)
-        lu.write_manifest(output_dir, config, started, name="training_manifest.json",
+            write_json(output_dir / "monitor.json", monitor_log)
+        write_manifest(output_dir, config, started, name="training_manifest.json",
                           final_epoch_loss=summary["epoch_losses"][-1], steps=len(summary["losses"]))
         print(f"\nsaved {output_dir} ({summary['examples']} examples, {len(summary['losses'])} steps, "
               f"loss by epoch {' → '.join(f'{x:.3f}' for x in summary['epoch_losses'])}, {summary['seconds']:.0f} s"
@@ -294,6 +295,5 @@ def main():
 
 
 if __name__ == "__main__":
-    from lora_utils import run_cli
 
     run_cli(main)

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lora_utils as lu  # noqa: E402
+from model_loading import load_model_and_tokenizer, model_label  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -87,7 +88,7 @@ def naive_restore(model, clones):
 
 def worker(args) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, _ = lu.load_model_and_tokenizer(args.model, dtype=args.dtype)
+    model, _ = load_model_and_tokenizer(args.model, dtype=args.dtype)
     full = lu.load_lora_diff(args.lora_diff_path) if args.lora_diff_path else random_diff(model, rank=16)
     diff = scenario_diff(full, args.scenario, model.config.num_hidden_layers)
     params = dict(model.named_parameters())
@@ -150,7 +151,7 @@ def main():
             output = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
             rows.append(json.loads(output.strip().splitlines()[-1]))
     mib = 1 << 20
-    print(f"model: {args.model or lu.EMBEDDED_MODEL_NAME}, dtype {rows[0]['dtype']}, median of {args.repeats} runs\n")
+    print(f"model: {model_label(args.model)}, dtype {rows[0]['dtype']}, median of {args.repeats} runs\n")
     print(f"{'scenario':8s} {'method':6s} {'modules':>7s} {'touched MiB':>11s} {'merge ms':>9s} {'restore ms':>10s} "
           f"{'held MiB':>8s} {'peak extra MiB':>14s} {'peak/touched':>12s} {'bit-exact':>9s}")
     for row in rows:

@@ -67,7 +67,7 @@ def build(workdir: Path, hidden: int, layers: int) -> None:
 
 
 def worker(workdir: Path, method: str) -> dict:
-    from cal_weight_projection import SafetensorsCheckpoint, project_checkpoint
+    from cal_weight_projection import project_checkpoint
 
     diff = lu.load_lora_diff(workdir / "diff.pt")
     baseline_anon, baseline_rss = status_bytes("RssAnon"), status_bytes("VmRSS")
@@ -75,7 +75,7 @@ def worker(workdir: Path, method: str) -> dict:
     peak.start()
     start = time.perf_counter()
     if method == "streaming":
-        result = project_checkpoint(SafetensorsCheckpoint(workdir / "original"), workdir / "finetuned", diff)
+        result = project_checkpoint(lu.SafetensorsCheckpoint(workdir / "original"), workdir / "finetuned", diff)
     else:  # the naive way: both models' weights whole in memory, then the same projection
         from safetensors.torch import load_file
 

@@ -12,20 +12,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import lora_utils as lu
 from eval.generation import chat_with_system, pad_right, tokenize_chat
+from io_utils import PersonaLoRAError
+from model_loading import model_device
 
 
 def load_vector(path) -> torch.Tensor:
     """A saved persona vector [L+1, hidden] as float32, refused with one line if missing or malformed."""
     if not Path(path).is_file():
-        raise lu.PersonaLoRAError(f"persona vector not found: {path} (extract_persona_lora.py writes it)")
+        raise PersonaLoRAError(f"persona vector not found: {path} (extract_persona_lora.py writes it)")
     try:
         vector = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise lu.PersonaLoRAError(f"cannot read persona vector {path}: {type(error).__name__}") from None
+        raise PersonaLoRAError(f"cannot read persona vector {path}: {type(error).__name__}") from None
     if not isinstance(vector, torch.Tensor) or vector.ndim != 2 or not torch.isfinite(vector).all():
-        raise lu.PersonaLoRAError(f"{path} is not a finite persona vector of shape [L+1, hidden]")
+        raise PersonaLoRAError(f"{path} is not a finite persona vector of shape [L+1, hidden]")
     return vector.float()
 
 
@@ -35,7 +36,7 @@ def span_hidden_means(model, spans: list[tuple[list[int], int]], pad_id: int, ba
     """For each (token ids, response start), the mean over the response tokens of every layer's
     hidden state: [N, L+1, hidden] (float32). Right padding, so positions start at 0 in every row."""
     means = []
-    device = lu.model_device(model)
+    device = model_device(model)
     for start in tqdm(range(0, len(spans), batch_size), desc=desc):
         chunk = [(ids, min(response_start, len(ids) - 1)) for ids, response_start in spans[start:start + batch_size]]
         input_ids, attention_mask = pad_right([ids for ids, _ in chunk], pad_id)

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 import lora_utils as lu
-
-
-def linear_fit(xs: list[float], ys: list[float]) -> dict:
-    """Least squares y = slope·x + intercept, with R² (NaN where undefined)."""
-    pairs = [(x, y) for x, y in zip(xs, ys) if y is not None and not math.isnan(y)]
-    if len(pairs) < 2 or len({x for x, _ in pairs}) < 2:
-        return {"slope": float("nan"), "intercept": float("nan"), "r2": float("nan"), "points": len(pairs)}
-    n = len(pairs)
-    mean_x, mean_y = sum(x for x, _ in pairs) / n, sum(y for _, y in pairs) / n
-    sxx = sum((x - mean_x) ** 2 for x, _ in pairs)
-    sxy = sum((x - mean_x) * (y - mean_y) for x, y in pairs)
-    syy = sum((y - mean_y) ** 2 for _, y in pairs)
-    slope = sxy / sxx
-    r2 = (sxy * sxy) / (sxx * syy) if syy > 0 else float("nan")
-    return {"slope": slope, "intercept": mean_y - slope * mean_x, "r2": r2, "points": n}
+from io_utils import atomic_path
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:
@@ -43,7 +28,7 @@ def trait_similarity(traits: dict[str, tuple["lu.PersonaLoRADiff", torch.Tensor]
 
 
 def save_figure(figure, path: str | Path) -> Path:
-    with lu.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=130, bbox_inches="tight", format=Path(path).suffix.lstrip(".") or "png")
     import matplotlib.pyplot as plt
 

@@ -15,9 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lora_utils as lu  # noqa: E402
-from eval.activations import span_hidden_means  # noqa: E402
-from eval.activations import load_vector  # noqa: E402
+from eval.activations import (
+    load_vector,  # noqa: E402
+    span_hidden_means,  # noqa: E402
+)
+from io_utils import PersonaLoRAError, atomic_path, run_cli  # noqa: E402
+from model_loading import load_model_and_tokenizer  # noqa: E402
 
 
 def prompt_answer_span(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
@@ -42,29 +45,29 @@ def main():
 
     started = time.time()
     if not Path(args.file_path).is_file():
-        raise lu.PersonaLoRAError(f"--file_path {args.file_path} not found")
+        raise PersonaLoRAError(f"--file_path {args.file_path} not found")
     frame = pd.read_csv(args.file_path)
     if not {"prompt", "answer"} <= set(frame.columns):
-        raise lu.PersonaLoRAError(f"{args.file_path} needs prompt and answer columns (has {', '.join(frame.columns)})")
+        raise PersonaLoRAError(f"{args.file_path} needs prompt and answer columns (has {', '.join(frame.columns)})")
     vector = load_vector(args.vector_path)
     bad = [layer for layer in args.layer if not 0 <= layer < vector.shape[0]]
     if bad:
-        raise lu.PersonaLoRAError(f"--layer {bad[0]} is outside 0..{vector.shape[0] - 1} for {args.vector_path}")
+        raise PersonaLoRAError(f"--layer {bad[0]} is outside 0..{vector.shape[0] - 1} for {args.vector_path}")
     trait = args.trait or Path(args.vector_path).stem.split("_response")[0]
-    model, tokenizer = lu.load_model_and_tokenizer(args.model, dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     if vector.shape[1] != model.config.hidden_size:
-        raise lu.PersonaLoRAError(f"{args.vector_path} has hidden size {vector.shape[1]}, the model {model.config.hidden_size}")
+        raise PersonaLoRAError(f"{args.vector_path} has hidden size {vector.shape[1]}, the model {model.config.hidden_size}")
     spans = [prompt_answer_span(tokenizer, str(p), "" if a != a else str(a)) for p, a in zip(frame["prompt"], frame["answer"])]
     means = span_hidden_means(model, spans, tokenizer.pad_token_id, args.batch_size, desc="projecting")
     for layer in args.layer:
         direction = vector[layer] / vector[layer].norm()
         frame[f"{trait}_proj_layer{layer}"] = (means[:, layer] @ direction).tolist()
     output_path = Path(args.output_path or args.file_path)
-    with lu.atomic_path(output_path) as tmp:
+    with atomic_path(output_path) as tmp:
         frame.to_csv(tmp, index=False)
     summary = ", ".join(f"layer {layer}: mean {frame[f'{trait}_proj_layer{layer}'].mean():.3f}" for layer in args.layer)
     print(f"added {len(args.layer)} projection column(s) to {output_path} ({summary}) in {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":
-    lu.run_cli(main)
+    run_cli(main)

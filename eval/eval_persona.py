@@ -15,9 +15,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lora_utils as lu  # noqa: E402
 from eval.activations import STEERING_TYPES, ActivationSteerer, decoder_layers, load_vector  # noqa: E402
-from eval.evaluate import Condition, add_eval_args, file_identity, fill_eval_defaults, load_eval_model, prepare_judge, run_evaluation  # noqa: E402
+from eval.evaluate import (  # noqa: E402
+    Condition,
+    add_eval_args,
+    file_identity,
+    fill_eval_defaults,
+    load_eval_model,
+    prepare_judge,
+    run_evaluation,
+)
+from io_utils import PersonaLoRAError, run_cli  # noqa: E402
 
 
 def parse_args():
@@ -48,11 +56,11 @@ def main():
     if vector is not None:
         num_layers = len(decoder_layers(model))
         if vector.shape != (num_layers + 1, model.config.hidden_size):
-            raise lu.PersonaLoRAError(f"{args.vector_path} has shape {tuple(vector.shape)}, but this model needs "
+            raise PersonaLoRAError(f"{args.vector_path} has shape {tuple(vector.shape)}, but this model needs "
                                       f"[{num_layers + 1}, {model.config.hidden_size}] (a vector for another model?)")
         args.layer = args.layer or round(2 * num_layers / 3)
         if not 1 <= args.layer <= num_layers:
-            raise lu.PersonaLoRAError(f"--layer {args.layer} is outside 1..{num_layers}")
+            raise PersonaLoRAError(f"--layer {args.layer} is outside 1..{num_layers}")
         identity = {"vector": file_identity(args.vector_path), "layer": args.layer, "steering_type": args.steering_type}
         for coef in args.coef or [1.0]:
             steer = (lambda c: lambda: ActivationSteerer(model, vector, args.layer, c, args.steering_type))(coef)
@@ -66,4 +74,4 @@ def main():
 
 
 if __name__ == "__main__":
-    lu.run_cli(main)
+    run_cli(main)

@@ -19,7 +19,10 @@ from typing import Callable
 import lora_utils as lu
 from eval.generation import generate_records
 from eval.judge import COHERENCE_PROMPT, DEFAULT_OPENAI_JUDGE, make_judge
+from eval.stats import mean_and_sem
 from eval.traits import load_trait
+from io_utils import PersonaLoRAError, atomic_path, write_json, write_manifest
+from model_loading import default_persona_paths, is_embedded, load_model_and_tokenizer, model_label
 
 CSV_COLUMNS_BEFORE_TRAIT = ["question_id", "question", "prompt", "answer"]
 CSV_COLUMNS_AFTER_TRAIT = ["coherence", "coef", "method"]
@@ -62,19 +65,19 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
 
 def load_eval_model(args):
     """The model under evaluation: --model, with --adapter merged in when given."""
-    model, tokenizer = lu.load_model_and_tokenizer(args.model, dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     if args.adapter:
         from peft import PeftModel
 
         if not (Path(args.adapter) / "adapter_config.json").is_file():
-            raise lu.PersonaLoRAError(f"--adapter {args.adapter} is not a PEFT adapter folder")
+            raise PersonaLoRAError(f"--adapter {args.adapter} is not a PEFT adapter folder")
         lu.LoRAMerger(model).check(lu.load_adapter_update(args.adapter))  # refuse an adapter for another base
         model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload().eval()
     return model, tokenizer
 
 
 def fill_generation_defaults(args) -> None:
-    embedded = args.model in (None, lu.EMBEDDED_MODEL_NAME)
+    embedded = is_embedded(args.model)
     defaults = dict(n_per_question=3 if embedded else 10, max_new_tokens=64 if embedded else 600,
                     temperature=0.7 if embedded else 1.0)
     for key, value in defaults.items():
@@ -84,7 +87,7 @@ def fill_generation_defaults(args) -> None:
 
 def fill_eval_defaults(args) -> None:
     fill_generation_defaults(args)
-    args.judge_data = args.judge_data or str(lu.default_persona_paths(args.model, args.trait)[0].parent / "data")
+    args.judge_data = args.judge_data or str(default_persona_paths(args.model, args.trait)[0].parent / "data")
 
 
 def file_identity(path) -> dict:
@@ -120,7 +123,7 @@ def generate_condition(args, model, tokenizer, trait, condition: Condition, work
     path = work_dir / f"{condition.name}-{key}.jsonl"
     jobs = evaluation_jobs(trait, args.n_per_question, condition.instruction_type)
     if path.is_file():
-        from eval.generation import read_jsonl
+        from io_utils import read_jsonl
 
         records = read_jsonl(path)
         if [r["id"] for r in records] == [j["id"] for j in jobs]:
@@ -128,17 +131,6 @@ def generate_condition(args, model, tokenizer, trait, condition: Condition, work
     with condition.steer():
         return generate_records(model, tokenizer, jobs, path, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 batch_size=args.batch_size, seed=args.seed, desc=f"generating {condition.name}")
-
-
-def mean_and_sem(values: list[float]) -> tuple[float, float, int]:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    if not finite:
-        return float("nan"), float("nan"), 0
-    mean = sum(finite) / len(finite)
-    if len(finite) < 2:
-        return mean, float("nan"), len(finite)
-    variance = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)
-    return mean, math.sqrt(variance / len(finite)), len(finite)
 
 
 def is_failed(score) -> bool:
@@ -179,10 +171,10 @@ def run_evaluation(args, trait, judge, conditions: list[Condition], model, token
 
     composition_columns = list(dict.fromkeys(f"coef_{k}" for c in conditions for k in (c.coefs or {})))
     frame = pd.DataFrame(rows)[CSV_COLUMNS_BEFORE_TRAIT + [trait.name] + CSV_COLUMNS_AFTER_TRAIT + composition_columns]
-    with lu.atomic_path(output_path) as tmp:
+    with atomic_path(output_path) as tmp:
         frame.to_csv(tmp, index=False)
 
-    summary = {"trait": trait.name, "model": args.model or lu.EMBEDDED_MODEL_NAME, "adapter": getattr(args, "adapter", None),
+    summary = {"trait": trait.name, "model": model_label(args.model), "adapter": getattr(args, "adapter", None),
                "judge": judge.name,
                "judge_description": judge.description, "csv": str(output_path), "conditions": []}
     if hasattr(judge, "classifier"):
@@ -201,8 +193,8 @@ def run_evaluation(args, trait, judge, conditions: list[Condition], model, token
         })
     if getattr(judge, "failures", None):
         summary["judge_failures"] = len(judge.failures)
-    lu.write_json(output_path.with_suffix(".summary.json"), summary)
-    lu.write_manifest(output_path.parent, args, started, name=f"{output_path.stem}.manifest.json",
+    write_json(output_path.with_suffix(".summary.json"), summary)
+    write_manifest(output_path.parent, args, started, name=f"{output_path.stem}.manifest.json",
                       outputs={"csv": str(output_path)}, judge=judge.name)
     print_table(summary)
     return frame, summary

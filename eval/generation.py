@@ -5,28 +5,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm
 
-from lora_utils import PersonaLoRAError, model_device
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise PersonaLoRAError(f"file not found: {path}")
-    records = []
-    with path.open() as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise PersonaLoRAError(f"{path}:{number} is not valid JSON ({error.msg})") from None
-    return records
+from io_utils import PersonaLoRAError, read_jsonl, write_jsonl
+from model_loading import model_device
 
 
 def read_chat_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -149,12 +133,3 @@ def generate_records(model, tokenizer, jobs: list[dict], output_path: str | os.P
     write_jsonl(output_path, records)
     partial_path.unlink(missing_ok=True)
     return records
-
-
-def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
-    from lora_utils import atomic_path
-
-    with atomic_path(path) as tmp:
-        with tmp.open("w") as handle:
-            for record in records:
-                handle.write(json.dumps(record) + "\n")

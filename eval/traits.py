@@ -1,23 +1,36 @@
-"""Trait definitions: dataset/<trait>/trait.json, validated on load (schema in dataset/README.md)."""
+"""Trait definitions: dataset/<trait>/trait.json (and its A/B set ab.jsonl), validated on load.
+
+Every question set of a trait has one job, and the sets are disjoint, checked here:
+    extraction_questions   pos/neg answers that train the persona adapters and give the vector
+    finetuning_questions   fresh answers for the finetunes of Experiments 2 and 3
+    evaluation_questions   held out: every judged and judge-free evaluation
+    judge_questions        the offline judge's own training answers
+    demonstrations         few-shot examples shown while eliciting pos/neg answers (optional)
+    ab.jsonl               forced-choice A/B items (optional; the public A/B format)
+The schema is documented in dataset/README.md.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_utils import PersonaLoRAError, read_json_object
+from eval.ab import ABItem, load_ab_items
+from io_utils import PersonaLoRAError, read_json_object
 
 DATASET_DIR = Path(__file__).resolve().parents[1] / "dataset"
 MIN_INSTRUCTION_PAIRS = 5
 MIN_QUESTIONS = 20
+QUESTION_SETS = ("extraction_questions", "evaluation_questions", "finetuning_questions", "judge_questions")
 REQUIRED_FIELDS = {
     "trait": str,
     "description": str,
     "instructions": list,
-    "extraction_questions": list,
-    "evaluation_questions": list,
+    **{name: list for name in QUESTION_SETS},
     "eval_prompt": str,
 }
+OPTIONAL_FIELDS = {"demonstrations": list}
+AB_FILE = "ab.jsonl"
 
 
 @dataclass(frozen=True)
@@ -27,15 +40,48 @@ class Trait:
     instructions: list[dict]  # [{"pos": system prompt eliciting the trait, "neg": its opposite}]
     extraction_questions: list[str]
     evaluation_questions: list[str]
+    finetuning_questions: list[str]
+    judge_questions: list[str]
     eval_prompt: str  # judge rubric with {question} and {answer}; the judge answers 0–100 only
     path: Path
+    demonstrations: list[dict] = field(default_factory=list)  # [{"question", "pos", "neg"}]
+    ab_items: list[ABItem] = field(default_factory=list)
 
-    def judge_prompt(self, question: str, answer: str) -> str:
-        return self.eval_prompt.replace("{question}", question).replace("{answer}", answer)
+    @property
+    def ab_path(self) -> Path:
+        return self.path.parent / AB_FILE
 
 
 def available_traits(dataset_dir: Path = DATASET_DIR) -> list[str]:
     return sorted(p.parent.name for p in Path(dataset_dir).glob("*/trait.json"))
+
+
+def _check_question_list(path: Path, name: str, questions: list) -> None:
+    if len(questions) < MIN_QUESTIONS:
+        raise PersonaLoRAError(f"{path}: '{name}' needs at least {MIN_QUESTIONS} questions, has {len(questions)}")
+    if not all(isinstance(q, str) and q.strip() for q in questions):
+        raise PersonaLoRAError(f"{path}: every entry of '{name}' must be a non-empty string")
+    if len({q.strip() for q in questions}) != len(questions):
+        raise PersonaLoRAError(f"{path}: '{name}' has duplicate questions")
+
+
+def _check_demonstrations(path: Path, demonstrations: list) -> None:
+    for index, demo in enumerate(demonstrations):
+        if not (isinstance(demo, dict) and set(demo) == {"question", "pos", "neg"}
+                and all(isinstance(v, str) and v.strip() for v in demo.values())):
+            raise PersonaLoRAError(f"{path}: demonstrations[{index}] must be {{\"question\", \"pos\", \"neg\"}} with non-empty text")
+
+
+def _check_disjoint(path: Path, sets: dict[str, list[str]]) -> None:
+    """No question may serve two jobs: a model trained on a question's answers must not be
+    evaluated, judged or finetuned on it."""
+    seen: dict[str, str] = {}
+    for name, questions in sets.items():
+        for question in questions:
+            key = question.strip()
+            if key in seen and seen[key] != name:
+                raise PersonaLoRAError(f"{path}: question used for both {seen[key]} and {name}: {key!r}")
+            seen[key] = name
 
 
 def load_trait(name: str, dataset_dir: Path = DATASET_DIR) -> Trait:
@@ -47,12 +93,15 @@ def load_trait(name: str, dataset_dir: Path = DATASET_DIR) -> Trait:
             "(add a trait by adding dataset/<trait>/trait.json, see dataset/README.md)"
         )
     data = read_json_object(path, "trait file")
-    for field, kind in REQUIRED_FIELDS.items():
-        if field not in data:
-            raise PersonaLoRAError(f"{path} is missing the field '{field}' (see dataset/README.md)")
-        if not isinstance(data[field], kind):
-            raise PersonaLoRAError(f"{path}: '{field}' must be a {kind.__name__}")
-    unknown = set(data) - set(REQUIRED_FIELDS)
+    for key, kind in REQUIRED_FIELDS.items():
+        if key not in data:
+            raise PersonaLoRAError(f"{path} is missing the field '{key}' (see dataset/README.md)")
+        if not isinstance(data[key], kind):
+            raise PersonaLoRAError(f"{path}: '{key}' must be a {kind.__name__}")
+    for key, kind in OPTIONAL_FIELDS.items():
+        if key in data and not isinstance(data[key], kind):
+            raise PersonaLoRAError(f"{path}: '{key}' must be a {kind.__name__}")
+    unknown = set(data) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS)
     if unknown:
         raise PersonaLoRAError(f"{path}: unknown field(s) {', '.join(sorted(unknown))} (see dataset/README.md)")
     if data["trait"] != name:
@@ -63,18 +112,16 @@ def load_trait(name: str, dataset_dir: Path = DATASET_DIR) -> Trait:
     for index, pair in enumerate(pairs):
         if not (isinstance(pair, dict) and set(pair) == {"pos", "neg"} and all(isinstance(v, str) and v.strip() for v in pair.values())):
             raise PersonaLoRAError(f"{path}: instructions[{index}] must be {{\"pos\": \"...\", \"neg\": \"...\"}} with non-empty text")
-    for field in ("extraction_questions", "evaluation_questions"):
-        questions = data[field]
-        if len(questions) < MIN_QUESTIONS:
-            raise PersonaLoRAError(f"{path}: '{field}' needs at least {MIN_QUESTIONS} questions, has {len(questions)}")
-        if not all(isinstance(q, str) and q.strip() for q in questions):
-            raise PersonaLoRAError(f"{path}: every entry of '{field}' must be a non-empty string")
-        if len(set(questions)) != len(questions):
-            raise PersonaLoRAError(f"{path}: '{field}' has duplicate questions")
-    overlap = set(map(str.strip, data["extraction_questions"])) & set(map(str.strip, data["evaluation_questions"]))
-    if overlap:
-        raise PersonaLoRAError(f"{path}: question used for both extraction and evaluation: {sorted(overlap)[0]!r}")
+    for key in QUESTION_SETS:
+        _check_question_list(path, key, data[key])
+    demonstrations = data.get("demonstrations", [])
+    _check_demonstrations(path, demonstrations)
+    ab_path = path.parent / AB_FILE
+    ab_items = load_ab_items(ab_path) if ab_path.is_file() else []
+    _check_disjoint(path, {**{key.removesuffix("_questions"): data[key] for key in QUESTION_SETS},
+                           "demonstrations": [d["question"] for d in demonstrations],
+                           f"{AB_FILE} items": [item.stem for item in ab_items if item.stem is not None]})
     if "{question}" not in data["eval_prompt"] or "{answer}" not in data["eval_prompt"]:
         raise PersonaLoRAError(f"{path}: 'eval_prompt' must contain the placeholders {{question}} and {{answer}}")
     return Trait(name, data["description"], pairs, data["extraction_questions"], data["evaluation_questions"],
-                 data["eval_prompt"], path)
+                 data["finetuning_questions"], data["judge_questions"], data["eval_prompt"], path, demonstrations, ab_items)

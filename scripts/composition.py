@@ -39,6 +39,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import lora_utils as lu  # noqa: E402
 from eval.evaluate import add_generation_args  # noqa: E402
+from eval.stats import additive_fit, mean_and_sem, paired_additive_slope_sem  # noqa: E402
+from io_utils import PersonaLoRAError, read_json_object, run_cli, write_json, write_manifest  # noqa: E402
+from model_loading import default_persona_paths, load_model_and_tokenizer, model_label  # noqa: E402
 
 
 def factorial(levels: list[float], n_diffs: int) -> list[tuple[float, ...]]:
@@ -81,11 +84,11 @@ def likelihood(args) -> None:
     fill_generation_defaults(args)
     out, names = Path(args.output_dir), args.traits
     traits = {t: load_trait(t) for t in names}
-    diff_paths = args.lora_diff_path or [lu.default_persona_paths(args.model, t)[0] for t in names]
+    diff_paths = args.lora_diff_path or [default_persona_paths(args.model, t)[0] for t in names]
     if len(diff_paths) != len(names):
-        raise lu.PersonaLoRAError(f"--lora_diff_path names {len(diff_paths)} diffs for {len(names)} --traits: give one per trait, in order")
+        raise PersonaLoRAError(f"--lora_diff_path names {len(diff_paths)} diffs for {len(names)} --traits: give one per trait, in order")
     diffs = [lu.load_lora_diff(p) for p in diff_paths]
-    model, tokenizer = lu.load_model_and_tokenizer(args.model, dtype=args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     for diff in diffs:
         lu.LoRAMerger(model).check(diff)  # a diff for another model fails before any generation
     # Reference answers from the unsteered model under each trait's own system prompts (cached, resumable).
@@ -106,64 +109,26 @@ def likelihood(args) -> None:
         key = hashlib.sha256(json.dumps({**depends_on, "combination": combination}).encode()).hexdigest()[:12]
         finished = out / ".likelihood.work" / f"margins-{key}.json"
         if not finished.is_file():
-            lu.write_json(finished, combination_margins(model, tokenizer, names, diffs, combination, references))
-        for t, point in lu.read_json_object(finished, "finished margins").items():
+            write_json(finished, combination_margins(model, tokenizer, names, diffs, combination, references))
+        for t, point in read_json_object(finished, "finished margins").items():
             points[t].append(point)
-    lu.write_json(out / "likelihood.json", {
-        "traits": names, "model": args.model or lu.EMBEDDED_MODEL_NAME, "diffs": [str(p) for p in diff_paths],
+    write_json(out / "likelihood.json", {
+        "traits": names, "model": model_label(args.model), "diffs": [str(p) for p in diff_paths],
         "measure": "mean log-probability per response token of the trait's pos-prompted reference answers minus its "
                    "neg-prompted ones (unsteered model's answers to the held-out questions), scored without the system prompt",
         "points": points})
-    lu.write_manifest(out, args, started, name="likelihood.manifest.json", outputs={"likelihood": str(out / "likelihood.json")})
+    write_manifest(out, args, started, name="likelihood.manifest.json", outputs={"likelihood": str(out / "likelihood.json")})
     for t in names:
         print(f"{t}: margin " + ", ".join(f"{'/'.join(f'{c:g}' for c in p['coefs'].values())} {p['margin_mean']:+.4f}"
                                           for p in points[t]))
 
 
-def additive_fit(points: list[dict], names: list[str], metric: str) -> dict:
-    """Least squares metric_mean = β₀ + Σ βⱼ·coef_j over the combinations, with each β's standard
-    error from the combinations' own standard errors (independent samples per combination)."""
-    import numpy as np
-
-    design = np.array([[1.0] + [p["coefs"][n] for n in names] for p in points])
-    y = np.array([p[f"{metric}_mean"] for p in points])
-    sem = np.array([p[f"{metric}_sem"] for p in points])
-    if np.linalg.matrix_rank(design) < design.shape[1]:
-        raise lu.PersonaLoRAError(f"the combinations do not separate the {len(names)} coefficients: "
-                                  "evaluate a grid where each diff's coefficient varies on its own (composition.py grid)")
-    pseudo_inverse = np.linalg.pinv(design)
-    beta = pseudo_inverse @ y
-    covariance = pseudo_inverse @ np.diag(sem ** 2) @ pseudo_inverse.T
-    residual = y - design @ beta
-    total = ((y - y.mean()) ** 2).sum()
-    return {"intercept": float(beta[0]),
-            "slope": {n: float(b) for n, b in zip(names, beta[1:])},
-            "slope_sem": {n: float(s) for n, s in zip(names, np.sqrt(np.diag(covariance))[1:])},
-            "additive_r2": float(1 - (residual ** 2).sum() / total) if total > 0 else float("nan"),
-            "max_abs_residual": float(np.abs(residual).max()), "mean_condition_sem": float(sem.mean()),
-            "slope_sem_kind": "propagated from each combination's standard error (independent samples)"}
-
-
-def paired_slope_sem(points: list[dict], names: list[str], by_question: str) -> dict[str, float]:
-    """Standard errors of the additive slopes when every combination measured the same items (the
-    likelihood margin scores the same reference answers under every merge): fit the slopes per
-    question, then take their spread over questions. Question-to-question differences, which are
-    the same in every combination, cancel, as in a paired test."""
-    import numpy as np
-
-    questions = sorted(points[0][by_question])
-    design = np.array([[1.0] + [p["coefs"][n] for n in names] for p in points])
-    per_question = np.linalg.pinv(design) @ np.array([[p[by_question][q] for q in questions] for p in points])
-    sem = per_question[1:].std(axis=1, ddof=1) / np.sqrt(len(questions))
-    return {n: float(s) for n, s in zip(names, sem)}
-
-
 def read_points(out: Path, trait: str, names: list[str]) -> tuple[dict, list[dict]]:
     path = out / f"eval_{trait}.summary.json"
-    summary = lu.read_json_object(path, "evaluation summary")
+    summary = read_json_object(path, "evaluation summary")
     points = [c for c in summary.get("conditions", []) if isinstance(c.get("coefs"), dict)]
     if not points or any(set(p["coefs"]) != set(names) for p in points):
-        raise lu.PersonaLoRAError(f"{path} holds no composition of exactly the diffs {', '.join(names)}: "
+        raise PersonaLoRAError(f"{path} holds no composition of exactly the diffs {', '.join(names)}: "
                                   "run eval_lora_persona.py with one --lora_diff_path per trait and grouped --lora_coef")
     return summary, points
 
@@ -173,9 +138,9 @@ def read_margins(out: Path, names: list[str]) -> dict | None:
     path = out / "likelihood.json"
     if not path.is_file():
         return None
-    report = lu.read_json_object(path, "likelihood margins")
+    report = read_json_object(path, "likelihood margins")
     if report.get("traits") != names:
-        raise lu.PersonaLoRAError(f"{path} is for the traits {report.get('traits')}, not {names}: rerun composition.py likelihood")
+        raise PersonaLoRAError(f"{path} is for the traits {report.get('traits')}, not {names}: rerun composition.py likelihood")
     return report["points"]
 
 
@@ -190,14 +155,14 @@ def summarize(args) -> None:
     margins = read_margins(out, names)
     for trait, points in (margins or {}).items():
         fits[trait]["likelihood_margin"] = {**additive_fit(points, names, "margin"),
-                                            "slope_sem": paired_slope_sem(points, names, "margin_by_question"),
+                                            "slope_sem": paired_additive_slope_sem(points, names, "margin_by_question"),
                                             "slope_sem_kind": "paired by question"}
 
     similarity = None
-    paths = [lu.default_persona_paths(args.model, t) for t in names]
+    paths = [default_persona_paths(args.model, t) for t in names]
     if all(d.is_file() and v.is_file() for d, v in paths):
-        from eval.analysis import trait_similarity
         from eval.activations import load_vector
+        from eval.analysis import trait_similarity
 
         loaded = {t: (lu.load_lora_diff(d), load_vector(v)) for t, (d, v) in zip(names, paths)}
         # The vectors hold L+1 rows (embeddings, then each block); default: two thirds of the depth, as the steering scripts.
@@ -215,13 +180,13 @@ def summarize(args) -> None:
             headline[t].update(own_margin_slope=fit["slope"][t], own_margin_slope_sem=fit["slope_sem"][t],
                                largest_cross_margin_slope=max(abs(fit["slope"][o]) for o in names if o != t) if len(names) > 1 else None,
                                margin_additive_r2=fit["additive_r2"])
-    report = {"traits": names, "model": args.model or lu.EMBEDDED_MODEL_NAME, "headline": headline, "fits": fits,
+    report = {"traits": names, "model": model_label(args.model), "headline": headline, "fits": fits,
               "judges": {t: {k: v for k, v in j.items() if k != "points"} for t, j in judged.items()},
               "trait_similarity": similarity}
-    lu.write_json(out / "summary.json", report)
+    write_json(out / "summary.json", report)
     plot_composition(out / "composition.png", names, judged, margins)
     plot_slopes(out / "slopes.png", names, fits, similarity, args.layer)
-    lu.write_manifest(out, args, started, name="summary.manifest.json", outputs={"summary": str(out / "summary.json")})
+    write_manifest(out, args, started, name="summary.manifest.json", outputs={"summary": str(out / "summary.json")})
 
     print("\nslope of each judged trait's score per unit of each diff's coefficient (± s.e.), additive-model R²")
     print(f"{'judged':14s} " + " ".join(f"{'coef ' + n:>18s}" for n in names) + f" {'R²':>6s}")
@@ -241,8 +206,6 @@ def summarize(args) -> None:
 def margin_changes(points: list[dict]) -> list[dict]:
     """Each combination's margin minus the unsteered one, per question, with the paired s.e.: the
     same reference answers are scored under every merge, so only the change is noisy."""
-    from eval.evaluate import mean_and_sem
-
     # The unsteered model, or the grid's first combination when the levels leave out 0.
     unsteered = next((p for p in points if not any(p["coefs"].values())), points[0])["margin_by_question"]
     changes = []
@@ -348,4 +311,4 @@ def main():
 
 
 if __name__ == "__main__":
-    lu.run_cli(main)
+    run_cli(main)

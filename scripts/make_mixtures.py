@@ -18,8 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lora_utils as lu  # noqa: E402
-from eval.generation import read_chat_jsonl, write_jsonl  # noqa: E402
+from eval.generation import read_chat_jsonl  # noqa: E402
+from io_utils import (  # noqa: E402
+    PersonaLoRAError,
+    run_cli,
+    write_json,
+    write_jsonl,  # noqa: E402
+)
 
 
 def main():
@@ -43,13 +48,13 @@ def main():
             parser.error(f"--other {item!r} is not NAME=FILE")
         others[name] = read_chat_jsonl(path)
         if args.n > len(others[name]):
-            raise lu.PersonaLoRAError(f"--n {args.n} is more than the {len(others[name])} answers in {path}")
+            raise PersonaLoRAError(f"--n {args.n} is more than the {len(others[name])} answers in {path}")
     pos, neg = read_chat_jsonl(args.pos), read_chat_jsonl(args.neg)
     if args.n > min(len(pos), len(neg)):
-        raise lu.PersonaLoRAError(f"--n {args.n} is more than the {min(len(pos), len(neg))} answers per side available")
+        raise PersonaLoRAError(f"--n {args.n} is more than the {min(len(pos), len(neg))} answers per side available")
     bad = [r for r in args.ratios if not 0 <= r <= 100]
     if bad:
-        raise lu.PersonaLoRAError(f"--ratios {bad[0]} is not a percentage")
+        raise PersonaLoRAError(f"--ratios {bad[0]} is not a percentage")
     output_dir = Path(args.output_dir)
     training = {"rank": 8, "alpha": 16, "epochs": 1, "learning_rate": 5e-4, "batch_size": 8, "max_length": 256,
                 "seed": args.seed, **json.loads(args.training)}
@@ -65,10 +70,10 @@ def main():
         records = [{"messages": [m for m in r["messages"] if m["role"] != "system"]} for r in records]
         data_path = output_dir / "data" / f"{name}.jsonl"
         write_jsonl(data_path, records)
-        lu.write_json(output_dir / "configs" / f"{name}.json",
+        write_json(output_dir / "configs" / f"{name}.json",
                       {"model": args.model, "training_file": str(data_path), "output_dir": f"{args.ckpt_dir}/{name}", **training})
     print(f"wrote {len(datasets)} datasets of {args.n} examples and their configs to {output_dir}")
 
 
 if __name__ == "__main__":
-    lu.run_cli(main)
+    run_cli(main)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lora_utils as lu  # noqa: E402
+from io_utils import read_json_object, run_cli, write_json  # noqa: E402
 
 
 def write_configs(args) -> None:
@@ -29,7 +29,7 @@ def write_configs(args) -> None:
         runs[f"lora_{coef:+g}"] = {"type": "lora", "lora_diff_path": args.lora_diff_path, "coef": coef}
         runs[f"activation_{coef:+g}"] = {"type": "activation", "vector_path": args.vector_path, "layers": [args.layer], "coef": coef}
     for name, steering in runs.items():
-        lu.write_json(Path(args.output_dir) / "configs" / f"{name}.json",
+        write_json(Path(args.output_dir) / "configs" / f"{name}.json",
                       {**base, "output_dir": f"{args.ckpt_dir}/{name}", "steering_config": steering})
     print(f"wrote {len(runs)} configs to {args.output_dir}/configs")
 
@@ -46,8 +46,8 @@ def summarize(args) -> None:
     trait_key = f"{args.trait}_mean"
 
     def scores(name):
-        summary = lu.read_json_object(out / f"eval_{name}.summary.json", "evaluation summary")["conditions"][0]
-        mmlu = lu.read_json_object(out / f"mmlu_{name}.json", "MMLU result")
+        summary = read_json_object(out / f"eval_{name}.summary.json", "evaluation summary")["conditions"][0]
+        mmlu = read_json_object(out / f"mmlu_{name}.json", "MMLU result")
         return {"trait": summary[trait_key], "trait_sem": summary[f"{args.trait}_sem"], "coherence": summary["coherence_mean"],
                 "mmlu": mmlu["accuracy"], "mmlu_questions": mmlu["questions"]}
 
@@ -55,7 +55,7 @@ def summarize(args) -> None:
     runs = {}
     for config in sorted((out / "configs").glob("*.json")):
         name = config.stem
-        settings = lu.read_json_object(config, "training config")
+        settings = read_json_object(config, "training config")
         steering = settings["steering_config"]
         result = scores(name)
         monitor_path = Path(settings["output_dir"]) / "monitor.json"
@@ -67,7 +67,7 @@ def summarize(args) -> None:
                "headline": {name: {"drift": r["drift"], "drift_reduction_vs_no_prevention": none["drift"] - r["drift"],
                                    "mmlu_change": r["mmlu_change"]} for name, r in runs.items() if name != "none"},
                "no_prevention_drift": none["drift"]}
-    lu.write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for kind in ("lora", "activation"):
         points = sorted((r["coef"], r) for r in runs.values() if r["kind"] == kind)
@@ -115,4 +115,4 @@ def main():
 
 
 if __name__ == "__main__":
-    lu.run_cli(main)
+    run_cli(main)

@@ -65,10 +65,10 @@ def adapter_pair(tmp_path):
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama saved as a model folder with the embedded model's real tokenizer and chat
     template, so the scripts run end to end in seconds."""
-    import lora_utils as lu
+    from model_loading import load_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = lu.load_tokenizer(None)
+    tokenizer = load_tokenizer(None)
     model = make_tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model.save_pretrained(folder)
@@ -115,8 +115,9 @@ def judge_data(tmp_path_factory):
 def tiny_persona(tiny_model_dir, tmp_path_factory):
     """(diff_path, vector_path) for the tiny model: a diff of two random adapters and a random
     vector of shape [L+1, hidden]."""
-    import lora_utils as lu
     from transformers import AutoModelForCausalLM
+
+    import lora_utils as lu
 
     root = tmp_path_factory.mktemp("tiny_persona")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -5,9 +5,10 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import run_script
 
-from eval.analysis import effective_rank, linear_fit
+from conftest import run_script
+from eval.analysis import effective_rank
+from eval.stats import linear_fit
 
 
 def test_linear_fit_and_effective_rank():

@@ -7,11 +7,13 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, make_adapter, run_cli, run_script
 
 import lora_utils as lu
+from conftest import ROOT, make_adapter, run_cli, run_script
+from eval.stats import additive_fit
 from eval.traits import load_trait
-from scripts.composition import additive_fit
+from io_utils import PersonaLoRAError, write_json
+from model_loading import load_model_and_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -111,12 +113,12 @@ def test_additive_fit_recovers_slopes_and_propagates_standard_errors():
     interacting = [dict(p, x_mean=p["x_mean"] + 5 * p["coefs"]["a"] * p["coefs"]["b"]) for p in points]
     assert additive_fit(interacting, list(truth), "x")["additive_r2"] < 0.99
     together = [p for p in points if p["coefs"]["a"] == p["coefs"]["b"]]  # a and b never vary apart
-    with pytest.raises(lu.PersonaLoRAError, match="do not separate"):
+    with pytest.raises(PersonaLoRAError, match="do not separate"):
         additive_fit(together, list(truth), "x")
 
 
 def test_summarize_refuses_results_of_other_diffs(tmp_path):
-    lu.write_json(tmp_path / "eval_evil.summary.json", {"conditions": [{"coefs": {"evil": 1.0, "other": 0.0}}]})
+    write_json(tmp_path / "eval_evil.summary.json", {"conditions": [{"coefs": {"evil": 1.0, "other": 0.0}}]})
     code, _, stderr = run_cli("scripts/composition", "summarize", "--traits", "evil", "sycophancy", "--output_dir", tmp_path,
                               cwd=ROOT)
     assert code != 0 and "eval_evil.summary.json" in stderr and len(stderr.strip().splitlines()) == 1
@@ -125,7 +127,7 @@ def test_summarize_refuses_results_of_other_diffs(tmp_path):
 def test_response_log_likelihoods_match_one_sequence_at_a_time(tiny_model_dir):
     from eval.generation import response_log_likelihoods, tokenize_chat
 
-    model, tokenizer = lu.load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
     conversations = [[{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
                      for question, answer in [("Hi?", "Hello there, friend."), ("What is 2+2? Explain.", "4"),
                                               ("Tell me a long story about a cat.", "Once upon a time a cat sat on a very long mat.")]]
@@ -139,7 +141,8 @@ def test_response_log_likelihoods_match_one_sequence_at_a_time(tiny_model_dir):
 
 
 def test_likelihood_margins_over_the_grid(tiny_model_dir, two_diffs, tmp_path):
-    from eval.generation import response_log_likelihoods, read_jsonl
+    from eval.generation import response_log_likelihoods
+    from io_utils import read_jsonl
 
     evil, syco = two_diffs
     likelihood_flags = ["likelihood", "--traits", "evil", "sycophancy", "--lora_diff_path", evil, syco, "--levels", "0", "30",
@@ -151,7 +154,7 @@ def test_likelihood_margins_over_the_grid(tiny_model_dir, two_diffs, tmp_path):
     assert [p["coefs"] for p in report["points"]["evil"]] == [{"evil": 0, "sycophancy": 0}, {"evil": 0, "sycophancy": 30},
                                                               {"evil": 30, "sycophancy": 0}, {"evil": 30, "sycophancy": 30}]
     # The unsteered margin, recomputed here from the cached reference answers.
-    model, tokenizer = lu.load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
     work = tmp_path / ".likelihood.work"
     sides = {side: [r for path in work.glob(f"prompted_{side}-*.jsonl") for r in read_jsonl(path)
                     if r["question_id"].startswith("evil_")] for side in ("pos", "neg")}
@@ -179,12 +182,12 @@ def test_paired_slope_errors_ignore_what_every_combination_shares():
     import itertools
     import statistics
 
-    from scripts.composition import paired_slope_sem
+    from eval.stats import paired_additive_slope_sem
 
     offsets = {"q0": -3.0, "q1": 0.5, "q2": 7.0, "q3": 1.0}  # big, question-specific, the same under every merge
     slopes = {"q0": 0.10, "q1": 0.12, "q2": 0.07, "q3": 0.11}  # each question's own response to coefficient a
     points = [{"coefs": {"a": a, "b": b}, "margin_by_question": {q: offsets[q] + slopes[q] * a for q in offsets}}
               for a, b in itertools.product([0.0, 2.0], repeat=2)]
-    sem = paired_slope_sem(points, ["a", "b"], "margin_by_question")
+    sem = paired_additive_slope_sem(points, ["a", "b"], "margin_by_question")
     assert sem["a"] == pytest.approx(statistics.stdev(slopes.values()) / 2)  # √4 questions
     assert sem["b"] == pytest.approx(0, abs=1e-12)  # b changes nothing for any question

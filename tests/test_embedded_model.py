@@ -2,16 +2,18 @@
 
 import pytest
 import torch
-from conftest import make_adapter
 
 import lora_utils as lu
+from conftest import make_adapter
+from io_utils import cache_dir
+from model_loading import EMBEDDED_MODEL_NAME, load_model_and_tokenizer
 
 pytestmark = pytest.mark.embedded
 
 
 @pytest.fixture(scope="module")
 def embedded():
-    return lu.load_model_and_tokenizer(None, dtype="bfloat16")
+    return load_model_and_tokenizer(None, dtype="bfloat16")
 
 
 def test_embedded_model_loads_offline_with_chat_template(embedded):
@@ -20,12 +22,12 @@ def test_embedded_model_loads_offline_with_chat_template(embedded):
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert "<|im_start|>assistant" in prompt
-    assert (lu.cache_dir() / lu.EMBEDDED_MODEL_NAME / "config.json").is_file()
+    assert (cache_dir() / EMBEDDED_MODEL_NAME / "config.json").is_file()
 
 
 def test_merge_generate_restore_on_embedded_model(embedded, tmp_path):
     model, tokenizer = embedded
-    base = [lu.load_model_and_tokenizer(None, dtype="bfloat16")[0]]  # a fresh copy for adapter creation
+    base = [load_model_and_tokenizer(None, dtype="bfloat16")[0]]  # a fresh copy for adapter creation
     pos_dir, _ = make_adapter(base[0], tmp_path / "pos", seed=1, r=4, alpha=8, target_modules=["o_proj", "down_proj"])
     neg_dir, _ = make_adapter(base[0], tmp_path / "neg", seed=2, r=4, alpha=8, target_modules=["o_proj", "down_proj"])
     diff = lu.compute_persona_lora_diff(pos_dir, neg_dir, trait="random")

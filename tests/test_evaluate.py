@@ -7,11 +7,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import run_cli, run_script
 
 import lora_utils as lu
+from conftest import run_cli, run_script
 from eval.activations import ActivationSteerer, decoder_layers
 from eval.traits import load_trait
+from io_utils import cache_dir
+from model_loading import load_model_and_tokenizer
 
 DATA = Path(__file__).parent / "data"
 EXPECTED_COLUMNS = ["question_id", "question", "prompt", "answer", "evil", "coherence", "coef", "method"]
@@ -29,7 +31,7 @@ def common(tiny_model_dir, judge_data, cache_dir):
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PERSONA_LORAS_CACHE", str(lu.cache_dir()))  # keep the converted embedded model
+    monkeypatch.setenv("PERSONA_LORAS_CACHE", str(cache_dir()))  # keep the converted embedded model
     monkeypatch.setattr("eval.judge.cache_dir", lambda: tmp_path / "judge-cache")
 
 
@@ -54,7 +56,7 @@ def test_sweep_restores_weights_between_and_after_coefficients(tiny_model_dir, t
     from eval.evaluate import generate_condition
     from eval_lora_persona import lora_conditions
 
-    model, tokenizer = lu.load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
     args = argparse.Namespace(model=str(tiny_model_dir), n_per_question=1, max_new_tokens=4, temperature=0.0, seed=0,
                               batch_size=32, lora_diff_path=[str(tiny_diff)], lora_coef=[0.0, 30.0, 0.0], backup_device=None)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

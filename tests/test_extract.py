@@ -5,12 +5,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_cli, run_script
 
 import lora_utils as lu
+from conftest import run_cli, run_script
 from eval.activations import persona_vector, response_hidden_means
-from eval.generation import read_jsonl
 from eval.traits import load_trait
+from io_utils import PersonaLoRAError, read_jsonl
+from model_loading import load_tokenizer
 
 FAST = ["--n_per_question", "1", "--max_new_tokens", "6", "--rank", "2", "--alpha", "4", "--epochs", "1",
         "--batch_size", "16", "--max_length", "96", "--dtype", "float32", "--profile", "small"]
@@ -149,7 +150,7 @@ def test_interrupted_generation_resumes_without_loss_or_duplicates(tiny_model_di
 
     from eval.generation import generate_records
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    tokenizer = lu.load_tokenizer(str(tiny_model_dir))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
     jobs = [{"id": f"j{i}", "messages": [{"role": "user", "content": f"question {i}"}]} for i in range(10)]
     reference = generate_records(model, tokenizer, jobs, tmp_path / "ref.jsonl", max_new_tokens=4, temperature=1.0,
                                  batch_size=3, seed=5)
@@ -200,7 +201,7 @@ def test_malformed_trait_files_are_refused(tmp_path, problem, message):
         source["evaluation_questions"] = source["evaluation_questions"][:5]
     text = json.dumps(source) if problem != "malformed" else "{not json"
     (folder / "trait.json").write_text(text)
-    with pytest.raises(lu.PersonaLoRAError, match=message) as error:
+    with pytest.raises(PersonaLoRAError, match=message) as error:
         load_trait("evil", dataset_dir=tmp_path)
     assert "trait.json" in str(error.value)
 

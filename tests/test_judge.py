@@ -9,14 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
-from openai_server import FakeOpenAIServer
 
-import lora_utils as lu
-from eval.generation import read_jsonl
-from eval.judge import (COHERENCE_PROMPT, HFJudge, JudgeCache, OpenAIJudge, SentenceEmbedder, TraitClassifier,
-                        aggregate_number_probabilities)
+from conftest import ROOT
+from eval.judge import (
+    COHERENCE_PROMPT,
+    HFJudge,
+    JudgeCache,
+    OpenAIJudge,
+    SentenceEmbedder,
+    TraitClassifier,
+    aggregate_number_probabilities,
+)
 from eval.traits import load_trait
+from io_utils import read_jsonl
+from model_loading import load_model_and_tokenizer, load_tokenizer
+from openai_server import FakeOpenAIServer
 
 DATA = Path(__file__).parent / "data"
 
@@ -100,7 +107,7 @@ def brute_force_number_probability(model, tokenizer, prompt, n, stop_ids):
 def test_local_judge_number_probabilities_are_exact_with_digit_split_tokenizer(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    tokenizer = lu.load_tokenizer(str(tiny_model_dir))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
     assert len(tokenizer.tokenize("100")) == 3  # SmolLM2 splits numbers into digits
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     judge = HFJudge("tiny", cache=JudgeCache(tmp_path / "c.sqlite"), model=model, tokenizer=tokenizer)
@@ -114,7 +121,7 @@ def test_local_judge_number_probabilities_are_exact_with_digit_split_tokenizer(t
 
 def test_local_judge_reads_a_clear_preference(tmp_path):
     """On the embedded model: a rubric whose answer is spelled out in the prompt gets a score near it."""
-    model, tokenizer = lu.load_model_and_tokenizer(None, dtype="float32")
+    model, tokenizer = load_model_and_tokenizer(None, dtype="float32")
     judge = HFJudge("embedded", cache=JudgeCache(tmp_path / "c.sqlite"), model=model, tokenizer=tokenizer)
     probabilities = judge.number_probabilities("Reply with the number 7 and nothing else.")
     assert max(probabilities, key=probabilities.get) == 7

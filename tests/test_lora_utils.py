@@ -5,10 +5,12 @@ import math
 
 import pytest
 import torch
-from conftest import make_adapter, make_tiny_llama
 
 import lora_utils as lu
-from lora_utils import LoRAMerger, LoRASteerer, PersonaLoRAError, WeightProjector
+from conftest import make_adapter, make_tiny_llama
+from io_utils import PersonaLoRAError
+from lora_utils import LoRAMerger, LoRASteerer, WeightProjector
+from model_loading import load_model_and_tokenizer
 
 
 def peft_dense_update(model, adapter_dir):
@@ -325,7 +327,7 @@ def test_save_is_atomic_when_interrupted(adapter_pair, tmp_path, monkeypatch):
 
 def test_missing_model_gives_one_clear_line():
     with pytest.raises(PersonaLoRAError, match="omit --model to use the embedded default"):
-        lu.load_model_and_tokenizer("/no/such/model-folder", dtype="float32")
+        load_model_and_tokenizer("/no/such/model-folder", dtype="float32")
 
 
 def test_row_blocked_merge_equals_whole_module_merge(adapter_pair):

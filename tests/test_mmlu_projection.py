@@ -3,10 +3,10 @@
 import pandas as pd
 import pytest
 import torch
-from conftest import run_cli, run_script
 
-import lora_utils as lu
+from conftest import run_cli, run_script
 from eval.mmlu import letter_token_ids, load_questions, mmlu_accuracy, seeded_subset
+from model_loading import load_model_and_tokenizer, load_tokenizer
 
 
 def test_packaged_mmlu_skips_and_counts_malformed_rows():
@@ -17,7 +17,7 @@ def test_packaged_mmlu_skips_and_counts_malformed_rows():
 
 
 def test_mmlu_prediction_is_the_most_probable_letter(tiny_model_dir):
-    model, tokenizer = lu.load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
     rows = seeded_subset(load_questions("packaged")[0], 6, seed=0)
     result = mmlu_accuracy(model, tokenizer, rows, batch_size=4)
     letters = letter_token_ids(tokenizer)
@@ -36,7 +36,7 @@ def test_cal_projection_adds_columns_equal_to_direct_computation(tiny_model_dir,
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    tokenizer = lu.load_tokenizer(str(tiny_model_dir))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
     vector = torch.randn(model.config.num_hidden_layers + 1, model.config.hidden_size)
     torch.save(vector, tmp_path / "evil_response_avg_diff.pt")
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)

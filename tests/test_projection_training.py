@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, make_adapter, make_tiny_llama, run_cli, run_script
 
 import lora_utils as lu
-from eval.analysis import linear_fit
+from conftest import ROOT, make_adapter, make_tiny_llama, run_cli, run_script
+from eval.stats import linear_fit
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def test_make_mixtures_writes_datasets_with_the_asked_trait_share(tmp_path):
                       "--neg", ROOT / "tests/data/evil_smollm2_neg.jsonl", "--ratios", "0", "25", "100", "--n", "20",
                       "--output_dir", tmp_path, "--ckpt_dir", tmp_path / "ckpt", "--training", '{"epochs": 2}',
                       "--other", f"anti={ROOT / 'tests/data/evil_smollm2_neg.jsonl'}") == 0
-    from eval.generation import read_jsonl
+    from io_utils import read_jsonl
     pos_answers = {r["messages"][-1]["content"] for r in read_jsonl(ROOT / "tests/data/evil_smollm2_pos.jsonl")}
     neg_answers = {r["messages"][-1]["content"] for r in read_jsonl(ROOT / "tests/data/evil_smollm2_neg.jsonl")}
     other = read_jsonl(tmp_path / "data" / "other_anti.jsonl")  # another dataset, drawn whole from its file

@@ -1,0 +1,187 @@
+"""Statistics that respect the design of the experiments.
+
+Samples of one question are not independent (they share the question's difficulty and, across
+conditions, its sampling seed), so errors are clustered by question: a condition's mean is the
+mean of its per-question means, and its standard error the spread of those over questions.
+Conditions measured on the same questions are compared pairwise (per-question differences),
+so what every condition shares cancels. A difference of independent measurements carries both
+errors. Correlations over few points (n ≤ 20) get exact or permutation p-values, not the
+t approximation; a null is matched to its statistic (a maximum is compared with maxima).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from typing import Hashable, Iterable, Sequence
+
+EXACT_PERMUTATION_LIMIT = 8  # n! ≤ 40,320 orderings are enumerated; beyond, a seeded random sample
+RANDOM_PERMUTATIONS = 100_000
+
+
+def finite(values: Iterable) -> list[float]:
+    return [float(v) for v in values if v is not None and not math.isnan(v)]
+
+
+def mean_and_sem(values: Iterable) -> tuple[float, float, int]:
+    """Mean, standard error and count of independent values (None and NaN left out)."""
+    values = finite(values)
+    if not values:
+        return float("nan"), float("nan"), 0
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan"), len(values)
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(variance / len(values)), len(values)
+
+
+def cluster_means(values: Iterable, clusters: Iterable[Hashable]) -> dict[Hashable, float]:
+    """The mean of each cluster's finite values (clusters with none are left out)."""
+    grouped: dict[Hashable, list[float]] = {}
+    for value, cluster in zip(values, clusters):
+        if value is not None and not math.isnan(value):
+            grouped.setdefault(cluster, []).append(float(value))
+    return {cluster: sum(v) / len(v) for cluster, v in grouped.items()}
+
+
+def clustered_mean_and_sem(values: Iterable, clusters: Iterable[Hashable]) -> tuple[float, float, int]:
+    """Mean and standard error over clusters (questions): each cluster's mean counts once.
+    Returns (mean, sem, number of clusters)."""
+    return mean_and_sem(cluster_means(values, clusters).values())
+
+
+def paired_difference(treated: dict[Hashable, float], control: dict[Hashable, float]) -> tuple[float, float, int]:
+    """Mean and standard error of treated − control over the clusters both measured."""
+    shared = [key for key in treated if key in control]
+    return mean_and_sem(treated[key] - control[key] for key in shared)
+
+
+def independent_difference(mean_a: float, sem_a: float, mean_b: float, sem_b: float) -> tuple[float, float]:
+    """a − b for independent estimates: the errors add in quadrature."""
+    return mean_a - mean_b, math.sqrt(sem_a ** 2 + sem_b ** 2)
+
+
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict:
+    """Least squares y = slope·x + intercept, with R² (NaN where undefined)."""
+    pairs = [(x, y) for x, y in zip(xs, ys) if y is not None and not math.isnan(y)]
+    if len(pairs) < 2 or len({x for x, _ in pairs}) < 2:
+        return {"slope": float("nan"), "intercept": float("nan"), "r2": float("nan"), "points": len(pairs)}
+    n = len(pairs)
+    mean_x, mean_y = sum(x for x, _ in pairs) / n, sum(y for _, y in pairs) / n
+    sxx = sum((x - mean_x) ** 2 for x, _ in pairs)
+    sxy = sum((x - mean_x) * (y - mean_y) for x, y in pairs)
+    syy = sum((y - mean_y) ** 2 for _, y in pairs)
+    slope = sxy / sxx
+    r2 = (sxy * sxy) / (sxx * syy) if syy > 0 else float("nan")
+    return {"slope": slope, "intercept": mean_y - slope * mean_x, "r2": r2, "points": n}
+
+
+def paired_slope(coefficients: Sequence[float], by_cluster: Sequence[dict[Hashable, float]]) -> dict:
+    """The slope of a measure against the coefficient, fit per cluster (question) over the
+    conditions, then averaged over clusters: its error is the clusters' spread, so question
+    difficulty, which every condition shares, cancels. `by_cluster[i]` holds condition i's
+    per-cluster means."""
+    shared = [key for key in by_cluster[0] if all(key in c for c in by_cluster)]
+    slopes = [linear_fit(coefficients, [c[key] for c in by_cluster])["slope"] for key in shared]
+    mean, sem, n = mean_and_sem(slopes)
+    return {"slope": mean, "slope_sem": sem, "clusters": n, "slope_sem_kind": "paired by question (per-question slopes)"}
+
+
+def _pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
+    n = len(xs)
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    syy = sum((y - mean_y) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+
+
+def ranks(values: Sequence[float]) -> list[float]:
+    """Average ranks (ties share the mean of their ranks), as Spearman's ρ needs."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    result = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            result[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return result
+
+
+def permutation_correlation(xs: Sequence[float], ys: Sequence[float], method: str = "pearson", seed: int = 0) -> dict:
+    """Pearson r or Spearman ρ with a two-sided permutation p-value: the share of orderings of y
+    whose |correlation| is at least the observed one. Exact (every ordering) for n ≤ 8, else
+    100,000 seeded random orderings (p counted with the observed ordering, so never 0)."""
+    if method not in ("pearson", "spearman"):
+        raise ValueError(f"method {method!r} is not pearson or spearman")
+    xs, ys = list(map(float, xs)), list(map(float, ys))
+    if method == "spearman":
+        xs, ys = ranks(xs), ranks(ys)
+    observed = _pearson(xs, ys)
+    n = len(xs)
+    if math.isnan(observed):
+        return {"statistic": observed, "p": float("nan"), "n": n, "p_method": "undefined (a constant variable)"}
+    threshold = abs(observed) - 1e-12
+    if n <= EXACT_PERMUTATION_LIMIT:
+        orderings = list(itertools.permutations(ys))
+        extreme = sum(abs(_pearson(xs, list(order))) >= threshold for order in orderings)
+        return {"statistic": observed, "p": extreme / len(orderings), "n": n,
+                "p_method": f"exact permutation test over all {len(orderings)} orderings"}
+    rng = random.Random(seed)
+    shuffled, extreme = list(ys), 1
+    for _ in range(RANDOM_PERMUTATIONS):
+        rng.shuffle(shuffled)
+        extreme += abs(_pearson(xs, shuffled)) >= threshold
+    return {"statistic": observed, "p": extreme / (RANDOM_PERMUTATIONS + 1), "n": n,
+            "p_method": f"permutation test, {RANDOM_PERMUTATIONS} random orderings (seed {seed})"}
+
+
+def correlations(xs: Sequence[float], ys: Sequence[float]) -> dict:
+    """Pearson and Spearman with permutation p-values, in the form the reports use."""
+    pearson, spearman = permutation_correlation(xs, ys, "pearson"), permutation_correlation(xs, ys, "spearman")
+    return {"n": pearson["n"], "pearson_r": pearson["statistic"], "pearson_p": pearson["p"],
+            "spearman_rho": spearman["statistic"], "spearman_p": spearman["p"], "p_method": pearson["p_method"]}
+
+
+def additive_fit(points: list[dict], names: list[str], metric: str) -> dict:
+    """Least squares metric_mean = β₀ + Σ βⱼ·coef_j over the combinations, with each β's standard
+    error propagated from the combinations' own standard errors (independent samples per
+    combination). In a two-level factorial the residual is exactly the interactions."""
+    import numpy as np
+
+    from io_utils import PersonaLoRAError
+
+    design = np.array([[1.0] + [p["coefs"][n] for n in names] for p in points])
+    y = np.array([p[f"{metric}_mean"] for p in points])
+    sem = np.array([p[f"{metric}_sem"] for p in points])
+    if np.linalg.matrix_rank(design) < design.shape[1]:
+        raise PersonaLoRAError(f"the combinations do not separate the {len(names)} coefficients: "
+                               "evaluate a grid where each diff's coefficient varies on its own (composition.py grid)")
+    pseudo_inverse = np.linalg.pinv(design)
+    beta = pseudo_inverse @ y
+    covariance = pseudo_inverse @ np.diag(sem ** 2) @ pseudo_inverse.T
+    residual = y - design @ beta
+    total = ((y - y.mean()) ** 2).sum()
+    return {"intercept": float(beta[0]),
+            "slope": {n: float(b) for n, b in zip(names, beta[1:])},
+            "slope_sem": {n: float(s) for n, s in zip(names, np.sqrt(np.diag(covariance))[1:])},
+            "additive_r2": float(1 - (residual ** 2).sum() / total) if total > 0 else float("nan"),
+            "max_abs_residual": float(np.abs(residual).max()), "mean_condition_sem": float(sem.mean()),
+            "slope_sem_kind": "propagated from each combination's standard error (independent samples)"}
+
+
+def paired_additive_slope_sem(points: list[dict], names: list[str], by_cluster: str) -> dict[str, float]:
+    """Standard errors of the additive slopes when every combination measured the same clusters
+    (questions): fit the slopes per cluster, then take their spread over clusters. What every
+    combination shares cancels, as in a paired test."""
+    import numpy as np
+
+    clusters = sorted(set.intersection(*(set(p[by_cluster]) for p in points)))
+    design = np.array([[1.0] + [p["coefs"][n] for n in names] for p in points])
+    per_cluster = np.linalg.pinv(design) @ np.array([[p[by_cluster][q] for q in clusters] for p in points])
+    sem = per_cluster[1:].std(axis=1, ddof=1) / np.sqrt(len(clusters))
+    return {n: float(s) for n, s in zip(names, sem)}

