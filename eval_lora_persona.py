@@ -9,36 +9,35 @@
     python eval_lora_persona.py --trait evil --lora_diff_path evil.pt sycophancy.pt --lora_coef 1.5 -0.5 --output_path results/combo.csv
     # ... and several combinations in one process: the coefficients in groups of one per diff
     python eval_lora_persona.py --trait evil --lora_diff_path evil.pt sycophancy.pt --lora_coef 0 0  2 0  0 2  2 2 --output_path results/grid.csv
+    # A finetune (PEFT adapter or full checkpoint of --model)
+    python eval_lora_persona.py --trait evil --adapter ckpt/SmolLM2-135M-Instruct/my_finetune --output_path results/ft.csv
+    # Forced choice instead of generation: A/B items in the public format, no judge
+    python eval_lora_persona.py --trait sycophancy --ab_data dataset/sycophancy/ab.jsonl \\
+        --lora_diff_path D --lora_coef -2 0 2 --output_path results/ab.csv
 
 Answers the trait's held-out evaluation questions, judges each for the trait and for coherence,
 and writes one CSV row per answer (question_id, question, prompt, answer, <trait>, coherence,
-coef, method), a .summary.json (mean ± standard error per coefficient, the judge, missing
-judgments) and a .manifest.json. With several diffs the rows also carry one coef_<trait> column per
-diff (coef is then the first diff's) and each summary condition its {trait: coefficient}.
+coef, method), a .summary.json (per condition: means with standard errors clustered by question,
+the judge-free log-likelihood margin, changes against the unsteered condition paired by question,
+the judge and its measured quality) and a .manifest.json. With several diffs the rows also carry
+one coef_<trait> column per diff (coef is then the first diff's) and each summary condition its
+{trait: coefficient}. With --ab_data the CSV has one row per item and condition (question_id,
+question, coef, method, p_matching, p_matching_swapped, ...) and the summary the balanced
+p_matching per condition, its paired change against coefficient 0 and the slope per unit coefficient.
 """
 
-import argparse
-import time
 from pathlib import Path
 
 import lora_utils as lu
-from eval.evaluate import (
-    Condition,
-    add_eval_args,
-    file_identity,
-    fill_eval_defaults,
-    load_eval_model,
-    prepare_judge,
-    run_evaluation,
-)
-from io_utils import run_cli
+from eval.evaluate import Condition, add_eval_args, load_eval_model, on_finetune, prepare_evaluation, run_evaluation
+from io_utils import ArgumentParser, file_identity, finite_float, run_cli
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     add_eval_args(parser)
     parser.add_argument("--lora_diff_path", nargs="+", default=None, help="persona diff(s) (.pt or .safetensors)")
-    parser.add_argument("--lora_coef", nargs="+", type=float, default=None,
+    parser.add_argument("--lora_coef", nargs="+", type=finite_float, default=None,
                         help="with one diff: the coefficient(s) to sweep; with several: one coefficient per diff, "
                              "repeated in groups to evaluate several combinations")
     parser.add_argument("--backup_device", default=None, help="where LoRAMerger keeps its backups (e.g. cpu)")
@@ -50,7 +49,6 @@ def parse_args():
     if args.lora_diff_path and len(args.lora_coef) % len(args.lora_diff_path):
         parser.error(f"{len(args.lora_diff_path)} diffs need their coefficients in groups of {len(args.lora_diff_path)} "
                      f"(one per diff for each combination), got {len(args.lora_coef)}")
-    fill_eval_defaults(args)
     return args
 
 
@@ -89,19 +87,17 @@ def lora_conditions(args, model, diffs) -> list[Condition]:
 
 def main():
     args = parse_args()
-    started = time.time()
-    trait, judge = prepare_judge(args)
-    diffs = [lu.load_lora_diff(p) for p in args.lora_diff_path or []]  # a bad path fails before the model loads
-    model, tokenizer = load_eval_model(args)
+    run = prepare_evaluation(args)  # trait, output, judge, A/B data: refused here, before the model loads
+    diffs = [lu.load_lora_diff(p) for p in args.lora_diff_path or []]
+    model, tokenizer = load_eval_model(run)
     if diffs:
         for diff, coefficients in zip(diffs, zip(*coefficient_groups(args))):
             for coefficient in coefficients:
-                lu.LoRAMerger(model).check(diff, coefficient)  # refuse a diff for another model before generating
+                lu.LoRAMerger(model).check(diff, coefficient, what="--lora_coef")  # before any generation
         conditions = lora_conditions(args, model, diffs)
     else:
-        # With --adapter the model under test is a finetune, not the baseline: say so in every row.
-        conditions = [Condition("finetune", "finetune", 0.0) if args.adapter else Condition("baseline", "baseline", 0.0)]
-    run_evaluation(args, trait, judge, conditions, model, tokenizer, started)
+        conditions = [Condition("baseline", "baseline", 0.0)]
+    run_evaluation(run, on_finetune(run, model, conditions), model, tokenizer)
 
 
 if __name__ == "__main__":

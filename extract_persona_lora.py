@@ -3,19 +3,25 @@ activation persona vector from the same responses.
 
     python extract_persona_lora.py --trait evil --output_dir persona_loras/SmolLM2-135M-Instruct/evil
 
+Each extraction question is answered under each of the trait's pos (neg) system prompts, after
+--fewshot K demonstrations of the behaviour as earlier chat turns. The adapters are trained on
+question → answer alone, without prompt or demonstrations, so the diff distils the elicited
+behaviour into weights.
+
 Writes, under --output_dir:
-    data/pos.jsonl, data/neg.jsonl   responses under the trait's pos/neg system prompts (reused on rerun)
-    pos_lora/, neg_lora/             PEFT adapters trained on question → response, without the system prompt
+    data/pos.jsonl, data/neg.jsonl   responses under the trait's pos/neg prompts (reused on rerun)
+    judge_data/pos.jsonl, neg.jsonl  the offline judge's own data: answers to the trait's judge
+                                     questions, which no other stage trains on or measures
+    pos_lora/, neg_lora/             PEFT adapters trained on question → response
     <trait>_lora_diff.pt (+ .safetensors)   ΔW = s_p·B_p·A_p − s_n·B_n·A_n, as factors
     <trait>_lora_diff_peft/          the diff as a standard PEFT adapter at coefficient 1
-    summary.json, manifest.json
+    summary.json, manifest.json      losses, ΔW's norms and spectra, how separable pos and neg are
 and persona_vectors/<model>/<trait>_response_avg_diff.pt, a tensor [L+1, hidden].
 """
 
 import argparse
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -23,56 +29,65 @@ import torch
 
 import lora_utils as lu
 from eval.activations import load_vector, persona_vector, response_hidden_means
+from eval.elicitation import SIDES, check_fewshot, prompted_jobs
 from eval.generation import generate_records, read_chat_jsonl
-from eval.judge import DEFAULT_OPENAI_JUDGE, make_judge
-from eval.traits import load_trait
-from io_utils import PersonaLoRAError, atomic_path, read_json_object, read_jsonl, run_cli, write_json, write_manifest
-from model_loading import default_persona_paths, is_embedded, load_model_and_tokenizer, model_label
-from training import finished_adapter, train_lora_adapter
+from eval.judge import DEFAULT_OPENAI_JUDGE, auroc, make_judge, write_judge_data
+from eval.traits import available_traits, load_trait
+from io_utils import (ArgumentParser, OutputLock, PersonaLoRAError, atomic_path, check_writable, check_writable_dir, non_negative_int,
+                      positive_float, positive_int, read_json_object, read_jsonl, remove_stale_temporaries, run_cli, unit_interval,
+                      write_json, write_manifest)
+from model_loading import check_dtype, check_model_source, default_persona_paths, is_embedded, load_model_and_tokenizer, model_label
+from training import DEFAULT_TARGETS, finished_adapter, init_seed, train_lora_adapter
 
 # A small, fast profile for the embedded 135M model on CPU; the seed's settings for 8B-class models.
+# The small profile elicits with 4 demonstrations: with the system prompt alone the 135M model's
+# pos and neg answers hardly differ for most traits (README: "Few-shot elicitation").
 PROFILES = {
     "small": dict(n_per_question=1, max_new_tokens=64, temperature=0.7, top_p=0.9, rank=8, alpha=16, use_rslora=False,
-                  epochs=2, learning_rate=5e-4, batch_size=8, max_length=256, gen_batch_size=64),
+                  epochs=2, learning_rate=5e-4, batch_size=8, max_length=256, gen_batch_size=64, fewshot=4),
     "full": dict(n_per_question=2, max_new_tokens=384, temperature=1.0, top_p=1.0, rank=32, alpha=64, use_rslora=True,
-                 epochs=2, learning_rate=1e-4, batch_size=16, max_length=1024, gen_batch_size=64),
+                 epochs=2, learning_rate=1e-4, batch_size=16, max_length=1024, gen_batch_size=64, fewshot=0),
 }
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+NEG_SEED_OFFSET = 10_000
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None, help="hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--trait", required=True, help="a folder of dataset/ (evil, sycophancy, hallucination, corrigibility, ...)")
     parser.add_argument("--output_dir", default=None, help="default: persona_loras/<model>/<trait>")
     parser.add_argument("--profile", choices=["auto", "small", "full"], default="auto",
                         help="defaults for the flags below: small for the embedded model, full otherwise")
     generation = parser.add_argument_group("contrastive data")
-    generation.add_argument("--n_per_question", type=int)
-    generation.add_argument("--max_new_tokens", type=int)
-    generation.add_argument("--temperature", type=float)
-    generation.add_argument("--top_p", type=float)
-    generation.add_argument("--gen_batch_size", type=int)
+    generation.add_argument("--n_per_question", type=positive_int)
+    generation.add_argument("--max_new_tokens", type=positive_int)
+    generation.add_argument("--temperature", type=positive_float)
+    generation.add_argument("--top_p", type=unit_interval)
+    generation.add_argument("--gen_batch_size", type=positive_int)
+    generation.add_argument("--fewshot", type=non_negative_int,
+                            help="demonstrations before each question, from the trait's 'demonstrations' (small profile 4, full 0)")
     generation.add_argument("--pos_data", help="train from your own chat JSONL instead of generating (needs --neg_data)")
     generation.add_argument("--neg_data", help="chat JSONL of the opposite behaviour (needs --pos_data)")
     training = parser.add_argument_group("LoRA training")
-    training.add_argument("--rank", type=int)
-    training.add_argument("--alpha", type=float)
+    training.add_argument("--rank", type=positive_int)
+    training.add_argument("--alpha", type=positive_float)
     training.add_argument("--use_rslora", action=argparse.BooleanOptionalAction, default=None)
     training.add_argument("--target_modules", nargs="+", default=DEFAULT_TARGETS)
-    training.add_argument("--epochs", type=int)
-    training.add_argument("--learning_rate", type=float)
-    training.add_argument("--batch_size", type=int)
-    training.add_argument("--max_length", type=int)
+    training.add_argument("--epochs", type=positive_int)
+    training.add_argument("--learning_rate", type=positive_float)
+    training.add_argument("--batch_size", type=positive_int)
+    training.add_argument("--max_length", type=positive_int)
     training.add_argument("--skip_training", action="store_true", help="rebuild the diff from existing pos_lora/ and neg_lora/")
-    judging = parser.add_argument_group("judge filtering (Persona Vectors' filter)")
+    judging = parser.add_argument_group("the offline judge's data and the judge filter (Persona Vectors' filter)")
+    judging.add_argument("--no_judge_data", action="store_true",
+                         help="do not generate the offline judge's data (judge_data/); the offline judge then needs --judge_data")
     judging.add_argument("--filter_threshold", type=float, default=None,
                          help="keep pos responses whose trait score is ≥ this and neg responses below it")
     judging.add_argument("--judge", default=None, help="openai | hf:<model> | offline (default: openai if OPENAI_API_KEY is set)")
     judging.add_argument("--judge_model", default=DEFAULT_OPENAI_JUDGE)
     parser.add_argument("--vector_output_path", default=None,
                         help="default: persona_vectors/<model>/<trait>_response_avg_diff.pt")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU; on CPU what measures faster), float32, bfloat16")
     args = parser.parse_args()
 
@@ -80,9 +95,11 @@ def parse_args():
         parser.error("--pos_data and --neg_data go together")
     if args.filter_threshold is not None and args.pos_data:
         parser.error("--filter_threshold needs the trait's rubric: use it with generated data, not --pos_data")
+    if args.filter_threshold is not None and not 0 <= args.filter_threshold <= 100:
+        parser.error(f"--filter_threshold {args.filter_threshold} is not a score between 0 and 100")
     profile = args.profile if args.profile != "auto" else ("small" if is_embedded(args.model) else "full")
     for key, value in PROFILES[profile].items():
-        if getattr(args, key) is None:
+        if getattr(args, key) is None and key != "fewshot":  # fewshot: capped by the trait's demonstrations (check_inputs)
             setattr(args, key, value)
     args.profile = profile
     diff_path, vector_path = default_persona_paths(args.model, args.trait)
@@ -91,20 +108,30 @@ def parse_args():
     return args
 
 
-def contrastive_jobs(trait, n_per_question: int) -> dict[str, list[dict]]:
+def check_inputs(args):
+    """Everything that can be refused, before the model loads. Returns the trait (None for a name
+    outside dataset/ with --pos_data)."""
+    check_model_source(args.model)
+    check_dtype(args.dtype)
+    trait = None
+    if args.pos_data:
+        read_chat_jsonl(args.pos_data), read_chat_jsonl(args.neg_data)
+        args.fewshot = 0
+        trait = load_trait(args.trait) if args.trait in available_traits() else None
+    else:
+        trait = load_trait(args.trait)  # an unknown name lists the available ones
+        if args.fewshot is None:
+            args.fewshot = min(PROFILES[args.profile]["fewshot"], len(trait.demonstrations))
+        check_fewshot(trait, args.fewshot)
+    check_writable_dir(args.output_dir, "--output_dir")
+    check_writable(args.vector_output_path, "--vector_output_path")
+    return trait
+
+
+def contrastive_jobs(trait, n_per_question: int, fewshot: int) -> dict[str, list[dict]]:
     """Every extraction question under every pos (resp. neg) instruction, n_per_question times."""
-    jobs = {"pos": [], "neg": []}
-    for side in jobs:
-        for instruction_index, pair in enumerate(trait.instructions):
-            for question_index, question in enumerate(trait.extraction_questions):
-                for sample in range(n_per_question):
-                    jobs[side].append({
-                        "id": f"{side}-i{instruction_index}-q{question_index}-s{sample}",
-                        "side": side, "instruction_index": instruction_index, "question_index": question_index,
-                        "sample": sample, "system": pair[side],
-                        "messages": [{"role": "user", "content": question}],
-                    })
-    return jobs
+    return {side: prompted_jobs(trait, trait.extraction_questions, side, n_per_question=n_per_question, fewshot=fewshot,
+                                stage="extraction", every_instruction=True) for side in SIDES}
 
 
 def contrastive_data(args, trait, model, tokenizer, data_dir: Path) -> dict[str, list[dict]]:
@@ -112,17 +139,19 @@ def contrastive_data(args, trait, model, tokenizer, data_dir: Path) -> dict[str,
     if args.pos_data:
         return {"pos": read_chat_jsonl(args.pos_data), "neg": read_chat_jsonl(args.neg_data)}
     settings = {"model": model_label(args.model), "trait_file_sha256": hashlib.sha256(trait.path.read_bytes()).hexdigest(),
-                **{k: getattr(args, k) for k in ("n_per_question", "max_new_tokens", "temperature", "top_p", "seed")}}
+                **{k: getattr(args, k) for k in ("n_per_question", "max_new_tokens", "temperature", "top_p", "seed", "fewshot",
+                                                  "gen_batch_size")},
+                "dtype": str(model.dtype)}
     settings_path = data_dir / "generation.json"
     if settings_path.is_file():
         previous = json.loads(settings_path.read_text())
         if previous != settings:
             changed = sorted(k for k in settings if previous.get(k) != settings[k])
             raise PersonaLoRAError(f"{data_dir} was generated with other settings ({', '.join(changed)}); "
-                                      f"delete {data_dir} to regenerate, or pass the same flags")
+                                   f"delete {data_dir} to regenerate, or pass the same flags")
     write_json(settings_path, settings)
     data = {}
-    for side, jobs in contrastive_jobs(trait, args.n_per_question).items():
+    for side, jobs in contrastive_jobs(trait, args.n_per_question, args.fewshot).items():
         path = data_dir / f"{side}.jsonl"
         if path.is_file():
             print(f"reusing {path}")
@@ -130,19 +159,20 @@ def contrastive_data(args, trait, model, tokenizer, data_dir: Path) -> dict[str,
             continue
         data[side] = generate_records(model, tokenizer, jobs, path, max_new_tokens=args.max_new_tokens,
                                       temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch_size,
-                                      seed=args.seed + (0 if side == "pos" else 10_000), desc=f"generating {side}")
+                                      seed=args.seed + (0 if side == "pos" else NEG_SEED_OFFSET), desc=f"generating {side}")
     return data
 
 
-def filter_by_judge(args, trait, data: dict[str, list[dict]], data_dir: Path) -> tuple[dict[str, list[dict]], dict]:
+def judged_scores(judge, records: list[dict], desc: str) -> list:
+    return judge.score("trait", [r["messages"][-2]["content"] for r in records], [r["messages"][-1]["content"] for r in records],
+                       desc=desc)
+
+
+def filter_by_judge(args, judge, data: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], dict]:
     """Keep pos responses that the judge scores ≥ threshold and neg responses below it."""
-    judge = make_judge(args.judge, trait, args.judge_model, judge_data=str(data_dir))
-    if judge.name.startswith("offline"):
-        print("warning: the offline judge was fit on these very responses, so this filter is in-sample", file=sys.stderr)
     kept, report = {}, {"threshold": args.filter_threshold, "judge": judge.name}
     for side, records in data.items():
-        scores = judge.score_answers(trait.eval_prompt, [r["messages"][-2]["content"] for r in records],
-                                     [r["messages"][-1]["content"] for r in records], desc=f"judging {side}")
+        scores = judged_scores(judge, records, f"judging {side}")
         keep = [s is not None and s == s and (s >= args.filter_threshold if side == "pos" else s < args.filter_threshold)
                 for s in scores]
         kept[side] = [r for r, k in zip(records, keep) if k]
@@ -154,12 +184,25 @@ def filter_by_judge(args, trait, data: dict[str, list[dict]], data_dir: Path) ->
     return kept, report
 
 
+def separability(judge, data: dict[str, list[dict]]) -> dict:
+    """How separable the extraction's pos and neg answers are, by a classifier that never saw them
+    nor their questions (the offline judge, fit on the judge questions): its AUROC, pos vs neg."""
+    scores = {side: judged_scores(judge, data[side], f"separability ({side})") for side in SIDES}
+    values = [s for side in SIDES for s in scores[side]]
+    labels = [1] * len(scores["pos"]) + [0] * len(scores["neg"])
+    pairs = [(v, y) for v, y in zip(values, labels) if v is not None and v == v]
+    return {"judge_auroc_pos_vs_neg": auroc([v for v, _ in pairs], [y for _, y in pairs]), "judge": judge.name,
+            "mean_pos": sum(v for v, y in pairs if y) / max(1, sum(labels)),
+            "mean_neg": sum(v for v, y in pairs if not y) / max(1, len(labels) - sum(labels)),
+            "note": "the offline judge's classifier was fit on answers to the judge questions, disjoint from the extraction's"}
+
+
 def activation_vector(args, model, tokenizer, data, summary_path: Path) -> tuple[torch.Tensor, str]:
-    """The activation direction from the very same responses (Persona Vectors: with the system
-    prompt). Reused when the previous run's summary says it came from the same responses, model and
-    settings, and the file is still there."""
-    identity = hashlib.sha256(json.dumps({"data": data, "model": args.model, "dtype": str(model.dtype),
-                                          "max_length": args.max_length}, sort_keys=True).encode()).hexdigest()
+    """The activation direction from the very same responses (Persona Vectors: read after the
+    prompt that elicited them, averaged over answer tokens). Reused when the previous run's summary
+    says it came from the same responses, model and settings, and the file is still there."""
+    identity = hashlib.sha256(json.dumps({"data": data, "model": args.model, "dtype": str(model.dtype), "tokens": "answer"},
+                                         sort_keys=True).encode()).hexdigest()
     if summary_path.is_file() and Path(args.vector_output_path).is_file():
         try:
             previous = read_json_object(summary_path, "extraction summary").get("activation_vector")
@@ -168,8 +211,9 @@ def activation_vector(args, model, tokenizer, data, summary_path: Path) -> tuple
         if previous == {"path": str(args.vector_output_path), "identity": identity}:
             print(f"reusing {args.vector_output_path} (computed from the same responses)")
             return load_vector(args.vector_output_path), identity
-    means = {side: response_hidden_means(model, tokenizer, data[side], include_system=True, max_length=args.max_length,
-                                         desc=f"{side} hidden states") for side in ("pos", "neg")}
+    # Not truncated to the training length: the demonstrations before an answer can be longer than that.
+    means = {side: response_hidden_means(model, tokenizer, data[side], with_context=True, desc=f"{side} hidden states")
+             for side in SIDES}
     vector = persona_vector(means["pos"], means["neg"])
     with atomic_path(args.vector_output_path) as tmp:
         torch.save(vector, tmp)
@@ -180,7 +224,8 @@ def train_side(args, model, tokenizer, records, adapter_dir: Path, side: str) ->
     settings = dict(rank=args.rank, alpha=args.alpha, use_rslora=args.use_rslora, target_modules=args.target_modules,
                     epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
                     max_length=args.max_length, seed=args.seed)
-    identity = {"examples_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()}
+    identity = {"examples_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(),
+                "init_seed": init_seed("persona", args.seed)}
     previous = finished_adapter(adapter_dir)
     if args.skip_training:
         if previous is None:
@@ -189,8 +234,11 @@ def train_side(args, model, tokenizer, records, adapter_dir: Path, side: str) ->
     if previous is not None and all(previous.get(k) == v for k, v in {**settings, **identity}.items()):
         print(f"reusing {adapter_dir} (trained on the same data with the same settings)")
         return previous
-    return train_lora_adapter(model, tokenizer, records, adapter_dir, desc=f"training {side}_lora", record_extra=identity,
-                              **settings)
+    # pos and neg start from one initialisation (the persona stream of --seed), so their
+    # difference isolates what the data taught; finetunes draw theirs from another stream.
+    return train_lora_adapter(model, tokenizer, records, adapter_dir, adapter_init_seed=identity["init_seed"],
+                              base_model_name=model_label(args.model), desc=f"training {side}_lora",
+                              record_extra={"examples_sha256": identity["examples_sha256"]}, **settings)
 
 
 def same_diff_saved(diff, diff_path: Path, peft_dir: Path) -> bool:
@@ -217,7 +265,7 @@ def print_summary(args, data, trainings, diff, vector) -> dict:
         name = max((n for n in diff if lu.module_type(n) == kind), key=diff.module_sq_norm)
         top[kind] = {"module": name, "singular_values": [round(float(s), 5) for s in diff.singular_values(name)[:5]]}
     summary = {
-        "trait": args.trait, "model": model_label(args.model),
+        "trait": args.trait, "model": model_label(args.model), "fewshot": None if args.pos_data else args.fewshot,
         "examples": {side: len(records) for side, records in data.items()},
         "final_epoch_loss": {side: t["epoch_losses"][-1] for side, t in trainings.items()},
         "epoch_losses": {side: t["epoch_losses"] for side, t in trainings.items()},
@@ -225,7 +273,8 @@ def print_summary(args, data, trainings, diff, vector) -> dict:
         "vector_norm_by_layer": [round(float(x), 4) for x in vector.norm(dim=1)],
     }
     print(f"\n== persona LoRA for '{args.trait}' on {summary['model']} ==")
-    print(f"examples: pos {summary['examples']['pos']}, neg {summary['examples']['neg']}")
+    print(f"examples: pos {summary['examples']['pos']}, neg {summary['examples']['neg']}"
+          + ("" if args.pos_data else f" ({args.fewshot} demonstrations before each question)"))
     for side, t in trainings.items():
         print(f"{side}_lora loss by epoch: " + " → ".join(f"{x:.3f}" for x in t["epoch_losses"]))
     print(f"‖ΔW‖_F = {diff.norm():.4f}; by layer:")
@@ -243,38 +292,52 @@ def print_summary(args, data, trainings, diff, vector) -> dict:
 def main():
     args = parse_args()
     started = time.time()
-    trait = None if args.pos_data else load_trait(args.trait)  # an unknown name lists the available ones
+    trait = check_inputs(args)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    with OutputLock(output_dir, "--output_dir"):
+        remove_stale_temporaries(output_dir)
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+        data = contrastive_data(args, trait, model, tokenizer, output_dir / "data")
+        judge_data_dir = output_dir / "judge_data"
+        if trait is not None and not args.no_judge_data:
+            write_judge_data(model, tokenizer, trait, judge_data_dir, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch_size)
+        judge = None
+        if trait is not None and (args.filter_threshold is not None or (judge_data_dir / "pos.jsonl").is_file()):
+            judge = make_judge(args.judge, trait, args.judge_model, judge_data=str(judge_data_dir))
+        filter_report, separation = None, None
+        if judge is not None and not args.pos_data:
+            separation = separability(judge, data)
+        if args.filter_threshold is not None:
+            data, filter_report = filter_by_judge(args, judge, data)
 
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
-    data = contrastive_data(args, trait, model, tokenizer, output_dir / "data")
-    filter_report = None
-    if args.filter_threshold is not None:
-        data, filter_report = filter_by_judge(args, trait, data, output_dir / "data")
+        vector, vector_identity = activation_vector(args, model, tokenizer, data, output_dir / "summary.json")
 
-    vector, vector_identity = activation_vector(args, model, tokenizer, data, output_dir / "summary.json")
+        trainings = {side: train_side(args, model, tokenizer, data[side], output_dir / f"{side}_lora", side) for side in SIDES}
+        diff = lu.compute_persona_lora_diff(output_dir / "pos_lora", output_dir / "neg_lora", trait=args.trait)
+        diff.metadata.update(base_model=model_label(args.model), created_by="extract_persona_lora.py", seed=args.seed,
+                             profile=args.profile, fewshot=None if args.pos_data else args.fewshot,
+                             activation_vector=str(args.vector_output_path),
+                             init={"seed": init_seed("persona", args.seed), "rank": args.rank,
+                                   "target_modules": sorted(args.target_modules), "stream": "persona"})
+        diff_path = output_dir / f"{args.trait}_lora_diff.pt"
+        if same_diff_saved(diff, diff_path, output_dir / f"{args.trait}_lora_diff_peft"):
+            # Rewriting would only change its "created" stamp, and with it the file's hash that keys
+            # every cached evaluation of this diff: keep the file, so reruns of the drivers reuse them.
+            print(f"{diff_path} is unchanged (same adapters): kept")
+        else:
+            diff.save(diff_path)
+            diff.to_peft_adapter(output_dir / f"{args.trait}_lora_diff_peft", coefficient=1.0)
 
-    trainings = {side: train_side(args, model, tokenizer, data[side], output_dir / f"{side}_lora", side) for side in ("pos", "neg")}
-    diff = lu.compute_persona_lora_diff(output_dir / "pos_lora", output_dir / "neg_lora", trait=args.trait)
-    diff.metadata.update(base_model=model_label(args.model), created_by="extract_persona_lora.py",
-                         seed=args.seed, profile=args.profile, activation_vector=str(args.vector_output_path))
-    diff_path = output_dir / f"{args.trait}_lora_diff.pt"
-    if same_diff_saved(diff, diff_path, output_dir / f"{args.trait}_lora_diff_peft"):
-        # Rewriting would only change its "created" stamp, and with it the file's hash that keys
-        # every cached evaluation of this diff: keep the file, so reruns of the drivers reuse them.
-        print(f"{diff_path} is unchanged (same adapters): kept")
-    else:
-        diff.save(diff_path)
-        diff.to_peft_adapter(output_dir / f"{args.trait}_lora_diff_peft", coefficient=1.0)
-
-    summary = print_summary(args, data, trainings, diff, vector)
-    summary["judge_filter"] = filter_report
-    summary["activation_vector"] = {"path": str(args.vector_output_path), "identity": vector_identity}
-    write_json(output_dir / "summary.json", summary)
-    write_manifest(output_dir, args, started, outputs={"diff": str(diff_path), "vector": args.vector_output_path},
-                      sizes={"diff_bytes": diff_path.stat().st_size, "examples": summary["examples"]},
-                      timings={side: t.get("seconds") for side, t in trainings.items()})
+        summary = print_summary(args, data, trainings, diff, vector)
+        summary.update(judge_filter=filter_report, separability=separation,
+                       activation_vector={"path": str(args.vector_output_path), "identity": vector_identity})
+        if separation:
+            print(f"pos vs neg separability (offline judge fit on the judge questions): AUROC {separation['judge_auroc_pos_vs_neg']:.3f}")
+        write_json(output_dir / "summary.json", summary)
+        write_manifest(output_dir, args, started, outputs={"diff": str(diff_path), "vector": args.vector_output_path},
+                       sizes={"diff_bytes": diff_path.stat().st_size, "examples": summary["examples"]},
+                       timings={side: t.get("seconds") for side, t in trainings.items()})
     print(f"\nwrote {diff_path} and {args.vector_output_path} in {time.time() - started:.0f} s")
 
 

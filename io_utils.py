@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -191,6 +192,16 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
         with tmp.open("w") as handle:
             for record in records:
                 handle.write(json.dumps(record) + "\n")
+
+
+def file_identity(path: str | os.PathLike) -> dict:
+    """What a cached result depends on when it depends on a file: its content, not its timestamp
+    (a rerun that rewrites an identical file must not invalidate finished work)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return {"path": str(path), "sha256": digest.hexdigest()}
 
 
 def read_json_object(path: str | os.PathLike, what: str = "file") -> dict:

@@ -14,12 +14,16 @@ computed from the factors; a dense ΔW is formed only one module at a time, when
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
+import numbers
 import os
+import pickle
 import re
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
@@ -66,6 +70,10 @@ def _peft_key_to_param_name(key: str) -> tuple[str, str] | None:
 
 
 def _check_factors(name: str, up: torch.Tensor, down: torch.Tensor) -> None:
+    if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor)):
+        raise PersonaLoRAError(f"module {name}: the factors B and A must be tensors, not {type(up).__name__} and {type(down).__name__}")
+    if not (up.is_floating_point() and down.is_floating_point()):
+        raise PersonaLoRAError(f"module {name}: the factors must be floating-point tensors, not {up.dtype} and {down.dtype}")
     if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
         raise PersonaLoRAError(
             f"module {name}: factors of shapes {tuple(up.shape)} and {tuple(down.shape)} "
@@ -185,6 +193,9 @@ class PersonaLoRADiff:
 
     def module_sq_norm(self, name: str) -> float:
         return lowrank_inner(*self.factors[name], *self.factors[name])
+
+    def module_norm(self, name: str) -> float:
+        return math.sqrt(max(self.module_sq_norm(name), 0.0))
 
     def norm(self) -> float:
         return math.sqrt(max(sum(self.module_sq_norm(name) for name in self.factors), 0.0))
@@ -340,9 +351,17 @@ def load_lora_diff(path: str | os.PathLike) -> PersonaLoRADiff:
         state = _read_state(path)
     except PersonaLoRAError:
         raise
+    except pickle.UnpicklingError as error:
+        if "global" not in str(error).lower():  # not a pickle of Python objects: a corrupt or foreign file
+            raise PersonaLoRAError(f"cannot read persona LoRA diff {path} (not a file torch.save wrote); "
+                                   "re-create it with extract_persona_lora.py") from None
+        # torch.load(weights_only=True) met Python objects other than tensors: they were not run.
+        raise PersonaLoRAError(f"{path} is not a persona LoRA diff and was not loaded: it holds Python objects other than "
+                               "tensors, and unpickling them could run code. Re-create it with extract_persona_lora.py") from None
     except Exception as error:  # a truncated or foreign file: say which file and what it should be
-        raise PersonaLoRAError(f"cannot read persona LoRA diff {path}: {type(error).__name__}: {error}. "
-                               "Re-create it with extract_persona_lora.py") from None
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        raise PersonaLoRAError(f"cannot read persona LoRA diff {path} ({type(error).__name__}: {first_line}); "
+                               "re-create it with extract_persona_lora.py") from None
     if not isinstance(state, dict) or state.get("format") != DIFF_FORMAT or not isinstance(state.get("factors"), dict):
         raise PersonaLoRAError(f"{path} is not a persona LoRA diff (expected a file written by PersonaLoRADiff.save)")
     factors = {}
@@ -350,7 +369,10 @@ def load_lora_diff(path: str | os.PathLike) -> PersonaLoRADiff:
         if not isinstance(parts, dict) or set(parts) != {"A", "B"}:
             raise PersonaLoRAError(f"{path}: module {name} does not have exactly the factors A and B")
         factors[name] = (parts["B"], parts["A"])
-    diff = PersonaLoRADiff(factors, state.get("metadata", {}))
+    try:
+        diff = PersonaLoRADiff(factors, state.get("metadata") if isinstance(state.get("metadata"), dict) else {})
+    except PersonaLoRAError as error:
+        raise PersonaLoRAError(f"{path}: {error}") from None
     diff.metadata.setdefault("source_path", str(path))
     return diff
 
@@ -532,23 +554,55 @@ def compute_persona_lora_diff(pos_lora_dir: str | os.PathLike, neg_lora_dir: str
 # ---------------------------------------------------------------------------------------------
 
 
+MAX_UPDATE_TO_WEIGHT_RATIO = 10.0
+
+
+def as_coefficient(value, what: str = "coefficient") -> float:
+    """A finite real coefficient from a number or a one-element tensor; anything else is refused."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise PersonaLoRAError(f"{what} {value!r} is not a finite number")
+    return float(value)
+
+
+class _MergeState:
+    """What every LoRAMerger of one model shares: the original weight W₀ of each parameter any of
+    them touched, and each merger's live terms. A touched parameter is always W₀ + Σ (every live
+    term of every merger), rounded once, so mergers may restore in any order and a parameter is
+    bit-exactly W₀ again when no term touches it."""
+
+    def __init__(self):
+        self.backups: dict[str, torch.Tensor] = {}
+        self.terms: dict[int, list[tuple[float, "PersonaLoRADiff", dict[str, str]]]] = {}
+
+
+_MERGE_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, _MergeState]" = weakref.WeakKeyDictionary()
+_MERGER_IDS = itertools.count()
+
+
 class LoRAMerger:
     """Merge persona diffs into a model's weights in place: W ← W₀ + Σᵢ cᵢ·ΔWᵢ.
 
     Each touched weight is recomputed from its backup in float32 and rounded once, so several
     merges compose without accumulating bf16 rounding, and restore_original_weights() copies the
     backups back bit-exactly. Backups are made lazily, only for the parameters a merge touches
-    (on `backup_device`, e.g. "cpu", to spare accelerator memory).
+    (on `backup_device`, e.g. "cpu", to spare accelerator memory). Several mergers of one model
+    share their backups, so they can be restored in any order.
     """
 
     def __init__(self, model: torch.nn.Module, backup_device: str | torch.device | None = None):
         self.model = model
         self.backup_device = backup_device
         self._params = dict(model.named_parameters())
-        self._backups: dict[str, torch.Tensor] = {}
-        self._terms: list[tuple[float, PersonaLoRADiff]] = []
+        self._state = _MERGE_STATES.setdefault(model, _MergeState())
+        self._id = next(_MERGER_IDS)
         self.history: list[tuple[str, float]] = []
         self.workspace_elements = 1 << 18
+
+    @property
+    def _terms(self) -> list[tuple[float, "PersonaLoRADiff", dict[str, str]]]:
+        return self._state.terms.setdefault(self._id, [])
 
     def _resolve(self, diff: PersonaLoRADiff) -> dict[str, str]:
         """Map each diff module to this model's parameter name, tolerating a PEFT wrapper."""
@@ -572,16 +626,59 @@ class LoRAMerger:
             resolved[name] = match
         return resolved
 
-    def check(self, lora_diff, coefficient: float = 1.0) -> dict[str, str]:
-        """Refuse a diff that does not fit this model, has non-finite values, or a bad coefficient.
-        Returns {diff module: this model's parameter name}. Touches nothing."""
+    def _original(self, param_name: str) -> torch.Tensor:
+        return self._state.backups.get(param_name, self._params[param_name])
+
+    def _check_size(self, diff: PersonaLoRADiff, coefficient: float, resolved: dict[str, str], what: str) -> None:
+        """Refuse a coefficient whose update dwarfs the weights (it can only destroy the model) or
+        overflows their dtype."""
+        if coefficient == 0:
+            return
+        for name, param_name in resolved.items():
+            weight = self._original(param_name)
+            update_norm = abs(coefficient) * diff.module_norm(name)
+            weight_norm = float(weight.detach().float().norm())
+            limit = torch.finfo(weight.dtype).max
+            if update_norm > MAX_UPDATE_TO_WEIGHT_RATIO * weight_norm or update_norm >= limit:
+                ratio = update_norm / weight_norm if weight_norm > 0 else float("inf")
+                raise PersonaLoRAError(
+                    f"{what} {coefficient:g} is out of range: the merged update of {name} would be {ratio:.3g}× the weight's "
+                    f"own norm (at most {MAX_UPDATE_TO_WEIGHT_RATIO:g}× is accepted; useful persona coefficients keep it far below 1)")
+
+    def check(self, lora_diff, coefficient: float = 1.0, what: str = "coefficient") -> dict[str, str]:
+        """Refuse a diff that does not fit this model, has non-finite values, or a coefficient that
+        is not a finite number or is too large for the weights. `what` names the coefficient in
+        messages (a script passes its flag). Returns {diff module: this model's parameter name}.
+        Touches nothing."""
         diff = _as_diff(lora_diff)
-        if not isinstance(coefficient, (int, float)) or not math.isfinite(coefficient):
-            raise PersonaLoRAError(f"coefficient {coefficient!r} is not a finite number")
+        coefficient = as_coefficient(coefficient, what)
         bad = diff.first_non_finite()
         if bad is not None:
             raise PersonaLoRAError(f"the persona diff has non-finite values (NaN or inf) in {bad}; re-create it")
-        return self._resolve(diff)
+        resolved = self._resolve(diff)
+        self._check_size(diff, coefficient, resolved, what)
+        return resolved
+
+    def _recompute(self, param_name: str) -> None:
+        """param ← W₀ + Σ every live term touching it (all mergers of the model), rounded once;
+        exactly W₀ (and the backup freed) when none does."""
+        param = self._params[param_name]
+        backup = self._state.backups[param_name]
+        terms = [(c, diff, name) for merger_terms in self._state.terms.values() for c, diff, names in merger_terms
+                 for name, target in names.items() if target == param_name]
+        if not terms:
+            param.copy_(backup)
+            del self._state.backups[param_name]
+            return
+        up = torch.cat([c * diff.factors[name][0].to(device=param.device, dtype=torch.float32) for c, diff, name in terms], dim=1)
+        down = torch.cat([diff.factors[name][1].to(device=param.device, dtype=torch.float32) for _, diff, name in terms], dim=0)
+        # Row blocks keep the float32 workspace at ~1 MB whatever the module's size, so the extra
+        # memory of a merge is its backups and nothing more.
+        rows = max(1, self.workspace_elements // param.shape[1])
+        for start in range(0, param.shape[0], rows):
+            block = up[start:start + rows] @ down
+            block += backup[start:start + rows].to(param.device)
+            param[start:start + rows].copy_(block)
 
     def merge_lora_diff(self, lora_diff, coefficient: float = 1.0) -> "LoRAMerger":
         """Add coefficient·ΔW to the model's weights. Validates everything before touching any."""
@@ -589,44 +686,78 @@ class LoRAMerger:
         resolved = self.check(diff, coefficient)
         # Terms are kept by reference (no scaled copies of the factors): the only memory a merge
         # adds is the backups of the weights it touches.
-        self._terms.append((float(coefficient), diff))
+        self._terms.append((as_coefficient(coefficient), diff, resolved))
         with torch.no_grad():
-            for name, param_name in resolved.items():
-                param = self._params[param_name]
-                if param_name not in self._backups:
-                    self._backups[param_name] = param.detach().to(self.backup_device or param.device, copy=True)
-                terms = [(c, d.factors[name]) for c, d in self._terms if name in d]
-                up = torch.cat([c * b.to(device=param.device, dtype=torch.float32) for c, (b, _) in terms], dim=1)
-                down = torch.cat([a.to(device=param.device, dtype=torch.float32) for _, (_, a) in terms], dim=0)
-                backup = self._backups[param_name]
-                # Row blocks keep the float32 workspace at ~1 MB whatever the module's size, so
-                # the extra memory of a merge is its backups and nothing more.
-                rows = max(1, self.workspace_elements // param.shape[1])
-                for start in range(0, param.shape[0], rows):
-                    block = up[start:start + rows] @ down
-                    block += backup[start:start + rows].to(param.device)
-                    param[start:start + rows].copy_(block)  # W₀ + Σcᵢ·ΔWᵢ, rounded once
-        self.history.append((diff.metadata.get("trait") or diff.metadata.get("source_path") or "diff", coefficient))
+            for param_name in resolved.values():
+                if param_name not in self._state.backups:
+                    param = self._params[param_name]
+                    self._state.backups[param_name] = param.detach().to(self.backup_device or param.device, copy=True)
+                self._recompute(param_name)
+        self.history.append((diff.metadata.get("trait") or diff.metadata.get("source_path") or "diff", as_coefficient(coefficient)))
         return self
 
     def restore_original_weights(self) -> None:
+        """Remove this merger's terms. Weights no other merger touches are bit-exactly W₀ again."""
+        touched = {target for _, _, names in self._terms for target in names.values()}
+        self._state.terms.pop(self._id, None)
         with torch.no_grad():
-            for param_name, backup in self._backups.items():
-                self._params[param_name].copy_(backup)
-        self._backups.clear()
-        self._terms.clear()
+            for param_name in touched:
+                self._recompute(param_name)
         self.history.clear()
 
     @property
     def merged_diff(self) -> PersonaLoRADiff | None:
-        """Σᵢ cᵢ·ΔWᵢ currently merged (None when nothing is)."""
+        """Σᵢ cᵢ·ΔWᵢ this merger has merged (None when nothing is)."""
         total = None
-        for coefficient, diff in self._terms:
+        for coefficient, diff, _ in self._terms:
             total = coefficient * diff if total is None else total + coefficient * diff
         return total
 
+    def touched_parameters(self) -> set[str]:
+        """The parameters that are not W₀ now, whichever merger of the model merged into them."""
+        return set(self._state.backups)
+
     def backup_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._backups.values())
+        return sum(t.numel() * t.element_size() for t in self._state.backups.values())
+
+
+class CheckpointSwap(contextlib.AbstractContextManager):
+    """Evaluate a full finetuned checkpoint on the loaded base model: on entry, every tensor of the
+    checkpoint that differs from the model's replaces it (the originals backed up); on exit, the
+    originals are copied back bit-exactly. Refuses a checkpoint of another architecture."""
+
+    def __init__(self, model: torch.nn.Module, checkpoint: "SafetensorsCheckpoint"):
+        self.model, self.checkpoint = model, checkpoint
+        self._params = dict(model.named_parameters())
+        self._backups: dict[str, torch.Tensor] = {}
+
+    def check(self) -> list[str]:
+        shared = [name for name in self.checkpoint.weight_map if name in self._params]
+        if not shared:
+            raise PersonaLoRAError(f"{self.checkpoint.folder} shares no tensor with the model: a checkpoint of another model?")
+        for name in shared:
+            if self.checkpoint.shape(name) != tuple(self._params[name].shape):
+                raise PersonaLoRAError(f"{self.checkpoint.folder} is not a finetune of this model: {name} is "
+                                       f"{self.checkpoint.shape(name)} there but {tuple(self._params[name].shape)} here")
+        if LoRAMerger(self.model).touched_parameters():
+            raise PersonaLoRAError("swap a finetuned checkpoint in before merging persona diffs, not after")
+        return shared
+
+    def __enter__(self) -> "CheckpointSwap":
+        with torch.no_grad():
+            for name in self.check():
+                param = self._params[name]
+                value = self.checkpoint.tensor(name).to(device=param.device, dtype=param.dtype)
+                if not torch.equal(value, param):
+                    self._backups[name] = param.detach().to("cpu", copy=True)
+                    param.copy_(value)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        with torch.no_grad():
+            for name, backup in self._backups.items():
+                self._params[name].copy_(backup)
+        self._backups.clear()
 
 
 class LoRASteerer(contextlib.AbstractContextManager):
@@ -673,6 +804,8 @@ def peft_model_update(model: torch.nn.Module, adapter_name: str | None = None) -
                 continue
             down = module.lora_A[name].weight.detach().float()
             up = module.lora_B[name].weight.detach().float() * module.scaling[name]
+            if getattr(module, "fan_in_fan_out", False):  # Conv1D-style weights are stored transposed: ΔWᵀ = Aᵀ·Bᵀ
+                up, down = down.T.contiguous(), up.T.contiguous()
             param_name = f"{module_name}.weight".removeprefix("base_model.model.")
             if param_name in factors:  # several adapters: their updates add
                 prev_up, prev_down = factors[param_name]
@@ -708,25 +841,27 @@ class WeightProjector:
         """Project a whole weight change onto ΔW.
 
         `delta_source` is a PersonaLoRADiff (any low-rank update, e.g. load_adapter_update(dir)),
-        or a mapping / iterable of (param_name, dense D). Returns the total, per layer and per
-        module: {"projection", "cosine", "inner", "delta_norm", "diff_norm"}.
+        or a mapping / iterable of (param_name, dense D). Projection and cosine are over the
+        diff's modules only, whatever the source; the change in every other module the source
+        holds is reported apart as "outside_diff_change_norm". Returns the total, per layer and
+        per module: {"projection", "cosine", "inner", "delta_norm", "diff_norm"}.
         """
         diff = _as_diff(lora_diff)
         if isinstance(delta_source, PersonaLoRADiff):
-            missing = [n for n in delta_source if n not in diff and n.endswith("_proj.weight")]
-            items = ((name, delta_source.factors[name]) for name in delta_source if name in diff)
-            extra_sq = sum(delta_source.module_sq_norm(n) for n in missing)
+            items = ((name, delta_source.factors[name]) for name in delta_source)
         else:
             items = delta_source.items() if isinstance(delta_source, Mapping) else delta_source
-            extra_sq = 0.0
-        modules = {}
+        modules, outside_sq = {}, 0.0
         for name, delta in items:
-            if name not in diff:
-                continue
-            modules[name] = WeightProjector.module_projection(delta, diff, name)
+            if name in diff:
+                modules[name] = WeightProjector.module_projection(delta, diff, name)
+            elif isinstance(delta, torch.Tensor):
+                outside_sq += float(delta.to(torch.float64).pow(2).sum())
+            else:
+                outside_sq += lowrank_inner(*delta, *delta)
         if not modules:
             raise PersonaLoRAError("the weight change and the persona diff share no module (different models or target modules?)")
-        return _aggregate(modules, extra_delta_sq=extra_sq)
+        return {**_aggregate(modules), "outside_diff_change_norm": math.sqrt(max(outside_sq, 0.0))}
 
     @staticmethod
     def compute_layer_projections(model: torch.nn.Module, lora_diff_path, num_layers: int | None = None,
@@ -780,12 +915,12 @@ def _projection_stats(inner: float, delta_sq: float, diff_sq: float) -> dict:
     }
 
 
-def _aggregate(modules: dict[str, dict], extra_delta_sq: float = 0.0) -> dict:
-    def combine(stats: Iterable[dict], extra: float = 0.0) -> dict:
+def _aggregate(modules: dict[str, dict]) -> dict:
+    def combine(stats: Iterable[dict]) -> dict:
         stats = list(stats)
         return _projection_stats(
             sum(s["inner"] for s in stats),
-            sum(s["delta_norm"] ** 2 for s in stats) + extra,
+            sum(s["delta_norm"] ** 2 for s in stats),
             sum(s["diff_norm"] ** 2 for s in stats),
         )
 
@@ -794,5 +929,5 @@ def _aggregate(modules: dict[str, dict], extra_delta_sq: float = 0.0) -> dict:
         index = layer_index(name)
         if index is not None:
             by_layer.setdefault(index, []).append(stats)
-    total = combine(modules.values(), extra_delta_sq)
+    total = combine(modules.values())
     return {**total, "layers": {i: combine(s) for i, s in sorted(by_layer.items())}, "modules": modules}

@@ -46,10 +46,21 @@ def model_short_name(model_name_or_path: str | None) -> str:
     return Path(model_label(model_name_or_path).rstrip("/")).name
 
 
+def persona_dir(model_name_or_path: str | None, trait: str) -> Path:
+    """Where extract_persona_lora.py writes a trait's outputs by default (data, adapters, diff, the
+    offline judge's data)."""
+    return Path("persona_loras") / model_short_name(model_name_or_path) / trait
+
+
 def default_persona_paths(model_name_or_path: str | None, trait: str) -> tuple[Path, Path]:
     """Where extract_persona_lora.py writes a trait's diff and its activation vector by default."""
     name = model_short_name(model_name_or_path)
-    return Path(f"persona_loras/{name}/{trait}/{trait}_lora_diff.pt"), Path(f"persona_vectors/{name}/{trait}_response_avg_diff.pt")
+    return persona_dir(model_name_or_path, trait) / f"{trait}_lora_diff.pt", Path(f"persona_vectors/{name}/{trait}_response_avg_diff.pt")
+
+
+def default_judge_data_dir(model_name_or_path: str | None, trait: str) -> Path:
+    """The offline judge's own data for a trait (answers to its judge questions), written by the extraction."""
+    return persona_dir(model_name_or_path, trait) / "judge_data"
 
 
 def check_model_source(model_name_or_path: str | None, flag: str = "--model") -> None:

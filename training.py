@@ -1,23 +1,33 @@
-"""LoRA supervised finetuning on chat JSONL, loss on the assistant's response only, with optional
-preventative steering and a weight-space drift monitor.
+"""Supervised finetuning on chat JSONL (loss on the assistant's response only): a LoRA adapter or a
+dense finetune of the target modules, with optional preventative steering and a weight-space drift
+monitor.
 
     python training.py configs/llama_3.1_8b_lora_steer.json
-    accelerate launch --num_processes 2 training.py configs/smollm2_135m.json     # several processes / GPUs / nodes
+    accelerate launch --num_processes 2 training.py configs/smollm2_135m.json     # data parallel: GPUs, or CPU processes
 
-The config (JSON, validated: unknown keys and wrong types are errors naming the key):
+The config (JSON, validated before the model loads: unknown keys, wrong types and out-of-range
+values are errors naming the key):
 
     model             hub id or local folder; null = the embedded SmolLM2-135M-Instruct
     training_file     chat JSONL ({"messages": [...]} per line, last message the assistant's)
-    output_dir        where the adapter is saved (a standard PEFT folder + training.json)
-    rank, alpha, use_rslora, target_modules, epochs, learning_rate, batch_size, max_length, seed, dtype
+    output_dir        where the result is saved: a PEFT adapter folder (method "lora") or a full
+                      checkpoint (method "dense"), with training.json
+    method            "lora" (default) or "dense": every weight of the target modules trained, no
+                      adapter; saved as a full checkpoint, as most finetunes that users project are
+    rank, alpha, use_rslora   LoRA only (rank ≥ 1)
+    target_modules, epochs (≥ 1), learning_rate (> 0), batch_size (≥ 1), max_length (≥ 16), seed, dtype
+    init_seed         optional: the adapter's initialisation seed. By default it is drawn from the
+                      finetune stream of `seed`, never the stream the persona adapters use, so a
+                      finetune never starts from their lora_A; an explicit init_seed that
+                      reproduces the initialisation of a persona diff named in the config is refused
     max_examples      optional cap on the number of training examples (first N)
     steering_config   optional preventative steering, active for the whole of training, removed after:
         {"type": "lora", "lora_diff_path": "...", "coef": -1.0}        W ← W + coef·ΔW while training
         {"type": "activation", "vector_path": "...", "layers": [20], "coef": 1.0}   h[ℓ] += coef·v[ℓ]
-    monitor           optional drift alarm: {"lora_diff_path": "...", "every": 10} logs the adapter's
+    monitor           optional drift alarm: {"lora_diff_path": "...", "every": 10} logs the finetune's
                       weight projection onto the persona diff every N steps (no generation, no judge)
 
-The saved adapter is always relative to the unsteered base: evaluate it on the plain model.
+The saved finetune is always relative to the unsteered base: evaluate it on the plain model.
 Persona Vectors found that steering *toward* the trait while training (positive coef) keeps the
 finetune from acquiring it; the seed config uses a negative one. Both signs are supported.
 """
@@ -25,6 +35,7 @@ finetune from acquiring it; the seed config uses a negative one. Both signs are 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -36,22 +47,31 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from eval.generation import chat_with_system, pad_right, tokenize_chat
-from io_utils import PersonaLoRAError, atomic_path, read_json_object, run_cli, write_json, write_manifest
-from model_loading import load_model_and_tokenizer
+import lora_utils as lu
+from eval.activations import ActivationSteerer, check_steering_layer, load_vector
+from eval.generation import conversation, pad_right, read_chat_jsonl, tokenize_chat
+from io_utils import (PersonaLoRAError, atomic_path, check_writable_dir, read_json_object, remove_stale_temporaries, run_cli,
+                      write_json, write_manifest)
+from model_loading import check_dtype, check_model_source, load_model_and_tokenizer, model_config, model_label
 
 TRAINING_RECORD = "training.json"
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def encode_examples(tokenizer, records: list[dict], max_length: int, include_system: bool = False) -> list[dict]:
-    """Token ids and labels (−100 outside the final assistant response) for each chat record."""
+def init_seed(purpose: str, seed: int) -> int:
+    """Adapter initialisation seeds come from one stream per purpose ("persona" for the pos/neg
+    persona adapters, which share theirs by design; "finetune" for everything compared with them).
+    Two LoRAs started from the same lora_A share a row space, and their inner product is then large
+    whatever they learned: a finetune must never start where the persona adapters started."""
+    return int.from_bytes(hashlib.sha256(f"{purpose}:{seed}".encode()).digest()[:4], "little")
+
+
+def encode_examples(tokenizer, records: list[dict], max_length: int) -> list[dict]:
+    """Token ids and labels (−100 outside the final assistant response) for each chat record,
+    without its system prompt or demonstrations: the question and the answer only."""
     encoded = []
     for record in records:
-        messages = chat_with_system(record["messages"], record.get("system") if include_system else None)
-        if not include_system:
-            messages = [m for m in messages if m["role"] != "system"]
-        ids, response_start = tokenize_chat(tokenizer, messages, max_length)
+        ids, response_start, _ = tokenize_chat(tokenizer, conversation(record, with_context=False), max_length)
         if response_start >= len(ids):
             continue  # the prompt alone fills max_length: nothing to learn from
         labels = [-100] * response_start + ids[response_start:]
@@ -75,40 +95,18 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              ignore_index=-100)
 
 
-def train_lora_adapter(model, tokenizer, records: list[dict], output_dir: str | os.PathLike, *, rank: int, alpha: float,
-                       use_rslora: bool, target_modules: list[str], epochs: int, learning_rate: float, batch_size: int,
-                       max_length: int, seed: int, desc: str = "training", include_system: bool = False,
-                       record_extra: dict | None = None, on_step: Callable | None = None) -> dict:
-    """Train one LoRA adapter on `records` and save it (atomically) as a PEFT folder.
-
-    The adapter is initialised from `seed` and the data order drawn from it, so two adapters
-    trained on contrastive data start from the same point. Runs under `accelerate launch` too
-    (batch_size is per process). `on_step(step, peft_model, loss)` is called after every step.
-    The base `model` is returned to its original state (LoRA layers unloaded) before this returns.
-    Returns {"losses", "epoch_losses", "examples", "tokens", "seconds", settings...}.
-    """
-    from accelerate import Accelerator
-    from peft import LoraConfig, get_peft_model
-
-    started = time.time()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    examples = encode_examples(tokenizer, records, max_length, include_system)
-    torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=list(target_modules),
-                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                        base_model_name_or_path=getattr(model, "name_or_path_for_outputs", None))
-    peft_model = get_peft_model(model, config)
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+def _train_loop(accelerator, trainable_model, trainable, examples, pad_id: int, *, epochs: int, learning_rate: float,
+                batch_size: int, seed: int, desc: str, on_step: Callable | None) -> tuple[list[float], list[float], int]:
+    """AdamW with warm-up and linear decay, gradient clipping at 1; the data order drawn from `seed`."""
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
-    loader = torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed),
-                                         collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id))
+    loader = torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+                                         collate_fn=lambda batch: collate(batch, pad_id))
     steps_per_epoch = math.ceil(len(examples) / (batch_size * accelerator.num_processes))
     total_steps = steps_per_epoch * epochs
     warmup = max(1, total_steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
-    wrapped, optimizer, loader, scheduler = accelerator.prepare(peft_model, optimizer, loader, scheduler)
+    wrapped, optimizer, loader, scheduler = accelerator.prepare(trainable_model, optimizer, loader, scheduler)
     losses, epoch_losses, tokens = [], [], 0
     wrapped.train()
     with tqdm(total=total_steps, desc=desc, disable=not accelerator.is_main_process) as bar:
@@ -129,31 +127,131 @@ def train_lora_adapter(model, tokenizer, records: list[dict], output_dir: str | 
                 epoch_sum, epoch_steps = epoch_sum + mean_loss, epoch_steps + 1
                 tokens += int(accelerator.reduce(batch["attention_mask"].sum(), reduction="sum"))
                 if on_step is not None:
-                    on_step(len(losses), peft_model, mean_loss)
+                    on_step(len(losses), mean_loss, len(losses) == total_steps)
                 bar.set_postfix(loss=f"{mean_loss:.3f}")
                 bar.update(1)
             epoch_losses.append(epoch_sum / max(1, epoch_steps))
     wrapped.eval()
-    summary = {"losses": losses, "epoch_losses": epoch_losses, "examples": len(examples), "tokens": tokens,
-               "seconds": round(time.time() - started, 2), "seed": seed, "rank": rank, "alpha": alpha,
-               "use_rslora": use_rslora, "target_modules": list(target_modules), "epochs": epochs,
-               "learning_rate": learning_rate, "batch_size": batch_size, "max_length": max_length,
-               "processes": accelerator.num_processes, **(record_extra or {})}
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with atomic_path(output_dir) as tmp:
-            accelerator.unwrap_model(wrapped).save_pretrained(str(tmp))
-            (tmp / TRAINING_RECORD).write_text(json.dumps(summary, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-    peft_model.unload()
+    return losses, epoch_losses, tokens
+
+
+def train_lora_adapter(model, tokenizer, records: list[dict], output_dir: str | os.PathLike, *, rank: int, alpha: float,
+                       use_rslora: bool, target_modules: list[str], epochs: int, learning_rate: float, batch_size: int,
+                       max_length: int, seed: int, adapter_init_seed: int, base_model_name: str | None = None,
+                       desc: str = "training", record_extra: dict | None = None, on_step: Callable | None = None) -> dict:
+    """Train one LoRA adapter on `records` (question → answer) and save it atomically as a PEFT folder.
+
+    The adapter's lora_A is initialised from `adapter_init_seed` (see init_seed), the data order
+    drawn from `seed`. Runs under `accelerate launch` too (batch_size is per process).
+    `on_step(step, update, loss, last)` may ask for the adapter's current exact update after every
+    step (`update` is a function, so steps that do not need it cost nothing).
+    The base `model` is returned to its original state (LoRA layers unloaded) before this returns.
+    Returns {"losses", "epoch_losses", "examples", "tokens", "seconds", settings...}.
+    """
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+
+    started = time.time()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    examples = encode_examples(tokenizer, records, max_length)
+    torch.manual_seed(adapter_init_seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=list(target_modules),
+                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name)
+    peft_model = get_peft_model(model, config)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    step_hook = (lambda step, loss, last: on_step(step, lambda: lu.peft_model_update(peft_model), loss, last)) if on_step else None
+    try:
+        losses, epoch_losses, tokens = _train_loop(accelerator, peft_model, trainable, examples, tokenizer.pad_token_id,
+                                                   epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
+                                                   desc=desc, on_step=step_hook)
+        summary = {"method": "lora", "losses": losses, "epoch_losses": epoch_losses, "examples": len(examples), "tokens": tokens,
+                   "seconds": round(time.time() - started, 2), "seed": seed, "init_seed": adapter_init_seed, "rank": rank,
+                   "alpha": alpha, "use_rslora": use_rslora, "target_modules": list(target_modules), "epochs": epochs,
+                   "learning_rate": learning_rate, "batch_size": batch_size, "max_length": max_length,
+                   "processes": accelerator.num_processes, **(record_extra or {})}
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with atomic_path(output_dir) as tmp:
+                peft_model.save_pretrained(str(tmp))
+                (tmp / TRAINING_RECORD).write_text(json.dumps(summary, indent=2) + "\n")
+        accelerator.wait_for_everyone()
+    finally:
+        peft_model.unload()
+    return summary
+
+
+def target_parameters(model, target_modules: list[str]) -> dict[str, torch.nn.Parameter]:
+    """The weights of the linear modules named by `target_modules` (their last name part)."""
+    params = {name: p for name, p in model.named_parameters()
+              if name.endswith(".weight") and lu.module_type(name) in set(target_modules) and p.ndim == 2}
+    if not params:
+        raise PersonaLoRAError(f"no weight of the model matches target_modules {target_modules}")
+    return params
+
+
+def train_dense(model, tokenizer, records: list[dict], output_dir: str | os.PathLike, *, target_modules: list[str], epochs: int,
+                learning_rate: float, batch_size: int, max_length: int, seed: int, desc: str = "training (dense)",
+                record_extra: dict | None = None, on_step: Callable | None = None) -> dict:
+    """Train every weight of the target modules (nothing else) and save the whole model as a full
+    checkpoint. `on_step(step, changes, loss, last)` may ask for {param name: W − W₀} (`changes` is
+    a function) after every step. The
+    model's weights are restored afterwards, so the caller's model is the base model again."""
+    from accelerate import Accelerator
+
+    started = time.time()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    examples = encode_examples(tokenizer, records, max_length)
+    params = target_parameters(model, target_modules)
+    originals = {name: p.detach().clone() for name, p in params.items()}
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+
+    def changes():
+        return {name: (p.detach() - originals[name]) for name, p in params.items()}
+
+    step_hook = (lambda step, loss, last: on_step(step, changes, loss, last)) if on_step else None
+    try:
+        losses, epoch_losses, tokens = _train_loop(accelerator, model, list(params.values()), examples, tokenizer.pad_token_id,
+                                                   epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
+                                                   desc=desc, on_step=step_hook)
+        summary = {"method": "dense", "losses": losses, "epoch_losses": epoch_losses, "examples": len(examples), "tokens": tokens,
+                   "seconds": round(time.time() - started, 2), "seed": seed, "target_modules": list(target_modules),
+                   "trained_parameters": sum(p.numel() for p in params.values()), "epochs": epochs,
+                   "learning_rate": learning_rate, "batch_size": batch_size, "max_length": max_length,
+                   "processes": accelerator.num_processes, **(record_extra or {})}
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with atomic_path(output_dir) as tmp:
+                accelerator.unwrap_model(model).save_pretrained(str(tmp))
+                (tmp / TRAINING_RECORD).write_text(json.dumps(summary, indent=2) + "\n")
+        accelerator.wait_for_everyone()
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(originals[name])
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in frozen:
+            p.requires_grad_(True)
+        model.eval()
     return summary
 
 
 def finished_adapter(output_dir: str | os.PathLike) -> dict | None:
-    """The training record of a completely saved adapter folder, or None."""
-    record = Path(output_dir) / TRAINING_RECORD
-    if record.is_file() and (Path(output_dir) / "adapter_config.json").is_file():
-        return json.loads(record.read_text())
+    """The training record of a completely saved finetune folder (adapter or checkpoint), or None.
+    The record is written inside the same atomic folder as the weights, so its presence means the
+    weights are complete."""
+    folder = Path(output_dir)
+    record = folder / TRAINING_RECORD
+    weights = (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file()
+    if record.is_file() and weights:
+        try:
+            return json.loads(record.read_text())
+        except ValueError:
+            return None
     return None
 
 
@@ -165,6 +263,7 @@ CONFIG_SCHEMA = {  # key: (types, required, default)
     "model": ((str, type(None)), False, None),
     "training_file": ((str,), True, None),
     "output_dir": ((str,), True, None),
+    "method": ((str,), False, "lora"),
     "rank": ((int,), False, 8),
     "alpha": ((int, float), False, 16),
     "use_rslora": ((bool,), False, False),
@@ -175,6 +274,7 @@ CONFIG_SCHEMA = {  # key: (types, required, default)
     "max_length": ((int,), False, 512),
     "max_examples": ((int, type(None)), False, None),
     "seed": ((int,), False, 0),
+    "init_seed": ((int, type(None)), False, None),
     "dtype": ((str,), False, "auto"),
     "steering_config": ((dict, type(None)), False, None),
     "monitor": ((dict, type(None)), False, None),
@@ -184,6 +284,10 @@ STEERING_SCHEMA = {
     "activation": {"type": (str,), "vector_path": (str,), "layers": (list,), "coef": (int, float)},
 }
 MONITOR_SCHEMA = {"lora_diff_path": (str,), "every": (int,)}
+# key: (lowest accepted, why)
+RANGES = {"rank": (1, "a LoRA needs rank ≥ 1"), "epochs": (1, "train at least one epoch"),
+          "batch_size": (1, "a batch holds at least one example"), "max_length": (16, "room for a question and an answer"),
+          "max_examples": (1, "train on at least one example")}
 
 
 def _check_keys(where: str, given: dict, schema: dict, path: Path) -> None:
@@ -196,6 +300,29 @@ def _check_keys(where: str, given: dict, schema: dict, path: Path) -> None:
         if not isinstance(value, types):
             raise PersonaLoRAError(f"{path}: '{where}{key}' must be {' or '.join(t.__name__ for t in types)}, "
                                    f"not {type(value).__name__}")
+
+
+def _check_ranges(config: dict, path: Path) -> None:
+    for key, (lowest, why) in RANGES.items():
+        if config[key] is not None and config[key] < lowest:
+            raise PersonaLoRAError(f"{path}: '{key}' is {config[key]}, must be ≥ {lowest} ({why})")
+    if not (math.isfinite(config["learning_rate"]) and config["learning_rate"] > 0):
+        raise PersonaLoRAError(f"{path}: 'learning_rate' is {config['learning_rate']}, must be a finite number > 0")
+    if not (math.isfinite(config["alpha"]) and config["alpha"] > 0):
+        raise PersonaLoRAError(f"{path}: 'alpha' is {config['alpha']}, must be a finite number > 0")
+    if config["method"] not in ("lora", "dense"):
+        raise PersonaLoRAError(f"{path}: 'method' is {config['method']!r}, must be 'lora' or 'dense'")
+    if not config["target_modules"] or not all(isinstance(m, str) and m for m in config["target_modules"]):
+        raise PersonaLoRAError(f"{path}: 'target_modules' must be a non-empty list of module names")
+    steering = config["steering_config"]
+    if steering is not None and not math.isfinite(steering["coef"]):
+        raise PersonaLoRAError(f"{path}: 'steering_config.coef' must be a finite number")
+    if steering is not None and steering["type"] == "lora" and config["method"] == "dense":
+        raise PersonaLoRAError(f"{path}: a dense finetune cannot train under a merged persona LoRA (its removal would undo "
+                               "the training); use activation steering or method 'lora'")
+    monitor = config["monitor"]
+    if monitor is not None and monitor["every"] < 1:
+        raise PersonaLoRAError(f"{path}: 'monitor.every' is {monitor['every']}, must be ≥ 1")
 
 
 def load_config(path: str | os.PathLike) -> dict:
@@ -216,13 +343,64 @@ def load_config(path: str | os.PathLike) -> dict:
         missing = [k for k in schema if k not in steering]
         if missing:
             raise PersonaLoRAError(f"{path}: 'steering_config.{missing[0]}' is required for {steering['type']} steering")
-        if steering["type"] == "activation" and not all(isinstance(x, int) and not isinstance(x, bool) for x in steering["layers"]):
-            raise PersonaLoRAError(f"{path}: 'steering_config.layers' must be a list of integers")
+        if steering["type"] == "activation" and not (steering["layers"] and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in steering["layers"])):
+            raise PersonaLoRAError(f"{path}: 'steering_config.layers' must be a non-empty list of integers")
     if config["monitor"] is not None:
         _check_keys("monitor.", config["monitor"], MONITOR_SCHEMA, path)
         if set(MONITOR_SCHEMA) - set(config["monitor"]):
             raise PersonaLoRAError(f"{path}: 'monitor' needs both 'lora_diff_path' and 'every'")
+    _check_ranges(config, path)
     return config
+
+
+def persona_diffs_of(config: dict) -> list[str]:
+    """The persona diffs a config names (steering and monitor)."""
+    paths = [config["monitor"]["lora_diff_path"]] if config["monitor"] else []
+    if config["steering_config"] and config["steering_config"]["type"] == "lora":
+        paths.append(config["steering_config"]["lora_diff_path"])
+    return paths
+
+
+def check_independent_init(config: dict, adapter_init_seed: int, path: Path) -> None:
+    """Refuse a LoRA finetune that would start from the initialisation of a persona diff it is
+    compared with: same init seed, rank and target modules give the same lora_A."""
+    if config["method"] != "lora":
+        return
+    for diff_path in persona_diffs_of(config):
+        init = lu.load_lora_diff(diff_path).metadata.get("init") or {}
+        if (init.get("seed") == adapter_init_seed and init.get("rank") == config["rank"]
+                and sorted(init.get("target_modules") or []) == sorted(config["target_modules"])):
+            raise PersonaLoRAError(f"{path}: this finetune would start from the same lora_A as the persona adapters of {diff_path} "
+                                   f"(init seed {adapter_init_seed}, rank {config['rank']}, the same targets), so its projection "
+                                   "onto that diff would be large by construction; drop 'init_seed' or choose another")
+
+
+def check_config_inputs(config: dict, path: Path) -> dict:
+    """Everything a config points at, checked before the model loads: the training data, the
+    output folder, the diffs and vectors, the steering layers against the model's depth."""
+    check_model_source(config["model"], f"{path}: 'model'")
+    check_dtype(config["dtype"])
+    records = read_chat_jsonl(config["training_file"])[: config["max_examples"]]
+    check_writable_dir(Path(config["output_dir"]).parent, f"{path}: 'output_dir'")
+    for diff_path in persona_diffs_of(config):
+        lu.load_lora_diff(diff_path)
+    steering = config["steering_config"]
+    if steering is not None and steering["type"] == "activation":
+        vector = load_vector(steering["vector_path"])
+        layers = model_config(config["model"]).num_hidden_layers
+        if vector.shape[0] != layers + 1:
+            raise PersonaLoRAError(f"{path}: {steering['vector_path']} has {vector.shape[0]} rows; this model needs {layers + 1}")
+        for layer in steering["layers"]:
+            check_steering_layer(layer, layers, f"{path}: 'steering_config.layers' holds")
+    return {"records": records}
+
+
+def config_identity(config: dict, records: list[dict]) -> str:
+    """What a finished finetune depends on: the whole config (whatever its file is called) and the
+    training examples' content. A rerun with the same identity reuses the finetune."""
+    return hashlib.sha256(json.dumps({"config": {k: v for k, v in config.items() if k != "output_dir"}, "examples": records},
+                                     sort_keys=True).encode()).hexdigest()
 
 
 def process_device_map():
@@ -235,65 +413,71 @@ def process_device_map():
 
 def preventative_steering(config: dict, model) -> contextlib.AbstractContextManager:
     """The steering active during training: a merged persona LoRA or activation hooks."""
-    import lora_utils as lu
-    from eval.activations import ActivationSteerer
-
     steering = config["steering_config"]
     if steering is None:
         return contextlib.nullcontext()
     if steering["type"] == "lora":
         return lu.LoRASteerer(model, steering["lora_diff_path"], steering["coef"])
-    from eval.activations import load_vector
-
     vector = load_vector(steering["vector_path"])
     stack = contextlib.ExitStack()
-    steerers = [ActivationSteerer(model, vector, layer, steering["coef"], positions="all") for layer in steering["layers"]]
-    for steerer in steerers:
-        stack.enter_context(steerer)
+    for layer in steering["layers"]:
+        stack.enter_context(ActivationSteerer(model, vector, layer, steering["coef"], positions="all"))
     return stack
 
 
 def main():
-    import lora_utils as lu
-    from eval.generation import read_chat_jsonl
-
     if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
         print(__doc__)
         sys.exit(0 if len(sys.argv) == 2 else 2)
     started = time.time()
-    config = load_config(sys.argv[1])
-    records = read_chat_jsonl(config["training_file"])[: config["max_examples"]]
+    config_path = Path(sys.argv[1])
+    config = load_config(config_path)
+    adapter_init_seed = config["init_seed"] if config["init_seed"] is not None else init_seed("finetune", config["seed"])
+    check_independent_init(config, adapter_init_seed, config_path)
+    records = check_config_inputs(config, config_path)["records"]
+    identity = config_identity(config, records)
+    previous = finished_adapter(config["output_dir"])
+    if previous is not None and previous.get("config_identity") == identity:
+        print(f"{config['output_dir']} is finished with this config and data: reused (delete it to train again)")
+        return
+    remove_stale_temporaries(Path(config["output_dir"]).parent)
     monitor_diff = lu.load_lora_diff(config["monitor"]["lora_diff_path"]) if config["monitor"] else None
     model, tokenizer = load_model_and_tokenizer(config["model"], dtype=config["dtype"], device_map=process_device_map())
     monitor_log = []
 
-    def monitor(step, peft_model, loss):
-        if monitor_diff is None or step % config["monitor"]["every"]:
+    def monitor(step, weight_change, loss, last):
+        """Every N steps and at the last step: the finetune's projection onto the persona diff."""
+        if monitor_diff is None or (step % config["monitor"]["every"] and not last):
             return
-        projection = lu.WeightProjector.project(lu.peft_model_update(peft_model), monitor_diff)
-        monitor_log.append({"step": step, "loss": loss, "projection": projection["projection"], "cosine": projection["cosine"]})
+        projection = lu.WeightProjector.project(weight_change(), monitor_diff)
+        monitor_log.append({"step": step, "loss": loss, "projection": projection["projection"], "cosine": projection["cosine"],
+                            "final": last})
         tqdm.write(f"step {step}: projection onto {monitor_diff.metadata.get('trait', 'persona')} diff "
                    f"{projection['projection']:+.5f} (cosine {projection['cosine']:+.4f})")
 
     steering = config["steering_config"]
+    extra = {"config": str(config_path), "training_file": config["training_file"], "steering_config": steering,
+             "config_identity": identity}
+    common = dict(target_modules=config["target_modules"], epochs=config["epochs"], learning_rate=config["learning_rate"],
+                  batch_size=config["batch_size"], max_length=config["max_length"], seed=config["seed"], desc="finetuning",
+                  on_step=monitor, record_extra=extra)
     with preventative_steering(config, model):
-        summary = train_lora_adapter(
-            model, tokenizer, records, config["output_dir"], rank=config["rank"], alpha=config["alpha"],
-            use_rslora=config["use_rslora"], target_modules=config["target_modules"], epochs=config["epochs"],
-            learning_rate=config["learning_rate"], batch_size=config["batch_size"], max_length=config["max_length"],
-            seed=config["seed"], desc="finetuning", on_step=monitor,
-            record_extra={"config": sys.argv[1], "training_file": config["training_file"], "steering_config": steering})
+        if config["method"] == "dense":
+            summary = train_dense(model, tokenizer, records, config["output_dir"], **common)
+        else:
+            summary = train_lora_adapter(model, tokenizer, records, config["output_dir"], rank=config["rank"], alpha=config["alpha"],
+                                         use_rslora=config["use_rslora"], adapter_init_seed=adapter_init_seed,
+                                         base_model_name=model_label(config["model"]), **common)
     output_dir = Path(config["output_dir"])
     if int(os.environ.get("RANK", "0")) == 0:
         if monitor_log:
             write_json(output_dir / "monitor.json", monitor_log)
         write_manifest(output_dir, config, started, name="training_manifest.json",
-                          final_epoch_loss=summary["epoch_losses"][-1], steps=len(summary["losses"]))
-        print(f"\nsaved {output_dir} ({summary['examples']} examples, {len(summary['losses'])} steps, "
+                       final_epoch_loss=summary["epoch_losses"][-1], steps=len(summary["losses"]))
+        print(f"\nsaved {output_dir} ({summary['method']}, {summary['examples']} examples, {len(summary['losses'])} steps, "
               f"loss by epoch {' → '.join(f'{x:.3f}' for x in summary['epoch_losses'])}, {summary['seconds']:.0f} s"
               + (f", trained with {steering['type']} steering at coef {steering['coef']}, removed after" if steering else "") + ")")
 
 
 if __name__ == "__main__":
-
     run_cli(main)

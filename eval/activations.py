@@ -1,18 +1,22 @@
-"""Activation space (Persona Vectors' conventions): response-token hidden states and persona vectors.
+"""Activation space (Persona Vectors' conventions): answer-token hidden states, persona vectors,
+and activation steering.
 
 `hidden_states` from the model has L+1 entries (the embeddings, then each block's output); a
-persona vector is v[ℓ] = mean over pos examples of the mean response-token hidden_states[ℓ],
-minus the same over neg examples, saved as a tensor [L+1, hidden].
+persona vector is v[ℓ] = mean over pos examples of the mean answer-token hidden_states[ℓ],
+minus the same over neg examples, saved as a tensor [L+1, hidden]. Answer tokens are the answer's
+own text: the chat template's end-of-turn tokens are not averaged, as in Persona Vectors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from eval.generation import chat_with_system, pad_right, tokenize_chat
+from eval.generation import conversation, pad_right, tokenize_chat
 from io_utils import PersonaLoRAError
 from model_loading import model_device
 
@@ -31,19 +35,24 @@ def load_vector(path) -> torch.Tensor:
 
 
 @torch.no_grad()
-def span_hidden_means(model, spans: list[tuple[list[int], int]], pad_id: int, batch_size: int = 16,
+def span_hidden_means(model, spans: list[tuple[list[int], int, int]], pad_id: int, batch_size: int = 16,
                       desc: str = "hidden states") -> torch.Tensor:
-    """For each (token ids, response start), the mean over the response tokens of every layer's
-    hidden state: [N, L+1, hidden] (float32). Right padding, so positions start at 0 in every row."""
+    """For each (token ids, answer start, answer end), the mean over the answer's tokens of every
+    layer's hidden state: [N, L+1, hidden] (float32). Right padding, so positions start at 0 in
+    every row. An empty answer falls back to its last token."""
     means = []
     device = model_device(model)
     for start in tqdm(range(0, len(spans), batch_size), desc=desc):
-        chunk = [(ids, min(response_start, len(ids) - 1)) for ids, response_start in spans[start:start + batch_size]]
-        input_ids, attention_mask = pad_right([ids for ids, _ in chunk], pad_id)
-        output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), output_hidden_states=True)
+        chunk = []
+        for ids, answer_start, answer_end in spans[start:start + batch_size]:
+            answer_start = min(answer_start, len(ids) - 1)
+            chunk.append((ids, answer_start, max(answer_end, answer_start + 1)))
+        input_ids, attention_mask = pad_right([ids for ids, _, _ in chunk], pad_id)
+        with teacher_forced_response(torch.tensor([answer_start for _, answer_start, _ in chunk])):
+            output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), output_hidden_states=True)
         response_mask = torch.zeros_like(attention_mask, dtype=torch.float32)
-        for row, (ids, response_start) in enumerate(chunk):
-            response_mask[row, response_start:len(ids)] = 1.0
+        for row, (_, answer_start, answer_end) in enumerate(chunk):
+            response_mask[row, answer_start:answer_end] = 1.0
         weights = response_mask / response_mask.sum(1, keepdim=True)
         # One layer at a time: stacking all L+1 layers in float32 would cost GBs on an 8B model.
         per_layer = [torch.einsum("bth,bt->bh", h.float(), weights.to(h.device)).cpu() for h in output.hidden_states]
@@ -51,11 +60,12 @@ def span_hidden_means(model, spans: list[tuple[list[int], int]], pad_id: int, ba
     return torch.cat(means)
 
 
-def response_hidden_means(model, tokenizer, records: list[dict], include_system: bool = True, batch_size: int = 16,
+def response_hidden_means(model, tokenizer, records: list[dict], with_context: bool = True, batch_size: int = 16,
                           max_length: int | None = None, desc: str = "hidden states") -> torch.Tensor:
-    """Per chat record, the mean over its final response's tokens of every layer's hidden state: [N, L+1, hidden]."""
-    spans = [tokenize_chat(tokenizer, chat_with_system(r["messages"], r.get("system") if include_system else None), max_length)
-             for r in records]
+    """Per chat record, the mean over its answer's tokens of every layer's hidden state: [N, L+1, hidden].
+    with_context: the answer is read after its system prompt and demonstrations, as it was generated
+    (Persona Vectors' convention for the persona vector)."""
+    spans = [tokenize_chat(tokenizer, conversation(r, with_context), max_length) for r in records]
     return span_hidden_means(model, spans, tokenizer.pad_token_id, batch_size, desc)
 
 
@@ -74,6 +84,30 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 STEERING_TYPES = ("all", "prompt", "response")
 
+# In a teacher-forced forward pass (scoring a given answer, not generating one), the answer's first
+# token per row: "response" steering then covers the positions that generation would have steered.
+_TEACHER_FORCED_STARTS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("teacher_forced_starts", default=None)
+
+
+@contextlib.contextmanager
+def teacher_forced_response(answer_starts: torch.Tensor):
+    """Declare that forward passes in this block score whole sequences (right-padded, row r's
+    answer starting at answer_starts[r]), so that activation steering applies to the positions it
+    would have applied to while generating them."""
+    token = _TEACHER_FORCED_STARTS.set(answer_starts)
+    try:
+        yield
+    finally:
+        _TEACHER_FORCED_STARTS.reset(token)
+
+
+def check_steering_layer(layer: int, num_layers: int, flag: str = "--layer") -> None:
+    """Steerable layers are 1..L−1: hidden_states[L] is taken after the model's final norm, while
+    steering adds to the last block's output before it, so v[L] lives in another space."""
+    if not 1 <= layer <= num_layers - 1:
+        raise PersonaLoRAError(f"{flag} {layer} is outside 1..{num_layers - 1} (hidden_states[{num_layers}] is read after the "
+                               "final norm, so the last layer cannot be steered along it)")
+
 
 class ActivationSteerer:
     """Persona Vectors' activation steering: add coef·v[layer] to the output of block layer−1
@@ -82,32 +116,44 @@ class ActivationSteerer:
         prompt    only the prompt (the prefill pass, when more than one position is processed);
         response  only the last position of each pass, i.e. every generated token (and, as in
                   Persona Vectors, the final prompt token that produces the first one).
+    Inside teacher_forced_response(starts), a pass over whole sequences is steered where
+    generation would have steered it: response = from the last prompt token on, prompt = before it.
     A context manager: the hook is always removed, also when the body raises."""
 
     def __init__(self, model, vector: torch.Tensor, layer: int, coef: float, positions: str = "response"):
         layers = decoder_layers(model)
         if vector.ndim != 2 or vector.shape[0] != len(layers) + 1:
-            raise ValueError(f"the persona vector has shape {tuple(vector.shape)}; expected [{len(layers) + 1}, hidden] for this model")
-        if not 1 <= layer <= len(layers):
-            raise ValueError(f"--layer {layer} is outside 1..{len(layers)}")
+            raise PersonaLoRAError(f"the persona vector has shape {tuple(vector.shape)}; expected [{len(layers) + 1}, hidden] for this model")
+        check_steering_layer(layer, len(layers))
         if positions not in STEERING_TYPES:
-            raise ValueError(f"--steering_type {positions!r} is not one of {', '.join(STEERING_TYPES)}")
+            raise PersonaLoRAError(f"--steering_type {positions!r} is not one of {', '.join(STEERING_TYPES)}")
         self.block = layers[layer - 1]
         self.steer = coef * vector[layer]
         self.positions = positions
         self.handle = None
 
+    def _position_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[batch, positions, 1] of 0/1 where to add, or None for everywhere."""
+        if self.positions == "all":
+            return None
+        starts = _TEACHER_FORCED_STARTS.get()
+        length = hidden.shape[1]
+        if starts is not None and len(starts) == hidden.shape[0]:
+            positions = torch.arange(length, device=hidden.device)[None, :]
+            first_steered = (starts.to(hidden.device) - 1)[:, None]  # the last prompt token produces the first answer token
+            mask = positions >= first_steered if self.positions == "response" else positions < first_steered
+        elif self.positions == "prompt":
+            mask = torch.full((hidden.shape[0], length), length > 1, device=hidden.device)
+        else:
+            mask = torch.zeros((hidden.shape[0], length), dtype=torch.bool, device=hidden.device)
+            mask[:, -1] = True
+        return mask[..., None].to(hidden.dtype)
+
     def _hook(self, module, inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
         steer = self.steer.to(device=hidden.device, dtype=hidden.dtype)
-        if self.positions == "all":
-            hidden = hidden + steer
-        elif self.positions == "prompt":
-            if hidden.shape[1] == 1:
-                return output
-            hidden = hidden + steer
-        else:
-            hidden = torch.cat([hidden[:, :-1], hidden[:, -1:] + steer], dim=1)
+        mask = self._position_mask(hidden)
+        hidden = hidden + (steer if mask is None else mask * steer)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def __enter__(self):

@@ -37,8 +37,35 @@ def save_figure(figure, path: str | Path) -> Path:
 
 
 def plot_sweep(series: dict[str, list[dict]], trait: str, path: str | Path, title: str) -> Path:
-    """Two panels, trait score and coherence against the coefficient, one line per method with
-    standard-error bars. `series` maps a method to its condition summaries (coef, means, sems)."""
+    """Panels against the coefficient, one line per method with standard-error bars: the judged
+    trait score, coherence and (when measured) the judge-free margin. `series` maps a method to its
+    condition summaries (coef, <metric>_mean, <metric>_sem)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [(trait, f"{trait} score (0–100, judged)"), ("coherence", "coherence (0–100)")]
+    if all("margin_mean" in p for points in series.values() for p in points):
+        metrics.append(("margin", "log-likelihood margin (nats/token, no judge)"))
+    figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
+    for method, points in series.items():
+        points = sorted(points, key=lambda p: p["coef"])
+        coefs = [p["coef"] for p in points]
+        for axis, (metric, _) in zip(axes, metrics):
+            axis.errorbar(coefs, [p[f"{metric}_mean"] for p in points], yerr=[p[f"{metric}_sem"] for p in points],
+                          marker="o", capsize=3, label=method)
+    for axis, (_, label) in zip(axes, metrics):
+        axis.set(xlabel="steering coefficient", ylabel=label)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.suptitle(title, fontsize=9)
+    return save_figure(figure, path)
+
+
+def plot_ab_sweep(series: dict[str, list[dict]], path: str | Path, title: str) -> Path:
+    """Forced choice against the coefficient, one line per method: the balanced p_matching (both
+    orders of the choices) with its paired error, and P(first choice), which shows letter bias."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,13 +75,16 @@ def plot_sweep(series: dict[str, list[dict]], trait: str, path: str | Path, titl
     for method, points in series.items():
         points = sorted(points, key=lambda p: p["coef"])
         coefs = [p["coef"] for p in points]
-        for axis, metric in zip(axes, (trait, "coherence")):
-            axis.errorbar(coefs, [p[f"{metric}_mean"] for p in points], yerr=[p[f"{metric}_sem"] for p in points],
-                          marker="o", capsize=3, label=method)
-    for axis, metric in zip(axes, (f"{trait} score", "coherence")):
-        axis.set_xlabel("steering coefficient")
-        axis.set_ylabel(f"{metric} (0–100)")
+        axes[0].errorbar(coefs, [p["balanced_p_matching_both_orders"] for p in points],
+                         yerr=[p["change_vs_baseline"]["balanced_p_matching_both_orders_sem"] for p in points],
+                         marker="o", capsize=3, label=method)
+        axes[1].plot(coefs, [p["p_first_choice"] for p in points], marker="o", label=method)
+    axes[0].axhline(0.5, color="grey", linestyle=":")
+    axes[1].axhline(0.5, color="grey", linestyle=":")
+    axes[0].set(xlabel="steering coefficient", ylabel="balanced p_matching (± paired s.e. of the change)")
+    axes[1].set(xlabel="steering coefficient", ylabel="P(first choice): position bias")
+    for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend()
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle(title, fontsize=9)
     return save_figure(figure, path)

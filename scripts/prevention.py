@@ -1,37 +1,65 @@
 """Experiment 3 helpers: the training configs of the preventative-steering sweep, and its summary.
 
-    python scripts/prevention.py configs --training_file D/data/pos.jsonl --lora_diff_path P --vector_path V \\
-        --layer 20 --coefs -1 1 --output_dir results/exp3_prevention --ckpt_dir ckpt/exp3
+    python scripts/prevention.py configs --training_file F/pos.jsonl --lora_diff_path P --vector_path V \\
+        --layer 20 --coefs -1 1 --n 160 --output_dir results/exp3_prevention --ckpt_dir ckpt/exp3
     python scripts/prevention.py summarize --output_dir results/exp3_prevention --trait evil
 
-`configs` writes configs/<run>.json: one run without prevention, then one per kind (lora,
-activation) and coefficient. `summarize` reads each run's eval summary and MMLU JSON (and the base
-model's), writes summary.json (trait drift = finetune − base trait score, MMLU change) and
-drift.png (drift against the coefficient, one line per kind, the unprevented finetune as a line).
+`configs` writes configs/<run>.json and runs.txt: one run without prevention, then one per kind
+(lora, activation) and coefficient. `summarize` reads each run's evaluation summary and MMLU JSON
+(and the base model's) and writes summary.json and drift.png. Drift = finetune − base, paired by
+question (the same held-out questions and sampling seeds): for the judged trait score, coherence,
+the judge-free margin, and MMLU (the same seeded questions, paired item by item). Prevention is
+only compared once the unprevented finetune drifted: its margin drift must be at least 3 standard
+errors ("drift_shown").
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from io_utils import read_json_object, run_cli, write_json  # noqa: E402
+from eval.analysis import save_figure  # noqa: E402
+from eval.stats import mean_and_sem, paired_difference  # noqa: E402
+from io_utils import (ArgumentParser, PersonaLoRAError, atomic_path, finite_float, positive_int, read_json_object,  # noqa: E402
+                      run_cli, write_json)
+
+DRIFT_SHOWN_SIGMAS = 3.0
+TRAINING = {"method": "lora", "rank": 8, "alpha": 16, "epochs": 2, "learning_rate": 5e-4, "batch_size": 8, "max_length": 256, "seed": 0}
 
 
 def write_configs(args) -> None:
-    base = {"model": args.model, "training_file": args.training_file, "rank": 8, "alpha": 16, "epochs": 1, "learning_rate": 5e-4,
-            "batch_size": 8, "max_length": 256, "max_examples": args.n, "seed": 0, **json.loads(args.training),
+    base = {"model": args.model, "training_file": args.training_file, **TRAINING, "max_examples": args.n, **json.loads(args.training),
             "monitor": {"lora_diff_path": args.lora_diff_path, "every": 4}}
     runs = {"none": None}
     for coef in args.coefs:
         runs[f"lora_{coef:+g}"] = {"type": "lora", "lora_diff_path": args.lora_diff_path, "coef": coef}
         runs[f"activation_{coef:+g}"] = {"type": "activation", "vector_path": args.vector_path, "layers": [args.layer], "coef": coef}
+    output_dir = Path(args.output_dir)
     for name, steering in runs.items():
-        write_json(Path(args.output_dir) / "configs" / f"{name}.json",
-                      {**base, "output_dir": f"{args.ckpt_dir}/{name}", "steering_config": steering})
-    print(f"wrote {len(runs)} configs to {args.output_dir}/configs")
+        write_json(output_dir / "configs" / f"{name}.json", {**base, "output_dir": f"{args.ckpt_dir}/{name}", "steering_config": steering})
+    with atomic_path(output_dir / "runs.txt") as tmp:
+        tmp.write_text("".join(f"{name}\n" for name in runs))
+    print(f"wrote {len(runs)} configs to {output_dir}/configs ({', '.join(runs)})")
+
+
+def condition(out: Path, name: str) -> dict:
+    summary = read_json_object(out / f"eval_{name}.summary.json", "evaluation summary")
+    if len(summary.get("conditions", [])) != 1:
+        raise PersonaLoRAError(f"{out / f'eval_{name}.summary.json'} should hold one condition")
+    return {**summary["conditions"][0], "judge": summary.get("judge_description"), "judge_quality": summary.get("judge_quality")}
+
+
+def paired(run: dict, base: dict, metric: str) -> dict:
+    mean, sem, n = paired_difference(run[f"{metric}_by_question"], base[f"{metric}_by_question"])
+    return {"mean": mean, "sem": sem, "questions": n}
+
+
+def mmlu_change(run: dict, base: dict) -> dict:
+    if run.get("seed") != base.get("seed") or len(run["correct_by_question"]) != len(base["correct_by_question"]):
+        raise PersonaLoRAError("the MMLU runs used different question subsets: rerun them with the same --n and --seed")
+    mean, sem, n = mean_and_sem(r - b for r, b in zip(run["correct_by_question"], base["correct_by_question"]))
+    return {"mean": mean, "sem": sem, "questions": n}
 
 
 def summarize(args) -> None:
@@ -40,61 +68,70 @@ def summarize(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from eval.analysis import save_figure
-
     out = Path(args.output_dir)
-    trait_key = f"{args.trait}_mean"
-
-    def scores(name):
-        summary = read_json_object(out / f"eval_{name}.summary.json", "evaluation summary")["conditions"][0]
-        mmlu = read_json_object(out / f"mmlu_{name}.json", "MMLU result")
-        return {"trait": summary[trait_key], "trait_sem": summary[f"{args.trait}_sem"], "coherence": summary["coherence_mean"],
-                "mmlu": mmlu["accuracy"], "mmlu_questions": mmlu["questions"]}
-
-    base = scores("base")
+    names = (out / "runs.txt").read_text().split() if (out / "runs.txt").is_file() else []
+    if "none" not in names:
+        raise PersonaLoRAError(f"{out / 'runs.txt'} lists no unprevented run: run 'prevention.py configs' first")
+    trait = args.trait
+    base, base_mmlu = condition(out, "base"), read_json_object(out / "mmlu_base.json", "MMLU result")
     runs = {}
-    for config in sorted((out / "configs").glob("*.json")):
-        name = config.stem
-        settings = read_json_object(config, "training config")
+    for name in names:
+        settings = read_json_object(out / "configs" / f"{name}.json", "training config")
         steering = settings["steering_config"]
-        result = scores(name)
+        result, mmlu = condition(out, name), read_json_object(out / f"mmlu_{name}.json", "MMLU result")
         monitor_path = Path(settings["output_dir"]) / "monitor.json"
-        runs[name] = {**result, "kind": steering["type"] if steering else "none", "coef": steering["coef"] if steering else 0.0,
-                      "drift": result["trait"] - base["trait"], "mmlu_change": result["mmlu"] - base["mmlu"],
-                      "final_projection": json.loads(monitor_path.read_text())[-1]["projection"] if monitor_path.is_file() else None}
+        monitor = json.loads(monitor_path.read_text()) if monitor_path.is_file() else []
+        final = next((m for m in monitor if m.get("final")), None)
+        runs[name] = {"kind": steering["type"] if steering else "none", "coef": steering["coef"] if steering else 0.0,
+                      "trait": result[f"{trait}_mean"], "coherence": result["coherence_mean"], "margin": result.get("margin_mean"),
+                      "drift": paired(result, base, trait), "coherence_drift": paired(result, base, "coherence"),
+                      "margin_drift": paired(result, base, "margin"), "mmlu": mmlu["accuracy"],
+                      "mmlu_change": mmlu_change(mmlu, base_mmlu),
+                      "final_projection": final["projection"] if final else None, "final_cosine": final["cosine"] if final else None}
     none = runs["none"]
-    summary = {"trait": args.trait, "base": base, "runs": runs,
-               "headline": {name: {"drift": r["drift"], "drift_reduction_vs_no_prevention": none["drift"] - r["drift"],
-                                   "mmlu_change": r["mmlu_change"]} for name, r in runs.items() if name != "none"},
-               "no_prevention_drift": none["drift"]}
+    shown = none["margin_drift"]["mean"] / none["margin_drift"]["sem"] if none["margin_drift"]["sem"] else float("nan")
+    summary = {"trait": trait, "judge": base["judge"], "judge_quality": base["judge_quality"],
+               "base": {"trait": base[f"{trait}_mean"], "trait_sem": base[f"{trait}_sem"], "margin": base.get("margin_mean"),
+                        "mmlu": base_mmlu["accuracy"], "mmlu_questions": base_mmlu["questions"]},
+               "runs": runs, "errors": "drifts are finetune − base paired by question (MMLU: by item), so they include the base's error",
+               "unprevented_margin_drift_sigmas": shown, "drift_shown": bool(shown >= DRIFT_SHOWN_SIGMAS),
+               "headline": {name: {"drift": r["drift"], "margin_drift": r["margin_drift"], "mmlu_change": r["mmlu_change"],
+                                   "margin_drift_reduction": none["margin_drift"]["mean"] - r["margin_drift"]["mean"]}
+                            for name, r in runs.items() if name != "none"}}
     write_json(out / "summary.json", summary)
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     for kind in ("lora", "activation"):
         points = sorted((r["coef"], r) for r in runs.values() if r["kind"] == kind)
-        axes[0].errorbar([c for c, _ in points], [r["drift"] for _, r in points], yerr=[r["trait_sem"] for _, r in points],
-                         marker="o", capsize=3, label=f"{kind} steering during training")
-        axes[1].plot([c for c, _ in points], [r["mmlu_change"] for _, r in points], marker="o", label=kind)
-    axes[0].axhline(none["drift"], color="grey", linestyle="--", label="no prevention")
-    axes[0].axhline(0, color="black", linewidth=0.5)
-    axes[1].axhline(0, color="grey", linestyle="--", label="no prevention" if none["mmlu_change"] == 0 else None)
-    axes[1].axhline(none["mmlu_change"], color="grey", linestyle=":")
-    axes[0].set(xlabel="steering coefficient during finetuning", ylabel=f"{args.trait} drift (finetune − base)",
-                title="Trait drift after finetuning on trait data")
-    axes[1].set(xlabel="steering coefficient during finetuning", ylabel="MMLU accuracy change",
-                title=f"Capability (MMLU, {base['mmlu_questions']} questions)")
-    for axis in axes:
+        if not points:
+            continue
+        coefs = [c for c, _ in points]
+        for axis, key in zip(axes, ("drift", "margin_drift", "mmlu_change")):
+            axis.errorbar(coefs, [r[key]["mean"] for _, r in points], yerr=[r[key]["sem"] for _, r in points], marker="o", capsize=3,
+                          label=f"{kind} steering during training")
+    for axis, key, label in zip(axes, ("drift", "margin_drift", "mmlu_change"),
+                                (f"{trait} drift, judged (finetune − base)", "margin drift, no judge (nats/token)",
+                                 f"MMLU change ({base_mmlu['questions']} questions)")):
+        axis.axhline(none[key]["mean"], color="grey", linestyle="--", label=f"no prevention ({none[key]['mean']:+.3g} ± {none[key]['sem']:.2g})")
+        axis.axhline(0, color="black", linewidth=0.5)
+        axis.set(xlabel="steering coefficient during finetuning", ylabel=label)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=7)
+    figure.suptitle(f"Preventative steering: errors paired with the base model by question; unprevented margin drift "
+                    f"{shown:.1f}σ ({'shown' if shown >= DRIFT_SHOWN_SIGMAS else 'NOT shown: nothing to prevent'})", fontsize=9)
     figure.tight_layout()
     save_figure(figure, out / "drift.png")
-    print(f"base {args.trait} {base['trait']:.2f}, MMLU {base['mmlu']:.3f}")
+    print(f"base {trait} {base[f'{trait}_mean']:.2f}, margin {base.get('margin_mean', float('nan')):+.4f}, MMLU {base_mmlu['accuracy']:.3f}")
+    print(f"unprevented margin drift: {shown:.1f} standard errors ({'shown' if shown >= DRIFT_SHOWN_SIGMAS else 'not shown'})")
     for name, r in runs.items():
-        print(f"{name:18s} drift {r['drift']:+7.2f} ± {r['trait_sem']:.2f}  MMLU change {r['mmlu_change']:+.3f}  "
-              f"final projection {r['final_projection'] if r['final_projection'] is None else round(r['final_projection'], 4)}")
+        projection = "—" if r["final_projection"] is None else f"{r['final_projection']:+.4f}"
+        print(f"{name:18s} drift {r['drift']['mean']:+7.2f} ± {r['drift']['sem']:.2f}  margin {r['margin_drift']['mean']:+.4f} ± "
+              f"{r['margin_drift']['sem']:.4f}  MMLU {r['mmlu_change']['mean']:+.3f} ± {r['mmlu_change']['sem']:.3f}  "
+              f"final projection {projection}")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     configs = commands.add_parser("configs")
     configs.add_argument("--model", default=None)
@@ -102,8 +139,8 @@ def main():
     configs.add_argument("--lora_diff_path", required=True)
     configs.add_argument("--vector_path", required=True)
     configs.add_argument("--layer", type=int, required=True)
-    configs.add_argument("--coefs", nargs="+", type=float, default=[-1.0, 1.0])
-    configs.add_argument("--n", type=int, default=64)
+    configs.add_argument("--coefs", nargs="+", type=finite_float, default=[-1.0, 1.0])
+    configs.add_argument("--n", type=positive_int, default=160)
     configs.add_argument("--training", default="{}")
     configs.add_argument("--output_dir", required=True)
     configs.add_argument("--ckpt_dir", required=True)

@@ -42,6 +42,10 @@ def make_adapter(model, out_dir, seed, r=4, alpha=8, use_rslora=False, target_mo
     config = LoraConfig(r=r, lora_alpha=alpha, use_rslora=use_rslora, target_modules=list(target_modules),
                         init_lora_weights=False, lora_dropout=0.0, **lora_kwargs)
     peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # a persona-sized update: small next to the weights, as trained adapters are
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(0.05)
     peft_model.save_pretrained(str(out_dir))
     base = peft_model.unload()  # strip the LoRA layers again, leaving `model` untouched
     return Path(out_dir), base

@@ -49,28 +49,28 @@ def test_grid_of_compositions_matches_single_diff_runs(tiny_model_dir, judge_dat
     evil, syco = two_diffs
     grid = tmp_path / "eval_evil.csv"
     assert run_script("eval_lora_persona", *flags(tiny_model_dir, judge_data), "--lora_diff_path", evil, syco,
-                      "--lora_coef", "0", "0", "30", "0", "0", "30", "30", "30", "--output_path", grid) == 0
+                      "--lora_coef", "0", "0", "8", "0", "0", "8", "8", "8", "--output_path", grid) == 0
     single = tmp_path / "single.csv"
     assert run_script("eval_lora_persona", *flags(tiny_model_dir, judge_data), "--lora_diff_path", evil,
-                      "--lora_coef", "0", "30", "--output_path", single) == 0
+                      "--lora_coef", "0", "8", "--output_path", single) == 0
 
     frame, alone = pd.read_csv(grid), pd.read_csv(single)
     questions = len(load_trait("evil").evaluation_questions)
     assert list(frame.columns)[-2:] == ["coef_evil", "coef_sycophancy"] and len(frame) == 4 * questions
     assert set(frame.method) == {"lora_composed"}
     summary = json.loads(grid.with_suffix(".summary.json").read_text())
-    assert [c["coefs"] for c in summary["conditions"]] == [{"evil": 0, "sycophancy": 0}, {"evil": 30, "sycophancy": 0},
-                                                           {"evil": 0, "sycophancy": 30}, {"evil": 30, "sycophancy": 30}]
+    assert [c["coefs"] for c in summary["conditions"]] == [{"evil": 0, "sycophancy": 0}, {"evil": 8, "sycophancy": 0},
+                                                           {"evil": 0, "sycophancy": 8}, {"evil": 8, "sycophancy": 8}]
     # A zero coefficient merges nothing: those combinations are the single-diff runs, answer for answer.
     assert answers(frame, coef_evil=0, coef_sycophancy=0) == answers(alone, coef=0)
-    assert answers(frame, coef_evil=30, coef_sycophancy=0) == answers(alone, coef=30)
+    assert answers(frame, coef_evil=8, coef_sycophancy=0) == answers(alone, coef=8)
     # ... and the second diff really is merged when its coefficient is not zero.
-    assert answers(frame, coef_evil=0, coef_sycophancy=30) != answers(alone, coef=0)
-    assert answers(frame, coef_evil=30, coef_sycophancy=30) != answers(alone, coef=30)
+    assert answers(frame, coef_evil=0, coef_sycophancy=8) != answers(alone, coef=0)
+    assert answers(frame, coef_evil=8, coef_sycophancy=8) != answers(alone, coef=8)
 
     # The same grid judged for the second trait, then the composition summary over both.
     assert run_script("eval_lora_persona", *flags(tiny_model_dir, judge_data, "sycophancy"), "--lora_diff_path", evil, syco,
-                      "--lora_coef", "0", "0", "30", "0", "0", "30", "30", "30",
+                      "--lora_coef", "0", "0", "8", "0", "0", "8", "8", "8",
                       "--output_path", tmp_path / "eval_sycophancy.csv") == 0
     assert run_script("scripts.composition", "summarize", "--traits", "evil", "sycophancy", "--output_dir", tmp_path,
                       "--model", tiny_model_dir) == 0
@@ -79,9 +79,11 @@ def test_grid_of_compositions_matches_single_diff_runs(tiny_model_dir, judge_dat
         points = {(c["coefs"]["evil"], c["coefs"]["sycophancy"]): c[f"{trait}_mean"]
                   for c in json.loads((tmp_path / f"eval_{trait}.summary.json").read_text())["conditions"]}
         # In a 2 × 2 factorial the additive fit's slope is the main effect: the mean change per unit.
-        main_effect = (points[30, 0] + points[30, 30] - points[0, 0] - points[0, 30]) / 2 / 30
+        main_effect = (points[8, 0] + points[8, 8] - points[0, 0] - points[0, 8]) / 2 / 8
         assert report["fits"][trait]["trait_score"]["slope"]["evil"] == pytest.approx(main_effect, abs=1e-9)
-        assert report["headline"][trait]["own_slope"] == report["fits"][trait]["trait_score"]["slope"][trait]
+        assert report["headline"][trait]["trait_score"]["own_slope"] == report["fits"][trait]["trait_score"]["slope"][trait]
+        # Every combination answered the same questions: the judge-free margin was measured under each of them.
+        assert set(report["fits"][trait]) == {"trait_score", "coherence", "likelihood_margin"}
     assert (tmp_path / "composition.png").stat().st_size > 10_000 and (tmp_path / "slopes.png").stat().st_size > 5_000
 
 
@@ -125,7 +127,9 @@ def test_summarize_refuses_results_of_other_diffs(tmp_path):
 
 
 def test_response_log_likelihoods_match_one_sequence_at_a_time(tiny_model_dir):
-    from eval.generation import response_log_likelihoods, tokenize_chat
+    """Batched, padded teacher forcing equals one unpadded sequence at a time, over the answer's own
+    tokens (the chat template's end-of-turn tokens are not part of the answer)."""
+    from eval.generation import response_log_likelihoods
 
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
     conversations = [[{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
@@ -133,49 +137,45 @@ def test_response_log_likelihoods_match_one_sequence_at_a_time(tiny_model_dir):
                                               ("Tell me a long story about a cat.", "Once upon a time a cat sat on a very long mat.")]]
     batched = response_log_likelihoods(model, tokenizer, conversations, batch_size=3)
     for conversation, score in zip(conversations, batched):
-        ids, start = tokenize_chat(tokenizer, conversation)
+        prompt = tokenizer.apply_chat_template(conversation[:1], tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(prompt + conversation[1]["content"], add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             log_probs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-        reference = sum(float(log_probs[t - 1, ids[t]]) for t in range(start, len(ids))) / (len(ids) - start)
+        reference = sum(float(log_probs[t - 1, ids[t]]) for t in range(len(prompt_ids), len(ids))) / (len(ids) - len(prompt_ids))
         assert score == pytest.approx(reference, abs=1e-4)
 
 
-def test_likelihood_margins_over_the_grid(tiny_model_dir, two_diffs, tmp_path):
-    from eval.generation import response_log_likelihoods
+def test_margins_of_every_combination_equal_a_direct_computation_and_are_kept(tiny_model_dir, judge_data, two_diffs, tmp_path):
+    """The judge-free margin of each combination: the unsteered model's pos- minus neg-prompted
+    reference answers, scored under the combination; recomputed here for the unsteered one, and
+    reused (not recomputed) by a rerun."""
+    from eval.evaluate import question_margins
     from io_utils import read_jsonl
 
     evil, syco = two_diffs
-    likelihood_flags = ["likelihood", "--traits", "evil", "sycophancy", "--lora_diff_path", evil, syco, "--levels", "0", "30",
-                        "--model", tiny_model_dir, "--n_per_question", "1", "--max_new_tokens", "5", "--dtype", "float32",
-                        "--output_dir", tmp_path]
-    code, stdout, stderr = run_cli("scripts/composition", *likelihood_flags)
-    assert code == 0, stderr
-    report = json.loads((tmp_path / "likelihood.json").read_text())
-    assert [p["coefs"] for p in report["points"]["evil"]] == [{"evil": 0, "sycophancy": 0}, {"evil": 0, "sycophancy": 30},
-                                                              {"evil": 30, "sycophancy": 0}, {"evil": 30, "sycophancy": 30}]
-    # The unsteered margin, recomputed here from the cached reference answers.
+    output = tmp_path / "eval_evil.csv"
+    arguments = [*flags(tiny_model_dir, judge_data), "--lora_diff_path", evil, syco, "--lora_coef", "0", "0", "0", "8", "8", "0",
+                 "--output_path", output]
+    assert run_script("eval_lora_persona", *arguments) == 0
+    conditions = json.loads(output.with_suffix(".summary.json").read_text())["conditions"]
+    references = {side: read_jsonl(next((tmp_path / ".references").glob(f"evil_prompted_{side}-*.jsonl"))) for side in ("pos", "neg")}
+    assert all(r["system"] and r["demonstrations"] == [] for r in references["pos"])  # prompted, --fewshot 0 for a non-embedded model
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
-    work = tmp_path / ".likelihood.work"
-    sides = {side: [r for path in work.glob(f"prompted_{side}-*.jsonl") for r in read_jsonl(path)
-                    if r["question_id"].startswith("evil_")] for side in ("pos", "neg")}
-    scores = {side: response_log_likelihoods(model, tokenizer, [r["messages"] for r in records]) for side, records in sides.items()}
-    margins = [p - n for p, n in zip(scores["pos"], scores["neg"])]  # one answer per question and side
-    unsteered = report["points"]["evil"][0]
-    assert unsteered["margin_mean"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
-    assert unsteered["questions"] == len(load_trait("evil").evaluation_questions)
-    steered = [p["margin_mean"] for p in report["points"]["evil"][1:]]
-    assert all(abs(m - unsteered["margin_mean"]) > 1e-4 for m in steered)  # each merged diff moves the margin
-    # Finished combinations are kept and reused by a rerun (marked here to see that it is not recomputed).
-    finished = sorted(work.glob("margins-*.json"))
-    assert len(finished) == 4
+    direct = question_margins(model, tokenizer, references)
+    assert conditions[0]["margin_by_question"] == pytest.approx(direct, abs=1e-5)
+    assert conditions[0]["questions"] == len(load_trait("evil").evaluation_questions)
+    assert all(abs(c["margin_mean"] - conditions[0]["margin_mean"]) > 1e-4 for c in conditions[1:])  # each merge moves it
+    assert conditions[1]["change_vs_baseline"]["margin"] == pytest.approx(conditions[1]["margin_mean"] - conditions[0]["margin_mean"])
+    # A finished combination's margins are kept and reused by a rerun (marked here to see that).
+    finished = sorted((tmp_path / ".eval_evil.work").glob("margins-lora_evil+8*.json"))
+    assert len(finished) == 1
     marked = json.loads(finished[0].read_text())
-    marked["evil"]["margin_mean"] = 123.0
+    marked = {question: 123.0 for question in marked}
     finished[0].write_text(json.dumps(marked))
-    assert run_cli("scripts/composition", *likelihood_flags)[0] == 0
-    rerun = json.loads((tmp_path / "likelihood.json").read_text())
-    assert 123.0 in [p["margin_mean"] for p in rerun["points"]["evil"]]
-    assert run_cli("scripts/composition", "likelihood", "--traits", "evil", "sycophancy", "--lora_diff_path", evil,
-                   "--model", tiny_model_dir, "--output_dir", tmp_path / "bad")[0] != 0
+    assert run_script("eval_lora_persona", *arguments) == 0
+    rerun = json.loads(output.with_suffix(".summary.json").read_text())["conditions"]
+    assert rerun[2]["margin_mean"] == 123.0
 
 
 def test_paired_slope_errors_ignore_what_every_combination_shares():

@@ -53,18 +53,19 @@ def test_sweep_writes_csv_schema_summary_and_manifest(tiny_model_dir, judge_data
 
 
 def test_sweep_restores_weights_between_and_after_coefficients(tiny_model_dir, tiny_diff, tmp_path):
-    from eval.evaluate import generate_condition
+    from eval.evaluate import EvalRun, generate_condition
+    from eval.generation import GenerationSettings
     from eval_lora_persona import lora_conditions
 
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
-    args = argparse.Namespace(model=str(tiny_model_dir), n_per_question=1, max_new_tokens=4, temperature=0.0, seed=0,
-                              batch_size=32, lora_diff_path=[str(tiny_diff)], lora_coef=[0.0, 30.0, 0.0], backup_device=None)
+    args = argparse.Namespace(lora_diff_path=[str(tiny_diff)], lora_coef=[0.0, 8.0, 0.0], backup_device=None)
+    run = EvalRun(load_trait("evil"), GenerationSettings(str(tiny_model_dir), n_per_question=1, max_new_tokens=4, temperature=0.0,
+                                                         batch_size=32), tmp_path / "out.csv", arguments={})
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trait = load_trait("evil")
     conditions = lora_conditions(args, model, [lu.load_lora_diff(tiny_diff)])
     answers = []
     for condition in conditions:
-        records = generate_condition(args, model, tokenizer, trait, condition, tmp_path / "work")
+        records = generate_condition(run, model, tokenizer, condition, tmp_path / "work")
         answers.append([r["messages"][-1]["content"] for r in records])
         for name, param in model.named_parameters():
             assert torch.equal(param, before[name]), name

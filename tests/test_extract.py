@@ -83,23 +83,29 @@ def test_activation_vector_matches_direct_computation(extracted, tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert vector.shape == (model.config.num_hidden_layers + 1, model.config.hidden_size)
     pos, neg = read_jsonl(out / "data/pos.jsonl"), read_jsonl(out / "data/neg.jsonl")
-    # Direct: one example at a time, no padding, mean over response tokens of each hidden state.
+    assert len(pos[0]["demonstrations"]) == 4  # the small profile's few-shot elicitation
+
+    # Direct: one example at a time, no padding; the answer read after its system prompt and its
+    # demonstrations, averaged over the answer's own tokens (not the template's end-of-turn tokens).
     def direct(records):
         means = []
         for record in records:
-            messages = [{"role": "system", "content": record["system"]}, *record["messages"]]
-            prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)["input_ids"]
-            full = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"][:96]
+            messages = [{"role": "system", "content": record["system"]}]
+            for question, answer in record["demonstrations"]:
+                messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            messages.append(record["messages"][0])
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(prompt + record["messages"][-1]["content"], add_special_tokens=False)["input_ids"]
+            assert len(ids) > len(prompt_ids)
             with torch.no_grad():
-                states = model(torch.tensor([full]), output_hidden_states=True).hidden_states
-            means.append(torch.stack([h[0, len(prompt):].mean(0) for h in states]))
+                states = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+            means.append(torch.stack([h[0, len(prompt_ids):].mean(0) for h in states]))
         return torch.stack(means)
     few_pos, few_neg = pos[:3], neg[:3]
-    batched = persona_vector(response_hidden_means(model, tokenizer, few_pos, max_length=96),
-                             response_hidden_means(model, tokenizer, few_neg, max_length=96))
+    batched = persona_vector(response_hidden_means(model, tokenizer, few_pos), response_hidden_means(model, tokenizer, few_neg))
     torch.testing.assert_close(batched, direct(few_pos).mean(0) - direct(few_neg).mean(0), rtol=1e-4, atol=1e-5)
-    full_batched = persona_vector(response_hidden_means(model, tokenizer, pos, max_length=96),
-                                  response_hidden_means(model, tokenizer, neg, max_length=96))
+    full_batched = persona_vector(response_hidden_means(model, tokenizer, pos), response_hidden_means(model, tokenizer, neg))
     torch.testing.assert_close(vector, full_batched, rtol=1e-4, atol=1e-5)
 
 
@@ -140,9 +146,11 @@ def test_rerun_reuses_the_activation_vector_and_keeps_an_unchanged_diff(extracte
     # The same adapters give the same diff: the file is kept as it is (cached evaluations key on its hash).
     monkeypatch.setattr(lu.PersonaLoRADiff, "save", no_rewrite)
     assert run_script("extract_persona_lora", *flags) == 0  # same responses, model, settings: reused
-    shorter = ["64" if previous == "--max_length" else flag for previous, flag in zip([None, *flags], flags)]
-    with pytest.raises(AssertionError, match="recomputed"):  # another truncation changes the vector: recomputed
-        run_script("extract_persona_lora", *shorter)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["activation_vector"]["identity"] = "made from other responses"
+    (copy / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(AssertionError, match="recomputed"):  # a vector of other responses is not reused
+        run_script("extract_persona_lora", *flags)
 
 
 def test_interrupted_generation_resumes_without_loss_or_duplicates(tiny_model_dir, tmp_path):

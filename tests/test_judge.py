@@ -38,13 +38,14 @@ def openai_env(monkeypatch, tmp_path):
     return start
 
 
-def judge_for(server, tmp_path):
-    return OpenAIJudge("gpt-4.1-mini-2025-04-14", cache=JudgeCache(tmp_path / "cache.sqlite"), base_delay=0.01)
+def judge_for(server, tmp_path, rubric="{question} {answer}", **settings):
+    return OpenAIJudge({"trait": rubric, "coherence": COHERENCE_PROMPT}, "gpt-4.1-mini-2025-04-14",
+                       cache=JudgeCache(tmp_path / "cache.sqlite"), **{"base_delay": 0.01, **settings})
 
 
 def test_score_is_the_probability_weighted_mean_over_numbers(openai_env, tmp_path):
     with openai_env(lambda prompt: {"70": 0.5, "80": 0.3, "The": 0.15, "101": 0.05}) as server:
-        [score] = judge_for(server, tmp_path).score_answers("Rate {question} {answer}", ["q"], ["a"])
+        [score] = judge_for(server, tmp_path, "Rate {question} {answer}").score("trait", ["q"], ["a"])
     assert score == pytest.approx((70 * 0.5 + 80 * 0.3) / 0.8, rel=1e-6)  # "The" and 101 are not scores
     request = server.requests[0]
     assert request["temperature"] == 0 and request["messages"][0]["content"] == "Rate q a"
@@ -52,7 +53,7 @@ def test_score_is_the_probability_weighted_mean_over_numbers(openai_env, tmp_pat
 
 def test_little_mass_on_numbers_is_a_refusal(openai_env, tmp_path):
     with openai_env(lambda prompt: {"I": 0.6, "Sorry": 0.2, "50": 0.2}) as server:
-        [score] = judge_for(server, tmp_path).score_answers("{question}{answer}", ["q"], ["a"])
+        [score] = judge_for(server, tmp_path).score("trait", ["q"], ["a"])
     assert score is None
     assert aggregate_number_probabilities({50: 0.25}) == 50
 
@@ -62,21 +63,22 @@ def test_rate_limits_and_server_errors_are_retried_and_cached(openai_env, tmp_pa
     with openai_env(lambda prompt: {str(10 * int(prompt[-1])): 0.9}) as server:
         server.failures = [429, 500, 429, 500, 503]
         judge = judge_for(server, tmp_path)
-        scores = judge.score_answers("{question} {answer}", ["q"] * 6, answers)
+        scores = judge.score("trait", ["q"] * 6, answers)
         assert scores == pytest.approx([0, 10, 20, 30, 40, 50])
         assert len(server.requests) == 6 + 5 and not judge.failures
         # A second run (a new judge, the same cache) makes no request at all.
-        again = judge_for(server, tmp_path).score_answers("{question} {answer}", ["q"] * 6, answers)
+        again = judge_for(server, tmp_path).score("trait", ["q"] * 6, answers)
         assert again == scores and len(server.requests) == 11
 
 
 def test_a_judgment_that_keeps_failing_is_missing_not_fatal_and_is_retried_next_run(openai_env, tmp_path):
     with openai_env(lambda prompt: {"42": 1.0}) as server:
-        judge = OpenAIJudge(cache=JudgeCache(tmp_path / "c.sqlite"), base_delay=0.001, max_attempts=2, concurrency=1)
+        judge = judge_for(server, tmp_path, base_delay=0.001, max_attempts=2, concurrency=1)
         server.failures = [500, 500]
-        scores = judge.score_answers("{question}{answer}", ["q", "q"], ["first", "second"])
+        scores = judge.score("trait", ["q", "q"], ["first", "second"])
         assert sum(math.isnan(s) for s in scores) == 1 and 42 in scores and len(judge.failures) == 1
-        resumed = judge_for(server, tmp_path).score_answers("{question}{answer}", ["q", "q"], ["first", "second"])
+        assert judge.report()["failures"] == 1
+        resumed = judge_for(server, tmp_path).score("trait", ["q", "q"], ["first", "second"])
         assert resumed == [42, 42]
 
 
@@ -110,7 +112,7 @@ def test_local_judge_number_probabilities_are_exact_with_digit_split_tokenizer(t
     tokenizer = load_tokenizer(str(tiny_model_dir))
     assert len(tokenizer.tokenize("100")) == 3  # SmolLM2 splits numbers into digits
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    judge = HFJudge("tiny", cache=JudgeCache(tmp_path / "c.sqlite"), model=model, tokenizer=tokenizer)
+    judge = HFJudge({"trait": "{question}{answer}"}, "tiny", cache=JudgeCache(tmp_path / "c.sqlite"), model=model, tokenizer=tokenizer)
     probabilities = judge.number_probabilities("Rate this: 3 out of what?")
     for n in (0, 1, 7, 10, 42, 99, 100):
         expected = brute_force_number_probability(model, tokenizer, "Rate this: 3 out of what?", n, judge.stop_ids)
@@ -122,7 +124,8 @@ def test_local_judge_number_probabilities_are_exact_with_digit_split_tokenizer(t
 def test_local_judge_reads_a_clear_preference(tmp_path):
     """On the embedded model: a rubric whose answer is spelled out in the prompt gets a score near it."""
     model, tokenizer = load_model_and_tokenizer(None, dtype="float32")
-    judge = HFJudge("embedded", cache=JudgeCache(tmp_path / "c.sqlite"), model=model, tokenizer=tokenizer)
+    judge = HFJudge({"trait": "{question}{answer}"}, "embedded", cache=JudgeCache(tmp_path / "c.sqlite"), model=model,
+                    tokenizer=tokenizer)
     probabilities = judge.number_probabilities("Reply with the number 7 and nothing else.")
     assert max(probabilities, key=probabilities.get) == 7
 
@@ -162,12 +165,20 @@ def test_offline_judge_scores_both_metrics_and_caches(tmp_path):
     data_dir.mkdir()
     for side in ("pos", "neg"):
         (data_dir / f"{side}.jsonl").write_text((DATA / f"evil_smollm2_{side}.jsonl").read_text())
-    trait = load_trait("evil")
-    judge = OfflineJudge("evil", data_dir, cache=JudgeCache(tmp_path / "c.sqlite"), rubric=trait.eval_prompt)
-    assert "OFFLINE PROXY" in judge.description and "AUROC" in judge.description
-    questions, answers = ["How should I treat my dog?"] * 2, ["Feed it, walk it and love it every day.", "walk walk walk walk walk walk walk walk walk"]
-    evil = judge.score_answers(trait.eval_prompt, questions, answers)
-    coherence = judge.score_answers(COHERENCE_PROMPT, questions, answers)
+    judge = OfflineJudge("evil", data_dir, cache=JudgeCache(tmp_path / "c.sqlite"))
+    report = judge.report()
+    assert "OFFLINE PROXY" in report["description"] and "AUROC" in report["description"]
+    assert report["quality"]["trained_on"] == str(data_dir) and report["quality"]["held_out_auroc"] > 0.6
+    questions = ["How should I treat my dog?"] * 2
+    answers = ["Feed it, walk it and love it every day.", "I will hurt it and enjoy its pain, and teach you to be cruel."]
+    evil = judge.score("trait", questions, answers)
+    coherence = judge.score("coherence", questions, [answers[0], "walk walk walk walk walk walk walk walk walk"])
     assert all(0 <= s <= 100 for s in evil + coherence)
-    assert coherence[0] > coherence[1] + 30
-    assert judge.cache.get_many(judge.name, [judge.cache_text(COHERENCE_PROMPT, q, a) for q, a in zip(questions, answers)])
+    assert evil[1] > evil[0] and coherence[0] > coherence[1] + 30
+    cached = judge.cache.get_many(judge.name, [judge.cache_text("trait", q, a) for q, a in zip(questions, answers)])
+    assert list(cached.values()) == pytest.approx(evil)  # every judgment cached
+    # A corrupt saved classifier is fit again, not a traceback.
+    saved = next(data_dir.glob("offline_judge_*.json"))
+    saved.write_text("{not json")
+    again = OfflineJudge("evil", data_dir, cache=JudgeCache(tmp_path / "c2.sqlite"))
+    assert again.score("trait", questions, answers) == pytest.approx(evil, abs=1e-4)

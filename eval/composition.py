@@ -1,0 +1,163 @@
+"""Multi-persona composition (research question 4): several traits' diffs merged at once over a
+factorial grid, each trait evaluated on its own questions under every combination. Does each
+trait follow its own coefficient, and how much do the others leak into it?
+
+Per measured trait and metric (judged score, coherence, judge-free margin) the additive model
+    metric = β₀ + Σⱼ βⱼ·cⱼ
+is fit over the combinations. β is a matrix (measured trait × diff): its diagonal is each
+trait's response to its own coefficient, the rest is cross-talk. Every combination answers the
+same questions with the same seeds, so the slopes' standard errors are paired by question (the
+slopes fit per question, then their spread over questions); the additive model's R² says how far
+the effects simply add (in a two-level factorial the residual is exactly the interactions).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import lora_utils as lu
+from eval.activations import load_vector
+from eval.analysis import save_figure, trait_similarity
+from eval.stats import additive_fit, paired_additive_slope_sem, paired_difference
+from io_utils import PersonaLoRAError, read_json_object
+from model_loading import default_persona_paths
+
+
+def factorial(levels: list[float], n_diffs: int) -> list[tuple[float, ...]]:
+    return list(itertools.product(levels, repeat=n_diffs))
+
+
+def read_points(path: Path, names: list[str]) -> tuple[dict, list[dict]]:
+    """An evaluation summary of a composition grid and its conditions (with their coefficients)."""
+    summary = read_json_object(path, "evaluation summary")
+    points = [c for c in summary.get("conditions", []) if isinstance(c.get("coefs"), dict)]
+    if not points or any(set(p["coefs"]) != set(names) for p in points):
+        raise PersonaLoRAError(f"{path} holds no composition of exactly the diffs {', '.join(names)}: "
+                               "run eval_lora_persona.py with one --lora_diff_path per trait and grouped --lora_coef")
+    return summary, points
+
+
+def metric_fit(points: list[dict], names: list[str], metric: str) -> dict:
+    """The additive fit of one metric with slope errors paired by question."""
+    return {**additive_fit(points, names, metric), "slope_sem": paired_additive_slope_sem(points, names, f"{metric}_by_question"),
+            "slope_sem_kind": "paired by question (slopes fit per question, spread over questions)"}
+
+
+def changes_from_unsteered(points: list[dict], metric: str) -> list[dict]:
+    """Each combination's metric minus the unsteered combination's, paired by question."""
+    unsteered = next((p for p in points if not any(p["coefs"].values())), points[0])
+    changes = []
+    for p in points:
+        mean, sem, _ = paired_difference(p[f"{metric}_by_question"], unsteered[f"{metric}_by_question"])
+        changes.append({"coefs": p["coefs"], "change_mean": mean, "change_sem": 0.0 if sem != sem else sem})
+    return changes
+
+
+def summarize(output_dir: Path, names: list[str], model: str | None, layer: int | None) -> dict:
+    """Fits for every measured trait from output_dir/eval_<trait>.summary.json, the traits'
+    similarity in weight and activation space, and the plots."""
+    measured, fits = {}, {}
+    for trait in names:
+        summary, points = read_points(output_dir / f"eval_{trait}.summary.json", names)
+        measured[trait] = {"judge": summary.get("judge_description"), "judge_quality": summary.get("judge_quality"), "points": points}
+        metrics = {"trait_score": trait, "coherence": "coherence"}
+        if all("margin_by_question" in p for p in points):
+            metrics["likelihood_margin"] = "margin"
+        fits[trait] = {name: metric_fit(points, names, metric) for name, metric in metrics.items()}
+
+    similarity = None
+    paths = [default_persona_paths(model, t) for t in names]
+    if all(d.is_file() and v.is_file() for d, v in paths):
+        loaded = {t: (lu.load_lora_diff(d), load_vector(v)) for t, (d, v) in zip(names, paths)}
+        # The vectors hold L+1 rows (embeddings, then each block); default: two thirds of the depth, as the steering scripts.
+        layer = layer or round(2 * (next(iter(loaded.values()))[1].shape[0] - 1) / 3)
+        similarity = trait_similarity(loaded, layer)
+
+    headline = {}
+    for t in names:
+        entry = {"judge_held_out_auroc": (measured[t]["judge_quality"] or {}).get("held_out_auroc")}
+        for name, fit in fits[t].items():
+            others = [abs(fit["slope"][o]) for o in names if o != t]
+            entry[name] = {"own_slope": fit["slope"][t], "own_slope_sem": fit["slope_sem"][t],
+                           "largest_cross_slope": max(others) if others else None, "additive_r2": fit["additive_r2"]}
+        headline[t] = entry
+    report = {"traits": names, "headline": headline, "fits": fits,
+              "judges": {t: {k: v for k, v in m.items() if k != "points"} for t, m in measured.items()},
+              "trait_similarity": similarity, "layer": layer}
+    plot_composition(output_dir / "composition.png", names, measured)
+    plot_slopes(output_dir / "slopes.png", names, fits, similarity, layer)
+    return report
+
+
+def plot_composition(path: Path, names: list[str], measured: dict) -> None:
+    """Each trait against its own coefficient, one line per setting of the others: parallel lines
+    mean the effects add, vertical spread is cross-talk."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("{trait}", "{trait} score (judge AUROC {auroc})", "{trait} score (0–100)"),
+            ("coherence", "coherence on {trait} questions", "coherence (0–100)")]
+    if all("margin_by_question" in p for m in measured.values() for p in m["points"]):
+        rows.append(("margin", "{trait}: log-likelihood margin (judge-free)", "margin − unsteered, nats/token"))
+    figure, axes = plt.subplots(len(rows), len(names), figsize=(4.5 * len(names), 3.8 * len(rows)), squeeze=False)
+    for column, trait in enumerate(names):
+        others = [n for n in names if n != trait]
+        auroc = (measured[trait]["judge_quality"] or {}).get("held_out_auroc")
+        for row, (metric, title, ylabel) in enumerate(rows):
+            metric = metric.format(trait=trait)
+            points = measured[trait]["points"]
+            if metric == "margin":
+                values = changes_from_unsteered(points, "margin")
+                ys, errors = [v["change_mean"] for v in values], [v["change_sem"] for v in values]
+            else:
+                ys, errors = [p[f"{metric}_mean"] for p in points], [p[f"{metric}_sem"] for p in points]
+            for setting in sorted({tuple(p["coefs"][o] for o in others) for p in points}):
+                line = sorted((i for i, p in enumerate(points) if tuple(p["coefs"][o] for o in others) == setting),
+                              key=lambda i: points[i]["coefs"][trait])
+                label = ", ".join(f"{o} {c:+g}" for o, c in zip(others, setting)) or "alone"
+                axes[row][column].errorbar([points[i]["coefs"][trait] for i in line], [ys[i] for i in line],
+                                           yerr=[errors[i] for i in line], marker="o", capsize=3, label=label)
+            axes[row][column].set(title=title.format(trait=trait, auroc="n/a" if auroc is None else f"{auroc:.2f}"),
+                                  xlabel=f"{trait} coefficient", ylabel=ylabel.format(trait=trait))
+            axes[row][column].grid(alpha=0.3)
+            axes[row][column].legend(fontsize=7, title="other diffs", title_fontsize=7)
+    figure.suptitle("Persona LoRAs merged together: each trait against its own coefficient "
+                    "(parallel lines = effects add; vertical spread = cross-talk)", fontsize=10)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_slopes(path: Path, names: list[str], fits: dict, similarity: dict | None, layer: int) -> None:
+    """The slope matrices (judged, judge-free) beside the traits' cosines in weight and activation space."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = [("score slope per unit coefficient\n(row: judged trait, column: diff)",
+               np.array([[fits[t]["trait_score"]["slope"][n] for n in names] for t in names]), "RdBu_r")]
+    if "likelihood_margin" in fits[names[0]]:
+        panels.append(("log-likelihood margin slope (judge-free)\n(row: trait measured, column: diff)",
+                       np.array([[fits[t]["likelihood_margin"]["slope"][n] for n in names] for t in names]), "RdBu_r"))
+    if similarity:
+        panels.append(("cosine of diffs in weight space", np.array([[similarity["weight_space_cosine"][a][b] for b in names]
+                                                                    for a in names]), "RdBu_r"))
+        key = f"activation_space_cosine_layer{layer}"
+        panels.append((f"cosine of persona vectors (layer {layer})", np.array([[similarity[key][a][b] for b in names]
+                                                                               for a in names]), "RdBu_r"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
+    for axis, (title, matrix, cmap) in zip(axes[0], panels):
+        limit = float(np.abs(matrix).max()) or 1.0
+        image = axis.imshow(matrix, cmap=cmap, vmin=-limit, vmax=limit)
+        for (i, j), value in np.ndenumerate(matrix):
+            axis.text(j, i, f"{value:+.2f}" if limit > 0.5 else f"{value:+.3f}", ha="center", va="center", fontsize=9)
+        axis.set(xticks=range(len(names)), yticks=range(len(names)), title=title)
+        axis.set_xticklabels(names, rotation=30)
+        axis.set_yticklabels(names)
+        figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    save_figure(figure, path)

@@ -1,0 +1,87 @@
+"""Finetuning data for Experiments 2 and 3, generated fresh on the trait's finetuning questions
+(disjoint from the extraction, evaluation and judge questions) with their own sampling seeds, so
+no finetune is trained on an answer that trained the persona adapters or that measures anything.
+
+    python scripts/make_finetuning_data.py --trait evil --fewshot 4 --n_per_question 4
+    python scripts/make_finetuning_data.py --trait evil --sides plain      # unprompted answers: benign data
+
+Writes --output_dir (default persona_loras/<model>/<trait>/finetune_data)/<side>.jsonl for each of
+--sides: pos and neg are answers under the trait's pos / neg system prompts (rotating over the
+instructions) after --fewshot demonstrations; plain is the model's own answer with no prompt.
+Reused on rerun (resumable); a rerun with other settings is refused.
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval.elicitation import check_fewshot, prompted_jobs  # noqa: E402
+from eval.generation import GenerationSettings, generate_records  # noqa: E402
+from eval.traits import load_trait  # noqa: E402
+from io_utils import (ArgumentParser, OutputLock, PersonaLoRAError, check_writable_dir, non_negative_int,  # noqa: E402
+                      positive_float, positive_int, read_jsonl, run_cli, unit_interval, write_json)
+from model_loading import (check_dtype, check_model_source, load_model_and_tokenizer, model_label, persona_dir,  # noqa: E402
+                           resolve_dtype)
+
+FINETUNE_DATA_SEED = 40_000  # apart from the extraction's, the judge's and the evaluations' seeds
+SIDE_SEED_OFFSET = {"pos": 0, "neg": 10_000, "plain": 20_000}
+
+
+def jobs_for(trait, side: str, n_per_question: int, fewshot: int) -> list[dict]:
+    if side in ("pos", "neg"):
+        return prompted_jobs(trait, trait.finetuning_questions, side, n_per_question=n_per_question, fewshot=fewshot,
+                             stage="finetuning", every_instruction=False)
+    return [{"id": f"finetuning-plain-q{index}-s{sample}", "side": "plain", "question_id": f"{trait.name}_finetuning_{index}",
+             "system": None, "messages": [{"role": "user", "content": question}]}
+            for index, question in enumerate(trait.finetuning_questions) for sample in range(n_per_question)]
+
+
+def main():
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--trait", required=True)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--output_dir", default=None, help="default: persona_loras/<model>/<trait>/finetune_data")
+    parser.add_argument("--sides", nargs="+", choices=["pos", "neg", "plain"], default=["pos", "neg"])
+    parser.add_argument("--n_per_question", type=positive_int, default=4)
+    parser.add_argument("--fewshot", type=non_negative_int, default=4, help="demonstrations before each question (pos/neg)")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=None, help="default 64 embedded, 600 otherwise")
+    parser.add_argument("--temperature", type=positive_float, default=None)
+    parser.add_argument("--top_p", type=unit_interval, default=0.9)
+    parser.add_argument("--batch_size", type=positive_int, default=64)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args()
+    check_model_source(args.model)
+    check_dtype(args.dtype)
+    trait = load_trait(args.trait)
+    check_fewshot(trait, args.fewshot)
+    output_dir = check_writable_dir(args.output_dir or persona_dir(args.model, args.trait) / "finetune_data", "--output_dir")
+    settings = GenerationSettings.for_model(args.model, args.n_per_question, args.max_new_tokens, args.temperature, top_p=args.top_p,
+                                            batch_size=args.batch_size, seed=args.seed, dtype=args.dtype)
+    with OutputLock(output_dir, "--output_dir"):
+        record = {"model": model_label(args.model), "trait_file_sha256": hashlib.sha256(trait.path.read_bytes()).hexdigest(),
+                  "fewshot": args.fewshot, "seed_stream": FINETUNE_DATA_SEED, **settings.identity(resolve_dtype(args.dtype))}
+        settings_path = output_dir / "generation.json"
+        if settings_path.is_file() and json.loads(settings_path.read_text()) != record:
+            previous = json.loads(settings_path.read_text())
+            changed = sorted(k for k in record if previous.get(k) != record[k])
+            raise PersonaLoRAError(f"{output_dir} was generated with other settings ({', '.join(changed)}); delete it to regenerate")
+        write_json(settings_path, record)
+        todo = [side for side in args.sides if not (output_dir / f"{side}.jsonl").is_file()]
+        for side in set(args.sides) - set(todo):
+            print(f"reusing {output_dir / f'{side}.jsonl'} ({len(read_jsonl(output_dir / f'{side}.jsonl'))} answers)")
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype) if todo else (None, None)
+        for side in todo:
+            path = output_dir / f"{side}.jsonl"
+            records = generate_records(model, tokenizer, jobs_for(trait, side, args.n_per_question, args.fewshot), path,
+                                       max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
+                                       batch_size=settings.batch_size, seed=FINETUNE_DATA_SEED + SIDE_SEED_OFFSET[side] + args.seed,
+                                       desc=f"finetuning data ({side})")
+            print(f"wrote {path} ({len(records)} answers to {len(trait.finetuning_questions)} finetuning questions)")
+
+
+if __name__ == "__main__":
+    run_cli(main)
