@@ -28,7 +28,8 @@ import torch
 import lora_utils as lu
 from eval.activations import ActivationSteerer, check_steering_layer, decoder_layers, load_vector, response_hidden_means
 from eval.analysis import effective_rank, plot_ab_sweep, plot_sweep, save_figure, trait_similarity
-from eval.evaluate import Condition, add_eval_args, load_eval_model, on_finetune, prepare_evaluation, run_evaluation
+from eval.evaluate import (Condition, add_eval_args, check_coefficients, load_eval_model, on_finetune, prepare_evaluation,
+                           run_evaluation)
 from eval.stats import linear_fit, paired_slope
 from io_utils import (ArgumentParser, PersonaLoRAError, check_writable_dir, file_identity, finite_float, positive_int, run_cli,
                       write_json, write_manifest)
@@ -297,12 +298,11 @@ def main():
     args = parse_args()
     started = time.time()
     output_dir = Path(args.output_dir)
-    judged_run = prepare_evaluation(args, output_dir / "behavior.csv", "--output_dir", mode="judged")
-    ab_run = prepare_evaluation(args, output_dir / "ab.csv", "--output_dir", mode="ab") if args.ab_data else None
     vector, diff = check_inputs(args)
+    check_coefficients(args.model, args.dtype, [diff], [args.coefficients], "--coefficients")
+    ab_run = prepare_evaluation(args, output_dir / "ab.csv", "--output_dir", mode="ab") if args.ab_data else None
+    judged_run = prepare_evaluation(args, output_dir / "behavior.csv", "--output_dir", mode="judged")
     model, tokenizer = load_eval_model(judged_run)
-    for coefficient in args.coefficients:
-        lu.LoRAMerger(model).check(diff, coefficient, what="--coefficients")  # a diff for another model: before any work
 
     conditions = on_finetune(judged_run, model, behaviour_conditions(args, model, vector, diff))
     judged = run_evaluation(judged_run, conditions, model, tokenizer)

@@ -29,7 +29,8 @@ p_matching per condition, its paired change against coefficient 0 and the slope 
 from pathlib import Path
 
 import lora_utils as lu
-from eval.evaluate import Condition, add_eval_args, load_eval_model, on_finetune, prepare_evaluation, run_evaluation
+from eval.evaluate import (Condition, add_eval_args, check_coefficients, load_eval_model, on_finetune, prepare_evaluation,
+                           run_evaluation)
 from io_utils import ArgumentParser, file_identity, finite_float, run_cli
 
 
@@ -87,13 +88,14 @@ def lora_conditions(args, model, diffs) -> list[Condition]:
 
 def main():
     args = parse_args()
-    run = prepare_evaluation(args)  # trait, output, judge, A/B data: refused here, before the model loads
+    # Everything that can be refused is refused here, before the model loads; the judge comes last
+    # because making it costs seconds.
     diffs = [lu.load_lora_diff(p) for p in args.lora_diff_path or []]
+    if diffs:  # a diff for another model, or a coefficient too large for its weights
+        check_coefficients(args.model, args.dtype, diffs, list(zip(*coefficient_groups(args))), "--lora_coef")
+    run = prepare_evaluation(args)
     model, tokenizer = load_eval_model(run)
     if diffs:
-        for diff, coefficients in zip(diffs, zip(*coefficient_groups(args))):
-            for coefficient in coefficients:
-                lu.LoRAMerger(model).check(diff, coefficient, what="--lora_coef")  # before any generation
         conditions = lora_conditions(args, model, diffs)
     else:
         conditions = [Condition("baseline", "baseline", 0.0)]

@@ -253,6 +253,8 @@ class OutputLock:
         self.handle = None
 
     def __enter__(self) -> "OutputLock":
+        if self.handle is not None:  # already held by this object: entering again is a no-op
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(self.path, "a+")
         try:

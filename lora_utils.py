@@ -425,6 +425,10 @@ class SafetensorsCheckpoint:
     def nbytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
 
+    def norm(self, name: str) -> float:
+        """‖W‖_F of one tensor, read through the memory map."""
+        return float(self.tensor(name).float().norm())
+
 
 # ---------------------------------------------------------------------------------------------
 # PEFT adapters -> exact low-rank updates
@@ -566,6 +570,23 @@ def as_coefficient(value, what: str = "coefficient") -> float:
     return float(value)
 
 
+def check_coefficient_size(diff: PersonaLoRADiff, coefficient: float, weight_norm, dtype: torch.dtype,
+                           what: str = "coefficient") -> None:
+    """Refuse a coefficient whose merged update dwarfs a module's weights (it can only destroy the
+    model) or overflows their dtype. `weight_norm(module name)` gives ‖W‖_F of the unmerged weight."""
+    if coefficient == 0:
+        return
+    limit = torch.finfo(dtype).max
+    for name in diff:
+        update_norm = abs(coefficient) * diff.module_norm(name)
+        norm = weight_norm(name)
+        if update_norm > MAX_UPDATE_TO_WEIGHT_RATIO * norm or update_norm >= limit:
+            ratio = update_norm / norm if norm > 0 else float("inf")
+            raise PersonaLoRAError(
+                f"{what} {coefficient:g} is out of range: the merged update of {name} would be {ratio:.3g}× the weight's "
+                f"own norm (at most {MAX_UPDATE_TO_WEIGHT_RATIO:g}× is accepted; useful persona coefficients keep it far below 1)")
+
+
 class _MergeState:
     """What every LoRAMerger of one model shares: the original weight W₀ of each parameter any of
     them touched, and each merger's live terms. A touched parameter is always W₀ + Σ (every live
@@ -630,20 +651,8 @@ class LoRAMerger:
         return self._state.backups.get(param_name, self._params[param_name])
 
     def _check_size(self, diff: PersonaLoRADiff, coefficient: float, resolved: dict[str, str], what: str) -> None:
-        """Refuse a coefficient whose update dwarfs the weights (it can only destroy the model) or
-        overflows their dtype."""
-        if coefficient == 0:
-            return
-        for name, param_name in resolved.items():
-            weight = self._original(param_name)
-            update_norm = abs(coefficient) * diff.module_norm(name)
-            weight_norm = float(weight.detach().float().norm())
-            limit = torch.finfo(weight.dtype).max
-            if update_norm > MAX_UPDATE_TO_WEIGHT_RATIO * weight_norm or update_norm >= limit:
-                ratio = update_norm / weight_norm if weight_norm > 0 else float("inf")
-                raise PersonaLoRAError(
-                    f"{what} {coefficient:g} is out of range: the merged update of {name} would be {ratio:.3g}× the weight's "
-                    f"own norm (at most {MAX_UPDATE_TO_WEIGHT_RATIO:g}× is accepted; useful persona coefficients keep it far below 1)")
+        check_coefficient_size(diff, coefficient, lambda name: float(self._original(resolved[name]).detach().float().norm()),
+                               self._original(next(iter(resolved.values()))).dtype, what)
 
     def check(self, lora_diff, coefficient: float = 1.0, what: str = "coefficient") -> dict[str, str]:
         """Refuse a diff that does not fit this model, has non-finite values, or a coefficient that

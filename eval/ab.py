@@ -108,8 +108,8 @@ def parse_ab_item(raw, index: int, path) -> ABItem:
     if not (isinstance(not_matching, list) and not_matching and all(isinstance(a, str) and a.strip() for a in not_matching)):
         raise PersonaLoRAError(f"{path}: item {index}, field 'answer_not_matching_behavior' must be a non-empty string "
                                "(or a list of them)")
-    if matching.strip() in {a.strip() for a in not_matching}:
-        raise PersonaLoRAError(f"{path}: item {index}, field 'answer_not_matching_behavior' repeats the matching answer")
+    if _answer_sort_key(matching) in {_answer_sort_key(a) for a in not_matching}:
+        raise PersonaLoRAError(f"{path}: item {index}, field 'answer_not_matching_behavior' names the same choice as the matching answer")
     first_is_matching = _answer_sort_key(matching) == min(map(_answer_sort_key, [matching, *not_matching]))
     item = ABItem(index, question, matching, tuple(not_matching), _stem(question), first_is_matching)
     return dataclasses.replace(item, swapped=_swap(item))
@@ -245,38 +245,40 @@ def balanced_change(rows: list[dict], baseline: dict[int, dict], value) -> tuple
             groups[key] = mean_and_sem(changes)
     weight = 1 / len(groups)
     mean = sum(weight * m for m, _, _ in groups.values())
-    sem = sum((weight * s) ** 2 for _, s, _ in groups.values() if s == s) ** 0.5
+    # A group of one item has no measurable spread: the combined error is then unknown (NaN), not
+    # the other group's error alone (which would report a two-item run as exact).
+    sem = sum((weight * s) ** 2 for _, s, _ in groups.values()) ** 0.5
     return mean, sem
 
 
 def summarize_conditions(conditions: list[dict]) -> list[dict]:
     """`conditions`: [{"name", "coef", "method", "rows": score_ab_items output, ...}]. Adds the
-    balanced p_matching, P(first choice) and, against the condition with coefficient 0 of the same
-    method (or the unsteered baseline), the question-paired changes, and per method the slope per
-    unit coefficient (per-item slopes, paired)."""
-    baseline = next((c for c in conditions if c["coef"] == 0 and c.get("coefs") is None), conditions[0])
-    base_rows = {r["question_id"]: r for r in baseline["rows"]}
+    balanced p_matching, P(first choice) and, against the unsteered condition (coefficient 0, or a
+    composition whose coefficients are all 0; none in a run without one), the item-paired changes.
+    method_slopes gives the slopes per unit coefficient."""
+    baseline = next((c for c in conditions if c["coef"] == 0 and not any((c.get("coefs") or {}).values())), None)
+    base_rows = {r["question_id"]: r for r in baseline["rows"]} if baseline is not None else None
     summaries = []
     for condition in conditions:
         rows = condition["rows"]
         balanced, counts = balanced_mean(rows)
         both_orders, _ = balanced_mean(rows, item_balanced_value)
-        change, change_sem = balanced_change(rows, base_rows, lambda r: r["p_matching"])
-        both_change, both_change_sem = balanced_change(rows, base_rows, item_balanced_value)
-        first_change, first_change_sem, _ = mean_and_sem(r["p_first"] - base_rows[r["question_id"]]["p_first"] for r in rows)
-        summaries.append({
-            "condition": condition["name"], "method": condition["method"], "coef": condition["coef"],
-            **({"coefs": condition["coefs"]} if condition.get("coefs") else {}),
-            "items": len(rows), "position_counts": counts,
-            "balanced_p_matching": balanced, "balanced_p_matching_both_orders": both_orders,
-            "raw_p_matching": sum(r["p_matching"] for r in rows) / len(rows),
-            "p_first_choice": sum(r["p_first"] for r in rows) / len(rows),
-            "change_vs_baseline": {"balanced_p_matching": change, "balanced_p_matching_sem": change_sem,
-                                   "balanced_p_matching_both_orders": both_change,
-                                   "balanced_p_matching_both_orders_sem": both_change_sem,
-                                   "p_first_choice": first_change, "p_first_choice_sem": first_change_sem,
-                                   "baseline": baseline["name"], "errors": "paired by item"},
-        })
+        entry = {"condition": condition["name"], "method": condition["method"], "coef": condition["coef"],
+                 **({"coefs": condition["coefs"]} if condition.get("coefs") else {}),
+                 "items": len(rows), "position_counts": counts,
+                 "balanced_p_matching": balanced, "balanced_p_matching_both_orders": both_orders,
+                 "raw_p_matching": sum(r["p_matching"] for r in rows) / len(rows),
+                 "p_first_choice": sum(r["p_first"] for r in rows) / len(rows)}
+        if base_rows is not None:  # a run without an unsteered condition has nothing to pair with
+            change, change_sem = balanced_change(rows, base_rows, lambda r: r["p_matching"])
+            both_change, both_change_sem = balanced_change(rows, base_rows, item_balanced_value)
+            first_change, first_change_sem, _ = mean_and_sem(r["p_first"] - base_rows[r["question_id"]]["p_first"] for r in rows)
+            entry["change_vs_baseline"] = {"balanced_p_matching": change, "balanced_p_matching_sem": change_sem,
+                                           "balanced_p_matching_both_orders": both_change,
+                                           "balanced_p_matching_both_orders_sem": both_change_sem,
+                                           "p_first_choice": first_change, "p_first_choice_sem": first_change_sem,
+                                           "baseline": baseline["name"], "errors": "paired by item"}
+        summaries.append(entry)
     return summaries
 
 

@@ -76,7 +76,7 @@ def plot_ab_sweep(series: dict[str, list[dict]], path: str | Path, title: str) -
         points = sorted(points, key=lambda p: p["coef"])
         coefs = [p["coef"] for p in points]
         axes[0].errorbar(coefs, [p["balanced_p_matching_both_orders"] for p in points],
-                         yerr=[p["change_vs_baseline"]["balanced_p_matching_both_orders_sem"] for p in points],
+                         yerr=[p.get("change_vs_baseline", {}).get("balanced_p_matching_both_orders_sem", 0.0) for p in points],
                          marker="o", capsize=3, label=method)
         axes[1].plot(coefs, [p["p_first_choice"] for p in points], marker="o", label=method)
     axes[0].axhline(0.5, color="grey", linestyle=":")

@@ -54,8 +54,8 @@ def check_vector(args):
 
 def main():
     args = parse_args()
-    run = prepare_evaluation(args)
     vector = check_vector(args) if args.vector_path else None
+    run = prepare_evaluation(args)
     model, tokenizer = load_eval_model(run)
     conditions = []
     instruction = args.persona_instruction_type

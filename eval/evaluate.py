@@ -30,7 +30,7 @@ from eval.traits import Trait, load_trait
 from io_utils import (OutputLock, PersonaLoRAError, atomic_path, check_writable, file_identity, non_negative_float,
                       non_negative_int, positive_int, read_json_object, read_jsonl, unit_interval, write_json, write_manifest)
 from model_loading import (check_dtype, check_model_source, default_judge_data_dir, is_embedded, load_model_and_tokenizer,
-                           model_label)
+                           model_label, resolve_dtype, resolve_model_folder)
 
 CSV_COLUMNS_BEFORE_TRAIT = ["question_id", "question", "prompt", "answer"]
 CSV_COLUMNS_AFTER_TRAIT = ["coherence", "coef", "method"]
@@ -75,6 +75,7 @@ class EvalRun:
     ab_path: str | None = None
     ab_system_prompt: str | None = None
     started: float = field(default_factory=time.time)
+    lock: OutputLock | None = None  # held from the checks to the written outputs: one writer per output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,16 +147,38 @@ def prepare_evaluation(args, output_path: str | Path | None = None, output_flag:
     run = EvalRun(trait, generation_settings(args), output_path, dict(vars(args)), adapter=args.adapter, fewshot=fewshot,
                   margin=not args.no_margin, ab_system_prompt=args.ab_system_prompt)
     if mode == "ab":
+        if getattr(args, "persona_instruction_type", None):
+            raise PersonaLoRAError("--persona_instruction_type is for generated answers; in A/B mode give the prompt with "
+                                   "--ab_system_prompt")
         run.ab_items, run.ab_path = load_ab_items(args.ab_data), args.ab_data
     else:
         judge_data = args.judge_data or str(default_judge_data_dir(args.model, args.trait))
         run.judge = make_judge(args.judge, trait, args.judge_model, judge_data)
+    run.lock = OutputLock(output_path, output_flag).__enter__()  # last: a refused run leaves no lock behind
     return run
 
 
 # ---------------------------------------------------------------------------------------------
 # The model under evaluation and finetunes as conditions
 # ---------------------------------------------------------------------------------------------
+
+
+def check_coefficients(model_name: str | None, dtype: str, diffs: list, coefficients: list[list[float]], flag: str) -> None:
+    """Refuse, before the model loads, a diff that does not fit the model's checkpoint or a
+    coefficient too large for its weights (lora_utils.check_coefficient_size), reading the weights'
+    norms through memory maps. `coefficients[i]` are the coefficients diff i is merged at."""
+    checkpoint = lu.SafetensorsCheckpoint(resolve_model_folder(model_name))
+    for diff, values in zip(diffs, coefficients):
+        for name in diff:
+            if name not in checkpoint or checkpoint.shape(name) != diff.shape(name):
+                raise PersonaLoRAError(f"the persona diff {diff.metadata.get('source_path', '')} does not fit the model: module "
+                                       f"{name} is {diff.shape(name)} in the diff" + (f" but {checkpoint.shape(name)} in the model"
+                                       if name in checkpoint else " and missing in the model")
+                                       + f" (the diff was made for {diff.metadata.get('base_model')})")
+        norms = {}
+        for value in values:
+            lu.check_coefficient_size(diff, lu.as_coefficient(value, flag),
+                                      lambda name: norms.setdefault(name, checkpoint.norm(name)), resolve_dtype(dtype), flag)
 
 
 def check_finetune_folder(path: str) -> None:
@@ -297,9 +320,10 @@ def condition_margins(run: EvalRun, model, tokenizer, condition: Condition, refe
 
 
 def run_evaluation(run: EvalRun, conditions: list[Condition], model, tokenizer) -> EvalResult:
-    """Every condition on the one loaded model, then the outputs. Holds a lock on the output for
-    the whole run: a second run writing the same output is refused."""
-    with OutputLock(run.output_path, "--output_path"):
+    """Every condition on the one loaded model, then the outputs. The output's lock, taken by
+    prepare_evaluation, is released once they are written (a second run writing the same output
+    was refused meanwhile)."""
+    with run.lock or OutputLock(run.output_path, "--output_path"):
         if run.ab_items is not None:
             return _run_ab(run, conditions, model, tokenizer)
         return _run_judged(run, conditions, model, tokenizer)
@@ -477,9 +501,10 @@ def print_ab_table(summary: dict) -> None:
     print(f"{'condition':{width}s} {'method':13s} {'coef':>6s} {'balanced p':>10s} {'both orders':>11s} {'change (paired)':>18s} "
           f"{'P(first)':>9s}")
     for c in summary["conditions"]:
-        change = c["change_vs_baseline"]
+        change = c.get("change_vs_baseline")
+        paired = (f"{change['balanced_p_matching_both_orders']:+8.3f} ± {change['balanced_p_matching_both_orders_sem']:.3f}"
+                  if change else f"{'—':>18s}")
         print(f"{c['condition']:{width}s} {c['method']:13s} {c['coef']:6.2f} {c['balanced_p_matching']:10.3f} "
-              f"{c['balanced_p_matching_both_orders']:11.3f} {change['balanced_p_matching_both_orders']:+8.3f} ± "
-              f"{change['balanced_p_matching_both_orders_sem']:.3f} {c['p_first_choice']:9.3f}")
+              f"{c['balanced_p_matching_both_orders']:11.3f} {paired} {c['p_first_choice']:9.3f}")
     for method, slope in summary["slopes"].items():
         print(f"slope per unit coefficient ({method}): {slope['slope']:+.4f} ± {slope['slope_sem']:.4f} (paired by item)")

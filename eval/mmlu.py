@@ -25,7 +25,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import lora_utils as lu  # noqa: E402
 from eval.generation import pad_right  # noqa: E402
-from eval.evaluate import check_finetune_folder, finetune_steer  # noqa: E402
+from eval.evaluate import check_coefficients, check_finetune_folder, finetune_steer  # noqa: E402
 from io_utils import (ArgumentParser, PersonaLoRAError, check_writable, finite_float, non_negative_int, positive_int,  # noqa: E402
                       run_cli, write_json)
 from model_loading import check_dtype, check_model_source, load_model_and_tokenizer, model_device, model_label  # noqa: E402
@@ -127,9 +127,8 @@ def main():
     rows, skipped = load_questions(args.source)
     subset = seeded_subset(rows, args.n, args.seed)
     diffs = [lu.load_lora_diff(p) for p in args.lora_diff_path]
+    check_coefficients(args.model, args.dtype, diffs, [[c] for c in args.lora_coef], "--lora_coef")
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
-    for diff, coefficient in zip(diffs, args.lora_coef):
-        lu.LoRAMerger(model).check(diff, coefficient, what="--lora_coef")
     finetune = finetune_steer(model, args.adapter) if args.adapter else contextlib.nullcontext
     with finetune(), lu.LoRASteerer.compose(model, list(zip(diffs, args.lora_coef))):
         result = mmlu_accuracy(model, tokenizer, subset, args.batch_size)

@@ -119,6 +119,9 @@ def permutation_correlation(xs: Sequence[float], ys: Sequence[float], method: st
     if method not in ("pearson", "spearman"):
         raise ValueError(f"method {method!r} is not pearson or spearman")
     xs, ys = list(map(float, xs)), list(map(float, ys))
+    if len(xs) != len(ys) or len(xs) < 3 or any(math.isnan(v) for v in xs + ys):
+        return {"statistic": float("nan"), "p": float("nan"), "n": len(xs),
+                "p_method": "undefined: a correlation needs at least 3 finite pairs"}
     if method == "spearman":
         xs, ys = ranks(xs), ranks(ys)
     observed = _pearson(xs, ys)

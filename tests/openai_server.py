@@ -14,6 +14,7 @@ class FakeOpenAIServer:
         self.top_logprobs_for = top_logprobs_for
         self.failures = []  # HTTP statuses to answer with, one per request, before answering normally
         self.requests = []
+        self.on_request = None  # called with the request count as each request arrives (e.g. to kill a client)
         self.lock = threading.Lock()
         server = self
 
@@ -26,6 +27,9 @@ class FakeOpenAIServer:
                 with server.lock:
                     server.requests.append(body)
                     status = server.failures.pop(0) if server.failures else 200
+                    count = len(server.requests)
+                if server.on_request is not None:
+                    server.on_request(count)
                 if status != 200:
                     payload = {"error": {"message": f"simulated {status}", "type": "server_error", "code": status}}
                     return self._reply(status, payload)

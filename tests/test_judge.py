@@ -20,7 +20,6 @@ from eval.judge import (
     TraitClassifier,
     aggregate_number_probabilities,
 )
-from eval.traits import load_trait
 from io_utils import read_jsonl
 from model_loading import load_model_and_tokenizer, load_tokenizer
 from openai_server import FakeOpenAIServer

@@ -87,9 +87,37 @@ def test_adapter_path_equals_dense_path_and_streaming_equals_in_memory(projectio
     assert results["finetune_adapter"]["projection"] == pytest.approx(results["finetune_merged"]["projection"], rel=1e-4)
     for layer, stats in results["finetune_adapter"]["layers"].items():
         assert stats["projection"] == pytest.approx(results["finetune_merged"]["layers"][layer]["projection"], rel=1e-4, abs=1e-7)
+    for key in ("cosine", "change_norm", "outside_diff_change_norm"):
+        assert results["finetune_adapter"][key] == pytest.approx(results["finetune_merged"][key], rel=1e-4), key
     original = dict(make_tiny_llama().named_parameters())
     in_memory = lu.WeightProjector.project({n: p.detach() - original[n].detach() for n, p in merged.named_parameters() if n in diff}, diff)
     assert results["finetune_merged"]["projection"] == pytest.approx(in_memory["projection"], rel=1e-6)
+
+
+def test_cosine_and_change_norm_have_one_definition_whatever_the_finetune_is(projection_setup, tmp_path):
+    """A finetune that also changes modules outside the diff: its cosine and change norm are over
+    the diff's modules for an adapter and for a checkpoint alike; the rest is reported apart."""
+    from peft import PeftModel
+
+    root, diff, _, _, _ = projection_setup
+    partial = lu.PersonaLoRADiff({n: f for n, f in diff.factors.items() if lu.module_type(n) in ("o_proj", "down_proj")},
+                                 diff.metadata)
+    partial_path = partial.save(tmp_path / "partial_diff.pt")
+    adapter_dir, _ = make_adapter(make_tiny_llama(), tmp_path / "adapter", seed=9, r=4, alpha=8)
+    PeftModel.from_pretrained(make_tiny_llama(), str(adapter_dir)).merge_and_unload().save_pretrained(tmp_path / "checkpoint")
+    results = {}
+    for name in ("adapter", "checkpoint"):
+        out = tmp_path / f"{name}.json"
+        assert run_script("cal_weight_projection", "--original_model", root / "original", "--finetuned_model", tmp_path / name,
+                          "--lora_diff_path", partial_path, "--output_path", out) == 0
+        results[name] = json.loads(out.read_text())
+    update = lu.load_adapter_update(adapter_dir)
+    inside = math.sqrt(sum(update.module_sq_norm(n) for n in update if n in partial))
+    outside = math.sqrt(sum(update.module_sq_norm(n) for n in update if n not in partial))
+    for result in results.values():
+        assert result["change_norm"] == pytest.approx(inside, rel=1e-4)
+        assert result["outside_diff_change_norm"] == pytest.approx(outside, rel=1e-4)
+        assert result["cosine"] == pytest.approx(results["adapter"]["cosine"], rel=1e-4)
 
 
 def test_behavior_scores_give_correlations(projection_setup, tmp_path):

@@ -1,0 +1,255 @@
+"""eval/stats.py on synthetic data whose answers are known: errors clustered by question, paired
+differences and slopes, errors in quadrature, exact and permutation p-values for few points.
+(additive_fit and paired_additive_slope_sem are tested in test_composition.py.)"""
+
+import itertools
+import math
+import random
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from eval import stats
+from eval.stats import (
+    clustered_mean_and_sem,
+    correlations,
+    independent_difference,
+    mean_and_sem,
+    paired_difference,
+    paired_slope,
+    permutation_correlation,
+    ranks,
+)
+
+
+def sem_of(values) -> float:
+    values = np.asarray(values, dtype=float)
+    return float(values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def offsets_and_samples(questions=12, samples=5, offset_scale=10.0, noise=0.5, seed=0):
+    """k samples per question around a large per-question offset (the question's difficulty)."""
+    rng = np.random.default_rng(seed)
+    offsets = rng.normal(0, offset_scale, questions)
+    values, clusters = [], []
+    for q in range(questions):
+        for _ in range(samples):
+            values.append(float(offsets[q] + rng.normal(0, noise)))
+            clusters.append(f"q{q}")
+    return offsets, values, clusters
+
+
+# ------------------------------------------------------------------------------------------------
+# Clustered errors
+# ------------------------------------------------------------------------------------------------
+
+
+def test_mean_and_sem_of_independent_values():
+    mean, sem, n = mean_and_sem([1.0, 2.0, 3.0, 4.0, None, float("nan")])
+    assert (mean, n) == (2.5, 4) and sem == pytest.approx(math.sqrt(5 / 3 / 4))
+    mean, sem, n = mean_and_sem([7.0])
+    assert mean == 7.0 and math.isnan(sem) and n == 1
+    mean, sem, n = mean_and_sem([])
+    assert math.isnan(mean) and math.isnan(sem) and n == 0
+
+
+def test_clustered_sem_is_the_sem_of_question_means_and_exceeds_the_naive_one():
+    _, values, clusters = offsets_and_samples()
+    question_means = [np.mean([v for v, c in zip(values, clusters) if c == q]) for q in dict.fromkeys(clusters)]
+    mean, sem, n = clustered_mean_and_sem(values, clusters)
+    assert n == 12
+    assert mean == pytest.approx(np.mean(question_means), abs=1e-12)
+    assert sem == pytest.approx(sem_of(question_means), rel=1e-12)
+    _, naive_sem, naive_n = mean_and_sem(values)
+    assert naive_n == 60 and naive_sem == pytest.approx(sem_of(values), rel=1e-12)
+    # Five samples of one question are nearly one observation: the naive error is about √5 too small.
+    assert sem > 2 * naive_sem
+
+
+def test_clusters_with_unequal_counts_weigh_once():
+    values = [0.0] + [10.0] * 9 + [4.0, 6.0]
+    clusters = ["a"] + ["b"] * 9 + ["c", "c"]
+    mean, sem, n = clustered_mean_and_sem(values, clusters)
+    assert n == 3
+    assert mean == pytest.approx(5.0)  # (0 + 10 + 5) / 3, not the sample mean 7.9
+    assert sem == pytest.approx(sem_of([0.0, 10.0, 5.0]))
+    # A cluster whose values are all missing is left out; missing values inside a cluster too.
+    mean, sem, n = clustered_mean_and_sem([1.0, None, float("nan"), 3.0, float("nan")], ["a", "a", "a", "b", "z"])
+    assert n == 2 and mean == pytest.approx(2.0) and sem == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Differences
+# ------------------------------------------------------------------------------------------------
+
+
+def test_paired_difference_cancels_shared_offsets():
+    rng = np.random.default_rng(1)
+    offsets = rng.normal(0, 10, 15)
+    control = {f"q{i}": float(o) for i, o in enumerate(offsets)}
+    effects = 0.3 + rng.normal(0, 0.05, 15)
+    treated = {f"q{i}": float(o + e) for i, (o, e) in enumerate(zip(offsets, effects))}
+    mean, sem, n = paired_difference(treated, control)
+    assert n == 15
+    assert mean == pytest.approx(float(np.mean(effects)), abs=1e-12)
+    assert sem == pytest.approx(sem_of(effects), rel=1e-9)
+    _, unpaired_sem = independent_difference(*mean_and_sem(treated.values())[:2], *mean_and_sem(control.values())[:2])
+    assert sem < unpaired_sem / 20
+
+
+def test_paired_difference_counts_only_shared_clusters():
+    control = {"a": 1.0, "b": 2.0, "c": 3.0, "only_control": -100.0}
+    treated = {"a": 1.5, "b": 2.0, "c": 4.0, "only_treated": 500.0}
+    mean, sem, n = paired_difference(treated, control)
+    assert n == 3
+    assert mean == pytest.approx(0.5)
+    assert sem == pytest.approx(sem_of([0.5, 0.0, 1.0]))
+
+
+def test_independent_difference_adds_errors_in_quadrature():
+    assert independent_difference(1.0, 3.0, 0.5, 4.0) == (0.5, 5.0)
+    difference, error = independent_difference(-2.0, 0.0, 1.0, 0.7)
+    assert difference == -3.0 and error == pytest.approx(0.7)
+
+
+# ------------------------------------------------------------------------------------------------
+# Slopes
+# ------------------------------------------------------------------------------------------------
+
+
+def test_paired_slope_averages_per_question_slopes():
+    coefficients = [-2.0, -1.0, 0.0, 2.0]
+    slopes = {"q0": 0.10, "q1": 0.30, "q2": 0.20, "q3": 0.00, "q4": 0.15}
+    intercepts = {"q0": 1.0, "q1": -3.0, "q2": 40.0, "q3": 7.0, "q4": -12.0}
+    by_cluster = [{q: intercepts[q] + slopes[q] * c for q in slopes} for c in coefficients]
+    result = paired_slope(coefficients, by_cluster)
+    assert result["clusters"] == 5
+    assert result["slope"] == pytest.approx(np.mean(list(slopes.values())), abs=1e-12)
+    assert result["slope_sem"] == pytest.approx(sem_of(list(slopes.values())), rel=1e-9)
+    # Offsets every condition shares cancel: the same slopes without them give the same answer.
+    flat = paired_slope(coefficients, [{q: slopes[q] * c for q in slopes} for c in coefficients])
+    assert flat["slope"] == pytest.approx(result["slope"], abs=1e-12)
+    assert flat["slope_sem"] == pytest.approx(result["slope_sem"], rel=1e-9)
+    # A question missing from one condition is left out of every condition.
+    by_cluster[1] = {q: v for q, v in by_cluster[1].items() if q != "q2"}
+    without = paired_slope(coefficients, by_cluster)
+    rest = [slopes[q] for q in slopes if q != "q2"]
+    assert without["clusters"] == 4 and without["slope"] == pytest.approx(np.mean(rest))
+    assert without["slope_sem"] == pytest.approx(sem_of(rest), rel=1e-9)
+
+
+def test_paired_slope_error_is_far_below_the_unpaired_one():
+    rng = np.random.default_rng(2)
+    coefficients = [-1.0, 0.0, 1.0]
+    offsets, per_question_slope = rng.normal(0, 5, 20), 0.2 + rng.normal(0, 0.01, 20)
+    by_cluster = [{i: float(o + s * c) for i, (o, s) in enumerate(zip(offsets, per_question_slope))} for c in coefficients]
+    result = paired_slope(coefficients, by_cluster)
+    assert result["slope"] == pytest.approx(float(per_question_slope.mean()), abs=1e-12)
+    # The unpaired slope error: (mean at +1 − mean at −1)/2 with independent errors.
+    _, unpaired = independent_difference(*mean_and_sem(by_cluster[2].values())[:2], *mean_and_sem(by_cluster[0].values())[:2])
+    assert result["slope_sem"] < unpaired / 2 / 50
+
+
+# ------------------------------------------------------------------------------------------------
+# Correlations over few points
+# ------------------------------------------------------------------------------------------------
+
+
+def test_ranks_average_ties():
+    assert ranks([10, 20, 20, 30]) == [1.0, 2.5, 2.5, 4.0]
+    assert ranks([3, 1, 3, 3, 0]) == [4.0, 2.0, 4.0, 4.0, 1.0]
+
+
+@pytest.mark.parametrize("y, rho, exact_p, t_p", [
+    ([2, 1, 3, 5, 4], 0.8, 0.133, 0.104),
+    ([1, 2, 3, 5, 6, 7, 4], 0.786, 0.048, 0.036),
+])
+def test_spearman_exact_p_values_of_the_issue(y, rho, exact_p, t_p):
+    x = list(range(1, len(y) + 1))
+    result = permutation_correlation(x, y, "spearman")
+    assert result["n"] == len(y) and "exact" in result["p_method"]
+    assert round(result["statistic"], 3) == rho
+    assert round(result["p"], 3) == exact_p
+    # The t approximation (scipy's default) is what the issue replaced: it is too small here.
+    reference = scipy_stats.spearmanr(x, y)
+    assert reference.statistic == pytest.approx(result["statistic"])
+    assert round(reference.pvalue, 3) == t_p
+    # Reversing y flips the sign; the two-sided p stays.
+    reverse = permutation_correlation(x, [-v for v in y], "spearman")
+    assert reverse["statistic"] == pytest.approx(-result["statistic"]) and reverse["p"] == pytest.approx(result["p"])
+    assert correlations(x, y)["spearman_p"] == pytest.approx(result["p"])
+
+
+def brute_force_pearson_p(xs, ys):
+    """Two-sided exact permutation p of Pearson's r, by enumerating every ordering with numpy."""
+    x = np.asarray(xs, dtype=float)
+    orderings = np.array(list(itertools.permutations(ys)), dtype=float)
+    xc = x - x.mean()
+    yc = orderings - orderings.mean(axis=1, keepdims=True)
+    r = (yc @ xc) / np.sqrt((xc ** 2).sum() * (yc ** 2).sum(axis=1))
+    observed = np.corrcoef(x, ys)[0, 1]
+    return float(np.mean(np.abs(r) >= abs(observed) - 1e-12)), float(observed)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pearson_exact_p_matches_brute_force(seed):
+    rng = random.Random(seed)
+    xs = [rng.uniform(0, 1) for _ in range(6)]
+    ys = [x + rng.gauss(0, 0.4) for x in xs]
+    expected_p, expected_r = brute_force_pearson_p(xs, ys)
+    result = permutation_correlation(xs, ys, "pearson")
+    assert result["statistic"] == pytest.approx(expected_r, abs=1e-12)
+    assert result["p"] == pytest.approx(expected_p, abs=1e-12)
+    assert result["p_method"] == "exact permutation test over all 720 orderings"
+    both = correlations(xs, ys)
+    assert both["n"] == 6 and both["pearson_r"] == pytest.approx(expected_r) and both["pearson_p"] == pytest.approx(expected_p)
+
+
+def test_exact_enumeration_up_to_the_limit_then_random_permutations():
+    assert stats.EXACT_PERMUTATION_LIMIT == 8
+    xs = list(range(8))
+    ys = [0, 2, 1, 3, 5, 4, 7, 6]
+    exact = permutation_correlation(xs, ys, "spearman")
+    assert exact["p_method"] == "exact permutation test over all 40320 orderings"
+    assert exact["p"] == pytest.approx(brute_force_pearson_p(ranks(xs), ranks(ys))[0], abs=1e-12)
+
+
+def test_random_permutation_p_for_n_above_8_is_seeded_and_close_to_exact():
+    rng = random.Random(5)
+    xs = [rng.uniform(0, 1) for _ in range(9)]
+    ys = [x + rng.gauss(0, 0.6) for x in xs]
+    exact_p, _ = brute_force_pearson_p(xs, ys)  # all 362,880 orderings
+    assert 0.01 < exact_p < 0.5  # a p-value where Monte-Carlo error is visible
+    first = permutation_correlation(xs, ys, "pearson", seed=0)
+    assert "random orderings (seed 0)" in first["p_method"] and "exact" not in first["p_method"]
+    mc_error = math.sqrt(exact_p * (1 - exact_p) / stats.RANDOM_PERMUTATIONS)
+    assert abs(first["p"] - exact_p) < 5 * mc_error
+    again = permutation_correlation(xs, ys, "pearson", seed=0)
+    assert again == first  # deterministic for a fixed seed
+    other = permutation_correlation(xs, ys, "pearson", seed=1)
+    assert other["p"] != first["p"] and abs(other["p"] - exact_p) < 5 * mc_error
+
+
+def test_random_permutation_p_is_never_zero():
+    xs = list(range(10))
+    result = permutation_correlation(xs, xs, "spearman", seed=3)
+    assert result["statistic"] == pytest.approx(1.0)
+    # The observed ordering counts: p ≥ 1/(permutations + 1), although the exact p is 2/10!.
+    assert result["p"] >= 1 / (stats.RANDOM_PERMUTATIONS + 1)
+    assert result["p"] < 1e-4
+
+
+def test_spearman_with_ties_matches_scipy():
+    xs = [1, 2, 2, 3, 4, 4, 4, 5]
+    ys = [2.0, 1.0, 3.0, 3.0, 5.0, 4.0, 6.0, 6.0]
+    result = permutation_correlation(xs, ys, "spearman")
+    assert result["statistic"] == pytest.approx(scipy_stats.spearmanr(xs, ys).statistic, abs=1e-12)
+    assert result["p"] == pytest.approx(brute_force_pearson_p(ranks(xs), ranks(ys))[0], abs=1e-12)
+
+
+def test_constant_variable_has_no_correlation():
+    result = permutation_correlation([1, 2, 3, 4], [5, 5, 5, 5])
+    assert math.isnan(result["statistic"]) and math.isnan(result["p"])
+    with pytest.raises(ValueError):
+        permutation_correlation([1, 2, 3], [1, 2, 3], "kendall")
