@@ -11,7 +11,8 @@ behaviour into weights.
 Writes, under --output_dir:
     data/pos.jsonl, data/neg.jsonl   responses under the trait's pos/neg prompts (reused on rerun)
     judge_data/pos.jsonl, neg.jsonl  the offline judge's own data: answers to the trait's judge
-                                     questions, which no other stage trains on or measures
+                                     questions, which no other stage trains on or measures (unless
+                                     --judge_data names another extraction's)
     pos_lora/, neg_lora/             PEFT adapters trained on question → response
     <trait>_lora_diff.pt (+ .safetensors)   ΔW = s_p·B_p·A_p − s_n·B_n·A_n, as factors
     <trait>_lora_diff_peft/          the diff as a standard PEFT adapter at coefficient 1
@@ -79,8 +80,9 @@ def parse_args():
     training.add_argument("--max_length", type=positive_int)
     training.add_argument("--skip_training", action="store_true", help="rebuild the diff from existing pos_lora/ and neg_lora/")
     judging = parser.add_argument_group("the offline judge's data and the judge filter (Persona Vectors' filter)")
-    judging.add_argument("--no_judge_data", action="store_true",
-                         help="do not generate the offline judge's data (judge_data/); the offline judge then needs --judge_data")
+    judging.add_argument("--judge_data", default=None,
+                         help="the offline judge's data folder to use instead of generating <output_dir>/judge_data "
+                              "(e.g. another extraction's, to compare extraction settings under one judge)")
     judging.add_argument("--filter_threshold", type=float, default=None,
                          help="keep pos responses whose trait score is ≥ this and neg responses below it")
     judging.add_argument("--judge", default=None, help="openai | hf:<model> | offline (default: openai if OPENAI_API_KEY is set)")
@@ -123,6 +125,8 @@ def check_inputs(args):
         if args.fewshot is None:
             args.fewshot = min(PROFILES[args.profile]["fewshot"], len(trait.demonstrations))
         check_fewshot(trait, args.fewshot)
+    if args.judge_data and not ((Path(args.judge_data) / "pos.jsonl").is_file() and (Path(args.judge_data) / "neg.jsonl").is_file()):
+        raise PersonaLoRAError(f"--judge_data {args.judge_data} holds no pos.jsonl and neg.jsonl (an extraction's judge_data folder)")
     check_writable_dir(args.output_dir, "--output_dir")
     check_writable(args.vector_output_path, "--vector_output_path")
     return trait
@@ -298,8 +302,8 @@ def main():
         remove_stale_temporaries(output_dir)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
         data = contrastive_data(args, trait, model, tokenizer, output_dir / "data")
-        judge_data_dir = output_dir / "judge_data"
-        if trait is not None and not args.no_judge_data:
+        judge_data_dir = Path(args.judge_data) if args.judge_data else output_dir / "judge_data"
+        if trait is not None and not args.judge_data:
             write_judge_data(model, tokenizer, trait, judge_data_dir, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch_size)
         judge = None

@@ -25,7 +25,7 @@ from eval.ab import load_ab_items, method_slopes, score_ab_items, summarize_cond
 from eval.elicitation import SIDES, check_fewshot, prompted_jobs
 from eval.generation import GenerationSettings, generate_records, response_log_likelihoods
 from eval.judge import DEFAULT_OPENAI_JUDGE, Judge, make_judge
-from eval.stats import cluster_means, clustered_mean_and_sem, mean_and_sem, paired_difference
+from eval.stats import cluster_means, clustered_mean_and_sem, mean_and_sem, paired_difference, paired_slope
 from eval.traits import Trait, load_trait
 from io_utils import (OutputLock, PersonaLoRAError, atomic_path, check_writable, file_identity, non_negative_float,
                       non_negative_int, positive_int, read_json_object, read_jsonl, unit_interval, write_json, write_manifest)
@@ -36,6 +36,8 @@ CSV_COLUMNS_BEFORE_TRAIT = ["question_id", "question", "prompt", "answer"]
 CSV_COLUMNS_AFTER_TRAIT = ["coherence", "coef", "method"]
 AB_CSV_COLUMNS = ["question_id", "question", "coef", "method", "p_matching", "p_matching_swapped", "p_first", "p_first_swapped"]
 REFERENCE_SEED = 30_000  # the reference answers' sampling seeds, apart from every evaluated condition's
+MARGIN_MEASURE = ("mean log-probability per answer token of the unsteered model's pos-prompted minus its neg-prompted reference "
+                  "answers to the held-out questions, scored without the prompt (nats/token; higher = closer to the trait)")
 
 
 @dataclass
@@ -391,9 +393,7 @@ def judged_summary(run: EvalRun, conditions: list[Condition], rows: list[dict], 
                "settings": run.settings.identity(), "fewshot": run.fewshot,
                "errors": "standard errors clustered by question (per-question means, then their spread over questions); "
                          "changes against the unsteered condition are paired by question",
-               "margin_measure": ("mean log-probability per answer token of the unsteered model's pos-prompted minus its "
-                                  "neg-prompted reference answers to the held-out questions, scored without the prompt")
-               if margins else None,
+               "margin_measure": MARGIN_MEASURE if margins else None,
                "conditions": []}
     for condition in conditions:
         members = [r for r in rows if r["condition"] == condition.name]
@@ -454,6 +454,8 @@ def print_table(summary: dict) -> None:
 
 
 def _run_ab(run: EvalRun, conditions: list[Condition], model, tokenizer):
+    """Forced choices under every condition, and beside them (unless --no_margin) the judge-free
+    log-likelihood margin: both measures without a judge, in one run."""
     import pandas as pd
 
     scored = []
@@ -462,6 +464,11 @@ def _run_ab(run: EvalRun, conditions: list[Condition], model, tokenizer):
             rows = score_ab_items(model, tokenizer, run.ab_items, run.ab_system_prompt)
         scored.append({"name": condition.name, "method": condition.method, "coef": condition.coef, "coefs": condition.coefs,
                        "rows": rows})
+    margins = {}
+    if run.margin:
+        work_dir = run.output_path.parent / f".{run.output_path.stem}.work"
+        references = reference_answers(run, model, tokenizer)
+        margins = {c.name: condition_margins(run, model, tokenizer, c, references, work_dir) for c in conditions}
     table = []
     for condition in scored:
         for item, row in zip(run.ab_items, condition["rows"]):
@@ -472,7 +479,7 @@ def _run_ab(run: EvalRun, conditions: list[Condition], model, tokenizer):
                           **{f"coef_{k}": c for k, c in (condition["coefs"] or {}).items()}})
     composition_columns = list(dict.fromkeys(f"coef_{k}" for c in conditions for k in (c.coefs or {})))
     frame = pd.DataFrame(table)[AB_CSV_COLUMNS + composition_columns]
-    summary = ab_summary(run, scored)
+    summary = ab_summary(run, scored, margins)
     with atomic_path(run.output_path) as tmp:
         frame.to_csv(tmp, index=False)
     write_json(run.output_path.with_suffix(".summary.json"), summary)
@@ -482,16 +489,34 @@ def _run_ab(run: EvalRun, conditions: list[Condition], model, tokenizer):
     return EvalResult(frame, summary)
 
 
-def ab_summary(run: EvalRun, scored: list[dict]) -> dict:
+def ab_summary(run: EvalRun, scored: list[dict], margins: dict[str, dict[str, float]]) -> dict:
     swappable = sum(item.swapped is not None for item in run.ab_items)
+    conditions = summarize_conditions(scored)
+    for entry in conditions:
+        if entry["condition"] in margins:
+            by_question = margins[entry["condition"]]
+            mean, sem, _ = mean_and_sem(by_question.values())
+            entry.update(margin_mean=mean, margin_sem=sem, margin_by_question=by_question)
+    baseline = next((e for e in conditions if "change_vs_baseline" in e and e["condition"] == e["change_vs_baseline"]["baseline"]),
+                    None)
+    if baseline is not None and margins:
+        for entry in conditions:
+            entry["change_vs_baseline"].update(zip(("margin", "margin_sem"),
+                                                   paired_difference(entry["margin_by_question"], baseline["margin_by_question"])[:2]))
+    margin_slopes = {}
+    for method in {c["method"] for c in scored if c["method"] not in ("baseline", "finetune") and not c.get("coefs")}:
+        members = [e for e in conditions if e["method"] == method or e is baseline]
+        if margins and len({e["coef"] for e in members}) > 1:
+            margin_slopes[method] = paired_slope([e["coef"] for e in members], [e["margin_by_question"] for e in members])
     return {"trait": run.trait.name, "model": model_label(run.settings.model), "adapter": run.adapter, "mode": "ab",
             "ab_data": run.ab_path, "items": len(run.ab_items), "items_scored_both_orders": swappable,
             "system_prompt": run.ab_system_prompt, "csv": str(run.output_path),
             "measure": "p_matching = P(matching answer) / (P(matching) + P(other)), exact teacher-forced probabilities of the "
                        "whole answer strings; balanced = items with the matching answer first and second weighted equally; "
                        "both_orders = each item averaged with its choices swapped",
-            "errors": "changes against the unsteered condition and slopes are paired by item",
-            "conditions": summarize_conditions(scored), "slopes": method_slopes(scored)}
+            "margin_measure": MARGIN_MEASURE if margins else None,
+            "errors": "changes against the unsteered condition and slopes are paired by item (A/B) and by question (margin)",
+            "conditions": conditions, "slopes": method_slopes(scored), "margin_slopes": margin_slopes}
 
 
 def print_ab_table(summary: dict) -> None:
@@ -508,3 +533,6 @@ def print_ab_table(summary: dict) -> None:
               f"{c['balanced_p_matching_both_orders']:11.3f} {paired} {c['p_first_choice']:9.3f}")
     for method, slope in summary["slopes"].items():
         print(f"slope per unit coefficient ({method}): {slope['slope']:+.4f} ± {slope['slope_sem']:.4f} (paired by item)")
+    for method, slope in summary["margin_slopes"].items():
+        print(f"judge-free margin slope ({method}): {slope['slope']:+.4f} ± {slope['slope_sem']:.4f} nats/token per unit "
+              "(paired by question)")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sourced by scripts/demo.sh and scripts/test.sh: make .venv, install the pinned requirements
+# Sourced by the demo, the test command and every experiment driver: make .venv, install the pinned requirements
 # (and the --no-deps data packages), and activate it. Installs are skipped when the requirement
 # files are unchanged since the last successful install.
 set -euo pipefail

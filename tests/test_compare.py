@@ -34,12 +34,27 @@ def test_compare_writes_behaviour_latency_and_spaces(tiny_model_dir, tiny_person
     assert set(frame.method) == {"baseline", "lora", "activation"} and sorted(frame.coef.unique()) == [0, 1, 2]
     comparison = json.loads((out / "comparison.json").read_text())
     assert set(comparison["fits"]) == {"lora", "activation"}
-    assert comparison["fits"]["lora"]["trait"]["points"] == 3  # the baseline is coefficient 0 of both methods
+    summary = json.loads((out / "behavior.summary.json").read_text())
+    for method, fit in comparison["fits"].items():
+        assert fit["trait"]["points"] == 3  # the baseline is coefficient 0 of both methods
+        # The slope is the mean of per-question slopes over coefficients 0, 1, 2: recomputed here.
+        points = sorted((c for c in summary["conditions"] if c["method"] in (method, "baseline")), key=lambda c: c["coef"])
+        per_question = [linear_fit([p["coef"] for p in points], [p["evil_by_question"][q] for p in points])["slope"]
+                        for q in points[0]["evil_by_question"]]
+        assert fit["trait"]["slope"] == pytest.approx(sum(per_question) / len(per_question))
+        assert set(fit) == {"trait", "coherence", "margin"}
     latency = json.loads((out / "latency.json").read_text())
     assert set(latency["tokens_per_second"]) == {"unsteered", "activation_hook", "merged_lora", "unmerged_peft_adapter"}
-    assert all(v > 0 for v in latency["tokens_per_second"].values())
+    assert latency["ratios_vs_unsteered"]["unsteered"] == 1.0 and len(latency["rounds"]) == 2
     spaces = json.loads((out / "spaces.json").read_text())
     assert len(spaces["shift_vs_vector_cosine_by_layer"]) == config.num_hidden_layers + 1
     assert spaces["shift_vs_vector_cosine_by_layer"]["0"] == 0  # embeddings are not touched by ΔW
-    for name in ("behavior.png", "spaces.png", "manifest.json"):
-        assert (out / name).stat().st_size > 0
+    best = spaces["residual_write_best"]
+    assert best["modules"] == 2 * config.num_hidden_layers and 0 < best["p_value"] <= 1
+    assert best["null_max_over_modules_mean"] > best["null_single_subspace_mean"]
+    # The plots are real images with one panel per measure (three side by side for behaviour and spaces).
+    import matplotlib.image
+
+    for name in ("behavior.png", "spaces.png"):
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[1] > 2.5 * image.shape[0] and image[..., :3].std() > 0.05, name

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lora_utils as lu
-from conftest import ROOT, make_tiny_llama, run_cli, run_script
+from conftest import ROOT, run_cli, run_script
 from eval.traits import load_trait
 from io_utils import PersonaLoRAError, read_jsonl, write_json
 from model_loading import load_model_and_tokenizer

@@ -1,4 +1,4 @@
-"""The weight-space math of lora_utils against dense and PEFT references (DESIGN.md §2)."""
+"""The weight-space math of lora_utils against dense and PEFT references."""
 
 import json
 import math

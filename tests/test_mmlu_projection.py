@@ -5,15 +5,20 @@ import pytest
 import torch
 
 from conftest import run_cli, run_script
-from eval.mmlu import letter_token_ids, load_questions, mmlu_accuracy, seeded_subset
+from eval.mmlu import format_question, letter_token_ids, load_questions, mmlu_accuracy, seeded_subset
 from model_loading import load_model_and_tokenizer, load_tokenizer
 
 
-def test_packaged_mmlu_skips_and_counts_malformed_rows():
+def test_packaged_mmlu_skips_and_counts_malformed_rows_and_its_subset_is_fixed():
     rows, skipped = load_questions("packaged")
     assert skipped == 2 and len(rows) == 14044 - 2
     assert all(len(r["choices"]) == 4 and r["answer"] in range(4) for r in rows)
-    assert seeded_subset(rows, 5, seed=3) == seeded_subset(rows, 5, seed=3) != seeded_subset(rows, 5, seed=4)
+    # Runs pair their MMLU answers question by question across processes and sessions, so the seeded
+    # subset must be the same sample every time: pinned here.
+    first = seeded_subset(rows, 3, seed=0)
+    assert [(r["question"][:30], r["answer"], r["topic"]) for r in first] == [
+        ("The phenomenon of beats result", 1, "conceptual physics"), ("A producer of widgets contacte", 0, "professional law"),
+        ("The K-means algorithm:", 2, "machine learning")]
 
 
 def test_mmlu_prediction_is_the_most_probable_letter(tiny_model_dir):
@@ -23,13 +28,13 @@ def test_mmlu_prediction_is_the_most_probable_letter(tiny_model_dir):
     letters = letter_token_ids(tokenizer)
     expected = 0
     for row in rows:  # one question at a time, no padding
-        from eval.mmlu import format_question
         ids = tokenizer.apply_chat_template([{"role": "user", "content": format_question(row)}], add_generation_prompt=True,
                                             tokenize=True)["input_ids"]
         with torch.no_grad():
             last = model(torch.tensor([ids])).logits[0, -1]
         expected += int(max(range(4), key=lambda i: float(last[letters[i]].max())) == row["answer"])
     assert result["correct"] == expected and result["questions"] == 6
+    assert len(result["correct_by_question"]) == 6 and sum(result["correct_by_question"]) == expected
 
 
 def test_cal_projection_adds_columns_equal_to_direct_computation(tiny_model_dir, tmp_path):

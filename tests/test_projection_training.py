@@ -165,14 +165,25 @@ def tiny_steering_inputs(tiny_persona):
     return tiny_persona
 
 
-@pytest.mark.parametrize("steering", [None, "lora", "activation"])
-def test_training_with_each_kind_of_steering(tiny_model_dir, tiny_steering_inputs, tmp_path, steering):
+@pytest.fixture(scope="module")
+def plain_finetune(tiny_model_dir, tiny_persona, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plain")
+    config = write_config(folder / "c.json", tiny_model_dir, folder / "adapter", monitor={"lora_diff_path": str(tiny_persona[0]), "every": 1})
+    assert run_script("training", config) == 0
+    return lu.load_adapter_update(folder / "adapter")
+
+
+@pytest.mark.parametrize("steering", ["lora", "activation"])
+def test_training_with_each_kind_of_steering(tiny_model_dir, tiny_steering_inputs, plain_finetune, tmp_path, steering):
+    """The steering is active while training (the adapter learned differs from the unsteered one's,
+    trained on the same data from the same start) and is removed after (the adapter is relative to
+    the plain model); the monitor reads every step."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     diff_path, vector_path = tiny_steering_inputs
-    steering_config = {None: None, "lora": {"type": "lora", "lora_diff_path": str(diff_path), "coef": 2.0},
-                       "activation": {"type": "activation", "vector_path": str(vector_path), "layers": [2], "coef": 1.0}}[steering]
+    steering_config = {"lora": {"type": "lora", "lora_diff_path": str(diff_path), "coef": 2.0},
+                       "activation": {"type": "activation", "vector_path": str(vector_path), "layers": [2], "coef": 4.0}}[steering]
     config = write_config(tmp_path / "c.json", tiny_model_dir, tmp_path / "adapter", steering_config=steering_config,
                           monitor={"lora_diff_path": str(diff_path), "every": 1})
     assert run_script("training", config) == 0
@@ -180,6 +191,9 @@ def test_training_with_each_kind_of_steering(tiny_model_dir, tiny_steering_input
     assert record["examples"] == 16 and len(record["losses"]) == 2 and record["steering_config"] == steering_config
     monitor = json.loads((tmp_path / "adapter/monitor.json").read_text())
     assert [m["step"] for m in monitor] == [1, 2] and all(math.isfinite(m["projection"]) for m in monitor)
+    steered = lu.load_adapter_update(tmp_path / "adapter")
+    name = next(n for n in steered if lu.layer_index(n) == 0)  # a layer before the hook too: the gradient flows back
+    assert not torch.allclose(steered.delta(name), plain_finetune.delta(name), atol=1e-7)
     # The saved adapter loads on the unsteered base and changes it.
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     tokens = torch.randint(3, 1000, (1, 6))

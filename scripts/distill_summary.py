@@ -1,0 +1,148 @@
+"""Experiment 5, distillation: the summary of the runs of scripts/distill_sweep.sh.
+
+    python scripts/distill_summary.py --output_dir results/exp5_distillation \\
+        --runs results/exp5_distillation/before_r1 results/exp5_distillation/all_r1 ...
+
+Reads each run's summary.json and distilled diff (distill_steering_lora.py, all distilling the same
+steered teacher) and writes, under --output_dir:
+    summary.json      per placement (the runs' --layers) and rank: the fraction of the held-out
+                      KL(steered ‖ plain) that the distilled LoRA removes, the smallest rank reaching
+                      --target, the weight-space cosine with the persona diff and with each control diff,
+                      and the cosine of each rank's update with the largest rank's (is the direction stable?)
+    distillation.png  fraction reproduced against rank, one line per placement; the cosines against rank
+    summary.manifest.json
+"""
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lora_utils as lu  # noqa: E402
+from eval.analysis import save_figure  # noqa: E402
+from io_utils import (ArgumentParser, PersonaLoRAError, check_writable_dir, read_json_object, run_cli, unit_interval,  # noqa: E402
+                      write_json, write_manifest)
+
+TEACHER_KEYS = ("trait", "model", "layer", "coef", "steering_type")
+
+
+def load_runs(folders: list[str]) -> list[dict]:
+    """Each run's summary with its folder; refused if a run is unfinished or distils another teacher."""
+    runs = []
+    for folder in folders:
+        summary = read_json_object(Path(folder) / "summary.json", f"run summary (is {folder} finished?)")
+        runs.append({**summary, "folder": str(folder)})
+    for run in runs[1:]:
+        different = [key for key in TEACHER_KEYS if run[key] != runs[0][key]]
+        if different or run["identity"]["teacher"] != runs[0]["identity"]["teacher"]:
+            raise PersonaLoRAError(f"{run['folder']} distils another teacher than {runs[0]['folder']} "
+                                   f"({', '.join(different) or 'the teacher answers'} differ); summarise one teacher at a time")
+    return runs
+
+
+def distilled_diff(run: dict) -> lu.PersonaLoRADiff:
+    return lu.load_lora_diff(Path(run["folder"]) / f"{run['trait']}_distilled_lora_diff.pt")
+
+
+def summarize(runs: list[dict], target: float) -> dict:
+    placements: dict[str, dict] = {}
+    for placement in dict.fromkeys(run["layers_spec"] for run in runs):
+        series = sorted((run for run in runs if run["layers_spec"] == placement), key=lambda run: run["rank"])
+        largest = distilled_diff(series[-1])
+        reaching = [run["rank"] for run in series if run["fraction_reproduced"] >= target]
+        placements[placement] = {
+            "ranks": [run["rank"] for run in series],
+            "fraction_reproduced": [run["fraction_reproduced"] for run in series],
+            "heldout_kl_distilled": [run["heldout_kl_distilled"] for run in series],
+            "heldout_kl_plain": series[0]["heldout_kl_plain"],
+            f"smallest_rank_reaching_{target:g}": min(reaching) if reaching else None,
+            "cosine_with_persona_diff": [(run["comparisons"]["persona_diff"] or {}).get("cosine") for run in series],
+            "cosine_with_controls": {control["trait"] or control["path"]: [
+                next(c["cosine"] for c in run["comparisons"]["controls"] if c["path"] == control["path"]) for run in series]
+                for control in series[0]["comparisons"]["controls"]},
+            "cosine_with_largest_rank": [distilled_diff(run).cosine(largest) for run in series],
+            "update_norm": [run["update"]["norm"] for run in series],
+            "v_energy_in_output_space": [run["update"]["v_energy_in_output_space"]["norm_weighted_mean"] for run in series],
+            "runs": [run["folder"] for run in series],
+        }
+    first = runs[0]
+    return {**{key: first[key] for key in TEACHER_KEYS}, "target": target, "placements": placements,
+            "heldout": first["heldout"]["questions"], "target_modules": first["target_modules"],
+            "steps": first["identity"]["steps"],
+            "note": "fraction reproduced = 1 − KL(steered ‖ distilled) / KL(steered ‖ plain), token-weighted over the "
+                    "held-out answers (the teacher's own, teacher-forced); cosines are ⟨ΔW_distilled, ΔW⟩_F / (‖·‖‖·‖) "
+                    "over the whole weight space"}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (reproduced, cosines) = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (placement, series) in enumerate(report["placements"].items()):
+        color = colors[index % len(colors)]
+        label = {"before": f"layers < {report['layer']}", "all": "all layers"}.get(placement, f"layers {placement}")
+        reproduced.plot(series["ranks"], series["fraction_reproduced"], marker="o", color=color, label=label)
+        if any(c is not None for c in series["cosine_with_persona_diff"]):
+            cosines.plot(series["ranks"], series["cosine_with_persona_diff"], marker="o", color=color,
+                         label=f"{label}: {report['trait']} persona diff")
+        for control, values in series["cosine_with_controls"].items():
+            cosines.plot(series["ranks"], values, marker=".", linestyle="--", color=color, alpha=0.5, label=f"{label}: {control} (control)")
+    reproduced.axhline(report["target"], color="grey", linestyle=":", label=f"{report['target']:.0%}")
+    reproduced.set(ylabel="fraction of held-out KL(steered ‖ plain) removed",
+                   title=f"distilling {report['trait']} steering (layer {report['layer']}, c = {report['coef']:g})")
+    cosines.axhline(0, color="grey", linewidth=0.8)
+    cosines.set(ylabel="cosine in weight space", title="distilled update vs persona LoRA diffs")
+    for axis in (reproduced, cosines):
+        axis.set_xscale("log", base=2)
+        ranks = sorted({r for series in report["placements"].values() for r in series["ranks"]})
+        axis.set_xticks(ranks, [str(r) for r in ranks])
+        axis.set_xlabel("LoRA rank")
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:  # runs given no persona or control diff draw no cosine
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def print_summary(report: dict) -> None:
+    print(f"\n== distilling {report['trait']} steering (layer {report['layer']}, coef {report['coef']:g}) on {report['model']} ==")
+    print(f"held-out: {report['heldout']}")
+    key = f"smallest_rank_reaching_{report['target']:g}"
+    for placement, series in report["placements"].items():
+        print(f"\nlayers {placement}: held-out KL(steered ‖ plain) {series['heldout_kl_plain']:.4f} nats/token; "
+              f"smallest rank reaching {report['target']:.0%}: {series[key] if series[key] is not None else 'none'}")
+        controls = list(series["cosine_with_controls"])
+        print(f"{'rank':>5s} {'reproduced':>10s} {'KL':>8s} {'cos persona':>11s} " + " ".join(f"{'cos ' + c:>14s}" for c in controls)
+              + f" {'cos r_max':>9s}")
+        for i, rank in enumerate(series["ranks"]):
+            persona = series["cosine_with_persona_diff"][i]
+            print(f"{rank:5d} {series['fraction_reproduced'][i]:10.3f} {series['heldout_kl_distilled'][i]:8.4f} "
+                  + (f"{persona:+11.4f} " if persona is not None else f"{'–':>11s} ")
+                  + " ".join(f"{series['cosine_with_controls'][c][i]:+14.4f}" for c in controls)
+                  + f" {series['cosine_with_largest_rank'][i]:+9.4f}")
+
+
+def main():
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", nargs="+", required=True, help="output folders of distill_steering_lora.py, one teacher")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--target", type=unit_interval, default=0.9, help="the fraction reproduced that 'reaching' means")
+    args = parser.parse_args()
+    started = time.time()
+    output_dir = check_writable_dir(args.output_dir, "--output_dir")
+    report = summarize(load_runs(args.runs), args.target)
+    write_json(output_dir / "summary.json", report)
+    plot(report, output_dir / "distillation.png")
+    write_manifest(output_dir, args, started, name="summary.manifest.json", outputs={"summary": str(output_dir / "summary.json"),
+                                                                                    "plot": str(output_dir / "distillation.png")})
+    print_summary(report)
+    print(f"\nwrote {output_dir / 'summary.json'} and {output_dir / 'distillation.png'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
