@@ -24,12 +24,15 @@ lora_A lies in the diff's (about k/in for independent starts) and a high value i
 
 Output JSON, per model: "projection", "cosine", "layers" ({layer: {projection, cosine, inner,
 delta_norm, diff_norm}}), "modules" (the same per module), "kind" (adapter | checkpoint), "path",
-"modules_projected", "change_norm", "outside_diff_change_norm". With several models:
-{"models": [...], "correlation": {"pearson_r", "pearson_p", "spearman_rho", "spearman_p", "n", "p_method"}}
-when --behavior_scores is given (permutation p-values: exact for n ≤ 8), and "correlation_margin"
-when the scores are evaluation summaries with the judge-free margin.
+"modules_projected", "change_norm", "outside_diff_change_norm" (+ "shared_row_space" for adapters).
+With --behavior_scores, "correlation_<measure>" for each measure given (behavior_score: the judged
+score; margin: the judge-free margin; ab: the A/B p_matching), each over all finetunes, over the
+LoRA finetunes with replicates of one dataset averaged, and over the dense ones apart, with
+permutation p-values (exact for n ≤ 8); "measured_by" names the judge, settings and reference
+answers every summary shared (summaries measured differently are refused).
 """
 
+import json
 import time
 from pathlib import Path
 
@@ -44,7 +47,7 @@ from model_loading import model_label, resolve_model_folder
 
 ARCHITECTURE_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                      "num_key_value_heads", "vocab_size")
-SHARED_ROW_SPACE_WARNING = 0.5  # of the adapter's lora_A energy inside the diff's row space (independent: ≈ k/in)
+SHARED_ROW_SPACE_WARNING = 5.0  # times what an independent start gives (≈ k/in of the lora_A energy in the diff's row space)
 
 
 def parse_args():
@@ -104,19 +107,27 @@ def project_checkpoint(original: lu.SafetensorsCheckpoint, folder: Path, diff: l
     return {**result, "kind": "checkpoint", "bytes": finetuned.nbytes()}
 
 
-def shared_row_space(update: lu.PersonaLoRADiff, diff: lu.PersonaLoRADiff) -> float:
+def shared_row_space(update: lu.PersonaLoRADiff, diff: lu.PersonaLoRADiff) -> tuple[float, float]:
     """The share of the adapter's A rows' energy inside the row space of the diff's A, over the
-    modules both touch: ≈ k_diff / in for independently initialised adapters (a few %), near 1 for
-    an adapter that started from the persona adapters' lora_A."""
-    inside = total = 0.0
+    modules both touch, and what independently drawn rows would give (rank k over the input size
+    in): near 1 for an adapter that started from the persona adapters' lora_A."""
+    inside = total = chance = 0.0
     for name in update:
         if name not in diff:
             continue
         rows = update.factors[name][1].double()
         basis, _ = torch.linalg.qr(diff.factors[name][1].double().T)  # in × k orthonormal
+        energy = float(rows.pow(2).sum())
         inside += float((rows @ basis).pow(2).sum())
-        total += float(rows.pow(2).sum())
-    return inside / total if total > 0 else 0.0
+        total += energy
+        chance += energy * basis.shape[1] / basis.shape[0]
+    return (inside / total, chance / total) if total > 0 else (0.0, 0.0)
+
+
+def shared_row_space_alarm(chance: float) -> float:
+    """The share above which an adapter is taken to share the persona adapters' start: five times
+    chance, or halfway from chance to 1 where chance is already large (small models)."""
+    return min(SHARED_ROW_SPACE_WARNING * chance, chance + 0.5 * (1 - chance))
 
 
 def project_adapter(original: lu.SafetensorsCheckpoint, folder: Path, diff: lu.PersonaLoRADiff) -> dict:
@@ -128,8 +139,9 @@ def project_adapter(original: lu.SafetensorsCheckpoint, folder: Path, diff: lu.P
                                    f"is {update.shape(name)} in the adapter"
                                    + (f" but {original.shape(name)} in the model" if name in original else " and missing in the model"))
     result = lu.WeightProjector.project(update, diff)
+    share, chance = shared_row_space(update, diff)
     return {**result, "kind": "adapter", "bytes": sum(p.stat().st_size for p in folder.glob("adapter_model.*")),
-            "shared_row_space": shared_row_space(update, diff)}
+            "shared_row_space": share, "shared_row_space_chance": chance}
 
 
 def project_one(original: lu.SafetensorsCheckpoint, folder: Path, diff: lu.PersonaLoRADiff) -> dict:
@@ -138,14 +150,14 @@ def project_one(original: lu.SafetensorsCheckpoint, folder: Path, diff: lu.Perso
     result = project_adapter(original, folder, diff) if (folder / "adapter_config.json").is_file() \
         else project_checkpoint(original, folder, diff)
     modules = result.pop("modules")
-    if result.get("shared_row_space", 0.0) > SHARED_ROW_SPACE_WARNING:
-        print(f"WARNING: {folder} shares the persona adapters' initialisation ({result['shared_row_space']:.0%} of its lora_A lies "
-              "in the diff's row space; independent starts give a few %): its projection is inflated by construction, "
-              "retrain it with another seed", flush=True)
+    if "shared_row_space" in result and result["shared_row_space"] > shared_row_space_alarm(result["shared_row_space_chance"]):
+        print(f"WARNING: {folder} shares the persona adapters' initialisation ({result['shared_row_space']:.1%} of its lora_A lies "
+              f"in the diff's row space; an independent start gives about {result['shared_row_space_chance']:.1%}): its projection "
+              "is inflated by construction, retrain it with another seed", flush=True)
     return {"path": str(folder), "name": folder.name, "projection": result["projection"], "cosine": result["cosine"],
             "change_norm": result["delta_norm"], "outside_diff_change_norm": result["outside_diff_change_norm"],
             "diff_norm": result["diff_norm"], "kind": result["kind"], "bytes": result["bytes"],
-            **({"shared_row_space": result["shared_row_space"]} if "shared_row_space" in result else {}),
+            **({key: result[key] for key in ("shared_row_space", "shared_row_space_chance") if key in result}),
             "modules_projected": len(modules), "layers": result["layers"], "modules": modules}
 
 
@@ -166,56 +178,107 @@ def model_folders(args) -> list[Path]:
     return folders
 
 
-def read_behavior_scores(paths: list[str]) -> dict[str, dict]:
-    """{model path or folder name: {"score", "sem", "margin", "margin_sem"}} from a CSV (model,
-    score, optionally sem) or evaluation summaries."""
+MEASURES = {"behavior_score": "judged score", "margin": "judge-free margin", "ab": "A/B p_matching (both orders)"}
+
+
+def read_summary_measures(path: str) -> tuple[str, dict, dict]:
+    """(finetune, its measures, what made them) from an eval_lora_persona.py summary of a run with
+    --adapter: the judged score and the margin (judged mode) or the A/B p_matching (A/B mode)."""
+    summary = read_json_object(path, "summary")
+    if not summary.get("adapter") or len(summary.get("conditions", [])) != 1:
+        raise PersonaLoRAError(f"{path} is not the summary of an eval_lora_persona.py run with --adapter and one condition")
+    condition = summary["conditions"][0]
+    if summary.get("mode") == "ab":
+        measures = {"ab": condition["balanced_p_matching_both_orders"], "ab_sem": condition.get("balanced_p_matching_both_orders_sem")}
+        made_by = {"kind": "ab", "ab_data": summary.get("ab_data"), "items": summary.get("items")}
+    else:
+        trait = summary["trait"]
+        measures = {"behavior_score": condition[f"{trait}_mean"], "behavior_score_sem": condition.get(f"{trait}_sem"),
+                    "margin": condition.get("margin_mean"), "margin_sem": condition.get("margin_sem")}
+        made_by = {"kind": "judged", "judge": summary.get("judge"), "settings": summary.get("settings"),
+                   "references": summary.get("references_sha256")}
+    return summary["adapter"], measures, made_by
+
+
+def read_behavior_scores(paths: list[str]) -> tuple[dict[str, dict], dict]:
+    """{model path or folder name: its measures} from CSVs (model, score, optionally sem) or
+    evaluation summaries, and what made them. Summaries of one kind must come from one judge, one
+    set of generation settings and one set of reference answers (or one A/B file): measures made
+    differently are not comparable, and are refused."""
     import pandas as pd
 
-    entries = []
+    entries, made_by = [], {}
     for path in paths:
         if not Path(path).is_file():
             raise PersonaLoRAError(f"--behavior_scores file not found: {path}")
         if path.endswith(".json"):
-            summary = read_json_object(path, "summary")
-            if not summary.get("adapter") or len(summary.get("conditions", [])) != 1:
-                raise PersonaLoRAError(f"{path} is not the summary of an eval_lora_persona.py run with --adapter and one condition")
-            condition = summary["conditions"][0]
-            trait = summary["trait"]
-            entries.append((summary["adapter"], {"score": condition[f"{trait}_mean"], "sem": condition.get(f"{trait}_sem"),
-                                                 "margin": condition.get("margin_mean"), "margin_sem": condition.get("margin_sem")}))
+            model, measures, source = read_summary_measures(path)
+            previous = made_by.setdefault(source["kind"], {**source, "first": path})
+            if {k: v for k, v in previous.items() if k != "first"} != source:
+                differing = sorted(k for k in source if previous.get(k) != source[k])
+                raise PersonaLoRAError(f"--behavior_scores: {path} was measured differently from {previous['first']} "
+                                       f"({', '.join(differing)}); compare finetunes measured one way")
+            entries.append((model, measures))
         else:
             table = pd.read_csv(path)
             if not {"model", "score"} <= set(table.columns):
                 raise PersonaLoRAError(f"{path} needs the columns model and score (has {', '.join(table.columns)})")
             sems = table["sem"] if "sem" in table.columns else [None] * len(table)
-            entries += [(str(m), {"score": float(s), "sem": None if e is None else float(e), "margin": None, "margin_sem": None})
-                        for m, s, e in zip(table["model"], table["score"], sems)]
-    scores = {}
-    for model, entry in entries:
-        scores[str(Path(model))] = scores[Path(model).name] = entry
-    return scores
+            entries += [(str(m), {"behavior_score": float(v), "behavior_score_sem": None if e is None else float(e)})
+                        for m, v, e in zip(table["model"], table["score"], sems)]
+    scores: dict[str, dict] = {}
+    for model, measures in entries:
+        for key in (str(Path(model)), Path(model).name):
+            scores.setdefault(key, {}).update(measures)
+    return scores, {kind: {k: v for k, v in source.items() if k != "first"} for kind, source in made_by.items()}
+
+
+def dataset_of(model: dict) -> str:
+    """The training data a finetune was made from (its training.json), to pool replicates: two
+    finetunes of one dataset with other seeds are not independent points of a correlation."""
+    record = Path(model["path"]) / "training.json"
+    if record.is_file():
+        return json.loads(record.read_text()).get("training_file") or model["name"]
+    return model["name"]
 
 
 def correlate(models: list[dict], scores_paths: list[str]) -> dict:
-    """Projection against the judged score (and the judge-free margin, where known), with
-    permutation p-values."""
-    scores = read_behavior_scores(scores_paths)
+    """Projection against each behaviour measure, with permutation p-values: over every finetune,
+    and over the LoRA finetunes with replicates of one dataset averaged (one point per dataset), and
+    over the dense ones apart (their updates are full-rank: another kind of finetune)."""
+    scores, made_by = read_behavior_scores(scores_paths)
     for model in models:
         entry = scores.get(str(Path(model["path"])), scores.get(model["name"], {}))
-        model["behavior_score"], model["behavior_sem"] = entry.get("score"), entry.get("sem")
-        model["margin"], model["margin_sem"] = entry.get("margin"), entry.get("margin_sem")
-    result = {}
-    for key, metric in (("correlation", "behavior_score"), ("correlation_margin", "margin")):
-        pairs = [(m["projection"], m[metric]) for m in models if m[metric] is not None]
-        if key == "correlation" and len(pairs) < 3:
-            raise PersonaLoRAError(f"--behavior_scores score only {len(pairs)} of the projected models; need at least 3 to correlate")
-        if len(pairs) >= 3:
-            result[key] = correlations([x for x, _ in pairs], [y for _, y in pairs])
+        for measure in MEASURES:
+            model[measure], model[f"{measure}_sem"] = entry.get(measure), entry.get(f"{measure}_sem")
+    result = {"measured_by": made_by}
+    for measure, label in MEASURES.items():
+        scored = [m for m in models if m[measure] is not None]
+        if measure == "behavior_score" and len(scored) < 3:
+            raise PersonaLoRAError(f"--behavior_scores score only {len(scored)} of the projected models; need at least 3 to correlate")
+        if len(scored) < 3:
+            continue
+        groups = {"all_finetunes": [[m] for m in scored]}
+        by_dataset: dict[str, list[dict]] = {}
+        for m in (m for m in scored if m["kind"] == "adapter"):
+            by_dataset.setdefault(dataset_of(m), []).append(m)
+        groups["lora_by_dataset"] = list(by_dataset.values())
+        groups["dense"] = [[m] for m in scored if m["kind"] == "checkpoint"]
+        stats = {}
+        for name, points in groups.items():
+            if len(points) >= 3:
+                xs = [sum(m["projection"] for m in group) / len(group) for group in points]
+                ys = [sum(m[measure] for m in group) / len(group) for group in points]
+                stats[name] = correlations(xs, ys)
+        result[f"correlation_{measure}"] = {**stats, "measure": label}
+    # The judged score's pooled correlation keeps its old place, for readers of earlier outputs.
+    result["correlation"] = result["correlation_behavior_score"]["all_finetunes"]
     return result
 
 
 def plot_scatter(models: list[dict], correlation: dict, diff: lu.PersonaLoRADiff, path: Path) -> Path:
-    """Judged score (and, where measured, the judge-free margin) against the projection."""
+    """Each behaviour measure against the projection, one panel each (LoRA and dense finetunes
+    marked apart), titled with the correlation over every finetune."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,9 +286,10 @@ def plot_scatter(models: list[dict], correlation: dict, diff: lu.PersonaLoRADiff
 
     from eval.analysis import save_figure
 
-    panels = [("behavior_score", "behavior_sem", "trait score of the finetune (judged, ± s.e.)", correlation["correlation"])]
-    if "correlation_margin" in correlation:
-        panels.append(("margin", "margin_sem", "log-likelihood margin (no judge, ± s.e.)", correlation["correlation_margin"]))
+    labels = {"behavior_score": "trait score of the finetune (judged, ± s.e.)", "margin": "log-likelihood margin (no judge, ± s.e.)",
+              "ab": "A/B p_matching, both orders (no judge, ± s.e.)"}
+    panels = [(measure, f"{measure}_sem", label, correlation[f"correlation_{measure}"]["all_finetunes"])
+              for measure, label in labels.items() if "all_finetunes" in correlation.get(f"correlation_{measure}", {})]
     figure, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels), 4.4), squeeze=False)
     for axis, (metric, sem, label, stats) in zip(axes[0], panels):
         scored = [m for m in models if m.get(metric) is not None]
@@ -276,11 +340,11 @@ def main():
     for model in models:
         shared = f"{model['shared_row_space']:11.3f}" if "shared_row_space" in model else f"{'—':>11s}"
         print(f"{model['name'][:40]:40s} {model['kind']:10s} {model['projection']:11.5f} {model['cosine']:8.4f} {shared}")
-    for key, label in (("correlation", "judged score"), ("correlation_margin", "judge-free margin")):
-        if key in output:
-            c = output[key]
-            print(f"correlation with the {label} over {c['n']} models: Pearson r = {c['pearson_r']:.3f} (p = {c['pearson_p']:.3g}), "
-                  f"Spearman ρ = {c['spearman_rho']:.3f} (p = {c['spearman_p']:.3g}); {c['p_method']}")
+    for measure, label in MEASURES.items():
+        for group, c in output.get(f"correlation_{measure}", {}).items():
+            if isinstance(c, dict):
+                print(f"{label} vs projection, {group.replace('_', ' ')} (n = {c['n']}): Pearson r = {c['pearson_r']:.3f} "
+                      f"(p = {c['pearson_p']:.3g}), Spearman ρ = {c['spearman_rho']:.3f} (p = {c['spearman_p']:.3g})")
     print(f"wrote {output_path}")
 
 

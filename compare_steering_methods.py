@@ -30,7 +30,7 @@ from eval.activations import ActivationSteerer, check_steering_layer, decoder_la
 from eval.analysis import effective_rank, plot_ab_sweep, plot_sweep, save_figure, trait_similarity
 from eval.evaluate import (Condition, add_eval_args, check_coefficients, load_eval_model, on_finetune, prepare_evaluation,
                            run_evaluation)
-from eval.stats import linear_fit, paired_slope
+from eval.stats import linear_fit, paired_difference, paired_slope
 from io_utils import (ArgumentParser, PersonaLoRAError, check_writable_dir, file_identity, finite_float, positive_int, run_cli,
                       write_json, write_manifest)
 from model_loading import default_persona_paths, model_config, model_device
@@ -108,6 +108,25 @@ def method_fits(summary: dict, metric: str) -> dict:
         fits[method] = {**paired_slope(coefs, [p[f"{metric}_by_question"] for p in points]), "r2": fit["r2"],
                         "points": fit["points"]}
     return fits
+
+
+def method_contrasts(summary: dict, trait: str) -> dict:
+    """LoRA minus activation at each coefficient both evaluated, paired by question (same questions,
+    same sampling seeds). The coefficients are in different units (α scales ΔW, c scales v): read
+    a contrast together with the coherence it costs."""
+    series = by_method(summary["conditions"])
+    contrasts = {}
+    for lora in series["lora"]:
+        activation = next((a for a in series["activation"] if a["coef"] == lora["coef"] and a is not lora), None)
+        if activation is None or lora["method"] != "lora":
+            continue
+        entry = {}
+        for metric in (trait, "coherence", "margin"):
+            if f"{metric}_by_question" in lora and f"{metric}_by_question" in activation:
+                mean, sem, n = paired_difference(lora[f"{metric}_by_question"], activation[f"{metric}_by_question"])
+                entry.update({metric: mean, f"{metric}_sem": sem, "questions": n})
+        contrasts[f"{lora['coef']:g}"] = entry
+    return contrasts
 
 
 def behaviour_results(args, summary: dict, trait: str) -> dict:
@@ -191,6 +210,26 @@ def test_latency(args, model, tokenizer, trait, vector, diff, coefficient: float
                       "medians over rounds after one discarded warm-up round"}
 
 
+def residual_write_alignment(diff, vector, top: int) -> tuple[dict, list[float]]:
+    """Per o_proj/down_proj module of `diff` (block b writes hidden_states[b+1]): how much of
+    v[b+1]'s direction lies in the module's top-`top` output directions. Returns the per-module
+    report and the energies."""
+    alignment, energies = {}, []
+    for kind in ("o_proj", "down_proj"):
+        alignment[kind] = {}
+        for name in (n for n in diff if lu.module_type(n) == kind):
+            block = lu.layer_index(name)
+            u, _, _ = diff.svd(name)
+            direction = vector[block + 1].double()
+            direction = direction / direction.norm()
+            k = min(top, u.shape[1])
+            energy = float(((u[:, :k].T @ direction) ** 2).sum())
+            energies.append(energy)
+            alignment[kind][block] = {"top_direction_abs_cosine": float((u[:, 0] @ direction).abs()),
+                                      f"energy_of_v_in_top{top}": energy}
+    return alignment, energies
+
+
 def random_subspace_null(dimension: int, top: int, modules: int, draws: int = RANDOM_SUBSPACE_DRAWS, seed: int = 0) -> dict:
     """The matched null for "the best module's top-k output directions hold x of v's energy": the
     energy of a unit vector in a random k-dimensional subspace of d dimensions is Beta(k/2, (d−k)/2);
@@ -219,21 +258,18 @@ def analyze_spaces(args, model, tokenizer, vector, diff, records, coefficient: f
         spectra[kind] = [round(float(x), 5) for x in normalised]
         effective[kind] = statistics.mean(effective_rank(v) for v in values)
     # 3. Do the residual-writing modules (o_proj, down_proj of block b → hidden_states[b+1]) write along v?
-    alignment, energies, top = {}, [], 8
-    for kind in ("o_proj", "down_proj"):
-        alignment[kind] = {}
-        for name in (n for n in diff if lu.module_type(n) == kind):
-            block = lu.layer_index(name)
-            u, _, _ = diff.svd(name)
-            direction = vector[block + 1].double()
-            direction = direction / direction.norm()
-            k = min(top, u.shape[1])
-            energy = float(((u[:, :k].T @ direction) ** 2).sum())
-            energies.append(energy)
-            alignment[kind][block] = {"top_direction_abs_cosine": float((u[:, 0] @ direction).abs()),
-                                      f"energy_of_v_in_top{top}": energy}
+    top = 8
+    alignment, energies = residual_write_alignment(diff, vector, top)
     null = random_subspace_null(vector.shape[1], top, len(energies))
     best = max(energies)
+    # A control with the same anisotropy as real updates: other traits' diffs (independently
+    # initialised), read against this trait's v. A random subspace ignores that residual-stream
+    # directions share outlier dimensions, so its p-value alone is too kind.
+    controls = {}
+    for other in args.other_traits or []:
+        other_path = default_persona_paths(args.model, other)[0]
+        if other_path.is_file():
+            controls[other] = max(residual_write_alignment(lu.load_lora_diff(other_path), vector, top)[1])
     report = {"coefficient": coefficient, "records": len(records),
               "shift_vs_vector_cosine_by_layer": {i: round(float(c), 4) for i, c in enumerate(cosines)},
               "shift_norm_by_layer": {i: round(float(x), 4) for i, x in enumerate(shift.norm(dim=-1))},
@@ -244,7 +280,8 @@ def analyze_spaces(args, model, tokenizer, vector, diff, records, coefficient: f
                                       "null_max_over_modules_p95": null["p95_of_max"],
                                       "p_value": float((1 + (null["maxima"] >= best).sum()) / (1 + null["draws"])),
                                       "null": f"the maximum over {len(energies)} random {top}-dimensional subspaces "
-                                              f"({null['draws']} draws): the statistic is a maximum over modules"}}
+                                              f"({null['draws']} draws): the statistic is a maximum over modules",
+                                      "other_traits_diffs_best_energy": controls}}
     report["best_layer"] = int(cosines[1:].argmax()) + 1
     report["trait_similarity"] = other_traits_similarity(args, diff, vector)
     plot_spaces(args, report, layers)
@@ -311,7 +348,8 @@ def main():
                   "judge_quality": summary["judge_quality"], "layer": args.layer, "coefficients": args.coefficients,
                   "fits": behaviour_results(args, summary, args.trait),
                   "fits_note": "slope per unit coefficient, fit per question and averaged (s.e. paired by question); r2 of the "
-                               "condition means; the two coefficients are in different units (α scales ΔW, c scales v)"}
+                               "condition means; the two coefficients are in different units (α scales ΔW, c scales v)",
+                  "lora_minus_activation": method_contrasts(summary, args.trait)}
     if ab_run is not None:
         ab = run_evaluation(ab_run, conditions, model, tokenizer).summary
         comparison["ab"] = {"slopes": ab["slopes"], "ab_data": args.ab_data,
@@ -348,8 +386,9 @@ def main():
         best = spaces["residual_write_best"]
         print(f"== cos(LoRA-induced shift, v): at layer {args.layer} {cosine[args.layer]:.3f}, "
               f"best {max(list(cosine.values())[1:]):.3f} at layer {spaces['best_layer']}")
-        print(f"   best residual write holds {best['energy']:.3f} of v's energy in its top {best['top']} directions; matched null "
-              f"(max over {best['modules']} random subspaces) mean {best['null_max_over_modules_mean']:.3f}, p = {best['p_value']:.3g}")
+        print(f"   best residual write holds {best['energy']:.3f} of v's energy in its top {best['top']} directions; null "
+              f"(max over {best['modules']} random subspaces) mean {best['null_max_over_modules_mean']:.3f}, p = {best['p_value']:.3g}"
+              + "".join(f"; {t}'s diff: {e:.3f}" for t, e in best["other_traits_diffs_best_energy"].items()))
         print("   effective rank of ΔW: " + ", ".join(f"{k} {v:.1f}" for k, v in spaces["effective_rank_by_module_type"].items()))
     print(f"\nwrote {output_dir}/behavior.csv, behavior.png" + (", ab.csv, ab.png" if ab_run else "")
           + (", latency.json" if args.test_latency else "") + (", spaces.json, spaces.png" if args.analyze_spaces else "")

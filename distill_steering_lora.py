@@ -63,6 +63,7 @@ QUESTION_SETS = ("extraction", "finetuning")
 GENERATION_DEFAULTS = {"embedded": dict(n_per_question=2, max_new_tokens=48, temperature=0.7, max_length=256),
                        "full": dict(n_per_question=4, max_new_tokens=256, temperature=1.0, max_length=1024)}
 CHECKPOINT = "checkpoint.pt"
+BOOTSTRAP_DRAWS = 2000
 
 
 def parse_args():
@@ -104,7 +105,7 @@ def parse_args():
                             help="default: persona_loras/<model>/<trait>/<trait>_lora_diff.pt, if it exists")
     comparison.add_argument("--control_diff_paths", nargs="*", default=[], help="other traits' diffs: the cosines' controls")
     parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU; on CPU what measures faster), float32, bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16")
     args = parser.parse_args()
     for key, value in GENERATION_DEFAULTS["embedded" if is_embedded(args.model) else "full"].items():
         if getattr(args, key) is None:
@@ -210,23 +211,24 @@ def teacher_answers(args, trait, model, tokenizer, steerer, identity: dict) -> l
                                     batch_size=args.gen_batch_size, seed=args.seed, desc="teacher answers (steered)")
 
 
-def split_spans(tokenizer, records: list[dict], heldout_from: dict[str, int], max_length: int) -> tuple[list[ChatSpan], list[ChatSpan]]:
-    """(train, held-out) token spans: questions from index heldout_from[set] on are held out. An
-    answer whose prompt alone fills max_length has no position to learn from and is left out."""
-    train, heldout = [], []
+def split_spans(tokenizer, records: list[dict], heldout_from: dict[str, int],
+                max_length: int) -> tuple[list[ChatSpan], list[ChatSpan], list[str]]:
+    """(train, held-out) token spans, and each held-out span's question: questions from index
+    heldout_from[set] on are held out. An answer whose prompt alone fills max_length has no
+    position to learn from and is left out."""
+    train, heldout, heldout_questions = [], [], []
     for record in records:
         span = tokenize_chat(tokenizer, record["messages"], max_length)
         if span.response_start >= len(span.ids):
             continue
-        (heldout if record["question_index"] >= heldout_from[record["set"]] else train).append(span)
+        if record["question_index"] >= heldout_from[record["set"]]:
+            heldout.append(span)
+            heldout_questions.append(f"{record['set']}_{record['question_index']}")
+        else:
+            train.append(span)
     if not train or not heldout:
         raise PersonaLoRAError(f"no {'training' if not train else 'held-out'} answer fits --max_length {max_length}; raise it")
-    return train, heldout
-
-
-# ---------------------------------------------------------------------------------------------
-# Distillation
-# ---------------------------------------------------------------------------------------------
+    return train, heldout, heldout_questions
 
 
 def lora_module_names(model, target_modules: list[str], layers: list[int]) -> list[str]:
@@ -299,21 +301,45 @@ def hidden_error(teacher_states, student_states, positions: torch.Tensor, hidden
 @torch.no_grad()
 def heldout_kl(peft_model, steerer, spans: list[ChatSpan], pad_id: int, batch_size: int, plain: bool = False) -> dict:
     """Token-weighted mean KL(steered ‖ distilled) over the held-out answers' positions, and with
-    `plain` KL(steered ‖ plain) from the same teacher passes."""
+    `plain` KL(steered ‖ plain) from the same teacher passes; per answer too (sums and positions),
+    for errors clustered by question."""
     device = peft_model.get_input_embeddings().weight.device
-    sums, tokens = {"distilled": 0.0, "plain": 0.0}, 0
+    per_answer = {"distilled": [], "plain": [], "tokens": []}
     for start in range(0, len(spans), batch_size):
         batch = Batch(spans[start:start + batch_size], pad_id, device)
+        counts = batch.positions.sum(1).tolist()  # the flattened positions are in row order
         teacher = teacher_forward(peft_model, steerer, batch, hidden=False).logits
-        sums["distilled"] += float(position_kl(teacher, forward(peft_model, batch, False).logits).sum())
+        per_answer["distilled"] += [float(x.sum()) for x in position_kl(teacher, forward(peft_model, batch, False).logits).split(counts)]
         if plain:
             with peft_model.disable_adapter():
-                sums["plain"] += float(position_kl(teacher, forward(peft_model, batch, False).logits).sum())
-        tokens += int(batch.positions.sum())
-    result = {"distilled": sums["distilled"] / tokens, "tokens": tokens}
+                per_answer["plain"] += [float(x.sum()) for x in
+                                        position_kl(teacher, forward(peft_model, batch, False).logits).split(counts)]
+        per_answer["tokens"] += counts
+    tokens = sum(per_answer["tokens"])
+    result = {"distilled": sum(per_answer["distilled"]) / tokens, "tokens": tokens, "per_answer": per_answer}
     if plain:
-        result["plain"] = sums["plain"] / tokens
+        result["plain"] = sum(per_answer["plain"]) / tokens
     return result
+
+
+def fraction_interval(per_answer: dict, questions: list[str], draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> dict:
+    """The fraction of KL(steered ‖ plain) the LoRA removes, with a bootstrap over held-out
+    questions (an answer's positions are not independent, nor are a question's answers)."""
+    import random
+
+    by_question: dict[str, list[int]] = {}
+    for index, question in enumerate(questions):
+        by_question.setdefault(question, []).append(index)
+    keys, rng, fractions = sorted(by_question), random.Random(seed), []
+    for _ in range(draws):
+        chosen = [i for key in (rng.choice(keys) for _ in keys) for i in by_question[key]]
+        plain = sum(per_answer["plain"][i] for i in chosen)
+        fractions.append(1 - sum(per_answer["distilled"][i] for i in chosen) / plain if plain > 0 else float("nan"))
+    fractions.sort()
+    mean = sum(fractions) / len(fractions)
+    return {"sem": (sum((f - mean) ** 2 for f in fractions) / (len(fractions) - 1)) ** 0.5,
+            "ci95": [fractions[int(0.025 * draws)], fractions[int(0.975 * draws) - 1]], "questions": len(keys),
+            "method": f"bootstrap over held-out questions ({draws} draws)"}
 
 
 def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -450,7 +476,8 @@ def print_summary(summary: dict) -> None:
           f"{summary['rank']} LoRA on {', '.join(summary['target_modules'])} of layers {summary['layers_spec']} ==")
     print(f"held-out KL(steered ‖ plain)     {summary['heldout_kl_plain']:.5f} nats/token")
     print(f"held-out KL(steered ‖ distilled) {summary['heldout_kl_distilled']:.5f} nats/token  (ratio {summary['ratio']:.3f}, "
-          f"fraction reproduced {summary['fraction_reproduced']:.3f}; {summary['heldout']['answers']} held-out answers, "
+          f"fraction reproduced {summary['fraction_reproduced']:.3f} ± {summary['fraction_reproduced_error']['sem']:.3f}; "
+          f"{summary['heldout']['answers']} held-out answers, "
           f"{summary['heldout']['tokens']} positions)")
     print("held-out KL by step: " + ", ".join(f"{c['step']}: {c['heldout_kl']:.4f}" for c in summary["curve"]["checkpoints"]))
     update = summary["update"]
@@ -500,7 +527,7 @@ def train_and_measure(args, inputs: dict, dtype, teacher: dict, identity: dict, 
     generation_started = time.time()
     records = teacher_answers(args, trait, model, tokenizer, steerer, teacher)
     generation_seconds = time.time() - generation_started
-    train, heldout = split_spans(tokenizer, records, inputs["heldout_from"], args.max_length)
+    train, heldout, heldout_questions = split_spans(tokenizer, records, inputs["heldout_from"], args.max_length)
     adapter_init_seed = init_seed("distill", args.seed)
     module_names = lora_module_names(model, args.target_modules, layers)
     peft_model = attach_lora(model, module_names, args.rank, adapter_init_seed)
@@ -531,7 +558,7 @@ def train_and_measure(args, inputs: dict, dtype, teacher: dict, identity: dict, 
         "steering_type": args.steering_type, "rank": args.rank, "target_modules": args.target_modules,
         "layers_spec": " ".join(args.layers), "layers": layers, "objective": objective,
         "heldout_kl_plain": final["plain"], "heldout_kl_distilled": final["distilled"], "ratio": ratio,
-        "fraction_reproduced": 1.0 - ratio,
+        "fraction_reproduced": 1.0 - ratio, "fraction_reproduced_error": fraction_interval(final["per_answer"], heldout_questions),
         "heldout": {"answers": len(heldout), "tokens": final["tokens"], "training_answers": len(train),
                     "questions": f"the last {args.heldout_fraction:g} of the trait's extraction and finetuning questions "
                                  f"({held_counts}), never trained on; the evaluation questions are not used"},

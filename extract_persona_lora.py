@@ -23,6 +23,7 @@ and persona_vectors/<model>/<trait>_response_avg_diff.pt, a tensor [L+1, hidden]
 import argparse
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -30,14 +31,15 @@ import torch
 
 import lora_utils as lu
 from eval.activations import load_vector, persona_vector, response_hidden_means
-from eval.elicitation import SIDES, check_fewshot, prompted_jobs
+from eval.elicitation import SIDES, check_fewshot, pool_size, prompted_jobs
 from eval.generation import generate_records, read_chat_jsonl
 from eval.judge import DEFAULT_OPENAI_JUDGE, auroc, make_judge, write_judge_data
 from eval.traits import available_traits, load_trait
 from io_utils import (ArgumentParser, OutputLock, PersonaLoRAError, atomic_path, check_writable, check_writable_dir, non_negative_int,
                       positive_float, positive_int, read_json_object, read_jsonl, remove_stale_temporaries, run_cli, unit_interval,
                       write_json, write_manifest)
-from model_loading import check_dtype, check_model_source, default_persona_paths, is_embedded, load_model_and_tokenizer, model_label
+from model_loading import (check_dtype, check_model_source, default_persona_paths, is_embedded, load_model_and_tokenizer,
+                           model_identity, model_label)
 from training import DEFAULT_TARGETS, finished_adapter, init_seed, train_lora_adapter
 
 # A small, fast profile for the embedded 135M model on CPU; the seed's settings for 8B-class models.
@@ -90,7 +92,7 @@ def parse_args():
     parser.add_argument("--vector_output_path", default=None,
                         help="default: persona_vectors/<model>/<trait>_response_avg_diff.pt")
     parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU; on CPU what measures faster), float32, bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16")
     args = parser.parse_args()
 
     if (args.pos_data is None) != (args.neg_data is None):
@@ -123,7 +125,7 @@ def check_inputs(args):
     else:
         trait = load_trait(args.trait)  # an unknown name lists the available ones
         if args.fewshot is None:
-            args.fewshot = min(PROFILES[args.profile]["fewshot"], len(trait.demonstrations))
+            args.fewshot = min(PROFILES[args.profile]["fewshot"], pool_size(trait))
         check_fewshot(trait, args.fewshot)
     if args.judge_data and not ((Path(args.judge_data) / "pos.jsonl").is_file() and (Path(args.judge_data) / "neg.jsonl").is_file()):
         raise PersonaLoRAError(f"--judge_data {args.judge_data} holds no pos.jsonl and neg.jsonl (an extraction's judge_data folder)")
@@ -224,12 +226,19 @@ def activation_vector(args, model, tokenizer, data, summary_path: Path) -> tuple
     return vector, identity
 
 
+def persona_init_seed(args) -> int:
+    """The pos and neg adapters' shared initialisation: one stream per trait, so that two traits'
+    diffs do not share a row space (their cosine and their cross-talk when merged together would
+    then be about the shared start, not the traits)."""
+    return init_seed(f"persona:{args.trait}", args.seed)
+
+
 def train_side(args, model, tokenizer, records, adapter_dir: Path, side: str) -> dict:
     settings = dict(rank=args.rank, alpha=args.alpha, use_rslora=args.use_rslora, target_modules=args.target_modules,
                     epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
                     max_length=args.max_length, seed=args.seed)
     identity = {"examples_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(),
-                "init_seed": init_seed("persona", args.seed)}
+                "init_seed": persona_init_seed(args)}
     previous = finished_adapter(adapter_dir)
     if args.skip_training:
         if previous is None:
@@ -238,7 +247,7 @@ def train_side(args, model, tokenizer, records, adapter_dir: Path, side: str) ->
     if previous is not None and all(previous.get(k) == v for k, v in {**settings, **identity}.items()):
         print(f"reusing {adapter_dir} (trained on the same data with the same settings)")
         return previous
-    # pos and neg start from one initialisation (the persona stream of --seed), so their
+    # pos and neg start from one initialisation (the trait's persona stream of --seed), so their
     # difference isolates what the data taught; finetunes draw theirs from another stream.
     return train_lora_adapter(model, tokenizer, records, adapter_dir, adapter_init_seed=identity["init_seed"],
                               base_model_name=model_label(args.model), desc=f"training {side}_lora",
@@ -305,7 +314,8 @@ def main():
         judge_data_dir = Path(args.judge_data) if args.judge_data else output_dir / "judge_data"
         if trait is not None and not args.judge_data:
             write_judge_data(model, tokenizer, trait, judge_data_dir, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch_size)
+                             temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch_size,
+                             model_files=model_identity(args.model))
         judge = None
         if trait is not None and (args.filter_threshold is not None or (judge_data_dir / "pos.jsonl").is_file()):
             judge = make_judge(args.judge, trait, args.judge_model, judge_data=str(judge_data_dir))
@@ -313,6 +323,8 @@ def main():
         if judge is not None and not args.pos_data:
             separation = separability(judge, data)
         if args.filter_threshold is not None:
+            print("warning: the judge that filters the persona's training data is the one that will judge its evaluations "
+                  "(by default): its preferences shape the persona; judge the evaluations with another judge", file=sys.stderr)
             data, filter_report = filter_by_judge(args, judge, data)
 
         vector, vector_identity = activation_vector(args, model, tokenizer, data, output_dir / "summary.json")
@@ -322,8 +334,8 @@ def main():
         diff.metadata.update(base_model=model_label(args.model), created_by="extract_persona_lora.py", seed=args.seed,
                              profile=args.profile, fewshot=None if args.pos_data else args.fewshot,
                              activation_vector=str(args.vector_output_path),
-                             init={"seed": init_seed("persona", args.seed), "rank": args.rank,
-                                   "target_modules": sorted(args.target_modules), "stream": "persona"})
+                             init={"seed": persona_init_seed(args), "rank": args.rank,
+                                   "target_modules": sorted(args.target_modules), "stream": f"persona:{args.trait}"})
         diff_path = output_dir / f"{args.trait}_lora_diff.pt"
         if same_diff_saved(diff, diff_path, output_dir / f"{args.trait}_lora_diff_peft"):
             # Rewriting would only change its "created" stamp, and with it the file's hash that keys

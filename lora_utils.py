@@ -559,6 +559,8 @@ def compute_persona_lora_diff(pos_lora_dir: str | os.PathLike, neg_lora_dir: str
 
 
 MAX_UPDATE_TO_WEIGHT_RATIO = 10.0
+FIDELITY_WARNING = 0.95
+_FIDELITY_WARNED: list[bool] = []  # one warning per process is enough
 
 
 def as_coefficient(value, what: str = "coefficient") -> float:
@@ -620,6 +622,9 @@ class LoRAMerger:
         self._id = next(_MERGER_IDS)
         self.history: list[tuple[str, float]] = []
         self.workspace_elements = 1 << 18
+        # In bf16/fp16 weights: ⟨achieved update, intended update⟩ / ‖intended‖² of the last merge.
+        self.fidelity: float | None = None
+        self._fidelity = [0.0, 0.0]
 
     @property
     def _terms(self) -> list[tuple[float, "PersonaLoRADiff", dict[str, str]]]:
@@ -684,10 +689,15 @@ class LoRAMerger:
         # Row blocks keep the float32 workspace at ~1 MB whatever the module's size, so the extra
         # memory of a merge is its backups and nothing more.
         rows = max(1, self.workspace_elements // param.shape[1])
+        low_precision = param.dtype in (torch.bfloat16, torch.float16)
         for start in range(0, param.shape[0], rows):
-            block = up[start:start + rows] @ down
-            block += backup[start:start + rows].to(param.device)
+            intended = up[start:start + rows] @ down
+            block = intended + backup[start:start + rows].to(param.device)
             param[start:start + rows].copy_(block)
+            if low_precision:  # how much of the update survives rounding to the weights' dtype
+                achieved = param[start:start + rows].float() - backup[start:start + rows].to(param.device).float()
+                self._fidelity[0] += float((achieved * intended).sum())
+                self._fidelity[1] += float((intended * intended).sum())
 
     def merge_lora_diff(self, lora_diff, coefficient: float = 1.0) -> "LoRAMerger":
         """Add coefficient·ΔW to the model's weights. Validates everything before touching any."""
@@ -696,12 +706,20 @@ class LoRAMerger:
         # Terms are kept by reference (no scaled copies of the factors): the only memory a merge
         # adds is the backups of the weights it touches.
         self._terms.append((as_coefficient(coefficient), diff, resolved))
+        self._fidelity = [0.0, 0.0]
         with torch.no_grad():
             for param_name in resolved.values():
                 if param_name not in self._state.backups:
                     param = self._params[param_name]
                     self._state.backups[param_name] = param.detach().to(self.backup_device or param.device, copy=True)
                 self._recompute(param_name)
+        if self._fidelity[1] > 0:
+            self.fidelity = self._fidelity[0] / self._fidelity[1]
+            if self.fidelity < FIDELITY_WARNING and not _FIDELITY_WARNED:
+                _FIDELITY_WARNED.append(True)
+                print(f"warning: the weights' low-precision dtype keeps {self.fidelity:.0%} of the merged update along it "
+                      f"(coefficient {as_coefficient(coefficient):g}): small updates round away; load the model in float32 "
+                      "(--dtype float32) for coefficients that mean what they say", file=sys.stderr)
         self.history.append((diff.metadata.get("trait") or diff.metadata.get("source_path") or "diff", as_coefficient(coefficient)))
         return self
 

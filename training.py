@@ -50,9 +50,9 @@ from tqdm.auto import tqdm
 import lora_utils as lu
 from eval.activations import ActivationSteerer, check_steering_layer, load_vector
 from eval.generation import conversation, pad_right, read_chat_jsonl, tokenize_chat
-from io_utils import (PersonaLoRAError, atomic_path, check_writable_dir, read_json_object, remove_stale_temporaries, run_cli,
-                      write_json, write_manifest)
-from model_loading import check_dtype, check_model_source, load_model_and_tokenizer, model_config, model_label
+from io_utils import (PersonaLoRAError, atomic_path, check_writable_dir, file_identity, read_json_object, remove_stale_temporaries,
+                      run_cli, write_json, write_manifest)
+from model_loading import check_dtype, check_model_source, load_model_and_tokenizer, model_config, model_identity, model_label
 
 TRAINING_RECORD = "training.json"
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -397,10 +397,15 @@ def check_config_inputs(config: dict, path: Path) -> dict:
 
 
 def config_identity(config: dict, records: list[dict]) -> str:
-    """What a finished finetune depends on: the whole config (whatever its file is called) and the
-    training examples' content. A rerun with the same identity reuses the finetune."""
-    return hashlib.sha256(json.dumps({"config": {k: v for k, v in config.items() if k != "output_dir"}, "examples": records},
-                                     sort_keys=True).encode()).hexdigest()
+    """What a finished finetune depends on: the whole config (whatever its file is called), the
+    training examples, the content of the diffs and vectors it steers with or monitors (a
+    re-extracted diff at the same path is another diff) and the base model's files. A rerun with
+    the same identity reuses the finetune."""
+    steering = config["steering_config"] or {}
+    files = [*persona_diffs_of(config), *([steering["vector_path"]] if steering.get("type") == "activation" else [])]
+    return hashlib.sha256(json.dumps({"config": {k: v for k, v in config.items() if k != "output_dir"}, "examples": records,
+                                      "files": [file_identity(path)["sha256"] for path in files],
+                                      "model": model_identity(config["model"])}, sort_keys=True).encode()).hexdigest()
 
 
 def process_device_map():

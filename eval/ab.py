@@ -16,7 +16,8 @@ A steered small model often moves its preference for a letter rather than for a 
 the headline is the *balanced* p_matching: the mean over items whose matching answer is the
 first choice and the mean over the others, weighted equally (a pure letter bias then cancels),
 reported beside the shift in P(first choice). Where an item's two choices parse, it is also
-scored with the choices swapped (p_matching_swapped), and the two are averaged.
+scored with the choices swapped (p_matching_swapped), and the two orderings' log-odds are averaged
+("both orders"), which removes a letter bias exactly; that is the headline where it exists.
 """
 
 from __future__ import annotations
@@ -221,10 +222,20 @@ def score_ab_items(model, tokenizer, items: list[ABItem], system: str | None = N
 # ---------------------------------------------------------------------------------------------
 
 
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-9), 1 - 1e-9)
+    return math.log(p / (1 - p))
+
+
 def item_balanced_value(row: dict) -> float:
-    """An item's p_matching averaged over its two orderings where it was scored both ways."""
-    return (row["p_matching"] + row["p_matching_swapped"]) / 2 if row.get("p_matching_swapped") is not None \
-        else row["p_matching"]
+    """An item's p_matching with its position bias removed, where it was scored both ways: the two
+    orderings' log-odds averaged, σ(½[logit p + logit p_swapped]). A letter bias adds +b to one
+    ordering's log-odds and −b to the other's, so it cancels exactly (averaging the probabilities
+    would not: ½[σ(x+b) + σ(x−b)] drifts toward ½ as |b| grows)."""
+    if row.get("p_matching_swapped") is None:
+        return row["p_matching"]
+    mean = (_logit(row["p_matching"]) + _logit(row["p_matching_swapped"])) / 2
+    return 1 / (1 + math.exp(-mean))
 
 
 def balanced_mean(rows: list[dict], value=lambda row: row["p_matching"]) -> tuple[float, dict]:
@@ -235,20 +246,22 @@ def balanced_mean(rows: list[dict], value=lambda row: row["p_matching"]) -> tupl
     return sum(means.values()) / len(means), {"matching_first": len(groups[True]), "matching_second": len(groups[False])}
 
 
-def balanced_change(rows: list[dict], baseline: dict[int, dict], value) -> tuple[float, float]:
-    """The balanced mean of per-item changes against the baseline, with its paired error (the
-    two position groups' errors combined with their equal weights)."""
-    groups = {}
-    for key in (True, False):
-        changes = [value(r) - value(baseline[r["question_id"]]) for r in rows if r["first_is_matching"] == key]
-        if changes:
-            groups[key] = mean_and_sem(changes)
+def balanced_with_error(values_by_position: dict[bool, list[float]]) -> tuple[float, float]:
+    """The mean of the two position groups' means, weighted equally, and its error (the groups'
+    errors combined with those weights)."""
+    groups = {key: mean_and_sem(values) for key, values in values_by_position.items() if values}
     weight = 1 / len(groups)
     mean = sum(weight * m for m, _, _ in groups.values())
     # A group of one item has no measurable spread: the combined error is then unknown (NaN), not
     # the other group's error alone (which would report a two-item run as exact).
     sem = sum((weight * s) ** 2 for _, s, _ in groups.values()) ** 0.5
     return mean, sem
+
+
+def balanced_change(rows: list[dict], baseline: dict[int, dict], value) -> tuple[float, float]:
+    """The balanced mean of per-item changes against the baseline, with its paired error."""
+    return balanced_with_error({key: [value(r) - value(baseline[r["question_id"]]) for r in rows if r["first_is_matching"] == key]
+                                for key in (True, False)})
 
 
 def summarize_conditions(conditions: list[dict]) -> list[dict]:
@@ -262,11 +275,16 @@ def summarize_conditions(conditions: list[dict]) -> list[dict]:
     for condition in conditions:
         rows = condition["rows"]
         balanced, counts = balanced_mean(rows)
-        both_orders, _ = balanced_mean(rows, item_balanced_value)
+        both_orders, both_orders_sem = balanced_with_error({key: [item_balanced_value(r) for r in rows if r["first_is_matching"] == key]
+                                                            for key in (True, False)})
         entry = {"condition": condition["name"], "method": condition["method"], "coef": condition["coef"],
                  **({"coefs": condition["coefs"]} if condition.get("coefs") else {}),
                  "items": len(rows), "position_counts": counts,
                  "balanced_p_matching": balanced, "balanced_p_matching_both_orders": both_orders,
+                 "balanced_p_matching_both_orders_sem": both_orders_sem,
+                 # per item, so that other runs on the same items (a base model, a finetune) can pair with it
+                 "both_orders_by_item": {str(r["question_id"]): item_balanced_value(r) for r in rows},
+                 "matching_first_by_item": {str(r["question_id"]): r["first_is_matching"] for r in rows},
                  "raw_p_matching": sum(r["p_matching"] for r in rows) / len(rows),
                  "p_first_choice": sum(r["p_first"] for r in rows) / len(rows)}
         if base_rows is not None:  # a run without an unsteered condition has nothing to pair with

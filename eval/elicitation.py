@@ -6,7 +6,7 @@ answers are alike); K demonstrations of the wanted behaviour make the contrast r
 trained on question → answer only (eval.generation.conversation(record, with_context=False)), so
 the persona diff distils the in-context behaviour into weights. Every stage that elicits a trait
 (the extraction's contrastive data, the offline judge's data, finetuning data, the reference
-answers of the judge-free margin) builds its jobs here, each on its own questions.
+answers of the judge-free margin) builds its jobs here, each on its own questions and with its own demonstrations.
 """
 
 from __future__ import annotations
@@ -16,19 +16,38 @@ from io_utils import PersonaLoRAError
 SIDES = ("pos", "neg")
 
 
+# Each stage shows demonstrations from its own quarter of the trait's list: a small model copies a
+# demonstration's wording, so shared demonstrations would let the judge, the references of the
+# margin and the finetuning data all reward the extraction's phrasing (the LoRA's, not the trait's).
+STAGE_POOLS = {"extraction": 0, "judge": 1, "finetuning": 2, "evaluation": 3}
+
+
+def pool_size(trait) -> int:
+    """How many demonstrations each stage has: the most K can be."""
+    return len(trait.demonstrations) // len(STAGE_POOLS)
+
+
+def demonstration_pool(trait, stage: str) -> list[dict]:
+    """The stage's own quarter of the trait's demonstrations (disjoint from every other stage's)."""
+    start = STAGE_POOLS[stage] * pool_size(trait)
+    return trait.demonstrations[start:start + pool_size(trait)]
+
+
 def check_fewshot(trait, fewshot: int, flag: str = "--fewshot") -> None:
+    """K demonstrations must fit in every stage's pool (a quarter of the trait's list)."""
     if fewshot < 0:
         raise PersonaLoRAError(f"{flag} {fewshot} must be ≥ 0")
-    if fewshot > len(trait.demonstrations):
-        raise PersonaLoRAError(f"{flag} {fewshot}: {trait.path} has {len(trait.demonstrations)} demonstrations; "
-                               f"use at most that many (or add more under 'demonstrations')")
+    pool = pool_size(trait)
+    if fewshot > pool:
+        raise PersonaLoRAError(f"{flag} {fewshot}: {trait.path} has {len(trait.demonstrations)} demonstrations, split in "
+                               f"{len(STAGE_POOLS)} pools of {pool} (one per stage); use at most {pool} (or add more)")
 
 
-def demonstrations_for(trait, side: str, fewshot: int, offset: int) -> list[list[str]]:
-    """K (question, answer) pairs showing `side`, rotating through the trait's demonstrations so
-    that consecutive jobs see different examples."""
-    demos = trait.demonstrations
-    return [[demos[(offset + k) % len(demos)]["question"], demos[(offset + k) % len(demos)][side]] for k in range(fewshot)]
+def demonstrations_for(trait, stage: str, side: str, fewshot: int, offset: int) -> list[list[str]]:
+    """K (question, answer) pairs showing `side`, from the stage's own pool, rotating through it
+    so that consecutive jobs see different examples."""
+    pool = demonstration_pool(trait, stage)
+    return [[pool[(offset + k) % len(pool)]["question"], pool[(offset + k) % len(pool)][side]] for k in range(fewshot)]
 
 
 def question_id(trait_name: str, stage: str, index: int) -> str:
@@ -59,7 +78,7 @@ def prompted_jobs(trait, questions: list[str], side: str, *, n_per_question: int
                     "side": side, "instruction_index": instruction_index, "question_index": question_index,
                     "question_id": question_id(trait.name, stage, question_index), "sample": sample,
                     "system": pairs[instruction_index][side],
-                    "demonstrations": demonstrations_for(trait, side, fewshot, job_index),
+                    "demonstrations": demonstrations_for(trait, stage, side, fewshot, job_index),
                     "messages": [{"role": "user", "content": question}],
                 })
     return jobs

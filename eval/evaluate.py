@@ -22,19 +22,20 @@ from typing import Callable
 
 import lora_utils as lu
 from eval.ab import load_ab_items, method_slopes, score_ab_items, summarize_conditions
-from eval.elicitation import SIDES, check_fewshot, prompted_jobs
-from eval.generation import GenerationSettings, generate_records, response_log_likelihoods
+from eval.elicitation import SIDES, check_fewshot, pool_size, prompted_jobs
+from eval.generation import GenerationSettings, conversation, generate_records, response_log_likelihoods
 from eval.judge import DEFAULT_OPENAI_JUDGE, Judge, make_judge
 from eval.stats import cluster_means, clustered_mean_and_sem, mean_and_sem, paired_difference, paired_slope
 from eval.traits import Trait, load_trait
 from io_utils import (OutputLock, PersonaLoRAError, atomic_path, check_writable, file_identity, non_negative_float,
                       non_negative_int, positive_int, read_json_object, read_jsonl, unit_interval, write_json, write_manifest)
 from model_loading import (check_dtype, check_model_source, default_judge_data_dir, is_embedded, load_model_and_tokenizer,
-                           model_label, resolve_dtype, resolve_model_folder)
+                           model_identity, model_label, resolve_dtype, resolve_model_folder)
 
 CSV_COLUMNS_BEFORE_TRAIT = ["question_id", "question", "prompt", "answer"]
 CSV_COLUMNS_AFTER_TRAIT = ["coherence", "coef", "method"]
 AB_CSV_COLUMNS = ["question_id", "question", "coef", "method", "p_matching", "p_matching_swapped", "p_first", "p_first_swapped"]
+COHERENT = 50  # the coherence above which an answer counts as coherent (Persona Vectors' filter)
 REFERENCE_SEED = 30_000  # the reference answers' sampling seeds, apart from every evaluated condition's
 MARGIN_MEASURE = ("mean log-probability per answer token of the unsteered model's pos-prompted minus its neg-prompted reference "
                   "answers to the held-out questions, scored without the prompt (nats/token; higher = closer to the trait)")
@@ -94,7 +95,7 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top_p", type=unit_interval, default=1.0)
     parser.add_argument("--batch_size", type=positive_int, default=64)
     parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU; on CPU what measures faster), float32, bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16")
 
 
 def generation_settings(args) -> GenerationSettings:
@@ -127,7 +128,7 @@ def add_eval_args(parser: argparse.ArgumentParser, output_required: bool = True)
 def default_fewshot(model: str | None, trait: Trait) -> int:
     """The small profile elicits with 4 demonstrations (a 135M model barely follows a system prompt
     alone; see the README), real models with the system prompt only, as Persona Vectors does."""
-    return min(4, len(trait.demonstrations)) if is_embedded(model) else 0
+    return min(4, pool_size(trait)) if is_embedded(model) else 0
 
 
 def prepare_evaluation(args, output_path: str | Path | None = None, output_flag: str = "--output_path",
@@ -153,10 +154,19 @@ def prepare_evaluation(args, output_path: str | Path | None = None, output_flag:
             raise PersonaLoRAError("--persona_instruction_type is for generated answers; in A/B mode give the prompt with "
                                    "--ab_system_prompt")
         run.ab_items, run.ab_path = load_ab_items(args.ab_data), args.ab_data
-    else:
-        judge_data = args.judge_data or str(default_judge_data_dir(args.model, args.trait))
-        run.judge = make_judge(args.judge, trait, args.judge_model, judge_data)
-    run.lock = OutputLock(output_path, output_flag).__enter__()  # last: a refused run leaves no lock behind
+    elif args.judge and args.judge.startswith("hf:") and model_label(args.judge[3:]) == model_label(args.model):
+        raise PersonaLoRAError(f"--judge {args.judge} is the model under test: a model would judge its own steered answers; "
+                               "choose another judge model")
+    # The lock before the judge, whose making takes seconds (a second writer is refused at once),
+    # and released if the judge cannot be made (a refused run leaves no lock behind).
+    run.lock = OutputLock(output_path, output_flag).__enter__()
+    if mode != "ab":
+        try:
+            run.judge = make_judge(args.judge, trait, args.judge_model,
+                                   args.judge_data or str(default_judge_data_dir(args.model, args.trait)))
+        except BaseException:
+            run.lock.__exit__(None, None, None)
+            raise
     return run
 
 
@@ -262,7 +272,8 @@ def generate_condition(run: EvalRun, model, tokenizer, condition: Condition, fol
     The file's key holds everything the answers depend on (settings with the resolved dtype, the
     trait file, the condition and what it steers with)."""
     settings = run.settings
-    identity = {**settings.identity(model.dtype), "trait": hashlib.sha256(run.trait.path.read_bytes()).hexdigest(),
+    identity = {**settings.identity(model.dtype), "model_files": model_identity(settings.model),
+                "trait": hashlib.sha256(run.trait.path.read_bytes()).hexdigest(),
                 "condition": condition.name, "instruction_type": condition.instruction_type,
                 "fewshot": run.fewshot if condition.instruction_type else 0, "seed_offset": seed_offset, **condition.identity}
     path = folder / f"{condition.name}-{_key(identity)}.jsonl"
@@ -302,10 +313,15 @@ def question_margins(model, tokenizer, references: dict[str, list[dict]]) -> dic
     return {q: per_side["pos"][q] - per_side["neg"][q] for q in per_side["pos"] if q in per_side["neg"]}
 
 
+def references_digest(references: dict[str, list[dict]]) -> str:
+    """Which reference answers a margin was measured on: runs pair their margins only on the same."""
+    return hashlib.sha256(json.dumps(references, sort_keys=True).encode()).hexdigest()
+
+
 def condition_margins(run: EvalRun, model, tokenizer, condition: Condition, references, folder: Path) -> dict[str, float]:
     """question_margins under the condition, kept once computed (keyed by what they depend on)."""
-    identity = {"references": hashlib.sha256(json.dumps(references, sort_keys=True).encode()).hexdigest(),
-                "dtype": str(model.dtype), "model": run.settings.model, "condition": condition.name, **condition.identity}
+    identity = {"references": references_digest(references), "dtype": str(model.dtype),
+                "model_files": model_identity(run.settings.model), "condition": condition.name, **condition.identity}
     path = folder / f"margins-{condition.name}-{_key(identity)}.json"
     if path.is_file():
         with contextlib.suppress(PersonaLoRAError):
@@ -347,18 +363,19 @@ def _run_judged(run: EvalRun, conditions: list[Condition], model, tokenizer):
 
     trait, work_dir = run.trait, run.output_path.parent / f".{run.output_path.stem}.work"
     generated = {c.name: generate_condition(run, model, tokenizer, c, work_dir) for c in conditions}
-    margins = {}
+    margins, references = {}, None
     if run.margin:
         references = reference_answers(run, model, tokenizer)
-        margins = {c.name: condition_margins(run, model, tokenizer, c, references, work_dir) for c in conditions}
+        # A prompted condition answers under a system prompt the references are not scored with:
+        # its margin would be the unprompted model's, so it gets none.
+        margins = {c.name: condition_margins(run, model, tokenizer, c, references, work_dir) for c in conditions
+                   if not c.instruction_type}
 
     rows = []
     for condition in conditions:
         for record in generated[condition.name]:
             question = record["messages"][0]["content"]
-            prompt = tokenizer.apply_chat_template(
-                [*([{"role": "system", "content": record["system"]}] if record.get("system") else []), record["messages"][0]],
-                tokenize=False, add_generation_prompt=True)
+            prompt = tokenizer.apply_chat_template(conversation(record)[:-1], tokenize=False, add_generation_prompt=True)
             rows.append({"question_id": record["question_id"], "question": question, "prompt": prompt,
                          "answer": record["messages"][-1]["content"], "coef": condition.coef, "method": condition.method,
                          "condition": condition.name, **{f"coef_{k}": c for k, c in (condition.coefs or {}).items()}})
@@ -371,6 +388,7 @@ def _run_judged(run: EvalRun, conditions: list[Condition], model, tokenizer):
     composition_columns = list(dict.fromkeys(f"coef_{k}" for c in conditions for k in (c.coefs or {})))
     frame = pd.DataFrame(rows)[CSV_COLUMNS_BEFORE_TRAIT + [trait.name] + CSV_COLUMNS_AFTER_TRAIT + composition_columns]
     summary = judged_summary(run, conditions, rows, margins)
+    summary["references_sha256"] = references_digest(references) if references else None
     with atomic_path(run.output_path) as tmp:
         frame.to_csv(tmp, index=False)
     write_json(run.output_path.with_suffix(".summary.json"), summary)
@@ -404,6 +422,11 @@ def judged_summary(run: EvalRun, conditions: list[Condition], rows: list[dict], 
             mean, sem, n = clustered_mean_and_sem(values, clusters)
             entry.update({f"{metric}_mean": mean, f"{metric}_sem": sem, f"{metric}_by_question": cluster_means(values, clusters)})
             entry["questions"] = n
+        # The trait among coherent answers only: at strong steering a degenerate answer gets whatever
+        # score the judge gives nonsense, which can move the mean by itself.
+        coherent = [r for r in members if r["coherence"] is not None and r["coherence"] >= COHERENT]
+        mean, sem, n = clustered_mean_and_sem([r[trait] for r in coherent], [r["question_id"] for r in coherent])
+        entry.update({f"{trait}_mean_coherent": mean, f"{trait}_sem_coherent": sem, "coherent_answers": len(coherent)})
         entry["refusals"] = sum(1 for r in members if r[trait] is None or r["coherence"] is None)
         entry["missing"] = sum(1 for r in members if _failed(r[trait]) or _failed(r["coherence"]))
         if condition.name in margins:

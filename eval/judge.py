@@ -20,6 +20,7 @@ known: a rerun costs no API call and an interrupted run pays only for what is mi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -34,9 +35,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from eval.elicitation import SIDES, prompted_jobs
+from eval.elicitation import SIDES, pool_size, prompted_jobs
 from eval.generation import generate_records, pad_right
-from io_utils import PersonaLoRAError, atomic_path, cache_dir, read_jsonl
+from io_utils import PersonaLoRAError, atomic_path, cache_dir, read_jsonl, write_json
 from model_loading import fluency_model_dir, load_model_and_tokenizer, model_device
 
 DEFAULT_OPENAI_JUDGE = "gpt-4.1-mini-2025-04-14"
@@ -44,11 +45,15 @@ METRICS = ("trait", "coherence")
 # Below this probability mass on the numbers 0–100, the judge did not answer with a score: a refusal.
 REFUSAL_MASS = 0.25
 # Bump when the offline judge's method changes, so that its cached scores and classifiers expire.
-OFFLINE_JUDGE_VERSION = "v2"
+OFFLINE_JUDGE_VERSION = "v3"
 # The judge's data: the trait's own prompts with this many demonstrations (when the trait has
 # them), one answer per judge question and instruction, seeded apart from every other stage.
 JUDGE_DATA_FEWSHOT = 4
 JUDGE_DATA_SEED = 20_000
+# Answers per side of the judge's data on which the coherence proxy is checked.
+COHERENCE_CHECK_ANSWERS = 40
+# How many label shuffles make the offline judge's control distribution.
+SHUFFLES = 20
 # The OpenAI-protocol judge reads one token; after this many replies without a single multi-digit
 # number among the top logprobs, its tokenizer is taken to split numbers into digits.
 DIGIT_SPLIT_EVIDENCE = 20
@@ -348,15 +353,25 @@ class HFJudge(RubricJudge):
 def judge_data_jobs(trait) -> dict[str, list[dict]]:
     """Every judge question under every pos (neg) instruction, with demonstrations when the trait
     has them: the judge learns the trait from answers no other stage trains on or measures."""
-    fewshot = min(JUDGE_DATA_FEWSHOT, len(trait.demonstrations))
+    fewshot = min(JUDGE_DATA_FEWSHOT, pool_size(trait))
     return {side: prompted_jobs(trait, trait.judge_questions, side, n_per_question=1, fewshot=fewshot, stage="judge",
                                 every_instruction=True) for side in SIDES}
 
 
 def write_judge_data(model, tokenizer, trait, folder: Path, max_new_tokens: int, temperature: float, top_p: float,
-                     batch_size: int) -> Path:
+                     batch_size: int, model_files: dict) -> Path:
     """Generate the offline judge's data (folder/pos.jsonl, neg.jsonl) with the unsteered model,
-    unless it is there (resumable: unfinished sides continue where they stopped)."""
+    unless it is there (resumable: unfinished sides continue where they stopped). Data made from
+    another trait file, model or settings is refused, not reused."""
+    settings = {"trait_file_sha256": hashlib.sha256(trait.path.read_bytes()).hexdigest(), "model_files": model_files,
+                "dtype": str(model.dtype), "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                "batch_size": batch_size, "seed": JUDGE_DATA_SEED}
+    record = folder / "generation.json"
+    if record.is_file() and json.loads(record.read_text()) != settings:
+        changed = sorted(k for k in settings if json.loads(record.read_text()).get(k) != settings[k])
+        raise PersonaLoRAError(f"{folder} was generated with other settings ({', '.join(changed)}); delete it to regenerate")
+    if not record.is_file():
+        write_json(record, settings)
     for side, jobs in judge_data_jobs(trait).items():
         path = folder / f"{side}.jsonl"
         if path.is_file():
@@ -439,11 +454,22 @@ class TraitClassifier:
                     scores[index] = float(value)
             return auroc(scores, labels)  # always against the true labels
 
-        shuffled = labels[:]
-        random.Random(seed).shuffle(shuffled)
-        report = {"held_out_auroc": out_of_fold_auroc(labels), "shuffled_label_auroc": out_of_fold_auroc(shuffled),
+        held_out = out_of_fold_auroc(labels)
+        # The control, repeated: labels shuffled among questions' answers SHUFFLES times, so the
+        # held-out AUROC is compared with a distribution, not one draw of it.
+        rng, controls = random.Random(seed), []
+        for _ in range(SHUFFLES):
+            shuffled = labels[:]
+            rng.shuffle(shuffled)
+            controls.append(out_of_fold_auroc(shuffled))
+        mean = sum(controls) / len(controls)
+        spread = (sum((c - mean) ** 2 for c in controls) / (len(controls) - 1)) ** 0.5
+        report = {"held_out_auroc": held_out, "shuffled_label_auroc": mean, "shuffled_label_auroc_sd": spread,
+                  "shuffled_label_auroc_max": max(controls), "shuffles": len(controls),
+                  "p_value": (1 + sum(c >= held_out for c in controls)) / (1 + len(controls)),
                   "examples": len(labels), "questions": len(set(groups)), "folds": folds,
-                  "method": f"{folds}-fold cross-validation grouped by question (out-of-fold scores)"}
+                  "method": f"{folds}-fold cross-validation grouped by question (out-of-fold scores); control: {SHUFFLES} "
+                            "label shuffles through the same pipeline"}
         final = LogisticRegression(C=1.0, max_iter=2000).fit(features, labels)
         return cls(torch.tensor(final.coef_[0], dtype=torch.float32), float(final.intercept_[0]), report)
 
@@ -560,7 +586,11 @@ class OfflineJudge(Judge):
     Coherence: the proxy. `data_dir` holds the judge data (pos.jsonl, neg.jsonl) that
     extract_persona_lora.py writes from the trait's judge questions."""
 
-    def __init__(self, trait: str, data_dir: str | os.PathLike, cache: JudgeCache | None = None):
+    def __init__(self, trait: str, data_dir: str | os.PathLike, cache: JudgeCache | None = None,
+                 measured_questions: set[str] | None = None):
+        """`measured_questions`: questions the judge will score answers to (the trait's
+        evaluation questions); data on any of them is refused, as a judge must not learn from
+        answers to the questions it judges."""
         super().__init__(cache)
         data_dir = Path(data_dir)
         if not (data_dir / "pos.jsonl").is_file() or not (data_dir / "neg.jsonl").is_file():
@@ -568,6 +598,12 @@ class OfflineJudge(Judge):
                 f"the offline judge learns '{trait}' from its own data, but {data_dir}/pos.jsonl and neg.jsonl are missing: "
                 f"run python extract_persona_lora.py --trait {trait} first (it writes them), or pass --judge_data DIR "
                 "(or use --judge openai with OPENAI_API_KEY)")
+        if measured_questions:
+            trained_on = {r["messages"][-2]["content"].strip() for side in ("pos", "neg") for r in read_jsonl(data_dir / f"{side}.jsonl")}
+            shared = trained_on & {q.strip() for q in measured_questions}
+            if shared:
+                raise PersonaLoRAError(f"{data_dir} holds answers to a question the judge would score ({sorted(shared)[0]!r}): "
+                                       "a judge must not learn from the questions it judges; regenerate the judge's data")
         digest = hashlib.sha256((data_dir / "pos.jsonl").read_bytes() + (data_dir / "neg.jsonl").read_bytes()).hexdigest()[:16]
         self.trait, self.data_dir = trait, data_dir
         self.name = f"offline-{OFFLINE_JUDGE_VERSION}:minilm-logreg:{trait}:{digest}"
@@ -584,7 +620,8 @@ class OfflineJudge(Judge):
         self.description = (f"OFFLINE PROXY judge (not an LLM judge): trait = MiniLM-embedding logistic regression fit on "
                             f"{report['examples']} answers to {report['questions']} questions ({data_dir}), "
                             f"held-out-question AUROC {report['held_out_auroc']:.3f} (shuffled labels "
-                            f"{report['shuffled_label_auroc']:.3f}); coherence = fluency under {FLUENCY_REFERENCE_NAME} × "
+                            f"{report['shuffled_label_auroc']:.3f} ± {report['shuffled_label_auroc_sd']:.3f} over "
+                            f"{report['shuffles']}); coherence = fluency under {FLUENCY_REFERENCE_NAME} × "
                             "relevance × non-repetition proxy")
 
     @property
@@ -597,7 +634,26 @@ class OfflineJudge(Judge):
         return f"{metric}\x00{question}\x00{answer}"
 
     def quality(self) -> dict:
-        return {**self.classifier.report, "trained_on": str(self.data_dir)}
+        return {**self.classifier.report, "trained_on": str(self.data_dir), "coherence_proxy": self.coherence_quality()}
+
+    def coherence_quality(self) -> dict:
+        """The coherence proxy checked on the judge's own data, once (cached beside the classifier):
+        real answers against corrupted ones, and pos- against neg-prompted answers, which are both
+        coherent text and should score alike (a fluency reference that disliked a style would
+        show here)."""
+        path = self.data_dir / f"{self.name.split(':')[0]}_{self.name.rsplit(':', 1)[1]}_coherence.json"
+        if path.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                return json.loads(path.read_text())
+        records = {side: read_jsonl(self.data_dir / f"{side}.jsonl")[:COHERENCE_CHECK_ANSWERS] for side in ("pos", "neg")}
+        questions = {side: [r["messages"][-2]["content"] for r in rs] for side, rs in records.items()}
+        answers = {side: [r["messages"][-1]["content"] for r in rs] for side, rs in records.items()}
+        report = self.coherence.validate(questions["pos"] + questions["neg"], answers["pos"] + answers["neg"])
+        scores = {side: self.coherence.scores(questions[side], answers[side]) for side in ("pos", "neg")}
+        report.update(mean_pos_prompted=sum(scores["pos"]) / len(scores["pos"]),
+                      mean_neg_prompted=sum(scores["neg"]) / len(scores["neg"]), reference=FLUENCY_REFERENCE_NAME)
+        write_json(path, report)
+        return report
 
     def _score_uncached(self, metric, todo, desc):
         questions, answers = [q for q, _ in todo.values()], [a for _, a in todo.values()]
@@ -628,5 +684,5 @@ def make_judge(kind: str | None, trait, judge_model: str = DEFAULT_OPENAI_JUDGE,
     if kind == "offline":
         if judge_data is None:
             raise PersonaLoRAError("--judge offline needs the judge's data folder (--judge_data)")
-        return OfflineJudge(trait.name, judge_data, cache=cache)
+        return OfflineJudge(trait.name, judge_data, cache=cache, measured_questions=set(trait.evaluation_questions))
     raise PersonaLoRAError(f"--judge {kind!r} is not one of: openai, hf:<model>, offline")

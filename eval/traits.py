@@ -12,6 +12,7 @@ The schema is documented in dataset/README.md.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,16 +73,33 @@ def _check_demonstrations(path: Path, demonstrations: list) -> None:
             raise PersonaLoRAError(f"{path}: demonstrations[{index}] must be {{\"question\", \"pos\", \"neg\"}} with non-empty text")
 
 
+def normalize_question(question: str) -> str:
+    """A question as compared for reuse: case, punctuation and spacing do not make it another."""
+    return " ".join(re.sub(r"[^\w\s]", " ", question.lower()).split())
+
+
 def _check_disjoint(path: Path, sets: dict[str, list[str]]) -> None:
     """No question may serve two jobs: a model trained on a question's answers must not be
     evaluated, judged or finetuned on it."""
     seen: dict[str, str] = {}
     for name, questions in sets.items():
         for question in questions:
-            key = question.strip()
+            key = normalize_question(question)
             if key in seen and seen[key] != name:
-                raise PersonaLoRAError(f"{path}: question used for both {seen[key]} and {name}: {key!r}")
+                raise PersonaLoRAError(f"{path}: question used for both {seen[key]} and {name}: {question.strip()!r}")
             seen[key] = name
+
+
+def measured_questions(dataset_dir: Path = DATASET_DIR) -> dict[str, str]:
+    """Every trait's questions that measure something (evaluation, judge, A/B), normalised, with
+    where each comes from: no finetune may train on one of them."""
+    found = {}
+    for name in available_traits(dataset_dir):
+        trait = load_trait(name, dataset_dir)
+        for stage, questions in (("evaluation", trait.evaluation_questions), ("judge", trait.judge_questions),
+                                 ("A/B", [item.stem for item in trait.ab_items if item.stem])):
+            found.update({normalize_question(q): f"{name}'s {stage} questions" for q in questions})
+    return found
 
 
 def load_trait(name: str, dataset_dir: Path = DATASET_DIR) -> Trait:

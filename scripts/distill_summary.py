@@ -51,9 +51,15 @@ def summarize(runs: list[dict], target: float) -> dict:
         series = sorted((run for run in runs if run["layers_spec"] == placement), key=lambda run: run["rank"])
         largest = distilled_diff(series[-1])
         reaching = [run["rank"] for run in series if run["fraction_reproduced"] >= target]
+        # A threshold crossing of a noisy estimate is itself noisy: also the smallest rank whose
+        # whole 95 % interval (bootstrap over held-out questions) lies above the target.
+        surely = [run["rank"] for run in series if run["fraction_reproduced_error"]["ci95"][0] >= target]
         placements[placement] = {
             "ranks": [run["rank"] for run in series],
             "fraction_reproduced": [run["fraction_reproduced"] for run in series],
+            "fraction_reproduced_sem": [run["fraction_reproduced_error"]["sem"] for run in series],
+            "fraction_reproduced_ci95": [run["fraction_reproduced_error"]["ci95"] for run in series],
+            f"smallest_rank_with_ci_above_{target:g}": min(surely) if surely else None,
             "heldout_kl_distilled": [run["heldout_kl_distilled"] for run in series],
             "heldout_kl_plain": series[0]["heldout_kl_plain"],
             f"smallest_rank_reaching_{target:g}": min(reaching) if reaching else None,
@@ -86,7 +92,8 @@ def plot(report: dict, path: Path) -> None:
     for index, (placement, series) in enumerate(report["placements"].items()):
         color = colors[index % len(colors)]
         label = {"before": f"layers < {report['layer']}", "all": "all layers"}.get(placement, f"layers {placement}")
-        reproduced.plot(series["ranks"], series["fraction_reproduced"], marker="o", color=color, label=label)
+        reproduced.errorbar(series["ranks"], series["fraction_reproduced"], yerr=series["fraction_reproduced_sem"], marker="o",
+                            capsize=3, color=color, label=label)
         if any(c is not None for c in series["cosine_with_persona_diff"]):
             cosines.plot(series["ranks"], series["cosine_with_persona_diff"], marker="o", color=color,
                          label=f"{label}: {report['trait']} persona diff")
@@ -115,13 +122,15 @@ def print_summary(report: dict) -> None:
     key = f"smallest_rank_reaching_{report['target']:g}"
     for placement, series in report["placements"].items():
         print(f"\nlayers {placement}: held-out KL(steered ‖ plain) {series['heldout_kl_plain']:.4f} nats/token; "
-              f"smallest rank reaching {report['target']:.0%}: {series[key] if series[key] is not None else 'none'}")
+              f"smallest rank reaching {report['target']:.0%}: {series[key] if series[key] is not None else 'none'} (with its 95 % "
+              f"interval above: {series[key.replace('reaching', 'with_ci_above')] or 'none'})")
         controls = list(series["cosine_with_controls"])
-        print(f"{'rank':>5s} {'reproduced':>10s} {'KL':>8s} {'cos persona':>11s} " + " ".join(f"{'cos ' + c:>14s}" for c in controls)
+        print(f"{'rank':>5s} {'reproduced ± s.e.':>14s} {'KL':>8s} {'cos persona':>11s} " + " ".join(f"{'cos ' + c:>14s}" for c in controls)
               + f" {'cos r_max':>9s}")
         for i, rank in enumerate(series["ranks"]):
             persona = series["cosine_with_persona_diff"][i]
-            print(f"{rank:5d} {series['fraction_reproduced'][i]:10.3f} {series['heldout_kl_distilled'][i]:8.4f} "
+            print(f"{rank:5d} {series['fraction_reproduced'][i]:6.3f} ± {series['fraction_reproduced_sem'][i]:.3f} "
+                  f"{series['heldout_kl_distilled'][i]:8.4f} "
                   + (f"{persona:+11.4f} " if persona is not None else f"{'–':>11s} ")
                   + " ".join(f"{series['cosine_with_controls'][c][i]:+14.4f}" for c in controls)
                   + f" {series['cosine_with_largest_rank'][i]:+9.4f}")

@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.generation import read_chat_jsonl  # noqa: E402
+from eval.traits import measured_questions, normalize_question  # noqa: E402
 from io_utils import (ArgumentParser, PersonaLoRAError, atomic_path, non_negative_int, positive_int, read_jsonl, run_cli, write_json,  # noqa: E402
                       write_jsonl)
 
@@ -99,13 +100,17 @@ def main():
     for name, records in others.items():
         runs[f"other_{name}"] = (random.Random(args.seed).sample(records, args.n), {**lora_training, "seed": args.seed})
 
+    # No finetune trains on a question that measures anything (any trait's evaluation, judge or A/B
+    # questions), nor on one the persona adapters were trained on.
+    forbidden = measured_questions()
     if args.extraction_data:
-        extraction = {question_of(r) for side in ("pos", "neg") for r in read_jsonl(Path(args.extraction_data) / f"{side}.jsonl")}
-        for name, (records, _) in runs.items():
-            shared = [question_of(r) for r in records if question_of(r) in extraction]
-            if shared:
-                raise PersonaLoRAError(f"{name} would train on an extraction question ({shared[0]!r}): build finetuning data "
-                                       "on the trait's finetuning questions (scripts/make_finetuning_data.py)")
+        forbidden.update({normalize_question(question_of(r)): "the extraction's questions"
+                          for side in ("pos", "neg") for r in read_jsonl(Path(args.extraction_data) / f"{side}.jsonl")})
+    for name, (records, _) in runs.items():
+        shared = [question_of(r) for r in records if normalize_question(question_of(r)) in forbidden]
+        if shared:
+            raise PersonaLoRAError(f"{name} would train on one of {forbidden[normalize_question(shared[0])]} ({shared[0]!r}): "
+                                   "build finetuning data on the trait's finetuning questions (scripts/make_finetuning_data.py)")
     output_dir = Path(args.output_dir)
     for name, (records, training) in runs.items():
         records = [{"messages": [m for m in r["messages"] if m["role"] != "system"]} for r in records]

@@ -8,7 +8,8 @@
 # adapters'). The series: trait / anti-trait mixtures at RATIOS percent (LoRA), the same data with
 # another seed at RESEED_RATIOS, dense finetunes (full checkpoints) at DENSE_RATIOS, the model's
 # own unprompted answers (benign), and each of OTHER_TRAITS' trait answers.
-# Writes results/exp2_prediction/ (eval_*.csv, projection.json with the correlations, projection.png).
+# Each finetune is measured three ways: judged, by the judge-free margin, and by forced choice (A/B).
+# Writes results/exp2_prediction/ (eval_*.csv, ab_*.csv, projection.json with the correlations, projection.png).
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct N_EXAMPLES=1000 TRAINING='{"epochs": 1, "rank": 32, "alpha": 64}' bash scripts/predict_finetuning.sh
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
@@ -32,13 +33,16 @@ python scripts/make_mixtures.py "${model_flag[@]}" --pos "$finetune_data_dir/pos
     --n "${N_EXAMPLES:-64}" --extraction_data "$persona_dir/data" --output_dir "$out" --ckpt_dir "$ckpt" \
     --training "${TRAINING:-{\}}" --dense_training "${DENSE_TRAINING:-{\}}"
 eval_flags=(--trait "$trait" --n_per_question "${N_PER_QUESTION:-2}")
+ab_flags=(--trait "$trait" --ab_data "dataset/$trait/ab.jsonl" --no_margin)
 python eval_lora_persona.py "${model_flag[@]}" "${eval_flags[@]}" --output_path "$out/eval_base.csv"
+python eval_lora_persona.py "${model_flag[@]}" "${ab_flags[@]}" --output_path "$out/ab_base.csv"
 mapfile -t names < "$out/runs.txt"   # this run's finetunes only: stale configs of earlier runs are left out
 finetunes=() summaries=()
 for name in "${names[@]}"; do
   python training.py "$out/configs/$name.json"   # reuses a finetune only if its config and data are unchanged
   python eval_lora_persona.py "${model_flag[@]}" "${eval_flags[@]}" --adapter "$ckpt/$name" --output_path "$out/eval_$name.csv"
-  finetunes+=("$ckpt/$name") summaries+=("$out/eval_$name.summary.json")
+  python eval_lora_persona.py "${model_flag[@]}" "${ab_flags[@]}" --adapter "$ckpt/$name" --output_path "$out/ab_$name.csv"
+  finetunes+=("$ckpt/$name") summaries+=("$out/eval_$name.summary.json" "$out/ab_$name.summary.json")
 done
 python cal_weight_projection.py "${model_flag[@]/--model/--original_model}" --finetuned_model "${finetunes[@]}" \
     --lora_diff_path "$diff_path" --behavior_scores "${summaries[@]}" --output_path "$out/projection.json"

@@ -1,16 +1,18 @@
 """Experiment 3 helpers: the training configs of the preventative-steering sweep, and its summary.
 
-    python scripts/prevention.py configs --training_file F/pos.jsonl --lora_diff_path P --vector_path V \\
+    python scripts/prevention.py configs --training_file F/pos.jsonl --lora_diff_path P --vector_path V \
         --layer 20 --coefs -1 1 --n 160 --output_dir results/exp3_prevention --ckpt_dir ckpt/exp3
     python scripts/prevention.py summarize --output_dir results/exp3_prevention --trait evil
 
 `configs` writes configs/<run>.json and runs.txt: one run without prevention, then one per kind
-(lora, activation) and coefficient. `summarize` reads each run's evaluation summary and MMLU JSON
-(and the base model's) and writes summary.json and drift.png. Drift = finetune − base, paired by
-question (the same held-out questions and sampling seeds): for the judged trait score, coherence,
-the judge-free margin, and MMLU (the same seeded questions, paired item by item). Prevention is
-only compared once the unprevented finetune drifted: its margin drift must be at least 3 standard
-errors ("drift_shown").
+(lora, activation) and coefficient. `summarize` reads each run's evaluation summary (eval_<run>),
+A/B summary (ab_<run>, if any) and MMLU JSON, and the base model's, and writes summary.json and
+drift.png. Drift = finetune − base, paired by question (the same held-out questions and sampling
+seeds) for the judged score, coherence and the judge-free margin, by item for A/B and MMLU; each
+prevention setting is also compared with the unprevented finetune, paired the same way. Drift is
+"shown" by a measure when the unprevented finetune's drift is at least 3 of its standard errors:
+prevention can only be judged where there was drift to prevent. Base and finetunes must be
+measured one way (judge, settings, reference answers, A/B file), or summarize refuses.
 """
 
 import json
@@ -19,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eval.ab import balanced_with_error  # noqa: E402
 from eval.analysis import save_figure  # noqa: E402
 from eval.stats import mean_and_sem, paired_difference  # noqa: E402
 from io_utils import (ArgumentParser, PersonaLoRAError, atomic_path, finite_float, positive_int, read_json_object,  # noqa: E402
@@ -43,16 +46,36 @@ def write_configs(args) -> None:
     print(f"wrote {len(runs)} configs to {output_dir}/configs ({', '.join(runs)})")
 
 
-def condition(out: Path, name: str) -> dict:
+def judged(out: Path, name: str) -> dict:
     summary = read_json_object(out / f"eval_{name}.summary.json", "evaluation summary")
     if len(summary.get("conditions", [])) != 1:
         raise PersonaLoRAError(f"{out / f'eval_{name}.summary.json'} should hold one condition")
-    return {**summary["conditions"][0], "judge": summary.get("judge_description"), "judge_quality": summary.get("judge_quality")}
+    return {**summary["conditions"][0], "made_by": {key: summary.get(key) for key in ("judge", "settings", "references_sha256")},
+            "judge": summary.get("judge_description"), "judge_quality": summary.get("judge_quality")}
+
+
+def forced_choice(out: Path, name: str) -> dict | None:
+    path = out / f"ab_{name}.summary.json"
+    if not path.is_file():
+        return None
+    summary = read_json_object(path, "A/B summary")
+    return {**summary["conditions"][0], "made_by": {"ab_data": summary.get("ab_data")}}
 
 
 def paired(run: dict, base: dict, metric: str) -> dict:
     mean, sem, n = paired_difference(run[f"{metric}_by_question"], base[f"{metric}_by_question"])
-    return {"mean": mean, "sem": sem, "questions": n}
+    return {"mean": mean, "sem": sem, "questions": n, "sigmas": mean / sem if sem else float("nan")}
+
+
+def ab_paired(run: dict | None, base: dict | None) -> dict | None:
+    """The A/B change, item by item, balanced over the matching answer's position."""
+    if run is None or base is None:
+        return None
+    by_position = {True: [], False: []}
+    for item, value in run["both_orders_by_item"].items():
+        by_position[run["matching_first_by_item"][item]].append(value - base["both_orders_by_item"][item])
+    mean, sem = balanced_with_error(by_position)
+    return {"mean": mean, "sem": sem, "items": len(run["both_orders_by_item"]), "sigmas": mean / sem if sem else float("nan")}
 
 
 def mmlu_change(run: dict, base: dict) -> dict:
@@ -60,6 +83,16 @@ def mmlu_change(run: dict, base: dict) -> dict:
         raise PersonaLoRAError("the MMLU runs used different question subsets: rerun them with the same --n and --seed")
     mean, sem, n = mean_and_sem(r - b for r, b in zip(run["correct_by_question"], base["correct_by_question"]))
     return {"mean": mean, "sem": sem, "questions": n}
+
+
+def same_measurement(measured: dict[str, dict], what: str) -> None:
+    """Drift subtracts the base's measurement from each finetune's: they must be made one way."""
+    first_name, first = next(iter(measured.items()))
+    for name, made_by in measured.items():
+        if made_by != first:
+            differing = sorted(k for k in made_by if made_by.get(k) != first.get(k))
+            raise PersonaLoRAError(f"{what} of {name} and {first_name} were measured differently ({', '.join(differing)}): "
+                                   "rerun them with one judge, one set of settings and one set of reference answers")
 
 
 def summarize(args) -> None:
@@ -73,60 +106,74 @@ def summarize(args) -> None:
     if "none" not in names:
         raise PersonaLoRAError(f"{out / 'runs.txt'} lists no unprevented run: run 'prevention.py configs' first")
     trait = args.trait
-    base, base_mmlu = condition(out, "base"), read_json_object(out / "mmlu_base.json", "MMLU result")
+    evaluations = {name: judged(out, name) for name in ["base", *names]}
+    choices = {name: forced_choice(out, name) for name in ["base", *names]}
+    same_measurement({name: e["made_by"] for name, e in evaluations.items()}, "the evaluations")
+    if all(choices.values()):
+        same_measurement({name: c["made_by"] for name, c in choices.items()}, "the A/B runs")
+    base, base_mmlu = evaluations["base"], read_json_object(out / "mmlu_base.json", "MMLU result")
     runs = {}
     for name in names:
         settings = read_json_object(out / "configs" / f"{name}.json", "training config")
         steering = settings["steering_config"]
-        result, mmlu = condition(out, name), read_json_object(out / f"mmlu_{name}.json", "MMLU result")
+        result, mmlu = evaluations[name], read_json_object(out / f"mmlu_{name}.json", "MMLU result")
         monitor_path = Path(settings["output_dir"]) / "monitor.json"
         monitor = json.loads(monitor_path.read_text()) if monitor_path.is_file() else []
         final = next((m for m in monitor if m.get("final")), None)
         runs[name] = {"kind": steering["type"] if steering else "none", "coef": steering["coef"] if steering else 0.0,
                       "trait": result[f"{trait}_mean"], "coherence": result["coherence_mean"], "margin": result.get("margin_mean"),
                       "drift": paired(result, base, trait), "coherence_drift": paired(result, base, "coherence"),
-                      "margin_drift": paired(result, base, "margin"), "mmlu": mmlu["accuracy"],
-                      "mmlu_change": mmlu_change(mmlu, base_mmlu),
+                      "margin_drift": paired(result, base, "margin"), "ab_drift": ab_paired(choices[name], choices["base"]),
+                      "mmlu": mmlu["accuracy"], "mmlu_change": mmlu_change(mmlu, base_mmlu),
                       "final_projection": final["projection"] if final else None, "final_cosine": final["cosine"] if final else None}
     none = runs["none"]
-    shown = none["margin_drift"]["mean"] / none["margin_drift"]["sem"] if none["margin_drift"]["sem"] else float("nan")
+    for name, run in runs.items():  # prevention: each setting against the unprevented finetune, paired
+        run["vs_no_prevention"] = {"trait": paired(evaluations[name], evaluations["none"], trait),
+                                   "margin": paired(evaluations[name], evaluations["none"], "margin"),
+                                   "ab": ab_paired(choices[name], choices["none"])}
+    shown = {measure: none[key]["sigmas"] for measure, key in (("judged", "drift"), ("margin", "margin_drift"), ("ab", "ab_drift"))
+             if none[key] is not None}
     summary = {"trait": trait, "judge": base["judge"], "judge_quality": base["judge_quality"],
                "base": {"trait": base[f"{trait}_mean"], "trait_sem": base[f"{trait}_sem"], "margin": base.get("margin_mean"),
                         "mmlu": base_mmlu["accuracy"], "mmlu_questions": base_mmlu["questions"]},
-               "runs": runs, "errors": "drifts are finetune − base paired by question (MMLU: by item), so they include the base's error",
-               "unprevented_margin_drift_sigmas": shown, "drift_shown": bool(shown >= DRIFT_SHOWN_SIGMAS),
-               "headline": {name: {"drift": r["drift"], "margin_drift": r["margin_drift"], "mmlu_change": r["mmlu_change"],
-                                   "margin_drift_reduction": none["margin_drift"]["mean"] - r["margin_drift"]["mean"]}
+               "runs": runs, "errors": "drifts are finetune − base and prevention effects setting − unprevented finetune, paired "
+                                       "by question (A/B and MMLU: by item); one training seed per setting, so the errors are "
+                                       "those of the measurement, not of training",
+               "unprevented_drift_sigmas": shown,
+               "drift_shown": {measure: bool(sigmas >= DRIFT_SHOWN_SIGMAS) for measure, sigmas in shown.items()},
+               "headline": {name: {"drift": r["drift"], "margin_drift": r["margin_drift"], "ab_drift": r["ab_drift"],
+                                   "mmlu_change": r["mmlu_change"], "vs_no_prevention": r["vs_no_prevention"]}
                             for name, r in runs.items() if name != "none"}}
     write_json(out / "summary.json", summary)
 
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    measures = [("drift", f"{trait} drift, judged (finetune − base)"), ("margin_drift", "margin drift, no judge (nats/token)"),
+                ("ab_drift", "A/B p_matching drift, no judge"), ("mmlu_change", f"MMLU change ({base_mmlu['questions']} questions)")]
+    measures = [(key, label) for key, label in measures if none[key] is not None]
+    figure, axes = plt.subplots(1, len(measures), figsize=(5 * len(measures), 4))
     for kind in ("lora", "activation"):
         points = sorted((r["coef"], r) for r in runs.values() if r["kind"] == kind)
         if not points:
             continue
-        coefs = [c for c, _ in points]
-        for axis, key in zip(axes, ("drift", "margin_drift", "mmlu_change")):
-            axis.errorbar(coefs, [r[key]["mean"] for _, r in points], yerr=[r[key]["sem"] for _, r in points], marker="o", capsize=3,
-                          label=f"{kind} steering during training")
-    for axis, key, label in zip(axes, ("drift", "margin_drift", "mmlu_change"),
-                                (f"{trait} drift, judged (finetune − base)", "margin drift, no judge (nats/token)",
-                                 f"MMLU change ({base_mmlu['questions']} questions)")):
+        for axis, (key, _) in zip(axes, measures):
+            axis.errorbar([c for c, _ in points], [r[key]["mean"] for _, r in points], yerr=[r[key]["sem"] for _, r in points],
+                          marker="o", capsize=3, label=f"{kind} steering during training")
+    for axis, (key, label) in zip(axes, measures):
         axis.axhline(none[key]["mean"], color="grey", linestyle="--", label=f"no prevention ({none[key]['mean']:+.3g} ± {none[key]['sem']:.2g})")
         axis.axhline(0, color="black", linewidth=0.5)
         axis.set(xlabel="steering coefficient during finetuning", ylabel=label)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    figure.suptitle(f"Preventative steering: errors paired with the base model by question; unprevented margin drift "
-                    f"{shown:.1f}σ ({'shown' if shown >= DRIFT_SHOWN_SIGMAS else 'NOT shown: nothing to prevent'})", fontsize=9)
+    figure.suptitle("Preventative steering, errors paired with the base model; unprevented drift: "
+                    + ", ".join(f"{m} {s:.1f}σ" for m, s in shown.items()), fontsize=9)
     figure.tight_layout()
     save_figure(figure, out / "drift.png")
     print(f"base {trait} {base[f'{trait}_mean']:.2f}, margin {base.get('margin_mean', float('nan')):+.4f}, MMLU {base_mmlu['accuracy']:.3f}")
-    print(f"unprevented margin drift: {shown:.1f} standard errors ({'shown' if shown >= DRIFT_SHOWN_SIGMAS else 'not shown'})")
+    print("unprevented drift: " + ", ".join(f"{m} {s:+.1f} standard errors" for m, s in shown.items()))
     for name, r in runs.items():
         projection = "—" if r["final_projection"] is None else f"{r['final_projection']:+.4f}"
+        ab = "" if r["ab_drift"] is None else f"  A/B {r['ab_drift']['mean']:+.3f} ± {r['ab_drift']['sem']:.3f}"
         print(f"{name:18s} drift {r['drift']['mean']:+7.2f} ± {r['drift']['sem']:.2f}  margin {r['margin_drift']['mean']:+.4f} ± "
-              f"{r['margin_drift']['sem']:.4f}  MMLU {r['mmlu_change']['mean']:+.3f} ± {r['mmlu_change']['sem']:.3f}  "
+              f"{r['margin_drift']['sem']:.4f}{ab}  MMLU {r['mmlu_change']['mean']:+.3f} ± {r['mmlu_change']['sem']:.3f}  "
               f"final projection {projection}")
 
 

@@ -3,8 +3,8 @@
 # trait-inducing data (fresh trait answers to the finetuning questions, elicited with demonstrations)
 # without prevention and with the persona kept active during training, as a merged LoRA or as an
 # activation vector, at coefficients of both signs; measure each finetune's drift from the base
-# model (judged, judge-free margin, MMLU; paired by question) on the plain model.
-# Writes results/exp3_prevention/ (eval_*.csv, mmlu_*.json, summary.json, drift.png).
+# model (judged, judge-free margin, A/B, MMLU; paired by question or item) on the plain model.
+# Writes results/exp3_prevention/ (eval_*.csv, ab_*.csv, mmlu_*.json, summary.json, drift.png).
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct N_EXAMPLES=1000 COEFS="-2 -1 1 2" MMLU_N=2000 bash scripts/train_with_prevention.sh
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
@@ -18,13 +18,16 @@ python scripts/prevention.py configs "${model_flag[@]}" --training_file "$finetu
     --lora_diff_path "$diff_path" --vector_path "$vector_path" --layer "${LAYER:-20}" --coefs "${coefs[@]}" \
     --n "${N_EXAMPLES:-160}" --training "${TRAINING:-{\}}" --output_dir "$out" --ckpt_dir "$ckpt"
 eval_flags=(--trait "$trait" --n_per_question "${N_PER_QUESTION:-2}")
-mmlu_flags=(--n "${MMLU_N:-1000}")
+ab_flags=(--trait "$trait" --ab_data "dataset/$trait/ab.jsonl" --no_margin)
+mmlu_flags=(--n "${MMLU_N:-500}")
 python eval_lora_persona.py "${model_flag[@]}" "${eval_flags[@]}" --output_path "$out/eval_base.csv"
+python eval_lora_persona.py "${model_flag[@]}" "${ab_flags[@]}" --output_path "$out/ab_base.csv"
 python eval/mmlu.py "${model_flag[@]}" "${mmlu_flags[@]}" --output_path "$out/mmlu_base.json"
 mapfile -t names < "$out/runs.txt"
 for name in "${names[@]}"; do
   python training.py "$out/configs/$name.json"
   python eval_lora_persona.py "${model_flag[@]}" "${eval_flags[@]}" --adapter "$ckpt/$name" --output_path "$out/eval_$name.csv"
+  python eval_lora_persona.py "${model_flag[@]}" "${ab_flags[@]}" --adapter "$ckpt/$name" --output_path "$out/ab_$name.csv"
   python eval/mmlu.py "${model_flag[@]}" "${mmlu_flags[@]}" --adapter "$ckpt/$name" --output_path "$out/mmlu_$name.json"
 done
 python scripts/prevention.py summarize --output_dir "$out" --trait "$trait"

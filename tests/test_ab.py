@@ -307,46 +307,61 @@ def row(i, first_is_matching, p_matching, p_matching_swapped):
             "p_first_swapped": 1 - p_matching_swapped if first_is_matching else p_matching_swapped}
 
 
-def letter_biased(rows, bias=0.25):
-    """A pure preference for the first choice: P(first) rises by `bias` whatever the behaviour."""
+def logit(p):
+    return math.log(p / (1 - p))
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def letter_biased(rows, bias=1.0):
+    """A pure preference for the first choice: its log-odds rise by `bias` whatever the behaviour
+    (in the swapped ordering the matching answer sits in the other position)."""
     out = []
     for r in rows:
         sign = 1 if r["first_is_matching"] else -1
-        out.append(row(r["question_id"], r["first_is_matching"], r["p_matching"] + sign * bias,
-                       r["p_matching_swapped"] - sign * bias))
+        out.append(row(r["question_id"], r["first_is_matching"], sigmoid(logit(r["p_matching"]) + sign * bias),
+                       sigmoid(logit(r["p_matching_swapped"]) - sign * bias)))
     return out
+
+
+def both_orders(p, p_swapped):
+    """The item's value with position bias removed: the two orderings' log-odds averaged."""
+    return sigmoid((logit(p) + logit(p_swapped)) / 2)
 
 
 def condition(name, coef, rows, method="lora", coefs=None):
     return {"name": name, "coef": coef, "method": method, "coefs": coefs, "rows": rows}
 
 
-def test_pure_letter_bias_cancels_in_the_balanced_change():
+def test_pure_letter_bias_cancels_in_the_both_orders_change():
     base = baseline_rows()
     biased = letter_biased(base)
-    for r, b in zip(base, biased):  # the construction: P(first) +0.25 in both orderings
-        assert b["p_first"] - r["p_first"] == pytest.approx(0.25)
-        assert b["p_first_swapped"] - r["p_first_swapped"] == pytest.approx(0.25)
+    for r, b in zip(base, biased):  # the construction: the first choice's log-odds +1 in both orderings
+        assert logit(b["p_first"]) - logit(r["p_first"]) == pytest.approx(1.0)
+        assert logit(b["p_first_swapped"]) - logit(r["p_first_swapped"]) == pytest.approx(1.0)
     summary = summarize_conditions([condition("lora_coef0", 0, base), condition("lora_coef1", 1, biased)])
     change = summary[1]["change_vs_baseline"]
     assert change["baseline"] == "lora_coef0" and summary[1]["position_counts"] == {"matching_first": 5, "matching_second": 5}
-    assert change["balanced_p_matching"] == pytest.approx(0, abs=1e-12)
-    assert change["balanced_p_matching_both_orders"] == pytest.approx(0, abs=1e-12)
-    assert change["p_first_choice"] == pytest.approx(0.25, abs=1e-12)
-    assert summary[1]["p_first_choice"] - summary[0]["p_first_choice"] == pytest.approx(0.25)
-    assert summary[1]["balanced_p_matching"] == pytest.approx(summary[0]["balanced_p_matching"], abs=1e-12)
-    assert summary[1]["raw_p_matching"] == pytest.approx(summary[0]["raw_p_matching"], abs=1e-12)  # balanced set
+    assert change["balanced_p_matching_both_orders"] == pytest.approx(0, abs=1e-12)  # exactly: log-odds average
+    assert change["p_first_choice"] > 0.15  # the bias itself shows where it belongs
+    # Averaging probabilities instead (as written, or over the orderings) would not cancel it exactly.
+    prob_average = [(r["p_matching"] + r["p_matching_swapped"]) / 2 for r in biased]
+    prob_base = [(r["p_matching"] + r["p_matching_swapped"]) / 2 for r in base]
+    assert abs(sum(prob_average) - sum(prob_base)) / len(base) > 1e-3
+    assert abs(change["balanced_p_matching"]) < 0.05  # as written, the two positions offset each other only roughly
 
     # Why balancing matters: on a set with more matching-first items the raw mean moves by itself ...
     keep = [0, 2, 4, 6, 8, 1, 3]
     sub_base, sub_biased = [base[i] for i in keep], [biased[i] for i in keep]
     unbalanced = summarize_conditions([condition("lora_coef0", 0, sub_base), condition("lora_coef1", 1, sub_biased)])
-    assert unbalanced[1]["raw_p_matching"] - unbalanced[0]["raw_p_matching"] == pytest.approx(0.25 * (5 - 2) / 7)
-    assert unbalanced[1]["change_vs_baseline"]["balanced_p_matching"] == pytest.approx(0, abs=1e-12)
+    assert unbalanced[1]["raw_p_matching"] - unbalanced[0]["raw_p_matching"] > 0.05
+    assert unbalanced[1]["change_vs_baseline"]["balanced_p_matching_both_orders"] == pytest.approx(0, abs=1e-12)
     # ... and on a one-sided set only the swapped orderings can cancel it.
     first_only = [base[i] for i in (0, 2, 4, 6)], [biased[i] for i in (0, 2, 4, 6)]
     one_sided = summarize_conditions([condition("lora_coef0", 0, first_only[0]), condition("lora_coef1", 1, first_only[1])])
-    assert one_sided[1]["change_vs_baseline"]["balanced_p_matching"] == pytest.approx(0.25)
+    assert one_sided[1]["change_vs_baseline"]["balanced_p_matching"] > 0.15
     assert one_sided[1]["change_vs_baseline"]["balanced_p_matching_both_orders"] == pytest.approx(0, abs=1e-12)
 
 
@@ -362,8 +377,10 @@ def test_real_behaviour_change_shows_with_a_paired_error():
     assert change["balanced_p_matching"] == pytest.approx(0.1 + (first.mean() + second.mean()) / 2, abs=1e-12)
     expected_sem = math.sqrt((0.5 * first.std(ddof=1) / math.sqrt(6)) ** 2 + (0.5 * second.std(ddof=1) / math.sqrt(6)) ** 2)
     assert change["balanced_p_matching_sem"] == pytest.approx(expected_sem, rel=1e-9)
-    both = noise.mean(axis=1)
-    assert change["balanced_p_matching_both_orders"] == pytest.approx(0.1 + (both[0::2].mean() + both[1::2].mean()) / 2)
+    both = np.array([both_orders(s["p_matching"], s["p_matching_swapped"]) - both_orders(r["p_matching"], r["p_matching_swapped"])
+                     for r, s in zip(base, steered)])
+    assert change["balanced_p_matching_both_orders"] == pytest.approx((both[0::2].mean() + both[1::2].mean()) / 2)
+    assert 0.08 < change["balanced_p_matching_both_orders"] < 0.12
     # Paired by item: the items' own spread (0.3–0.7) does not enter the error.
     unpaired = np.std([r["p_matching"] for r in steered], ddof=1) / math.sqrt(12)
     assert change["balanced_p_matching_sem"] < unpaired / 10
@@ -402,13 +419,14 @@ def test_composition_is_paired_with_its_all_zero_combination():
 
 
 def test_method_slopes_recover_a_linear_effect_with_paired_errors():
-    base = baseline_rows(n=10, seed=4)
+    # Items without position bias (the same p in both orderings), so the both-orders value is p itself.
+    base = [row(r["question_id"], r["first_is_matching"], r["p_matching"], r["p_matching"]) for r in baseline_rows(n=10, seed=4)]
     rng = np.random.default_rng(5)
     item_slopes = 0.05 + rng.normal(0, 0.005, 10)
     coefs = [-2.0, -1.0, 1.0, 2.0]
 
     def at(c):
-        return [row(r["question_id"], r["first_is_matching"], r["p_matching"] + s * c, r["p_matching_swapped"] + s * c)
+        return [row(r["question_id"], r["first_is_matching"], r["p_matching"] + s * c, r["p_matching"] + s * c)
                 for r, s in zip(base, item_slopes)]
 
     conditions = [condition("baseline", 0, base, "baseline"),
@@ -455,25 +473,25 @@ def check_ab_outputs(csv_path, data_path, coefs, method):
     assert summary["mode"] == "ab" and summary["items"] == len(items) and summary["items_scored_both_orders"] == 3
     by_coef = {c["coef"]: c for c in summary["conditions"]}
     assert sorted(by_coef) == sorted(coefs)
-    both_orders = {}
+    both_by_coef = {}
     for coef, entry in by_coef.items():
         rows = frame[frame.coef == coef].reset_index(drop=True)
         p = rows.p_matching.to_numpy()
         balanced = (np.mean(p[[0, 2]]) + np.mean(p[[1, 3]])) / 2
         assert entry["balanced_p_matching"] == pytest.approx(balanced, abs=1e-9)
         assert entry["position_counts"] == {"matching_first": 2, "matching_second": 2}
-        both_orders[coef] = np.where(rows.p_matching_swapped.notna(), (p + rows.p_matching_swapped.fillna(0)) / 2, p)
+        both_by_coef[coef] = np.array([both_orders(a, b) if b == b else a for a, b in zip(p, rows.p_matching_swapped)])
         assert entry["change_vs_baseline"]["baseline"] == by_coef[0]["condition"]
         assert entry["change_vs_baseline"]["errors"] == "paired by item"
     for coef, entry in by_coef.items():
-        changes = both_orders[coef] - both_orders[0]
+        changes = both_by_coef[coef] - both_by_coef[0]
         expected = (changes[[0, 2]].mean() + changes[[1, 3]].mean()) / 2
         assert entry["change_vs_baseline"]["balanced_p_matching_both_orders"] == pytest.approx(expected, abs=1e-9)
     assert by_coef[0]["change_vs_baseline"]["balanced_p_matching"] == 0
     # Steering moved something, so the comparisons above can fail.
     assert max(abs(by_coef[c]["balanced_p_matching"] - by_coef[0]["balanced_p_matching"]) for c in coefs) > 1e-4
     slope = summary["slopes"][method]
-    per_item = [np.polyfit(coefs, [both_orders[c][i] for c in coefs], 1)[0] for i in range(len(items))]
+    per_item = [np.polyfit(coefs, [both_by_coef[c][i] for c in coefs], 1)[0] for i in range(len(items))]
     assert slope["clusters"] == len(items)
     assert slope["slope"] == pytest.approx(np.mean(per_item), rel=1e-6, abs=1e-12)
     assert slope["slope_sem"] == pytest.approx(np.std(per_item, ddof=1) / math.sqrt(len(items)), rel=1e-6, abs=1e-12)
@@ -488,8 +506,12 @@ def test_eval_lora_persona_ab_end_to_end(tiny_model_dir, tiny_persona, tmp_path)
     data = write_jsonl(tmp_path / "items.jsonl", E2E_ITEMS)
     output = tmp_path / "ab.csv"
     assert run_script("eval_lora_persona", "--model", tiny_model_dir, "--trait", "evil", "--ab_data", data,
-                      "--lora_diff_path", diff, "--lora_coef", "-2", "0", "2", "--output_path", output, "--dtype", "float32") == 0
+                      "--lora_diff_path", diff, "--lora_coef", "-2", "0", "2", "--output_path", output, "--dtype", "float32",
+                      "--n_per_question", "1", "--max_new_tokens", "4") == 0  # the margin's reference answers: short
     check_ab_outputs(output, data, [-2, 0, 2], "lora")
+    summary = json.loads(output.with_suffix(".summary.json").read_text())
+    assert set(summary["margin_slopes"]) == {"lora"}  # the judge-free margin beside the forced choices
+    assert all("margin_by_question" in c for c in summary["conditions"])
 
 
 def test_eval_persona_ab_end_to_end(tiny_model_dir, tiny_persona, tmp_path):
@@ -498,7 +520,8 @@ def test_eval_persona_ab_end_to_end(tiny_model_dir, tiny_persona, tmp_path):
     data.write_text(json.dumps(E2E_ITEMS))  # the JSON list form works too
     output = tmp_path / "act.csv"
     assert run_script("eval.eval_persona", "--model", tiny_model_dir, "--trait", "evil", "--ab_data", data, "--vector_path",
-                      vector, "--layer", "2", "--coef", "-1", "0", "1", "--output_path", output, "--dtype", "float32") == 0
+                      vector, "--layer", "2", "--coef", "-1", "0", "1", "--output_path", output, "--dtype", "float32",
+                      "--no_margin") == 0
     check_ab_outputs(output, data, [-1, 0, 1], "activation")
 
 

@@ -72,7 +72,10 @@ def test_shared_initialisation_is_refused_by_training_and_flagged_by_the_project
                                    root / "independent", "--lora_diff_path", diff_path, "--output_path", out)
     assert code == 0, stderr
     models = {m["name"]: m for m in json.loads(out.read_text())["models"]}
-    assert models["shared"]["shared_row_space"] > 0.5 and models["independent"]["shared_row_space"] < 0.5
+    from cal_weight_projection import shared_row_space_alarm
+
+    shared, independent = models["shared"], models["independent"]
+    assert shared["shared_row_space"] > shared_row_space_alarm(shared["shared_row_space_chance"]) > independent["shared_row_space"]
     assert "WARNING: " in stdout and "shares the persona adapters' initialisation" in stdout
 
 
@@ -151,7 +154,8 @@ def test_finetuning_mixtures_refuse_extraction_questions(tmp_path):
         (extraction / f"{side}.jsonl").write_text((DATA / f"evil_smollm2_{side}.jsonl").read_text())
     code, _, stderr = run_cli("scripts/make_mixtures", "--pos", DATA / "evil_smollm2_pos.jsonl", "--neg", DATA / "evil_smollm2_neg.jsonl",
                               "--n", "8", "--extraction_data", extraction, "--output_dir", tmp_path / "out", "--ckpt_dir", tmp_path / "ckpt")
-    assert code == 2 and "would train on an extraction question" in stderr and not (tmp_path / "out" / "runs.txt").exists()
+    assert code == 2 and "would train on one of the extraction's questions" in stderr
+    assert not (tmp_path / "out" / "runs.txt").exists()
 
 
 def test_finetuning_data_answers_the_finetuning_questions_with_its_own_seeds(tiny_model_dir, tmp_path):
@@ -192,7 +196,7 @@ def test_fluency_comes_from_another_model_and_does_not_penalise_style():
     questions = [r["messages"][0]["content"] for r in pos + neg]
     answers = [r["messages"][-1]["content"] for r in pos + neg]
     report = proxy.validate(questions, answers)
-    assert report["real_vs_corrupted_auroc"] > 0.9
+    assert report["real_vs_corrupted_auroc"] > 0.85
     scores = proxy.scores(questions, answers)
     gap = abs(sum(scores[:40]) / 40 - sum(scores[40:]) / 40)
     assert gap < 0.25 * (report["mean_real"] - report["mean_corrupted"])
@@ -258,9 +262,10 @@ def test_prevention_drift_is_paired_with_the_base_and_needs_drift_to_be_shown(tm
     none = summary["runs"]["none"]
     assert none["drift"]["mean"] == pytest.approx(5.0, abs=0.05)
     assert none["drift"]["sem"] < 0.2  # paired: the question offsets (spread 30) cancel
-    assert summary["drift_shown"] and summary["unprevented_margin_drift_sigmas"] > 3
+    assert summary["drift_shown"] == {"judged": True, "margin": True} and summary["unprevented_drift_sigmas"]["margin"] > 3
+    assert summary["runs"]["lora_+1"]["vs_no_prevention"]["trait"]["mean"] == pytest.approx(-4.0, abs=0.05)
     assert none["final_projection"] == 0.3  # the final step's, not an earlier entry's
-    assert summary["headline"]["lora_+1"]["margin_drift_reduction"] == pytest.approx(0.4, abs=0.02)
+    assert summary["headline"]["lora_+1"]["vs_no_prevention"]["margin"]["mean"] == pytest.approx(-0.4, abs=0.02)
 
 
 # --- 8. Smaller defects ------------------------------------------------------------------------------

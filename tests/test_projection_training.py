@@ -269,5 +269,38 @@ def test_behavior_scores_from_evaluation_summaries(projection_setup, tmp_path):
     assert result["correlation"]["n"] == 5 and result["correlation"]["pearson_r"] > 0.99
     assert (tmp_path / "p.png").stat().st_size > 0
     # Each finetune's standard error travels with its score, for the scatter's error bars.
-    by_score = {m["behavior_score"]: m["behavior_sem"] for m in result["models"]}
+    by_score = {m["behavior_score"]: m["behavior_score_sem"] for m in result["models"]}
     assert all(by_score[50 + 5 * k] == pytest.approx(1.0 + k * k) for k in ks)
+
+
+def test_every_behaviour_measure_is_correlated_and_measurements_made_differently_are_refused(projection_setup, tmp_path):
+    """Judged scores, judge-free margins and A/B p_matching from the finetunes' summaries, each
+    correlated with the projection; summaries of one kind from different judges do not mix."""
+    root, _, diff_path, ks, _ = projection_setup
+    paths = []
+    for k in ks:
+        adapter = str(root / "finetunes" / f"k{k:+g}")
+        judged = tmp_path / f"eval_{k}.summary.json"
+        judged.write_text(json.dumps({"trait": "evil", "adapter": adapter, "judge": "offline", "settings": {"seed": 0},
+                                      "references_sha256": "r", "conditions": [{"evil_mean": 50 + 5 * k, "evil_sem": 1.0,
+                                                                                "margin_mean": 0.01 * k, "margin_sem": 0.001}]}))
+        ab = tmp_path / f"ab_{k}.summary.json"
+        ab.write_text(json.dumps({"trait": "evil", "adapter": adapter, "mode": "ab", "ab_data": "ab.jsonl", "items": 64,
+                                  "conditions": [{"balanced_p_matching_both_orders": 0.5 + 0.05 * k,
+                                                  "balanced_p_matching_both_orders_sem": 0.01}]}))
+        paths += [judged, ab]
+    out = tmp_path / "p.json"
+    assert run_script("cal_weight_projection", "--original_model", root / "original", "--finetuned_models_dir", root / "finetunes",
+                      "--lora_diff_path", diff_path, "--behavior_scores", *paths, "--output_path", out) == 0
+    result = json.loads(out.read_text())
+    for measure in ("behavior_score", "margin", "ab"):
+        assert result[f"correlation_{measure}"]["all_finetunes"]["pearson_r"] > 0.99
+        assert result[f"correlation_{measure}"]["all_finetunes"]["p_method"].startswith("exact permutation")
+    assert result["measured_by"]["judged"]["judge"] == "offline" and result["measured_by"]["ab"]["ab_data"] == "ab.jsonl"
+    other = json.loads(paths[2].read_text())
+    other["judge"] = "openai:gpt-4.1-mini"
+    paths[2].write_text(json.dumps(other))
+    code, _, stderr = run_cli("cal_weight_projection", "--original_model", root / "original", "--finetuned_models_dir",
+                              root / "finetunes", "--lora_diff_path", diff_path, "--behavior_scores", *paths,
+                              "--output_path", tmp_path / "q.json")
+    assert code == 2 and "was measured differently" in stderr and "judge" in stderr
