@@ -40,9 +40,19 @@ import torch
 from tqdm.auto import tqdm
 
 import lora_utils as lu
+from eval.analysis import save_figure
 from eval.stats import correlations
-from io_utils import (ArgumentParser, OutputLock, PersonaLoRAError, check_writable, is_temporary, read_json_object, run_cli,
-                      write_json, write_manifest)
+from io_utils import (
+    ArgumentParser,
+    OutputLock,
+    PersonaLoRAError,
+    check_writable,
+    is_temporary,
+    read_json_object,
+    run_cli,
+    write_json,
+    write_manifest,
+)
 from model_loading import model_label, resolve_model_folder
 
 ARCHITECTURE_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
@@ -283,8 +293,6 @@ def plot_scatter(models: list[dict], correlation: dict, diff: lu.PersonaLoRADiff
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from eval.analysis import save_figure
 
     labels = {"behavior_score": "trait score of the finetune (judged, ± s.e.)", "margin": "log-likelihood margin (no judge, ± s.e.)",
               "ab": "A/B p_matching, both orders (no judge, ± s.e.)"}

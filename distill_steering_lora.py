@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import time
 from pathlib import Path
 
@@ -46,11 +47,36 @@ import lora_utils as lu
 from eval.activations import STEERING_TYPES, ActivationSteerer, check_steering_layer, load_vector, teacher_forced_response
 from eval.generation import ChatSpan, generate_records, pad_right, tokenize_chat
 from eval.traits import load_trait
-from io_utils import (ArgumentParser, OutputLock, PersonaLoRAError, atomic_path, check_writable_dir, file_identity, finite_float,
-                      non_negative_float, non_negative_int, positive_float, positive_int, read_json_object, read_jsonl,
-                      remove_stale_temporaries, run_cli, unit_interval, write_json, write_manifest)
-from model_loading import (check_dtype, check_model_source, default_persona_paths, is_embedded, load_model_and_tokenizer,
-                           model_config, model_label, resolve_dtype)
+from io_utils import (
+    ArgumentParser,
+    OutputLock,
+    PersonaLoRAError,
+    atomic_path,
+    check_writable_dir,
+    file_identity,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    read_json_object,
+    read_jsonl,
+    remove_stale_temporaries,
+    run_cli,
+    unit_interval,
+    write_json,
+    write_manifest,
+)
+from model_loading import (
+    check_dtype,
+    check_model_source,
+    default_persona_paths,
+    is_embedded,
+    load_model_and_tokenizer,
+    model_config,
+    model_label,
+    resolve_dtype,
+)
 from training import init_seed
 
 # o_proj and down_proj are the two modules that write into the residual stream: a rank-r update of
@@ -325,8 +351,6 @@ def heldout_kl(peft_model, steerer, spans: list[ChatSpan], pad_id: int, batch_si
 def fraction_interval(per_answer: dict, questions: list[str], draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> dict:
     """The fraction of KL(steered ‖ plain) the LoRA removes, with a bootstrap over held-out
     questions (an answer's positions are not independent, nor are a question's answers)."""
-    import random
-
     by_question: dict[str, list[int]] = {}
     for index, question in enumerate(questions):
         by_question.setdefault(question, []).append(index)

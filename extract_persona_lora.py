@@ -35,11 +35,33 @@ from eval.elicitation import SIDES, check_fewshot, pool_size, prompted_jobs
 from eval.generation import generate_records, read_chat_jsonl
 from eval.judge import DEFAULT_OPENAI_JUDGE, auroc, make_judge, write_judge_data
 from eval.traits import available_traits, load_trait
-from io_utils import (ArgumentParser, OutputLock, PersonaLoRAError, atomic_path, check_writable, check_writable_dir, non_negative_int,
-                      positive_float, positive_int, read_json_object, read_jsonl, remove_stale_temporaries, run_cli, unit_interval,
-                      write_json, write_manifest)
-from model_loading import (check_dtype, check_model_source, default_persona_paths, is_embedded, load_model_and_tokenizer,
-                           model_identity, model_label)
+from io_utils import (
+    ArgumentParser,
+    OutputLock,
+    PersonaLoRAError,
+    atomic_path,
+    check_writable,
+    check_writable_dir,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    read_json_object,
+    read_jsonl,
+    remove_stale_temporaries,
+    run_cli,
+    unit_interval,
+    write_json,
+    write_manifest,
+)
+from model_loading import (
+    check_dtype,
+    check_model_source,
+    default_persona_paths,
+    is_embedded,
+    load_model_and_tokenizer,
+    model_identity,
+    model_label,
+)
 from training import DEFAULT_TARGETS, finished_adapter, init_seed, train_lora_adapter
 
 # A small, fast profile for the embedded 135M model on CPU; the seed's settings for 8B-class models.

@@ -298,7 +298,7 @@ def package_versions() -> dict[str, str]:
 
 def write_manifest(output_dir: str | os.PathLike, arguments, started_at: float, name: str = "manifest.json", **extra) -> Path:
     """Record how an output was made: arguments, versions, machine, timings, and stage extras."""
-    import torch
+    import torch  # here, not at the top: the plumbing loads in milliseconds without it
 
     arguments = vars(arguments) if hasattr(arguments, "__dict__") else dict(arguments)
     manifest = {

@@ -12,6 +12,7 @@ converted the same way from its GGUF chunk packages.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import sys
@@ -94,8 +95,6 @@ def model_identity(model_name_or_path: str | None) -> dict:
     """What cached answers of a model depend on beyond its name: for a local folder (the embedded
     default included) the config's content and the weight files' names and sizes, so that another
     checkpoint under the same path is not mistaken for the one that answered. A hub id stands for itself."""
-    import hashlib
-
     folder = embedded_model_dir() if is_embedded(model_name_or_path) else Path(str(model_name_or_path))
     if not (folder / "config.json").is_file():
         return {"model": model_label(model_name_or_path)}
@@ -167,8 +166,6 @@ def fluency_model_dir() -> Path:
     """Gemma 3 270M (base), the offline coherence proxy's fluency reference: a model of another
     family than the embedded default, so a steered SmolLM2 is never scored by itself. Assembled
     from four chunk packages (Gemma Terms of Use, shipped in the package), converted once."""
-    import hashlib
-
     target = cache_dir() / FLUENCY_MODEL_NAME
     if (target / "config.json").is_file():
         return target

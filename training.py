@@ -50,8 +50,17 @@ from tqdm.auto import tqdm
 import lora_utils as lu
 from eval.activations import ActivationSteerer, check_steering_layer, load_vector
 from eval.generation import conversation, pad_right, read_chat_jsonl, tokenize_chat
-from io_utils import (PersonaLoRAError, atomic_path, check_writable_dir, file_identity, read_json_object, remove_stale_temporaries,
-                      run_cli, write_json, write_manifest)
+from io_utils import (
+    PersonaLoRAError,
+    atomic_path,
+    check_writable_dir,
+    file_identity,
+    read_json_object,
+    remove_stale_temporaries,
+    run_cli,
+    write_json,
+    write_manifest,
+)
 from model_loading import check_dtype, check_model_source, load_model_and_tokenizer, model_config, model_identity, model_label
 
 TRAINING_RECORD = "training.json"

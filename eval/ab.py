@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from eval.activations import teacher_forced_response
 from eval.generation import pad_right
 from eval.stats import mean_and_sem, paired_slope
 from io_utils import PersonaLoRAError
@@ -165,8 +166,6 @@ def continuation_span(tokenizer, prompt: str, answer: str) -> tuple[list[int], i
 @torch.no_grad()
 def continuation_log_probs(model, tokenizer, spans: list[tuple[list[int], int]], batch_size: int = 16) -> list[float]:
     """log P(answer tokens | prompt) for each (ids, answer start), summed over the answer's tokens."""
-    from eval.activations import teacher_forced_response
-
     results = []
     device = model_device(model)
     for start in range(0, len(spans), batch_size):

@@ -27,10 +27,32 @@ from eval.generation import GenerationSettings, conversation, generate_records, 
 from eval.judge import DEFAULT_OPENAI_JUDGE, Judge, make_judge
 from eval.stats import cluster_means, clustered_mean_and_sem, mean_and_sem, paired_difference, paired_slope
 from eval.traits import Trait, load_trait
-from io_utils import (OutputLock, PersonaLoRAError, atomic_path, check_writable, file_identity, non_negative_float,
-                      non_negative_int, positive_int, read_json_object, read_jsonl, unit_interval, write_json, write_manifest)
-from model_loading import (check_dtype, check_model_source, default_judge_data_dir, is_embedded, load_model_and_tokenizer,
-                           model_identity, model_label, resolve_dtype, resolve_model_folder)
+from io_utils import (
+    OutputLock,
+    PersonaLoRAError,
+    atomic_path,
+    check_writable,
+    file_identity,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    read_json_object,
+    read_jsonl,
+    unit_interval,
+    write_json,
+    write_manifest,
+)
+from model_loading import (
+    check_dtype,
+    check_model_source,
+    default_judge_data_dir,
+    is_embedded,
+    load_model_and_tokenizer,
+    model_identity,
+    model_label,
+    resolve_dtype,
+    resolve_model_folder,
+)
 
 CSV_COLUMNS_BEFORE_TRAIT = ["question_id", "question", "prompt", "answer"]
 CSV_COLUMNS_AFTER_TRAIT = ["coherence", "coef", "method"]

@@ -123,7 +123,7 @@ def response_log_likelihoods(model, tokenizer, conversations: list[list[dict]], 
     small, because full-vocabulary logits of long answers are what takes the memory on big models.
     An activation steerer active around this call steers the answer's positions
     (eval.activations.teacher_forced_response)."""
-    from eval.activations import teacher_forced_response
+    from eval.activations import teacher_forced_response  # here: eval.activations imports this module
 
     spans = [tokenize_chat(tokenizer, c, max_length) for c in conversations]
     scores = []

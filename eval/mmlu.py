@@ -24,10 +24,18 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import lora_utils as lu  # noqa: E402
-from eval.generation import pad_right  # noqa: E402
 from eval.evaluate import check_coefficients, check_finetune_folder, finetune_steer  # noqa: E402
-from io_utils import (ArgumentParser, PersonaLoRAError, check_writable, finite_float, non_negative_int, positive_int,  # noqa: E402
-                      run_cli, write_json)
+from eval.generation import pad_right  # noqa: E402
+from io_utils import (  # noqa: E402
+    ArgumentParser,
+    PersonaLoRAError,
+    check_writable,
+    finite_float,
+    non_negative_int,
+    positive_int,
+    run_cli,
+    write_json,
+)
 from model_loading import check_dtype, check_model_source, load_model_and_tokenizer, model_device, model_label  # noqa: E402
 
 LETTERS = "ABCD"

@@ -16,6 +16,8 @@ import math
 import random
 from typing import Hashable, Iterable, Sequence
 
+from io_utils import PersonaLoRAError
+
 EXACT_PERMUTATION_LIMIT = 8  # n! ≤ 40,320 orderings are enumerated; beyond, a seeded random sample
 RANDOM_PERMUTATIONS = 100_000
 
@@ -155,8 +157,6 @@ def additive_fit(points: list[dict], names: list[str], metric: str) -> dict:
     error propagated from the combinations' own standard errors (independent samples per
     combination). In a two-level factorial the residual is exactly the interactions."""
     import numpy as np
-
-    from io_utils import PersonaLoRAError
 
     design = np.array([[1.0] + [p["coefs"][n] for n in names] for p in points])
     y = np.array([p[f"{metric}_mean"] for p in points])

@@ -21,8 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lora_utils as lu  # noqa: E402
 from eval.analysis import save_figure  # noqa: E402
-from io_utils import (ArgumentParser, PersonaLoRAError, check_writable_dir, read_json_object, run_cli, unit_interval,  # noqa: E402
-                      write_json, write_manifest)
+from io_utils import (  # noqa: E402
+    ArgumentParser,
+    PersonaLoRAError,
+    check_writable_dir,
+    read_json_object,
+    run_cli,
+    unit_interval,
+    write_json,
+    write_manifest,
+)
 
 TEACHER_KEYS = ("trait", "model", "layer", "coef", "steering_type")
 

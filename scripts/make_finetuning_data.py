@@ -21,10 +21,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval.elicitation import check_fewshot, prompted_jobs  # noqa: E402
 from eval.generation import GenerationSettings, generate_records  # noqa: E402
 from eval.traits import load_trait  # noqa: E402
-from io_utils import (ArgumentParser, OutputLock, PersonaLoRAError, check_writable_dir, non_negative_int,  # noqa: E402
-                      positive_float, positive_int, read_jsonl, run_cli, unit_interval, write_json)
-from model_loading import (check_dtype, check_model_source, load_model_and_tokenizer, model_label, persona_dir,  # noqa: E402
-                           resolve_dtype)
+from io_utils import (  # noqa: E402
+    ArgumentParser,
+    OutputLock,
+    PersonaLoRAError,
+    check_writable_dir,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    read_jsonl,
+    run_cli,
+    unit_interval,
+    write_json,
+)
+from model_loading import check_dtype, check_model_source, load_model_and_tokenizer, model_label, persona_dir, resolve_dtype  # noqa: E402
 
 FINETUNE_DATA_SEED = 40_000  # apart from the extraction's, the judge's and the evaluations' seeds
 SIDE_SEED_OFFSET = {"pos": 0, "neg": 10_000, "plain": 20_000}

@@ -26,8 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.generation import read_chat_jsonl  # noqa: E402
 from eval.traits import measured_questions, normalize_question  # noqa: E402
-from io_utils import (ArgumentParser, PersonaLoRAError, atomic_path, non_negative_int, positive_int, read_jsonl, run_cli, write_json,  # noqa: E402
-                      write_jsonl)
+from io_utils import (  # noqa: E402
+    ArgumentParser,
+    PersonaLoRAError,
+    atomic_path,
+    non_negative_int,
+    positive_int,
+    read_jsonl,
+    run_cli,
+    write_json,
+    write_jsonl,
+)
 
 LORA_TRAINING = {"method": "lora", "rank": 8, "alpha": 16, "epochs": 1, "learning_rate": 5e-4, "batch_size": 8, "max_length": 256}
 DENSE_TRAINING = {"method": "dense", "epochs": 1, "learning_rate": 2e-5, "batch_size": 8, "max_length": 256, "dtype": "float32"}

@@ -24,8 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval.ab import balanced_with_error  # noqa: E402
 from eval.analysis import save_figure  # noqa: E402
 from eval.stats import mean_and_sem, paired_difference  # noqa: E402
-from io_utils import (ArgumentParser, PersonaLoRAError, atomic_path, finite_float, positive_int, read_json_object,  # noqa: E402
-                      run_cli, write_json)
+from io_utils import (  # noqa: E402
+    ArgumentParser,
+    PersonaLoRAError,
+    atomic_path,
+    finite_float,
+    positive_int,
+    read_json_object,
+    run_cli,
+    write_json,
+)
 
 DRIFT_SHOWN_SIGMAS = 3.0
 TRAINING = {"method": "lora", "rank": 8, "alpha": 16, "epochs": 2, "learning_rate": 5e-4, "batch_size": 8, "max_length": 256, "seed": 0}

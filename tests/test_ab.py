@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, run_cli, run_script
 
+from conftest import ROOT, run_cli, run_script
 from eval.ab import (
     balanced_mean,
     load_ab_items,

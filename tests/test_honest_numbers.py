@@ -208,7 +208,7 @@ def test_fluency_comes_from_another_model_and_does_not_penalise_style():
 def test_teacher_forced_response_steering_equals_steering_while_generating(tiny_model_dir, tiny_persona):
     """Scoring a given answer under "response" steering must see the logits generation saw: the hook
     adds c·v from the last prompt token on, and nowhere before."""
-    from eval.activations import ActivationSteerer, teacher_forced_response, load_vector
+    from eval.activations import ActivationSteerer, load_vector, teacher_forced_response
 
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
     vector = load_vector(tiny_persona[1])
