@@ -59,11 +59,6 @@ def paired_difference(treated: dict[Hashable, float], control: dict[Hashable, fl
     return mean_and_sem(treated[key] - control[key] for key in shared)
 
 
-def independent_difference(mean_a: float, sem_a: float, mean_b: float, sem_b: float) -> tuple[float, float]:
-    """a − b for independent estimates: the errors add in quadrature."""
-    return mean_a - mean_b, math.sqrt(sem_a ** 2 + sem_b ** 2)
-
-
 def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict:
     """Least squares y = slope·x + intercept, with R² (NaN where undefined)."""
     pairs = [(x, y) for x, y in zip(xs, ys) if y is not None and not math.isnan(y)]

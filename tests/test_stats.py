@@ -14,7 +14,6 @@ from eval import stats
 from eval.stats import (
     clustered_mean_and_sem,
     correlations,
-    independent_difference,
     mean_and_sem,
     paired_difference,
     paired_slope,
@@ -94,7 +93,7 @@ def test_paired_difference_cancels_shared_offsets():
     assert n == 15
     assert mean == pytest.approx(float(np.mean(effects)), abs=1e-12)
     assert sem == pytest.approx(sem_of(effects), rel=1e-9)
-    _, unpaired_sem = independent_difference(*mean_and_sem(treated.values())[:2], *mean_and_sem(control.values())[:2])
+    unpaired_sem = math.hypot(mean_and_sem(treated.values())[1], mean_and_sem(control.values())[1])  # as if independent
     assert sem < unpaired_sem / 20
 
 
@@ -105,12 +104,6 @@ def test_paired_difference_counts_only_shared_clusters():
     assert n == 3
     assert mean == pytest.approx(0.5)
     assert sem == pytest.approx(sem_of([0.5, 0.0, 1.0]))
-
-
-def test_independent_difference_adds_errors_in_quadrature():
-    assert independent_difference(1.0, 3.0, 0.5, 4.0) == (0.5, 5.0)
-    difference, error = independent_difference(-2.0, 0.0, 1.0, 0.7)
-    assert difference == -3.0 and error == pytest.approx(0.7)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,7 +140,7 @@ def test_paired_slope_error_is_far_below_the_unpaired_one():
     result = paired_slope(coefficients, by_cluster)
     assert result["slope"] == pytest.approx(float(per_question_slope.mean()), abs=1e-12)
     # The unpaired slope error: (mean at +1 − mean at −1)/2 with independent errors.
-    _, unpaired = independent_difference(*mean_and_sem(by_cluster[2].values())[:2], *mean_and_sem(by_cluster[0].values())[:2])
+    unpaired = math.hypot(mean_and_sem(by_cluster[2].values())[1], mean_and_sem(by_cluster[0].values())[1])
     assert result["slope_sem"] < unpaired / 2 / 50
 
 
