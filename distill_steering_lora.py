@@ -82,7 +82,7 @@ from training import init_seed
 # o_proj and down_proj are the two modules that write into the residual stream: a rank-r update of
 # them adds to the hidden states an r-dimensional family of directions, the very form of c·v. The
 # other projections reach the residual only through attention and the MLP's nonlinearity.
-DEFAULT_TARGETS = ["o_proj", "down_proj"]
+RESIDUAL_WRITERS = ["o_proj", "down_proj"]
 PLACEMENTS = ("before", "all")
 QUESTION_SETS = ("extraction", "finetuning")
 # Teacher answers: short on the embedded 135M model on CPU, longer on real models.
@@ -105,7 +105,7 @@ def parse_args():
     steering.add_argument("--steering_type", choices=STEERING_TYPES, default="response")
     student = parser.add_argument_group("the student: a LoRA on the plain model")
     student.add_argument("--rank", type=positive_int, default=4)
-    student.add_argument("--target_modules", nargs="+", default=DEFAULT_TARGETS)
+    student.add_argument("--target_modules", nargs="+", default=RESIDUAL_WRITERS)
     student.add_argument("--layers", nargs="+", default=["before"],
                          help="blocks that get the LoRA: 'before' (0..ℓ−1, whose outputs feed hidden_states[ℓ]), 'all', or indices")
     student.add_argument("--steps", type=positive_int, default=200)

@@ -164,6 +164,9 @@ def check_writable(path: str | os.PathLike, flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise PersonaLoRAError(f"{flag} {path} is a folder; give a file path")
+    blocking_file = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking_file is not None:
+        raise PersonaLoRAError(f"{flag} {path}: {blocking_file} is a file, not a folder; choose another location")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-"):

@@ -440,9 +440,13 @@ def preventative_steering(config: dict, model) -> contextlib.AbstractContextMana
 
 
 def main():
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+    if sys.argv[1:] in (["-h"], ["--help"]):
         print(__doc__)
-        sys.exit(0 if len(sys.argv) == 2 else 2)
+        sys.exit(0)
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        print(f"training.py: error: takes one argument, the config JSON: python training.py CONFIG.json "
+              f"(got {' '.join(sys.argv[1:]) or 'none'}; see --help)", file=sys.stderr)
+        sys.exit(2)
     started = time.time()
     config_path = Path(sys.argv[1])
     config = load_config(config_path)

@@ -70,6 +70,17 @@ def test_orthogonal_finetune_projects_to_zero(projection_setup, tmp_path):
     assert abs(result["cosine"]) < 1e-4 and abs(result["projection"]) < 1e-4 * result["change_norm"]
 
 
+def project_each(root, tmp_path, names, diff_path):
+    """cal_weight_projection.py on each finetune tmp_path/<name>, against root/original: name → its JSON."""
+    results = {}
+    for name in names:
+        out = tmp_path / f"{name}.json"
+        assert run_script("cal_weight_projection", "--original_model", root / "original", "--finetuned_model", tmp_path / name,
+                          "--lora_diff_path", diff_path, "--output_path", out) == 0
+        results[name] = json.loads(out.read_text())
+    return results
+
+
 def test_adapter_path_equals_dense_path_and_streaming_equals_in_memory(projection_setup, tmp_path):
     from peft import PeftModel
 
@@ -77,12 +88,7 @@ def test_adapter_path_equals_dense_path_and_streaming_equals_in_memory(projectio
     adapter_dir, _ = make_adapter(make_tiny_llama(), tmp_path / "finetune_adapter", seed=7, r=4, alpha=8)
     merged = PeftModel.from_pretrained(make_tiny_llama(), str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(tmp_path / "finetune_merged")
-    results = {}
-    for name in ("finetune_adapter", "finetune_merged"):
-        out = tmp_path / f"{name}.json"
-        assert run_script("cal_weight_projection", "--original_model", root / "original", "--finetuned_model", tmp_path / name,
-                          "--lora_diff_path", diff_path, "--output_path", out) == 0
-        results[name] = json.loads(out.read_text())
+    results = project_each(root, tmp_path, ("finetune_adapter", "finetune_merged"), diff_path)
     assert results["finetune_adapter"]["kind"] == "adapter" and results["finetune_merged"]["kind"] == "checkpoint"
     assert results["finetune_adapter"]["projection"] == pytest.approx(results["finetune_merged"]["projection"], rel=1e-4)
     for layer, stats in results["finetune_adapter"]["layers"].items():
@@ -105,12 +111,7 @@ def test_cosine_and_change_norm_have_one_definition_whatever_the_finetune_is(pro
     partial_path = partial.save(tmp_path / "partial_diff.pt")
     adapter_dir, _ = make_adapter(make_tiny_llama(), tmp_path / "adapter", seed=9, r=4, alpha=8)
     PeftModel.from_pretrained(make_tiny_llama(), str(adapter_dir)).merge_and_unload().save_pretrained(tmp_path / "checkpoint")
-    results = {}
-    for name in ("adapter", "checkpoint"):
-        out = tmp_path / f"{name}.json"
-        assert run_script("cal_weight_projection", "--original_model", root / "original", "--finetuned_model", tmp_path / name,
-                          "--lora_diff_path", partial_path, "--output_path", out) == 0
-        results[name] = json.loads(out.read_text())
+    results = project_each(root, tmp_path, ("adapter", "checkpoint"), partial_path)
     update = lu.load_adapter_update(adapter_dir)
     inside = math.sqrt(sum(update.module_sq_norm(n) for n in update if n in partial))
     outside = math.sqrt(sum(update.module_sq_norm(n) for n in update if n not in partial))

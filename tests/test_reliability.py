@@ -97,11 +97,11 @@ def test_unwritable_outputs_and_empty_model_folders_are_refused_first(weightless
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     refused("eval_lora_persona", "--model", weightless_model, "--trait", "evil", "--judge", "offline", "--judge_data", judge_data,
-            "--output_path", blocker / "out.csv", message="--output_path " + str(blocker / "out.csv") + ": cannot write there")
+            "--output_path", blocker / "out.csv", message=f"--output_path {blocker / 'out.csv'}: {blocker} is a file, not a folder")
     refused("eval_lora_persona", "--model", weightless_model, "--trait", "evil", "--output_path", tmp_path / "out.txt",
             "--judge", "offline", "--judge_data", judge_data, message="must end in .csv")
     refused("cal_weight_projection", "--original_model", tiny_model_dir, "--finetuned_model", tiny_model_dir,
-            "--lora_diff_path", tiny_persona[0], "--output_path", blocker / "p.json", message="cannot write there")
+            "--lora_diff_path", tiny_persona[0], "--output_path", blocker / "p.json", message=f"{blocker} is a file, not a folder")
     empty = tmp_path / "empty_model"
     empty.mkdir()
     # The model is named first, not the offline judge's missing data that a run on it would need.
@@ -148,6 +148,11 @@ def test_bad_training_configs_are_refused_before_the_model_loads(change, message
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     refused("training", path, message=message, files=[tmp_path / "adapter"])
+
+
+@pytest.mark.parametrize("arguments", [[], ["--config", "c.json"], ["a.json", "b.json"]])
+def test_training_usage_errors_are_one_line(arguments):
+    refused("training", *arguments, message="training.py: error: takes one argument, the config JSON")
 
 
 def test_an_interrupted_save_is_cleaned_and_never_projected_as_a_model(tiny_model_dir, tiny_persona, tmp_path):
