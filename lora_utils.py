@@ -373,6 +373,9 @@ def load_lora_diff(path: str | os.PathLike) -> PersonaLoRADiff:
         diff = PersonaLoRADiff(factors, state.get("metadata") if isinstance(state.get("metadata"), dict) else {})
     except PersonaLoRAError as error:
         raise PersonaLoRAError(f"{path}: {error}") from None
+    bad = diff.first_non_finite()  # refused on load, so a script says so before it loads a model
+    if bad is not None:
+        raise PersonaLoRAError(f"{path}: the persona diff has non-finite values (NaN or inf) in {bad}; re-create it")
     diff.metadata.setdefault("source_path", str(path))
     return diff
 

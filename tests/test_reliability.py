@@ -155,6 +155,17 @@ def test_training_usage_errors_are_one_line(arguments):
     refused("training", *arguments, message="training.py: error: takes one argument, the config JSON")
 
 
+def test_a_diff_with_nan_is_refused_on_load_before_the_model(weightless_model, tiny_persona, judge_data, tmp_path):
+    diff = lu.load_lora_diff(tiny_persona[0])
+    name = diff.module_names[0]
+    diff.factors[name][0][0, 0] = float("nan")
+    poisoned = diff.save(tmp_path / "nan_diff.pt")
+    out = tmp_path / "o.csv"
+    refused("eval_lora_persona", "--model", weightless_model, "--trait", "evil", "--judge", "offline", "--judge_data", judge_data,
+            "--lora_diff_path", poisoned, "--lora_coef", "1", "--output_path", out,
+            message=f"the persona diff has non-finite values (NaN or inf) in {name}", files=[out])
+
+
 def test_an_interrupted_save_is_cleaned_and_never_projected_as_a_model(tiny_model_dir, tiny_persona, tmp_path):
     """A kill while an adapter was being saved leaves the temporary folder of atomic_path; it is not
     a model to project, and the next write beside it removes it."""
