@@ -201,6 +201,7 @@ def check_coefficients(model_name: str | None, dtype: str, diffs: list, coeffici
     """Refuse, before the model loads, a diff that does not fit the model's checkpoint or a
     coefficient too large for its weights (lora_utils.check_coefficient_size), reading the weights'
     norms through memory maps. `coefficients[i]` are the coefficients diff i is merged at."""
+    check_model_source(model_name)  # an empty --model folder is named as such, not as a missing checkpoint
     checkpoint = lu.SafetensorsCheckpoint(resolve_model_folder(model_name))
     for diff, values in zip(diffs, coefficients):
         for name in diff:

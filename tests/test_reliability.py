@@ -107,6 +107,8 @@ def test_unwritable_outputs_and_empty_model_folders_are_refused_first(weightless
     # The model is named first, not the offline judge's missing data that a run on it would need.
     refused("eval_lora_persona", "--model", empty, "--trait", "evil", "--output_path", tmp_path / "o.csv",
             message=f"--model {empty} has no config.json")
+    refused("eval_lora_persona", "--model", empty, "--trait", "evil", "--output_path", tmp_path / "o.csv",
+            "--lora_diff_path", tiny_persona[0], "--lora_coef", "1", message=f"--model {empty} has no config.json")
 
 
 def test_a_coefficient_too_large_for_the_weights_is_refused_naming_the_flag(tiny_model_dir, tiny_persona, judge_data, tmp_path):
