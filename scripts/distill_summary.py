@@ -33,6 +33,7 @@ from io_utils import (  # noqa: E402
 )
 
 TEACHER_KEYS = ("trait", "model", "layer", "coef", "steering_type")
+HELDOUT_KEYS = ("heldout_fraction", "max_length")
 
 
 def load_runs(folders: list[str]) -> list[dict]:
@@ -46,6 +47,11 @@ def load_runs(folders: list[str]) -> list[dict]:
         if different or run["identity"]["teacher"] != runs[0]["identity"]["teacher"]:
             raise PersonaLoRAError(f"{run['folder']} distils another teacher than {runs[0]['folder']} "
                                    f"({', '.join(different) or 'the teacher answers'} differ); summarise one teacher at a time")
+        # Fractions are comparable only on one held-out set.
+        held_out_differently = [key for key in HELDOUT_KEYS if run["identity"][key] != runs[0]["identity"][key]]
+        if held_out_differently:
+            raise PersonaLoRAError(f"{run['folder']} is measured on other held-out answers than {runs[0]['folder']} "
+                                   f"({', '.join(held_out_differently)} differ); rerun them with the same settings")
     return runs
 
 
@@ -86,7 +92,8 @@ def summarize(runs: list[dict], target: float) -> dict:
             "steps": first["identity"]["steps"],
             "note": "fraction reproduced = 1 − KL(steered ‖ distilled) / KL(steered ‖ plain), token-weighted over the "
                     "held-out answers (the teacher's own, teacher-forced); cosines are ⟨ΔW_distilled, ΔW⟩_F / (‖·‖‖·‖) "
-                    "over the whole weight space"}
+                    "over the whole weight space; sem and ci95 are over held-out questions only (one student seed, one "
+                    "sample of teacher answers: variation between training seeds is not in them)"}
 
 
 def plot(report: dict, path: Path) -> None:

@@ -255,6 +255,13 @@ def test_sweep_summary_per_placement_and_rank(distilled_run, hidden_run, tmp_pat
     assert (tmp_path / "distillation.png").stat().st_size > 0
     with pytest.raises(PersonaLoRAError, match="is .* finished"):
         run_script("scripts.distill_summary", "--runs", out, tmp_path / "unfinished", "--output_dir", tmp_path)
+    other_heldout = tmp_path / "other_heldout"
+    shutil.copytree(out, other_heldout)
+    summary = json.loads((other_heldout / "summary.json").read_text())
+    summary["identity"]["heldout_fraction"] = 0.5
+    (other_heldout / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(PersonaLoRAError, match="other held-out answers .*heldout_fraction differ"):
+        run_script("scripts.distill_summary", "--runs", out, other_heldout, "--output_dir", tmp_path)
 
 
 @pytest.mark.parametrize("flags, message", [
