@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 import lora_utils as lu
 from eval.analysis import save_figure
+from eval.generation import read_chat_jsonl
 from eval.stats import correlations
 from io_utils import (
     ArgumentParser,
@@ -54,6 +55,7 @@ from io_utils import (
     write_manifest,
 )
 from model_loading import model_label, resolve_model_folder
+from training import records_digest
 
 ARCHITECTURE_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                      "num_key_value_heads", "vocab_size")
@@ -244,12 +246,20 @@ def read_behavior_scores(paths: list[str]) -> tuple[dict[str, dict], dict]:
 
 
 def dataset_of(model: dict) -> str:
-    """The training data a finetune was made from (its training.json), to pool replicates: two
-    finetunes of one dataset with other seeds are not independent points of a correlation."""
+    """The training data a finetune was made from, by content (its training.json), to pool
+    replicates: two finetunes of one dataset with other seeds are not independent points of a
+    correlation, even when each was given its own copy of the file."""
     record = Path(model["path"]) / "training.json"
-    if record.is_file():
-        return json.loads(record.read_text()).get("training_file") or model["name"]
-    return model["name"]
+    if not record.is_file():
+        return model["name"]
+    training = json.loads(record.read_text())
+    if training.get("training_data_sha256"):
+        return training["training_data_sha256"]
+    data = Path(training.get("training_file") or "")
+    if data.is_file():  # finetunes saved before the digest was recorded
+        records = read_chat_jsonl(data)
+        return records_digest(records[: training.get("examples") or len(records)])
+    return training.get("training_file") or model["name"]
 
 
 def correlate(models: list[dict], scores_paths: list[str]) -> dict:

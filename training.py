@@ -405,6 +405,12 @@ def check_config_inputs(config: dict, path: Path) -> dict:
     return {"records": records}
 
 
+def records_digest(records: list[dict]) -> str:
+    """The training examples' content, whatever file they came from: finetunes with equal digests
+    are replicates of one dataset (cal_weight_projection.py pools them)."""
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+
+
 def config_identity(config: dict, records: list[dict]) -> str:
     """What a finished finetune depends on: the whole config (whatever its file is called), the
     training examples, the content of the diffs and vectors it steers with or monitors (a
@@ -474,8 +480,8 @@ def main():
                    f"{projection['projection']:+.5f} (cosine {projection['cosine']:+.4f})")
 
     steering = config["steering_config"]
-    extra = {"config": str(config_path), "training_file": config["training_file"], "steering_config": steering,
-             "config_identity": identity}
+    extra = {"config": str(config_path), "training_file": config["training_file"], "training_data_sha256": records_digest(records),
+             "steering_config": steering, "config_identity": identity}
     common = dict(target_modules=config["target_modules"], epochs=config["epochs"], learning_rate=config["learning_rate"],
                   batch_size=config["batch_size"], max_length=config["max_length"], seed=config["seed"], desc="finetuning",
                   on_step=monitor, record_extra=extra)

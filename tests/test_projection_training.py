@@ -305,3 +305,25 @@ def test_every_behaviour_measure_is_correlated_and_measurements_made_differently
                               root / "finetunes", "--lora_diff_path", diff_path, "--behavior_scores", *paths,
                               "--output_path", tmp_path / "q.json")
     assert code == 2 and "was measured differently" in stderr and "judge" in stderr
+
+
+def test_replicates_of_one_dataset_are_pooled_whatever_their_file(tmp_path):
+    """Two finetunes of the same examples (each given its own copy of the file, as make_mixtures
+    writes them) are one dataset for the pooled correlation; other examples are another."""
+    import cal_weight_projection
+    from training import records_digest
+
+    example = {"messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "a."}]}
+    other = {"messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "b."}]}
+    models = {}
+    for name, records in (("mix", [example]), ("mix_seed1", [example]), ("other", [other])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "training.json").write_text(json.dumps({"training_file": str(tmp_path / f"{name}.jsonl"), "examples": 1}))
+        models[name] = {"path": str(folder), "name": name}
+    keys = {name: cal_weight_projection.dataset_of(model) for name, model in models.items()}
+    assert keys["mix"] == keys["mix_seed1"] != keys["other"]
+    # A finetune that recorded its data digest is keyed by it, and agrees with one that did not.
+    (tmp_path / "mix_seed1" / "training.json").write_text(json.dumps({"training_data_sha256": records_digest([example])}))
+    assert cal_weight_projection.dataset_of(models["mix_seed1"]) == keys["mix"]
