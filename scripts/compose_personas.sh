@@ -13,11 +13,7 @@ out="${OUTPUT_DIR:-results/exp4_composition}"
 read -r -a traits <<< "${TRAITS:-evil sycophancy hallucination}"
 read -r -a levels <<< "${LEVELS:-0 2}"
 diffs=()
-for t in "${traits[@]}"; do
-  python extract_persona_lora.py "${model_flag[@]}" --trait "$t"
-  eval "$(python scripts/persona_paths.py "${model_flag[@]}" --trait "$t" --prefix composed_)"
-  diffs+=("$composed_diff_path")
-done
+extract_diffs diffs "${traits[@]}"
 read -r -a coefs <<< "$(python scripts/composition.py grid --n_diffs "${#traits[@]}" --levels "${levels[@]}")"
 for t in "${traits[@]}"; do
   python eval_lora_persona.py "${model_flag[@]}" --trait "$t" --lora_diff_path "${diffs[@]}" --lora_coef "${coefs[@]}" \

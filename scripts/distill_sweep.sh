@@ -20,11 +20,7 @@ layer_flag=()   # default: two thirds of the depth (layer 20 of the embedded mod
 [ -n "${LAYER:-}" ] && layer_flag=(--layer "$LAYER")
 python extract_persona_lora.py "${model_flag[@]}" --trait "$trait"
 controls=()
-for other in "${control_traits[@]}"; do
-  python extract_persona_lora.py "${model_flag[@]}" --trait "$other"
-  eval "$(python scripts/persona_paths.py "${model_flag[@]}" --trait "$other" --prefix control_)"
-  controls+=("$control_diff_path")
-done
+extract_diffs controls "${control_traits[@]}"
 runs=()
 for placement in "${placements[@]}"; do
   for rank in "${ranks[@]}"; do
