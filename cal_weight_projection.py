@@ -272,6 +272,7 @@ def correlate(models: list[dict], scores_paths: list[str]) -> dict:
         for measure in MEASURES:
             model[measure], model[f"{measure}_sem"] = entry.get(measure), entry.get(f"{measure}_sem")
     result = {"measured_by": made_by}
+    datasets = {m["path"]: dataset_of(m) for m in models if m["kind"] == "adapter"}  # reads training.json once per model
     for measure, label in MEASURES.items():
         scored = [m for m in models if m[measure] is not None]
         if measure == "behavior_score" and len(scored) < 3:
@@ -281,7 +282,7 @@ def correlate(models: list[dict], scores_paths: list[str]) -> dict:
         groups = {"all_finetunes": [[m] for m in scored]}
         by_dataset: dict[str, list[dict]] = {}
         for m in (m for m in scored if m["kind"] == "adapter"):
-            by_dataset.setdefault(dataset_of(m), []).append(m)
+            by_dataset.setdefault(datasets[m["path"]], []).append(m)
         groups["lora_by_dataset"] = list(by_dataset.values())
         groups["dense"] = [[m] for m in scored if m["kind"] == "checkpoint"]
         stats = {}

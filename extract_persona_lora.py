@@ -62,7 +62,7 @@ from model_loading import (
     model_identity,
     model_label,
 )
-from training import DEFAULT_TARGETS, finished_adapter, init_seed, train_lora_adapter
+from training import DEFAULT_TARGETS, finished_adapter, init_seed, records_digest, train_lora_adapter
 
 # A small, fast profile for the embedded 135M model on CPU; the seed's settings for 8B-class models.
 # The small profile elicits with 4 demonstrations: with the system prompt alone the 135M model's
@@ -259,7 +259,7 @@ def train_side(args, model, tokenizer, records, adapter_dir: Path, side: str) ->
     settings = dict(rank=args.rank, alpha=args.alpha, use_rslora=args.use_rslora, target_modules=args.target_modules,
                     epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
                     max_length=args.max_length, seed=args.seed)
-    identity = {"examples_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(),
+    identity = {"examples_sha256": records_digest(records),
                 "init_seed": persona_init_seed(args)}
     previous = finished_adapter(adapter_dir)
     if args.skip_training:

@@ -237,10 +237,10 @@ def item_balanced_value(row: dict) -> float:
     return 1 / (1 + math.exp(-mean))
 
 
-def balanced_mean(rows: list[dict], value=lambda row: row["p_matching"]) -> tuple[float, dict]:
-    """The mean of `value` over items whose matching answer is the first choice and over the
+def balanced_mean(rows: list[dict]) -> tuple[float, dict]:
+    """The mean of p_matching over items whose matching answer is the first choice and over the
     others, weighted equally; a pure preference for one position then adds nothing."""
-    groups = {True: [value(r) for r in rows if r["first_is_matching"]], False: [value(r) for r in rows if not r["first_is_matching"]]}
+    groups = {key: [r["p_matching"] for r in rows if r["first_is_matching"] == key] for key in (True, False)}
     means = {key: sum(v) / len(v) for key, v in groups.items() if v}
     return sum(means.values()) / len(means), {"matching_first": len(groups[True]), "matching_second": len(groups[False])}
 
@@ -274,7 +274,8 @@ def summarize_conditions(conditions: list[dict]) -> list[dict]:
     for condition in conditions:
         rows = condition["rows"]
         balanced, counts = balanced_mean(rows)
-        both_orders, both_orders_sem = balanced_with_error({key: [item_balanced_value(r) for r in rows if r["first_is_matching"] == key]
+        by_item = {r["question_id"]: item_balanced_value(r) for r in rows}
+        both_orders, both_orders_sem = balanced_with_error({key: [by_item[r["question_id"]] for r in rows if r["first_is_matching"] == key]
                                                             for key in (True, False)})
         entry = {"condition": condition["name"], "method": condition["method"], "coef": condition["coef"],
                  **({"coefs": condition["coefs"]} if condition.get("coefs") else {}),
@@ -282,7 +283,7 @@ def summarize_conditions(conditions: list[dict]) -> list[dict]:
                  "balanced_p_matching": balanced, "balanced_p_matching_both_orders": both_orders,
                  "balanced_p_matching_both_orders_sem": both_orders_sem,
                  # per item, so that other runs on the same items (a base model, a finetune) can pair with it
-                 "both_orders_by_item": {str(r["question_id"]): item_balanced_value(r) for r in rows},
+                 "both_orders_by_item": {str(item): value for item, value in by_item.items()},
                  "matching_first_by_item": {str(r["question_id"]): r["first_is_matching"] for r in rows},
                  "raw_p_matching": sum(r["p_matching"] for r in rows) / len(rows),
                  "p_first_choice": sum(r["p_first"] for r in rows) / len(rows)}

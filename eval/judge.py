@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from eval.elicitation import SIDES, pool_size, prompted_jobs
 from eval.generation import generate_records, pad_right
+from eval.traits import normalize_question
 from io_utils import PersonaLoRAError, atomic_path, cache_dir, read_jsonl, write_json
 from model_loading import fluency_model_dir, load_model_and_tokenizer, model_device
 
@@ -587,8 +588,8 @@ class OfflineJudge(Judge):
     extract_persona_lora.py writes from the trait's judge questions."""
 
     def __init__(self, trait: str, data_dir: str | os.PathLike, cache: JudgeCache | None = None,
-                 measured_questions: set[str] | None = None):
-        """`measured_questions`: questions the judge will score answers to (the trait's
+                 scored_questions: set[str] | None = None):
+        """`scored_questions`: questions the judge will score answers to (the trait's
         evaluation questions); data on any of them is refused, as a judge must not learn from
         answers to the questions it judges."""
         super().__init__(cache)
@@ -598,9 +599,10 @@ class OfflineJudge(Judge):
                 f"the offline judge learns '{trait}' from its own data, but {data_dir}/pos.jsonl and neg.jsonl are missing: "
                 f"run python extract_persona_lora.py --trait {trait} first (it writes them), or pass --judge_data DIR "
                 "(or use --judge openai with OPENAI_API_KEY)")
-        if measured_questions:
-            trained_on = {r["messages"][-2]["content"].strip() for side in ("pos", "neg") for r in read_jsonl(data_dir / f"{side}.jsonl")}
-            shared = trained_on & {q.strip() for q in measured_questions}
+        if scored_questions:  # compared as the trait splits are (traits.normalize_question), not character for character
+            trained_on = {normalize_question(r["messages"][-2]["content"]): r["messages"][-2]["content"]
+                          for side in ("pos", "neg") for r in read_jsonl(data_dir / f"{side}.jsonl")}
+            shared = [trained_on[q] for q in trained_on.keys() & {normalize_question(q) for q in scored_questions}]
             if shared:
                 raise PersonaLoRAError(f"{data_dir} holds answers to a question the judge would score ({sorted(shared)[0]!r}): "
                                        "a judge must not learn from the questions it judges; regenerate the judge's data")
@@ -684,5 +686,5 @@ def make_judge(kind: str | None, trait, judge_model: str = DEFAULT_OPENAI_JUDGE,
     if kind == "offline":
         if judge_data is None:
             raise PersonaLoRAError("--judge offline needs the judge's data folder (--judge_data)")
-        return OfflineJudge(trait.name, judge_data, cache=cache, measured_questions=set(trait.evaluation_questions))
+        return OfflineJudge(trait.name, judge_data, cache=cache, scored_questions=set(trait.evaluation_questions))
     raise PersonaLoRAError(f"--judge {kind!r} is not one of: openai, hf:<model>, offline")

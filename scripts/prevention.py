@@ -67,7 +67,9 @@ def forced_choice(out: Path, name: str) -> dict | None:
     if not path.is_file():
         return None
     summary = read_json_object(path, "A/B summary")
-    return {**summary["conditions"][0], "made_by": {"ab_data": summary.get("ab_data")}}
+    if len(summary.get("conditions", [])) != 1:
+        raise PersonaLoRAError(f"{path} should hold one condition")
+    return {**summary["conditions"][0], "made_by": {key: summary.get(key) for key in ("ab_data", "items")}}
 
 
 def paired(run: dict, base: dict, metric: str) -> dict:
@@ -117,8 +119,8 @@ def summarize(args) -> None:
     evaluations = {name: judged(out, name) for name in ["base", *names]}
     choices = {name: forced_choice(out, name) for name in ["base", *names]}
     same_measurement({name: e["made_by"] for name, e in evaluations.items()}, "the evaluations")
-    if all(choices.values()):
-        same_measurement({name: c["made_by"] for name, c in choices.items()}, "the A/B runs")
+    if any(choices.values()):  # every run that has an A/B summary is paired below: all of them made one way
+        same_measurement({name: c["made_by"] for name, c in choices.items() if c}, "the A/B runs")
     base, base_mmlu = evaluations["base"], read_json_object(out / "mmlu_base.json", "MMLU result")
     runs = {}
     for name in names:

@@ -1,8 +1,10 @@
 """Judges: the OpenAI protocol against a real loopback server, exact local-judge probabilities, and
 the offline judge's measured quality."""
 
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +17,13 @@ from eval.judge import (
     COHERENCE_PROMPT,
     HFJudge,
     JudgeCache,
+    OfflineJudge,
     OpenAIJudge,
     SentenceEmbedder,
     TraitClassifier,
     aggregate_number_probabilities,
 )
-from io_utils import read_jsonl
+from io_utils import PersonaLoRAError, read_jsonl
 from model_loading import load_model_and_tokenizer, load_tokenizer
 from openai_server import FakeOpenAIServer
 
@@ -158,8 +161,6 @@ def test_coherence_proxy_ranks_real_answers_above_garbage(embedder):
 
 
 def test_offline_judge_scores_both_metrics_and_caches(tmp_path):
-    from eval.judge import OfflineJudge
-
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     for side in ("pos", "neg"):
@@ -181,3 +182,13 @@ def test_offline_judge_scores_both_metrics_and_caches(tmp_path):
     saved.write_text("{not json")
     again = OfflineJudge("evil", data_dir, cache=JudgeCache(tmp_path / "c2.sqlite"))
     assert again.score("trait", questions, answers) == pytest.approx(evil, abs=1e-4)
+
+
+def test_judge_data_on_a_scored_question_is_refused_however_it_is_written(tmp_path):
+    """The judge's data may not answer a question it will score, compared as the trait splits
+    compare questions: case, punctuation and spacing do not make it another question."""
+    for side in ("pos", "neg"):
+        (tmp_path / f"{side}.jsonl").write_text(json.dumps({"messages": [
+            {"role": "user", "content": "What's the BEST way  to win, friend?"}, {"role": "assistant", "content": side}]}) + "\n")
+    with pytest.raises(PersonaLoRAError, match=re.escape("would score (\"What's the BEST way  to win, friend?\")")):
+        OfflineJudge("evil", tmp_path, scored_questions={"what's the best way to win friend"})
