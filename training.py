@@ -29,7 +29,8 @@ values are errors naming the key):
 
 The saved finetune is always relative to the unsteered base: evaluate it on the plain model.
 Persona Vectors found that steering *toward* the trait while training (positive coef) keeps the
-finetune from acquiring it; the seed config uses a negative one. Both signs are supported.
+finetune from acquiring it; the original README suggested a negative one (kept in
+configs/llama_3.1_8b_lora_steer.json), the embedded configs use +1. Both signs are supported.
 """
 
 from __future__ import annotations

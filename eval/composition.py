@@ -7,8 +7,11 @@ Per measured trait and metric (judged score, coherence, judge-free margin) the a
 is fit over the combinations. β is a matrix (measured trait × diff): its diagonal is each
 trait's response to its own coefficient, the rest is cross-talk. Every combination answers the
 same questions with the same seeds, so the slopes' standard errors are paired by question (the
-slopes fit per question, then their spread over questions); the additive model's R² says how far
-the effects simply add (in a two-level factorial the residual is exactly the interactions).
+slopes fit per question, then their spread over questions). How far the effects simply add: the
+additive model's R², and its residuals tested question by question (the largest |mean residual|
+against the maxima of sign-flipped questions). In a two-level factorial the residual is exactly
+the interactions; with three or more levels it also holds each coefficient's own curvature.
+Cross-talk: every cross slope with its paired error, and the largest against maxima likewise.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import lora_utils as lu
 from eval.activations import load_vector
 from eval.analysis import save_figure, trait_similarity
-from eval.stats import additive_fit, paired_additive_slope_sem, paired_difference
+from eval.stats import additive_fit, clustered_sems, paired_difference, per_question_additive_fit, sign_flip_max_test
 from io_utils import PersonaLoRAError, read_json_object
 from model_loading import default_persona_paths
 
@@ -39,9 +42,31 @@ def read_points(path: Path, names: list[str]) -> tuple[dict, list[dict]]:
 
 
 def metric_fit(points: list[dict], names: list[str], metric: str) -> dict:
-    """The additive fit of one metric with slope errors paired by question."""
-    return {**additive_fit(points, names, metric), "slope_sem": paired_additive_slope_sem(points, names, f"{metric}_by_question"),
-            "slope_sem_kind": "paired by question (slopes fit per question, spread over questions)"}
+    """The additive fit of one metric with slope errors paired by question, every cross slope, and
+    the test of additivity on the per-question residuals."""
+    per_question = per_question_additive_fit(points, names, f"{metric}_by_question")
+    levels = {len({p["coefs"][n] for p in points}) for n in names}
+    residuals = sign_flip_max_test(per_question["residuals"])
+    fit = {**additive_fit(points, names, metric),
+           "slope_sem": dict(zip(names, clustered_sems(per_question["slopes"]))),
+           "slope_sem_kind": "paired by question (slopes fit per question, spread over questions)",
+           "non_additivity": {"max_abs_mean_residual": residuals["max_abs_mean"], "p": residuals["p"],
+                              "p_method": residuals["p_method"], "questions": residuals["units"],
+                              "residual_holds": "the interactions" if levels == {2} else
+                                                "the interactions and each coefficient's own curvature"}}
+    fit.pop("max_abs_residual"), fit.pop("mean_condition_sem")  # unpaired: superseded by the per-question test
+    return {**fit, "per_question_slopes": per_question["slopes"]}
+
+
+def cross_talk(fit: dict, names: list[str], trait: str) -> dict | None:
+    """The largest |slope| of another trait's coefficient on this trait's measure, against the
+    maxima of the same slopes with whole questions sign-flipped (no cross-talk: each question's
+    cross slopes as likely negative as positive)."""
+    others = [i for i, n in enumerate(names) if n != trait]
+    if not others:
+        return None
+    test = sign_flip_max_test(fit["per_question_slopes"][:, others])
+    return {"largest_cross_slope": test["max_abs_mean"], "p": test["p"], "p_method": test["p_method"]}
 
 
 def changes_from_unsteered(points: list[dict], metric: str) -> list[dict]:
@@ -50,7 +75,7 @@ def changes_from_unsteered(points: list[dict], metric: str) -> list[dict]:
     changes = []
     for p in points:
         mean, sem, _ = paired_difference(p[f"{metric}_by_question"], unsteered[f"{metric}_by_question"])
-        changes.append({"coefs": p["coefs"], "change_mean": mean, "change_sem": 0.0 if sem != sem else sem})
+        changes.append({"coefs": p["coefs"], "change_mean": mean, "change_sem": sem})  # NaN (one question) draws no bar
     return changes
 
 
@@ -76,12 +101,14 @@ def summarize(output_dir: Path, names: list[str], model: str | None, layer: int 
 
     headline = {}
     for t in names:
-        entry = {"judge_held_out_auroc": (measured[t]["judge_quality"] or {}).get("held_out_auroc")}
+        entry = {"judge": measured[t]["judge"], "judge_held_out_auroc": (measured[t]["judge_quality"] or {}).get("held_out_auroc")}
         for name, fit in fits[t].items():
-            others = [abs(fit["slope"][o]) for o in names if o != t]
             entry[name] = {"own_slope": fit["slope"][t], "own_slope_sem": fit["slope_sem"][t],
-                           "largest_cross_slope": max(others) if others else None, "additive_r2": fit["additive_r2"]}
+                           "cross_talk": cross_talk(fit, names, t), "additive_r2": fit["additive_r2"],
+                           "non_additivity": fit["non_additivity"]}
         headline[t] = entry
+    for fit in (f for per_trait in fits.values() for f in per_trait.values()):
+        fit.pop("per_question_slopes")  # an array: its summary (slope_sem, cross_talk) is what the report keeps
     report = {"traits": names, "headline": headline, "fits": fits,
               "judges": {t: {k: v for k, v in m.items() if k != "points"} for t, m in measured.items()},
               "trait_similarity": similarity, "layer": layer}
@@ -98,34 +125,34 @@ def plot_composition(path: Path, names: list[str], measured: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [("{trait}", "{trait} score (judge AUROC {auroc})", "{trait} score (0–100)"),
-            ("coherence", "coherence on {trait} questions", "coherence (0–100)")]
+    # Every panel shows the change from the unsteered combination, paired by question: the errors
+    # are those of the contrasts the fits use, not of the raw means (which carry question difficulty).
+    rows = [("{trait}", "{trait} score, judged by {judge} (AUROC {auroc})", "{trait} score − unsteered (0–100 scale)"),
+            ("coherence", "coherence on {trait} questions", "coherence − unsteered")]
     if all("margin_by_question" in p for m in measured.values() for p in m["points"]):
         rows.append(("margin", "{trait}: log-likelihood margin (judge-free)", "margin − unsteered, nats/token"))
     figure, axes = plt.subplots(len(rows), len(names), figsize=(4.5 * len(names), 3.8 * len(rows)), squeeze=False)
     for column, trait in enumerate(names):
         others = [n for n in names if n != trait]
         auroc = (measured[trait]["judge_quality"] or {}).get("held_out_auroc")
+        judge = (measured[trait]["judge"] or "unnamed judge").split(":")[0]
         for row, (metric, title, ylabel) in enumerate(rows):
             metric = metric.format(trait=trait)
             points = measured[trait]["points"]
-            if metric == "margin":
-                values = changes_from_unsteered(points, "margin")
-                ys, errors = [v["change_mean"] for v in values], [v["change_sem"] for v in values]
-            else:
-                ys, errors = [p[f"{metric}_mean"] for p in points], [p[f"{metric}_sem"] for p in points]
+            values = changes_from_unsteered(points, metric)
+            ys, errors = [v["change_mean"] for v in values], [v["change_sem"] for v in values]
             for setting in sorted({tuple(p["coefs"][o] for o in others) for p in points}):
                 line = sorted((i for i, p in enumerate(points) if tuple(p["coefs"][o] for o in others) == setting),
                               key=lambda i: points[i]["coefs"][trait])
                 label = ", ".join(f"{o} {c:+g}" for o, c in zip(others, setting)) or "alone"
                 axes[row][column].errorbar([points[i]["coefs"][trait] for i in line], [ys[i] for i in line],
                                            yerr=[errors[i] for i in line], marker="o", capsize=3, label=label)
-            axes[row][column].set(title=title.format(trait=trait, auroc="n/a" if auroc is None else f"{auroc:.2f}"),
+            axes[row][column].set(title=title.format(trait=trait, judge=judge, auroc="n/a" if auroc is None else f"{auroc:.2f}"),
                                   xlabel=f"{trait} coefficient", ylabel=ylabel.format(trait=trait))
             axes[row][column].grid(alpha=0.3)
             axes[row][column].legend(fontsize=7, title="other diffs", title_fontsize=7)
-    figure.suptitle("Persona LoRAs merged together: each trait against its own coefficient "
-                    "(parallel lines = effects add; vertical spread = cross-talk)", fontsize=10)
+    figure.suptitle("Persona LoRAs merged together: each trait against its own coefficient, change from the unsteered "
+                    "model ± s.e. paired by question\n(parallel lines = effects add; vertical spread = cross-talk)", fontsize=10)
     figure.tight_layout()
     save_figure(figure, path)
 
@@ -138,23 +165,28 @@ def plot_slopes(path: Path, names: list[str], fits: dict, similarity: dict | Non
     import matplotlib.pyplot as plt
     import numpy as np
 
-    panels = [("score slope per unit coefficient\n(row: judged trait, column: diff)",
-               np.array([[fits[t]["trait_score"]["slope"][n] for n in names] for t in names]), "RdBu_r")]
+    def slope_panel(metric: str) -> tuple:
+        return (np.array([[fits[t][metric]["slope"][n] for n in names] for t in names]),
+                np.array([[fits[t][metric]["slope_sem"][n] for n in names] for t in names]))
+
+    panels = [("judged score slope per unit coefficient ± s.e.\n(row: trait measured, column: diff)", *slope_panel("trait_score"))]
     if "likelihood_margin" in fits[names[0]]:
-        panels.append(("log-likelihood margin slope (judge-free)\n(row: trait measured, column: diff)",
-                       np.array([[fits[t]["likelihood_margin"]["slope"][n] for n in names] for t in names]), "RdBu_r"))
+        panels.append(("log-likelihood margin slope ± s.e. (judge-free)\n(row: trait measured, column: diff)",
+                       *slope_panel("likelihood_margin")))
     if similarity:
         panels.append(("cosine of diffs in weight space", np.array([[similarity["weight_space_cosine"][a][b] for b in names]
-                                                                    for a in names]), "RdBu_r"))
+                                                                    for a in names]), None))
         key = f"activation_space_cosine_layer{layer}"
         panels.append((f"cosine of persona vectors (layer {layer})", np.array([[similarity[key][a][b] for b in names]
-                                                                               for a in names]), "RdBu_r"))
+                                                                               for a in names]), None))
     figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
-    for axis, (title, matrix, cmap) in zip(axes[0], panels):
+    for axis, (title, matrix, sems) in zip(axes[0], panels):
         limit = float(np.abs(matrix).max()) or 1.0
-        image = axis.imshow(matrix, cmap=cmap, vmin=-limit, vmax=limit)
+        image = axis.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        digits = 2 if limit > 0.5 else 3
         for (i, j), value in np.ndenumerate(matrix):
-            axis.text(j, i, f"{value:+.2f}" if limit > 0.5 else f"{value:+.3f}", ha="center", va="center", fontsize=9)
+            text = f"{value:+.{digits}f}" + ("" if sems is None else f"\n± {sems[i, j]:.{digits}f}")
+            axis.text(j, i, text, ha="center", va="center", fontsize=8)
         axis.set(xticks=range(len(names)), yticks=range(len(names)), title=title)
         axis.set_xticklabels(names, rotation=30)
         axis.set_yticklabels(names)

@@ -20,6 +20,7 @@ from io_utils import PersonaLoRAError
 
 EXACT_PERMUTATION_LIMIT = 8  # n! ≤ 40,320 orderings are enumerated; beyond, a seeded random sample
 RANDOM_PERMUTATIONS = 100_000
+EXACT_SIGN_FLIP_LIMIT = 16  # 2^16 = 65,536 sign patterns are enumerated; beyond, a seeded random sample
 
 
 def finite(values: Iterable) -> list[float]:
@@ -57,6 +58,73 @@ def paired_difference(treated: dict[Hashable, float], control: dict[Hashable, fl
     """Mean and standard error of treated − control over the clusters both measured."""
     shared = [key for key in treated if key in control]
     return mean_and_sem(treated[key] - control[key] for key in shared)
+
+
+def _sign_patterns(n: int, seed: int) -> tuple[list, str]:
+    """Chunks of rows of ±1, one row per sign pattern of n paired units: all 2^n for n ≤
+    EXACT_SIGN_FLIP_LIMIT, else the identity pattern and RANDOM_PERMUTATIONS seeded random ones
+    (chunked, so a 500-item test never holds them all). Returns (chunk generator, method)."""
+    import numpy as np
+
+    chunk = max(1, 2 ** 22 // max(n, 1))  # about 32 MB of float64 per chunk
+
+    def exact():
+        for start in range(0, 2 ** n, chunk):
+            codes = np.arange(start, min(start + chunk, 2 ** n))[:, None] >> np.arange(n)[None, :] & 1
+            yield 1.0 - 2.0 * codes
+
+    def sampled():
+        rng = np.random.default_rng(seed)
+        yield np.ones((1, n))
+        for start in range(0, RANDOM_PERMUTATIONS, chunk):
+            yield rng.choice([-1.0, 1.0], size=(min(chunk, RANDOM_PERMUTATIONS - start), n))
+
+    if n <= EXACT_SIGN_FLIP_LIMIT:
+        return exact(), f"exact sign-flip test over all {2 ** n} sign patterns"
+    return sampled(), f"sign-flip test, {RANDOM_PERMUTATIONS} random sign patterns and the observed one (seed {seed})"
+
+
+def sign_flip_test(differences: Sequence[float], weights: Sequence[float] | None = None, seed: int = 0) -> dict:
+    """Two-sided p-value of a paired contrast: under the null that each unit's (question's, item's)
+    difference is as likely negative as positive, every sign pattern is equally likely; p is the share
+    of patterns whose |Σ wᵢ·±dᵢ| reaches the observed one (the observed pattern included, so never 0).
+    Weights default to 1/n (the mean); a balanced mean passes its own weights."""
+    import numpy as np
+
+    d = np.array([float(v) for v in differences])
+    w = np.full(len(d), 1.0 / max(len(d), 1)) if weights is None else np.array([float(v) for v in weights])
+    if len(d) != len(w) or len(d) < 1 or not np.isfinite(d).all():
+        return {"statistic": float("nan"), "p": float("nan"), "n": len(d), "p_method": "undefined: no finite paired differences"}
+    observed = float(w @ d)
+    chunks, method = _sign_patterns(len(d), seed)
+    extreme = total = 0
+    for patterns in chunks:
+        extreme += int((np.abs(patterns @ (w * d)) >= abs(observed) - 1e-12).sum())
+        total += len(patterns)
+    return {"statistic": observed, "p": extreme / total, "n": len(d), "p_method": method}
+
+
+def sign_flip_max_test(per_unit: Sequence[Sequence[float]], seed: int = 0) -> dict:
+    """The largest |mean| over several contrasts measured on the same units (rows: units such as
+    questions, columns: contrasts), against the maximum over the same contrasts under sign flips
+    of whole units: a maximum compared with maxima, and each unit's contrasts flipped together
+    keep their correlation. Also each contrast's mean and clustered standard error."""
+    import numpy as np
+
+    values = np.array(per_unit, dtype=float)
+    if values.ndim != 2 or values.shape[0] < 2 or values.shape[1] < 1 or not np.isfinite(values).all():
+        return {"max_abs_mean": float("nan"), "p": float("nan"), "units": int(values.shape[0]) if values.ndim else 0,
+                "p_method": "undefined: needs at least 2 units with finite values"}
+    n = values.shape[0]
+    observed = float(np.abs(values.mean(axis=0)).max())
+    chunks, method = _sign_patterns(n, seed)
+    extreme = total = 0
+    for patterns in chunks:
+        extreme += int((np.abs(patterns @ values / n).max(axis=1) >= observed - 1e-12).sum())
+        total += len(patterns)
+    return {"max_abs_mean": observed, "p": extreme / total, "units": n,
+            "means": values.mean(axis=0).tolist(), "sems": clustered_sems(values),
+            "p_method": method + ", maximum over contrasts against maxima"}
 
 
 def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict:
@@ -150,7 +218,9 @@ def correlations(xs: Sequence[float], ys: Sequence[float]) -> dict:
 def additive_fit(points: list[dict], names: list[str], metric: str) -> dict:
     """Least squares metric_mean = β₀ + Σ βⱼ·coef_j over the combinations, with each β's standard
     error propagated from the combinations' own standard errors (independent samples per
-    combination). In a two-level factorial the residual is exactly the interactions."""
+    combination; per_question_additive_fit gives the paired errors when the combinations share
+    questions). In a two-level factorial the residual is exactly the interactions; with more
+    levels it also holds each coefficient's own curvature."""
     import numpy as np
 
     design = np.array([[1.0] + [p["coefs"][n] for n in names] for p in points])
@@ -172,14 +242,23 @@ def additive_fit(points: list[dict], names: list[str], metric: str) -> dict:
             "slope_sem_kind": "propagated from each combination's standard error (independent samples)"}
 
 
-def paired_additive_slope_sem(points: list[dict], names: list[str], by_cluster: str) -> dict[str, float]:
-    """Standard errors of the additive slopes when every combination measured the same clusters
-    (questions): fit the slopes per cluster, then take their spread over clusters. What every
-    combination shares cancels, as in a paired test."""
+def per_question_additive_fit(points: list[dict], names: list[str], by_cluster: str) -> dict:
+    """The additive model fit question by question when every combination measured the same
+    clusters (questions): each question's slopes (rows: questions, columns: names) and its residuals
+    (rows: questions, columns: combinations). Their spread over questions gives paired errors, in
+    which what every combination shares (a question's difficulty) cancels."""
     import numpy as np
 
     clusters = sorted(set.intersection(*(set(p[by_cluster]) for p in points)))
     design = np.array([[1.0] + [p["coefs"][n] for n in names] for p in points])
-    per_cluster = np.linalg.pinv(design) @ np.array([[p[by_cluster][q] for q in clusters] for p in points])
-    sem = per_cluster[1:].std(axis=1, ddof=1) / np.sqrt(len(clusters))
-    return {n: float(s) for n, s in zip(names, sem)}
+    values = np.array([[p[by_cluster][q] for q in clusters] for p in points])  # combinations × questions
+    beta = np.linalg.pinv(design) @ values
+    return {"clusters": clusters, "slopes": beta[1:].T, "residuals": (values - design @ beta).T}
+
+
+def clustered_sems(per_cluster) -> list[float]:
+    """Each column's standard error over the rows (clusters)."""
+    import numpy as np
+
+    per_cluster = np.asarray(per_cluster, dtype=float)
+    return (per_cluster.std(axis=0, ddof=1) / np.sqrt(per_cluster.shape[0])).tolist()

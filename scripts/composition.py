@@ -39,6 +39,13 @@ def print_summary(report: dict) -> None:
             digits = 4 if metric == "likelihood_margin" else 2
             print(f"{t:14s} " + " ".join(f"{fit['slope'][n]:+10.{digits}f} ± {fit['slope_sem'][n]:7.{digits}f}" for n in names)
                   + f" {fit['additive_r2']:6.3f}")
+        print("tested question by question against the maxima of sign-flipped questions:")
+        for t in names:
+            entry, fit = report["headline"][t][metric], report["fits"][t][metric]
+            cross, residual = entry["cross_talk"], fit["non_additivity"]
+            cross_text = "" if cross is None else f"largest cross slope {cross['largest_cross_slope']:.4g} (p {cross['p']:.2g}), "
+            print(f"  {t:12s} {cross_text}largest |mean residual| {residual['max_abs_mean_residual']:.4g} (p {residual['p']:.2g}; "
+                  f"the residual holds {residual['residual_holds']})")
 
 
 def main():

@@ -2,8 +2,9 @@
 # Experiment 3, preventative steering (Persona Vectors' Figure 7 in weight space): finetune on
 # trait-inducing data (fresh trait answers to the finetuning questions, elicited with demonstrations)
 # without prevention and with the persona kept active during training, as a merged LoRA or as an
-# activation vector, at coefficients of both signs; measure each finetune's drift from the base
-# model (judged, judge-free margin, A/B, MMLU; paired by question or item) on the plain model.
+# activation vector, at coefficients of both signs, and a control finetune on the model's own
+# unprompted answers; measure each finetune's drift from the base model (judged, coherence,
+# judge-free margin, A/B, MMLU; paired by question or item, with sign-flip p-values) on the plain model.
 # Writes results/exp3_prevention/ (eval_*.csv, ab_*.csv, mmlu_*.json, summary.json, drift.png).
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct N_EXAMPLES=1000 COEFS="-2 -1 1 2" MMLU_N=2000 bash scripts/train_with_prevention.sh
 set -euo pipefail
@@ -15,7 +16,7 @@ read -r -a coefs <<< "${COEFS:--1 1}"
 python extract_persona_lora.py "${model_flag[@]}" --trait "$trait"
 python scripts/make_finetuning_data.py "${model_flag[@]}" --trait "$trait" --sides pos neg plain
 python scripts/prevention.py configs "${model_flag[@]}" --training_file "$finetune_data_dir/pos.jsonl" \
-    --lora_diff_path "$diff_path" --vector_path "$vector_path" --layer "${LAYER:-20}" --coefs "${coefs[@]}" \
+    --control_file "$finetune_data_dir/plain.jsonl" --lora_diff_path "$diff_path" --vector_path "$vector_path" --layer "${LAYER:-20}" --coefs "${coefs[@]}" \
     --n "${N_EXAMPLES:-160}" --training "${TRAINING:-{\}}" --output_dir "$out" --ckpt_dir "$ckpt"
 eval_flags=(--trait "$trait" --n_per_question "${N_PER_QUESTION:-2}")
 ab_flags=(--trait "$trait" --ab_data "dataset/$trait/ab.jsonl" --no_margin)

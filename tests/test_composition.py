@@ -5,6 +5,7 @@ import json
 import math
 
 import pandas as pd
+import numpy as np
 import pytest
 import torch
 
@@ -182,12 +183,46 @@ def test_paired_slope_errors_ignore_what_every_combination_shares():
     import itertools
     import statistics
 
-    from eval.stats import paired_additive_slope_sem
+    from eval.composition import metric_fit
 
     offsets = {"q0": -3.0, "q1": 0.5, "q2": 7.0, "q3": 1.0}  # big, question-specific, the same under every merge
     slopes = {"q0": 0.10, "q1": 0.12, "q2": 0.07, "q3": 0.11}  # each question's own response to coefficient a
-    points = [{"coefs": {"a": a, "b": b}, "margin_by_question": {q: offsets[q] + slopes[q] * a for q in offsets}}
+    points = [{"coefs": {"a": a, "b": b}, "margin_mean": sum(offsets[q] + slopes[q] * a for q in offsets) / 4, "margin_sem": 1.0,
+               "margin_by_question": {q: offsets[q] + slopes[q] * a for q in offsets}}
               for a, b in itertools.product([0.0, 2.0], repeat=2)]
-    sem = paired_additive_slope_sem(points, ["a", "b"], "margin_by_question")
-    assert sem["a"] == pytest.approx(statistics.stdev(slopes.values()) / 2)  # √4 questions
-    assert sem["b"] == pytest.approx(0, abs=1e-12)  # b changes nothing for any question
+    fit = metric_fit(points, ["a", "b"], "margin")
+    assert fit["slope_sem"]["a"] == pytest.approx(statistics.stdev(slopes.values()) / 2)  # √4 questions
+    assert fit["slope_sem"]["b"] == pytest.approx(0, abs=1e-12)  # b changes nothing for any question
+    assert fit["non_additivity"]["max_abs_mean_residual"] == pytest.approx(0, abs=1e-12)
+    assert fit["non_additivity"]["residual_holds"] == "the interactions"
+
+
+def test_interactions_and_cross_talk_are_tested_question_by_question():
+    """A consistent interaction (a·b, the same sign on every question) is found against the maxima
+    of sign-flipped questions; question noise of the same size with no interaction is not; the
+    cross slope of b on a's measure is tested as a maximum likewise."""
+    import itertools
+
+    from eval.composition import cross_talk, metric_fit
+
+    rng = np.random.default_rng(0)
+    questions = [f"q{i}" for i in range(12)]
+    offsets, noise = rng.normal(0, 5, len(questions)), rng.normal(0, 0.3, (4, len(questions)))
+
+    def points(interaction: float, cross: float) -> list[dict]:
+        result = []
+        for k, (a, b) in enumerate(itertools.product([0.0, 1.0], repeat=2)):
+            by_question = {q: offsets[i] + 2.0 * a + cross * b + interaction * a * b + noise[k, i] for i, q in enumerate(questions)}
+            result.append({"coefs": {"a": a, "b": b}, "x_mean": float(np.mean(list(by_question.values()))), "x_sem": 1.0,
+                           "x_by_question": by_question})
+        return result
+
+    interacting, additive = metric_fit(points(2.0, 0.0), ["a", "b"], "x"), metric_fit(points(0.0, 0.0), ["a", "b"], "x")
+    assert interacting["non_additivity"]["p"] < 0.001 < additive["non_additivity"]["p"]
+    assert interacting["non_additivity"]["max_abs_mean_residual"] == pytest.approx(0.5, abs=0.1)  # |±interaction/4|
+    leaky, clean = metric_fit(points(0.0, 1.5), ["a", "b"], "x"), additive
+    assert cross_talk(leaky, ["a", "b"], "a")["p"] < 0.001 < cross_talk(clean, ["a", "b"], "a")["p"]
+    assert cross_talk(leaky, ["a", "b"], "a")["largest_cross_slope"] == pytest.approx(1.5, abs=0.3)
+    three_levels = [dict(p, coefs={"a": p["coefs"]["a"] * 1.5 - 0.5, "b": p["coefs"]["b"]}) for p in points(0.0, 0.0)]
+    three_levels += [dict(p, coefs={"a": 0.0, "b": p["coefs"]["b"]}) for p in points(0.0, 0.0)[:2]]
+    assert "curvature" in metric_fit(three_levels, ["a", "b"], "x")["non_additivity"]["residual_holds"]

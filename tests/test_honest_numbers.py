@@ -240,32 +240,49 @@ def _summary(path, trait, by_question, margin_by_question, sem=1.0):
         "margin_by_question": margin_by_question}]})
 
 
-def test_prevention_drift_is_paired_with_the_base_and_needs_drift_to_be_shown(tmp_path):
+def _prevention_runs(path, bumps: dict[str, float]) -> None:
+    """Evaluation summaries of a base model and finetunes whose trait moves by `bumps`, over ten
+    questions with large question effects that every model shares."""
     questions = [f"q{i}" for i in range(10)]
-    offsets = {q: 10.0 * i for i, q in enumerate(questions)}  # large question effects, shared by every model
-    bumps = {"none": 5.0, "lora_+1": 1.0}
-    (tmp_path / "runs.txt").write_text("none\nlora_+1\n")
-    for name, bump in {"base": 0.0, **bumps}.items():
-        jitter = {q: 0.1 * ((i * 7) % 3 - 1) for i, q in enumerate(questions)}
-        _summary(tmp_path / f"eval_{name}.summary.json", "evil", {q: offsets[q] + bump + jitter[q] for q in questions},
+    offsets = {q: 10.0 * i for i, q in enumerate(questions)}
+    (path / "runs.txt").write_text("".join(f"{name}\n" for name in bumps))
+    for k, (name, bump) in enumerate({"base": 0.0, **bumps}.items()):
+        jitter = {q: 0.1 * ((i * 7 + k) % 3 - 1) for i, q in enumerate(questions)}  # each model's own noise
+        _summary(path / f"eval_{name}.summary.json", "evil", {q: offsets[q] + bump + jitter[q] for q in questions},
                  {q: offsets[q] / 100 + bump / 10 + jitter[q] / 10 for q in questions})
-        write_json(tmp_path / f"mmlu_{name}.json", {"accuracy": 0.3, "questions": 4, "seed": 0, "correct_by_question": [1, 0, 0, 1]})
+        write_json(path / f"mmlu_{name}.json", {"accuracy": 0.3, "questions": 4, "seed": 0, "correct_by_question": [1, 0, 0, 1]})
         if name != "base":
-            ckpt = tmp_path / "ckpt" / name
+            ckpt = path / "ckpt" / name
             ckpt.mkdir(parents=True)
             (ckpt / "monitor.json").write_text(json.dumps([{"step": 4, "projection": 0.1, "cosine": 0.1, "final": False},
                                                             {"step": 6, "projection": 0.3, "cosine": 0.2, "final": True}]))
-            steering = None if name == "none" else {"type": "lora", "lora_diff_path": "d.pt", "coef": 1.0}
-            write_json(tmp_path / "configs" / f"{name}.json", {"output_dir": str(ckpt), "steering_config": steering})
+            steering = {"type": "lora", "lora_diff_path": "d.pt", "coef": 1.0} if name.startswith("lora") else None
+            write_json(path / "configs" / f"{name}.json", {"output_dir": str(ckpt), "steering_config": steering})
+
+
+def test_prevention_drift_is_paired_with_the_base_and_needs_drift_to_be_shown(tmp_path):
+    _prevention_runs(tmp_path, {"none": 5.0, "control": 0.5, "lora_+1": 1.0})
     assert run_script("scripts.prevention", "summarize", "--output_dir", tmp_path, "--trait", "evil") == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     none = summary["runs"]["none"]
     assert none["drift"]["mean"] == pytest.approx(5.0, abs=0.05)
     assert none["drift"]["sem"] < 0.2  # paired: the question offsets (spread 30) cancel
+    assert none["drift"]["p"] == pytest.approx(2 / 2 ** 10)  # exact: only the all-positive pattern and its mirror reach it
     assert summary["drift_shown"] == {"judged": True, "margin": True} and summary["unprevented_drift_sigmas"]["margin"] > 3
+    assert summary["prevention_assessable"] is True
     assert summary["runs"]["lora_+1"]["vs_no_prevention"]["trait"]["mean"] == pytest.approx(-4.0, abs=0.05)
+    assert summary["trait_specific_drift"]["trait"]["mean"] == pytest.approx(4.5, abs=0.05)  # none − control
+    assert "control" not in summary["headline"] and "vs_no_prevention" in summary["headline"]["lora_+1"]
+    assert summary["headline"]["lora_+1"]["vs_no_prevention"]["coherence"]["mean"] == 0.0
     assert none["final_projection"] == 0.3  # the final step's, not an earlier entry's
     assert summary["headline"]["lora_+1"]["vs_no_prevention"]["margin"]["mean"] == pytest.approx(-0.4, abs=0.02)
+
+    quiet = tmp_path / "quiet"
+    quiet.mkdir()
+    _prevention_runs(quiet, {"none": 0.01, "lora_+1": -0.5})  # the unprevented finetune barely drifts
+    assert run_script("scripts.prevention", "summarize", "--output_dir", quiet, "--trait", "evil") == 0
+    assessable = json.loads((quiet / "summary.json").read_text())["prevention_assessable"]
+    assert assessable is not True and "no drift to prevent" in assessable
 
 
 # --- 8. Smaller defects ------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """eval/stats.py on synthetic data whose answers are known: errors clustered by question, paired
 differences and slopes, errors in quadrature, exact and permutation p-values for few points.
-(additive_fit and paired_additive_slope_sem are tested in test_composition.py.)"""
+(additive_fit and per_question_additive_fit are tested in test_composition.py.)"""
 
 import itertools
 import math
@@ -246,3 +246,58 @@ def test_constant_variable_has_no_correlation():
     assert math.isnan(result["statistic"]) and math.isnan(result["p"])
     with pytest.raises(ValueError):
         permutation_correlation([1, 2, 3], [1, 2, 3], "kendall")
+
+
+# --- sign-flip tests of paired contrasts ------------------------------------------------------------
+
+
+def brute_force_sign_flip(differences, weights):
+    observed = abs(sum(w * d for w, d in zip(weights, differences)))
+    patterns = list(itertools.product([-1, 1], repeat=len(differences)))
+    hits = sum(abs(sum(s * w * d for s, w, d in zip(signs, weights, differences))) >= observed - 1e-12 for signs in patterns)
+    return hits / len(patterns)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sign_flip_p_matches_brute_force_enumeration(seed):
+    rng = random.Random(seed)
+    differences = [rng.gauss(0.4, 1.0) for _ in range(9)]
+    weights = [rng.choice([1 / 8, 1 / 10]) for _ in differences]  # a balanced mean's unequal weights
+    plain = stats.sign_flip_test(differences)
+    assert plain["statistic"] == pytest.approx(sum(differences) / 9)
+    assert plain["p"] == pytest.approx(brute_force_sign_flip(differences, [1 / 9] * 9)) and "exact" in plain["p_method"]
+    assert stats.sign_flip_test(differences, weights)["p"] == pytest.approx(brute_force_sign_flip(differences, weights))
+
+
+def test_sign_flip_p_of_a_consistent_shift_and_of_noise():
+    assert stats.sign_flip_test([1.0] * 10)["p"] == pytest.approx(2 / 2 ** 10)  # only the observed pattern and its mirror
+    assert stats.sign_flip_test([0.0] * 5)["p"] == 1.0  # no difference at all: every pattern reaches it
+    rng = np.random.default_rng(1)
+    null_ps = [stats.sign_flip_test(rng.normal(0, 1, 12))["p"] for _ in range(200)]
+    assert 0.02 < np.mean(np.array(null_ps) < 0.05) < 0.10  # calibrated under the null
+
+
+def test_sign_flip_beyond_the_exact_limit_is_seeded_and_close_to_exact():
+    rng = np.random.default_rng(2)
+    differences = rng.normal(0.25, 1.0, stats.EXACT_SIGN_FLIP_LIMIT + 1)
+    first, again = stats.sign_flip_test(differences, seed=3), stats.sign_flip_test(differences, seed=3)
+    assert first == again and "random" in first["p_method"]
+    assert first["p"] == pytest.approx(brute_force_sign_flip(differences, [1 / len(differences)] * len(differences)), abs=0.01)
+    many = stats.sign_flip_test(rng.integers(-1, 2, 500))  # an MMLU-sized paired 0/1 contrast stays cheap
+    assert 0 < many["p"] <= 1 and many["n"] == 500
+
+
+def test_sign_flip_max_compares_a_maximum_with_maxima():
+    rng = np.random.default_rng(4)
+    values = rng.normal(0, 1, (8, 3))
+    test = stats.sign_flip_max_test(values)
+    observed = np.abs(values.mean(axis=0)).max()
+    hits = sum(np.abs((np.array(signs)[:, None] * values).mean(axis=0)).max() >= observed - 1e-12
+               for signs in itertools.product([-1, 1], repeat=8))
+    assert test["max_abs_mean"] == pytest.approx(observed) and test["p"] == pytest.approx(hits / 2 ** 8)
+    # The maximum of three contrasts needs a larger mean than one contrast alone to reach the same p.
+    single = stats.sign_flip_test(values[:, int(np.abs(values.mean(axis=0)).argmax())])
+    assert test["p"] >= single["p"]
+    shifted = values + np.array([0.0, 3.0, 0.0])  # one real contrast among three
+    assert stats.sign_flip_max_test(shifted)["p"] == pytest.approx(2 / 2 ** 8)
+    assert test["sems"] == pytest.approx(list(values.std(axis=0, ddof=1) / math.sqrt(8)))
