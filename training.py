@@ -391,7 +391,11 @@ def check_config_inputs(config: dict, path: Path) -> dict:
     output folder, the diffs and vectors, the steering layers against the model's depth."""
     check_model_source(config["model"], f"{path}: 'model'")
     check_dtype(config["dtype"])
-    records = read_chat_jsonl(config["training_file"])[: config["max_examples"]]
+    records = read_chat_jsonl(config["training_file"])
+    if config["max_examples"] is not None and len(records) < config["max_examples"]:
+        print(f"note: {config['training_file']} holds {len(records)} examples, fewer than max_examples "
+              f"{config['max_examples']}: training on all {len(records)}", file=sys.stderr)
+    records = records[: config["max_examples"]]
     check_writable_dir(Path(config["output_dir"]).parent, f"{path}: 'output_dir'")
     for diff_path in persona_diffs_of(config):
         lu.load_lora_diff(diff_path)
