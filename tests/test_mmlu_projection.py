@@ -1,5 +1,7 @@
 """eval/mmlu.py and eval/cal_projection.py."""
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -61,3 +63,20 @@ def test_cal_projection_adds_columns_equal_to_direct_computation(tiny_model_dir,
     code, _, err = run_cli("eval/cal_projection", "--file_path", tmp_path / "r.csv", "--vector_path", tmp_path / "evil_response_avg_diff.pt",
                            "--layer", "9", "--model", tiny_model_dir)
     assert code == 2 and "--layer 9 is outside" in err
+
+
+def test_a_finished_mmlu_run_is_reused_only_for_the_same_inputs(tiny_model_dir, tmp_path):
+    """A driver rerun must not spend minutes recomputing a finished MMLU result, nor reuse one made
+    on another subset."""
+    output = tmp_path / "mmlu.json"
+    flags = ["--model", str(tiny_model_dir), "--n", "4", "--dtype", "float32", "--output_path", output]
+    assert run_script("eval.mmlu", *flags) == 0
+    first = json.loads(output.read_text())
+    marked = {**first, "accuracy": 0.987}  # a marker only a reuse keeps
+    output.write_text(json.dumps(marked))
+    assert run_script("eval.mmlu", *flags) == 0
+    assert json.loads(output.read_text())["accuracy"] == 0.987
+    assert run_script("eval.mmlu", *flags, "--seed", "1") == 0  # another subset: measured again
+    assert json.loads(output.read_text())["accuracy"] != 0.987 and json.loads(output.read_text())["seed"] == 1
+    assert run_script("eval.mmlu", *flags, "--force") == 0
+    assert json.loads(output.read_text())["accuracy"] == first["accuracy"]
