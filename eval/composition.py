@@ -127,7 +127,7 @@ def plot_composition(path: Path, names: list[str], measured: dict) -> None:
 
     # Every panel shows the change from the unsteered combination, paired by question: the errors
     # are those of the contrasts the fits use, not of the raw means (which carry question difficulty).
-    rows = [("{trait}", "{trait} score, judged by {judge} (AUROC {auroc})", "{trait} score − unsteered (0–100 scale)"),
+    rows = [("{trait}", "{trait} score, judged\n({judge}, AUROC {auroc})", "{trait} score − unsteered (0–100 scale)"),
             ("coherence", "coherence on {trait} questions", "coherence − unsteered")]
     if all("margin_by_question" in p for m in measured.values() for p in m["points"]):
         rows.append(("margin", "{trait}: log-likelihood margin (judge-free)", "margin − unsteered, nats/token"))
@@ -135,7 +135,7 @@ def plot_composition(path: Path, names: list[str], measured: dict) -> None:
     for column, trait in enumerate(names):
         others = [n for n in names if n != trait]
         auroc = (measured[trait]["judge_quality"] or {}).get("held_out_auroc")
-        judge = (measured[trait]["judge"] or "unnamed judge").split(":")[0]
+        judge = (measured[trait]["judge"] or "unnamed judge").split(" (")[0].split(":")[0]  # its kind, short enough for a title
         for row, (metric, title, ylabel) in enumerate(rows):
             metric = metric.format(trait=trait)
             points = measured[trait]["points"]
@@ -186,7 +186,7 @@ def plot_slopes(path: Path, names: list[str], fits: dict, similarity: dict | Non
         digits = 2 if limit > 0.5 else 3
         for (i, j), value in np.ndenumerate(matrix):
             text = f"{value:+.{digits}f}" + ("" if sems is None else f"\n± {sems[i, j]:.{digits}f}")
-            axis.text(j, i, text, ha="center", va="center", fontsize=8)
+            axis.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if abs(value) > 0.6 * limit else "black")
         axis.set(xticks=range(len(names)), yticks=range(len(names)), title=title)
         axis.set_xticklabels(names, rotation=30)
         axis.set_yticklabels(names)
