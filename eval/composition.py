@@ -54,7 +54,6 @@ def metric_fit(points: list[dict], names: list[str], metric: str) -> dict:
                               "p_method": residuals["p_method"], "questions": residuals["units"],
                               "residual_holds": "the interactions" if levels == {2} else
                                                 "the interactions and each coefficient's own curvature"}}
-    fit.pop("max_abs_residual"), fit.pop("mean_condition_sem")  # unpaired: superseded by the per-question test
     return {**fit, "per_question_slopes": per_question["slopes"]}
 
 

@@ -88,23 +88,19 @@ def sign_flip_test(differences: Sequence[float], weights: Sequence[float] | None
     """Two-sided p-value of a paired contrast: under the null that each unit's (question's, item's)
     difference is as likely negative as positive, every sign pattern is equally likely; p is the share
     of patterns whose |Σ wᵢ·±dᵢ| reaches the observed one (the observed pattern included, so never 0).
-    Weights default to 1/n (the mean); a balanced mean passes its own weights."""
+    Weights default to 1/n (the mean); a balanced mean passes its own weights. It is the one-contrast
+    case of sign_flip_max_test (each unit's term scaled by n so that test's mean is this weighted sum)."""
     import numpy as np
 
     d = np.array([float(v) for v in differences])
     w = np.full(len(d), 1.0 / max(len(d), 1)) if weights is None else np.array([float(v) for v in weights])
     if len(d) != len(w) or len(d) < 1 or not np.isfinite(d).all():
         return {"statistic": float("nan"), "p": float("nan"), "n": len(d), "p_method": "undefined: no finite paired differences"}
-    observed = float(w @ d)
-    chunks, method = _sign_patterns(len(d), seed)
-    extreme = total = 0
-    for patterns in chunks:
-        extreme += int((np.abs(patterns @ (w * d)) >= abs(observed) - 1e-12).sum())
-        total += len(patterns)
-    return {"statistic": observed, "p": extreme / total, "n": len(d), "p_method": method}
+    test = sign_flip_max_test((len(d) * w * d)[:, None], seed, minimum_units=1)
+    return {"statistic": float(w @ d), "p": test["p"], "n": len(d), "p_method": test["p_method"].split(", maximum")[0]}
 
 
-def sign_flip_max_test(per_unit: Sequence[Sequence[float]], seed: int = 0) -> dict:
+def sign_flip_max_test(per_unit: Sequence[Sequence[float]], seed: int = 0, minimum_units: int = 2) -> dict:
     """The largest |mean| over several contrasts measured on the same units (rows: units such as
     questions, columns: contrasts), against the maximum over the same contrasts under sign flips
     of whole units: a maximum compared with maxima, and each unit's contrasts flipped together
@@ -112,7 +108,7 @@ def sign_flip_max_test(per_unit: Sequence[Sequence[float]], seed: int = 0) -> di
     import numpy as np
 
     values = np.array(per_unit, dtype=float)
-    if values.ndim != 2 or values.shape[0] < 2 or values.shape[1] < 1 or not np.isfinite(values).all():
+    if values.ndim != 2 or values.shape[0] < minimum_units or values.shape[1] < 1 or not np.isfinite(values).all():
         return {"max_abs_mean": float("nan"), "p": float("nan"), "units": int(values.shape[0]) if values.ndim else 0,
                 "p_method": "undefined: needs at least 2 units with finite values"}
     n = values.shape[0]
@@ -123,7 +119,7 @@ def sign_flip_max_test(per_unit: Sequence[Sequence[float]], seed: int = 0) -> di
         extreme += int((np.abs(patterns @ values / n).max(axis=1) >= observed - 1e-12).sum())
         total += len(patterns)
     return {"max_abs_mean": observed, "p": extreme / total, "units": n,
-            "means": values.mean(axis=0).tolist(), "sems": clustered_sems(values),
+            "means": values.mean(axis=0).tolist(), "sems": clustered_sems(values) if n > 1 else [float("nan")] * values.shape[1],
             "p_method": method + ", maximum over contrasts against maxima"}
 
 
@@ -238,7 +234,6 @@ def additive_fit(points: list[dict], names: list[str], metric: str) -> dict:
             "slope": {n: float(b) for n, b in zip(names, beta[1:])},
             "slope_sem": {n: float(s) for n, s in zip(names, np.sqrt(np.diag(covariance))[1:])},
             "additive_r2": float(1 - (residual ** 2).sum() / total) if total > 0 else float("nan"),
-            "max_abs_residual": float(np.abs(residual).max()), "mean_condition_sem": float(sem.mean()),
             "slope_sem_kind": "propagated from each combination's standard error (independent samples)"}
 
 
