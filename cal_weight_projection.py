@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 import lora_utils as lu
 from eval.analysis import save_figure
+from eval.evaluate import measurement_identity, require_same_measurement
 from eval.generation import read_chat_jsonl
 from eval.stats import correlations
 from io_utils import (
@@ -202,14 +203,11 @@ def read_summary_measures(path: str) -> tuple[str, dict, dict]:
     condition = summary["conditions"][0]
     if summary.get("mode") == "ab":
         measures = {"ab": condition["balanced_p_matching_both_orders"], "ab_sem": condition.get("balanced_p_matching_both_orders_sem")}
-        made_by = {"kind": "ab", "ab_data": summary.get("ab_data"), "items": summary.get("items")}
     else:
         trait = summary["trait"]
         measures = {"behavior_score": condition[f"{trait}_mean"], "behavior_score_sem": condition.get(f"{trait}_sem"),
                     "margin": condition.get("margin_mean"), "margin_sem": condition.get("margin_sem")}
-        made_by = {"kind": "judged", "judge": summary.get("judge"), "settings": summary.get("settings"),
-                   "references": summary.get("references_sha256")}
-    return summary["adapter"], measures, made_by
+    return summary["adapter"], measures, measurement_identity(summary)
 
 
 def read_behavior_scores(paths: list[str]) -> tuple[dict[str, dict], dict]:
@@ -219,17 +217,13 @@ def read_behavior_scores(paths: list[str]) -> tuple[dict[str, dict], dict]:
     differently are not comparable, and are refused."""
     import pandas as pd
 
-    entries, made_by = [], {}
+    entries, identities = [], {}
     for path in paths:
         if not Path(path).is_file():
             raise PersonaLoRAError(f"--behavior_scores file not found: {path}")
         if path.endswith(".json"):
-            model, measures, source = read_summary_measures(path)
-            previous = made_by.setdefault(source["kind"], {**source, "first": path})
-            if {k: v for k, v in previous.items() if k != "first"} != source:
-                differing = sorted(k for k in source if previous.get(k) != source[k])
-                raise PersonaLoRAError(f"--behavior_scores: {path} was measured differently from {previous['first']} "
-                                       f"({', '.join(differing)}); compare finetunes measured one way")
+            model, measures, identity = read_summary_measures(path)
+            identities.setdefault(identity["kind"], {})[path] = identity
             entries.append((model, measures))
         else:
             table = pd.read_csv(path)
@@ -238,11 +232,16 @@ def read_behavior_scores(paths: list[str]) -> tuple[dict[str, dict], dict]:
             sems = table["sem"] if "sem" in table.columns else [None] * len(table)
             entries += [(str(m), {"behavior_score": float(v), "behavior_score_sem": None if e is None else float(e)})
                         for m, v, e in zip(table["model"], table["score"], sems)]
+    made_by = {}
+    for kind, by_path in identities.items():
+        require_same_measurement(by_path, "--behavior_scores")
+        first_path, identity = next(iter(by_path.items()))
+        made_by[kind] = {**identity, "example_summary": first_path}
     scores: dict[str, dict] = {}
     for model, measures in entries:
         for key in (str(Path(model)), Path(model).name):
             scores.setdefault(key, {}).update(measures)
-    return scores, {kind: {k: v for k, v in source.items() if k != "first"} for kind, source in made_by.items()}
+    return scores, made_by
 
 
 def dataset_of(model: dict) -> str:

@@ -555,7 +555,8 @@ def ab_summary(run: EvalRun, scored: list[dict], margins: dict[str, dict[str, fl
         if margins and len({e["coef"] for e in members}) > 1:
             margin_slopes[method] = paired_slope([e["coef"] for e in members], [e["margin_by_question"] for e in members])
     return {"trait": run.trait.name, "model": model_label(run.settings.model), "adapter": run.adapter, "mode": "ab",
-            "ab_data": run.ab_path, "items": len(run.ab_items), "items_scored_both_orders": swappable,
+            "ab_data": run.ab_path, "ab_data_sha256": file_identity(run.ab_path)["sha256"], "items": len(run.ab_items),
+            "items_scored_both_orders": swappable,
             "system_prompt": run.ab_system_prompt, "csv": str(run.output_path),
             "measure": "p_matching = P(matching answer) / (P(matching) + P(other)), exact teacher-forced probabilities of the "
                        "whole answer strings; balanced = items with the matching answer first and second weighted equally; "
@@ -563,6 +564,28 @@ def ab_summary(run: EvalRun, scored: list[dict], margins: dict[str, dict[str, fl
             "margin_measure": MARGIN_MEASURE if margins else None,
             "errors": "changes against the unsteered condition and slopes are paired by item (A/B) and by question (margin)",
             "conditions": conditions, "slopes": method_slopes(scored), "margin_slopes": margin_slopes}
+
+
+def measurement_identity(summary: dict) -> dict:
+    """What makes measures from two evaluation summaries comparable: for A/B runs the A/B file's
+    content and item count, for judged runs the judge, the generation settings and the margin's
+    reference answers. A drift subtracts, and a correlation lines up, measures of several runs:
+    those must agree (the file path alone would not: a rewritten file keeps its name)."""
+    if summary.get("mode") == "ab":
+        return {"kind": "ab", "ab_data_sha256": summary.get("ab_data_sha256"), "items": summary.get("items")}
+    return {"kind": "judged", "judge": summary.get("judge"), "settings": summary.get("settings"),
+            "references_sha256": summary.get("references_sha256")}
+
+
+def require_same_measurement(identities: dict[str, dict], what: str) -> None:
+    """Refuse, naming both and what differs, when `identities` ({name: measurement_identity}) disagree."""
+    first_name, first = next(iter(identities.items()))
+    for name, identity in identities.items():
+        if identity != first:
+            differing = sorted(k for k in identity if identity.get(k) != first.get(k))
+            raise PersonaLoRAError(f"{what}: {name} was measured differently from {first_name} ({', '.join(differing)}); "
+                                   "rerun them with one judge, one set of generation settings and one set of reference "
+                                   "answers (or one A/B file)")
 
 
 def print_ab_table(summary: dict) -> None:

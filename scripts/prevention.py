@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.ab import balanced_with_error  # noqa: E402
 from eval.analysis import save_figure  # noqa: E402
+from eval.evaluate import measurement_identity, require_same_measurement  # noqa: E402
 from eval.stats import mean_and_sem, sign_flip_test  # noqa: E402
 from io_utils import (  # noqa: E402
     ArgumentParser,
@@ -65,7 +66,7 @@ def judged(out: Path, name: str) -> dict:
     summary = read_json_object(out / f"eval_{name}.summary.json", "evaluation summary")
     if len(summary.get("conditions", [])) != 1:
         raise PersonaLoRAError(f"{out / f'eval_{name}.summary.json'} should hold one condition")
-    return {**summary["conditions"][0], "made_by": {key: summary.get(key) for key in ("judge", "settings", "references_sha256")},
+    return {**summary["conditions"][0], "made_by": measurement_identity(summary),
             "judge": summary.get("judge_description"), "judge_quality": summary.get("judge_quality")}
 
 
@@ -76,7 +77,7 @@ def forced_choice(out: Path, name: str) -> dict | None:
     summary = read_json_object(path, "A/B summary")
     if len(summary.get("conditions", [])) != 1:
         raise PersonaLoRAError(f"{path} should hold one condition")
-    return {**summary["conditions"][0], "made_by": {key: summary.get(key) for key in ("ab_data", "items")}}
+    return {**summary["conditions"][0], "made_by": measurement_identity(summary)}
 
 
 def contrast(mean: float, sem: float, test: dict, **counts) -> dict:
@@ -122,16 +123,6 @@ def mmlu_change(run: dict, base: dict) -> dict:
             "disagreeing_items": sum(d != 0 for d in differences), "resolvable_change": 3 * sem}
 
 
-def same_measurement(measured: dict[str, dict], what: str) -> None:
-    """Drift subtracts the base's measurement from each finetune's: they must be made one way."""
-    first_name, first = next(iter(measured.items()))
-    for name, made_by in measured.items():
-        if made_by != first:
-            differing = sorted(k for k in made_by if made_by.get(k) != first.get(k))
-            raise PersonaLoRAError(f"{what} of {name} and {first_name} were measured differently ({', '.join(differing)}): "
-                                   "rerun them with one judge, one set of settings and one set of reference answers")
-
-
 MEASURES = {"trait": "drift", "coherence": "coherence_drift", "margin": "margin_drift", "ab": "ab_drift", "mmlu": "mmlu_change"}
 
 
@@ -152,9 +143,9 @@ def summarize(args) -> None:
     evaluations = {name: judged(out, name) for name in ["base", *names]}
     choices = {name: forced_choice(out, name) for name in ["base", *names]}
     mmlus = {name: read_json_object(out / f"mmlu_{name}.json", "MMLU result") for name in ["base", *names]}
-    same_measurement({name: e["made_by"] for name, e in evaluations.items()}, "the evaluations")
+    require_same_measurement({name: e["made_by"] for name, e in evaluations.items()}, "the evaluations")
     if any(choices.values()):  # every run that has an A/B summary is paired below: all of them made one way
-        same_measurement({name: c["made_by"] for name, c in choices.items() if c}, "the A/B runs")
+        require_same_measurement({name: c["made_by"] for name, c in choices.items() if c}, "the A/B runs")
     base = evaluations["base"]
     runs = {}
     for name in names:

@@ -3,6 +3,7 @@ refused, choices swapped; exact teacher-forced scoring against a brute-force com
 tiny model; position-balanced summaries and paired slopes on rows with known answers; the scripts
 end to end, and the four shipped A/B sets."""
 
+import hashlib
 import json
 import math
 import shutil
@@ -508,6 +509,8 @@ def test_eval_lora_persona_ab_end_to_end(tiny_model_dir, tiny_persona, tmp_path)
     summary = json.loads(output.with_suffix(".summary.json").read_text())
     assert set(summary["margin_slopes"]) == {"lora"}  # the judge-free margin beside the forced choices
     assert all("margin_by_question" in c for c in summary["conditions"])
+    # what later comparisons (drift, correlation) check: the A/B file's content, not only its name
+    assert summary["ab_data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
 
 
 def test_eval_persona_ab_end_to_end(tiny_model_dir, tiny_persona, tmp_path):

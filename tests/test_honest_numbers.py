@@ -284,6 +284,16 @@ def test_prevention_drift_is_paired_with_the_base_and_needs_drift_to_be_shown(tm
     assessable = json.loads((quiet / "summary.json").read_text())["prevention_assessable"]
     assert assessable is not True and "no drift to prevent" in assessable
 
+    mixed = tmp_path / "mixed"  # one finetune scored by another judge: its drift would mix two scales
+    mixed.mkdir()
+    _prevention_runs(mixed, {"none": 5.0})
+    changed = json.loads((mixed / "eval_none.summary.json").read_text())
+    changed["judge"] = "openai:gpt-4.1-mini"
+    write_json(mixed / "eval_none.summary.json", changed)
+    code, _, stderr = run_cli("scripts/prevention", "summarize", "--output_dir", mixed, "--trait", "evil")
+    assert code == 2 and "measured differently" in stderr and "judge" in stderr
+    assert not (mixed / "summary.json").exists()
+
 
 # --- 8. Smaller defects ------------------------------------------------------------------------------
 

@@ -286,7 +286,8 @@ def test_every_behaviour_measure_is_correlated_and_measurements_made_differently
                                       "references_sha256": "r", "conditions": [{"evil_mean": 50 + 5 * k, "evil_sem": 1.0,
                                                                                 "margin_mean": 0.01 * k, "margin_sem": 0.001}]}))
         ab = tmp_path / f"ab_{k}.summary.json"
-        ab.write_text(json.dumps({"trait": "evil", "adapter": adapter, "mode": "ab", "ab_data": "ab.jsonl", "items": 64,
+        ab.write_text(json.dumps({"trait": "evil", "adapter": adapter, "mode": "ab", "ab_data": "ab.jsonl",
+                                  "ab_data_sha256": "h", "items": 64,
                                   "conditions": [{"balanced_p_matching_both_orders": 0.5 + 0.05 * k,
                                                   "balanced_p_matching_both_orders_sem": 0.01}]}))
         paths += [judged, ab]
@@ -297,14 +298,19 @@ def test_every_behaviour_measure_is_correlated_and_measurements_made_differently
     for measure in ("behavior_score", "margin", "ab"):
         assert result[f"correlation_{measure}"]["all_finetunes"]["pearson_r"] > 0.99
         assert result[f"correlation_{measure}"]["all_finetunes"]["p_method"].startswith("exact permutation")
-    assert result["measured_by"]["judged"]["judge"] == "offline" and result["measured_by"]["ab"]["ab_data"] == "ab.jsonl"
-    other = json.loads(paths[2].read_text())
-    other["judge"] = "openai:gpt-4.1-mini"
-    paths[2].write_text(json.dumps(other))
-    code, _, stderr = run_cli("cal_weight_projection", "--original_model", root / "original", "--finetuned_models_dir",
-                              root / "finetunes", "--lora_diff_path", diff_path, "--behavior_scores", *paths,
-                              "--output_path", tmp_path / "q.json")
-    assert code == 2 and "was measured differently" in stderr and "judge" in stderr
+    assert result["measured_by"]["judged"]["judge"] == "offline" and result["measured_by"]["ab"]["ab_data_sha256"] == "h"
+    # The same A/B file name with other contents, then another judge: each refused, naming what differs.
+    for path, key, value in ((paths[3], "ab_data_sha256", "rewritten"), (paths[2], "judge", "openai:gpt-4.1-mini")):
+        changed = json.loads(path.read_text())
+        original, changed[key] = changed[key], value
+        path.write_text(json.dumps(changed))
+        code, _, stderr = run_cli("cal_weight_projection", "--original_model", root / "original", "--finetuned_models_dir",
+                                  root / "finetunes", "--lora_diff_path", diff_path, "--behavior_scores", *paths,
+                                  "--output_path", tmp_path / "q.json")
+        assert code == 2 and "was measured differently" in stderr and key in stderr
+        assert not (tmp_path / "q.json").exists()
+        changed[key] = original
+        path.write_text(json.dumps(changed))
 
 
 def test_replicates_of_one_dataset_are_pooled_whatever_their_file(tmp_path):
