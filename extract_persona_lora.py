@@ -219,10 +219,13 @@ def separability(judge, data: dict[str, list[dict]]) -> dict:
     values = [s for side in SIDES for s in scores[side]]
     labels = [1] * len(scores["pos"]) + [0] * len(scores["neg"])
     pairs = [(v, y) for v, y in zip(values, labels) if v is not None and v == v]
+    report = judge.report()
     return {"judge_auroc_pos_vs_neg": auroc([v for v, _ in pairs], [y for _, y in pairs]), "judge": judge.name,
+            "judge_description": report["description"], "judge_quality": report["quality"],
             "mean_pos": sum(v for v, y in pairs if y) / max(1, sum(labels)),
             "mean_neg": sum(v for v, y in pairs if not y) / max(1, len(labels) - sum(labels)),
-            "note": "the offline judge's classifier was fit on answers to the judge questions, disjoint from the extraction's"}
+            "note": "the offline judge's classifier was fit on answers to the judge questions, disjoint from the extraction's"
+                    if judge.name.startswith("offline") else "an LLM judge, fit on no data here"}
 
 
 def activation_vector(args, model, tokenizer, data, summary_path: Path) -> tuple[torch.Tensor, str]:

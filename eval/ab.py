@@ -33,7 +33,7 @@ import torch
 
 from eval.activations import teacher_forced_response
 from eval.generation import pad_right
-from eval.stats import mean_and_sem, paired_slope
+from eval.stats import mean_and_sem, paired_slope, sign_flip_test
 from io_utils import PersonaLoRAError
 from model_loading import model_device
 
@@ -191,7 +191,10 @@ def _choice_probabilities(log_probs: list[float]) -> list[float]:
 
 def score_ab_items(model, tokenizer, items: list[ABItem], system: str | None = None, batch_size: int = 16) -> list[dict]:
     """Per item: p_matching, p_first (the first choice's share) and, where the choices swap,
-    p_matching_swapped and p_first_swapped, under the model as it is now (steered or not)."""
+    p_matching_swapped and p_first_swapped, under the model as it is now (steered or not); and
+    choice_log_mass, log(P(m) + P(n)) averaged over the orders scored: p_matching is a share of that
+    mass, so a condition that drains it (steering away from answering with a letter at all) would
+    make p_matching a ratio of small numbers; the summary reports its change."""
     variants = []  # (item index, "as written" | "swapped", ABItem)
     for item in items:
         variants.append((item.index, "", item))
@@ -208,11 +211,17 @@ def score_ab_items(model, tokenizer, items: list[ABItem], system: str | None = N
     position = 0
     for index, suffix, variant in variants:
         answers = variant.answers
-        probabilities = _choice_probabilities(log_probs[position:position + len(answers)])
+        answer_log_probs = log_probs[position:position + len(answers)]
+        probabilities = _choice_probabilities(answer_log_probs)
         position += len(answers)
+        top = max(answer_log_probs)
+        results[index].setdefault("log_masses", []).append(top + math.log(sum(math.exp(v - top) for v in answer_log_probs)))
         results[index][f"p_matching{suffix}"] = probabilities[0]
         results[index][f"p_first{suffix}"] = probabilities[answers.index(variant.first_answer)]
         results[index][f"first_is_matching{suffix}"] = variant.first_is_matching
+    for row in results.values():
+        masses = row.pop("log_masses")
+        row["choice_log_mass"] = sum(masses) / len(masses)
     return [results[item.index] for item in items]
 
 
@@ -257,6 +266,21 @@ def balanced_with_error(values_by_position: dict[bool, list[float]]) -> tuple[fl
     return mean, sem
 
 
+def balanced_paired_test(differences: dict, matching_first: dict) -> dict:
+    """An item-paired A/B contrast ({item: this − that}), balanced over the matching answer's
+    position like the headline (the two position groups weigh equally), with its error and a
+    sign-flip p-value under the balanced mean's weights."""
+    by_position = {True: [], False: []}
+    for item, value in differences.items():
+        by_position[matching_first[item]].append(value)
+    groups = [values for values in by_position.values() if values]
+    values = [v for group in groups for v in group]
+    weights = [1 / (len(groups) * len(group)) for group in groups for _ in group]
+    mean, sem = balanced_with_error(by_position)
+    test = sign_flip_test(values, weights)
+    return {"mean": mean, "sem": sem, "items": len(values), "p": test["p"], "p_method": test["p_method"]}
+
+
 def balanced_change(rows: list[dict], baseline: dict[int, dict], value) -> tuple[float, float]:
     """The balanced mean of per-item changes against the baseline, with its paired error."""
     return balanced_with_error({key: [value(r) - value(baseline[r["question_id"]]) for r in rows if r["first_is_matching"] == key]
@@ -286,15 +310,19 @@ def summarize_conditions(conditions: list[dict]) -> list[dict]:
                  "both_orders_by_item": {str(item): value for item, value in by_item.items()},
                  "matching_first_by_item": {str(r["question_id"]): r["first_is_matching"] for r in rows},
                  "raw_p_matching": sum(r["p_matching"] for r in rows) / len(rows),
-                 "p_first_choice": sum(r["p_first"] for r in rows) / len(rows)}
+                 "p_first_choice": sum(r["p_first"] for r in rows) / len(rows),
+                 "choice_log_mass": sum(r["choice_log_mass"] for r in rows) / len(rows)}
         if base_rows is not None:  # a run without an unsteered condition has nothing to pair with
             change, change_sem = balanced_change(rows, base_rows, lambda r: r["p_matching"])
             both_change, both_change_sem = balanced_change(rows, base_rows, item_balanced_value)
             first_change, first_change_sem, _ = mean_and_sem(r["p_first"] - base_rows[r["question_id"]]["p_first"] for r in rows)
+            mass_change, mass_change_sem, _ = mean_and_sem(r["choice_log_mass"] - base_rows[r["question_id"]]["choice_log_mass"]
+                                                           for r in rows)
             entry["change_vs_baseline"] = {"balanced_p_matching": change, "balanced_p_matching_sem": change_sem,
                                            "balanced_p_matching_both_orders": both_change,
                                            "balanced_p_matching_both_orders_sem": both_change_sem,
                                            "p_first_choice": first_change, "p_first_choice_sem": first_change_sem,
+                                           "choice_log_mass": mass_change, "choice_log_mass_sem": mass_change_sem,
                                            "baseline": baseline["name"], "errors": "paired by item"}
         summaries.append(entry)
     return summaries

@@ -56,7 +56,8 @@ from model_loading import (
 
 CSV_COLUMNS_BEFORE_TRAIT = ["question_id", "question", "prompt", "answer"]
 CSV_COLUMNS_AFTER_TRAIT = ["coherence", "coef", "method"]
-AB_CSV_COLUMNS = ["question_id", "question", "coef", "method", "p_matching", "p_matching_swapped", "p_first", "p_first_swapped"]
+AB_CSV_COLUMNS = ["question_id", "question", "coef", "method", "p_matching", "p_matching_swapped", "p_first", "p_first_swapped",
+                  "choice_log_mass"]
 COHERENT = 50  # the coherence above which an answer counts as coherent (Persona Vectors' filter)
 REFERENCE_SEED = 30_000  # the reference answers' sampling seeds, apart from every evaluated condition's
 MARGIN_MEASURE = ("mean log-probability per answer token of the unsteered model's pos-prompted minus its neg-prompted reference "
@@ -521,7 +522,7 @@ def _run_ab(run: EvalRun, conditions: list[Condition], model, tokenizer):
             table.append({"question_id": row["question_id"], "question": item.question, "coef": condition["coef"],
                           "method": condition["method"], "p_matching": row["p_matching"],
                           "p_matching_swapped": row.get("p_matching_swapped"), "p_first": row["p_first"],
-                          "p_first_swapped": row.get("p_first_swapped"),
+                          "p_first_swapped": row.get("p_first_swapped"), "choice_log_mass": row["choice_log_mass"],
                           **{f"coef_{k}": c for k, c in (condition["coefs"] or {}).items()}})
     composition_columns = list(dict.fromkeys(f"coef_{k}" for c in conditions for k in (c.coefs or {})))
     frame = pd.DataFrame(table)[AB_CSV_COLUMNS + composition_columns]
@@ -593,13 +594,13 @@ def print_ab_table(summary: dict) -> None:
           f"({summary['items_scored_both_orders']} also scored with the choices swapped); no judge")
     width = max([24] + [len(c["condition"]) for c in summary["conditions"]])
     print(f"{'condition':{width}s} {'method':13s} {'coef':>6s} {'balanced p':>10s} {'both orders':>11s} {'change (paired)':>18s} "
-          f"{'P(first)':>9s}")
+          f"{'P(first)':>9s} {'log P(m)+P(n)':>13s}")
     for c in summary["conditions"]:
         change = c.get("change_vs_baseline")
         paired = (f"{change['balanced_p_matching_both_orders']:+8.3f} ± {change['balanced_p_matching_both_orders_sem']:.3f}"
                   if change else f"{'—':>18s}")
         print(f"{c['condition']:{width}s} {c['method']:13s} {c['coef']:6.2f} {c['balanced_p_matching']:10.3f} "
-              f"{c['balanced_p_matching_both_orders']:11.3f} {paired} {c['p_first_choice']:9.3f}")
+              f"{c['balanced_p_matching_both_orders']:11.3f} {paired} {c['p_first_choice']:9.3f} {c['choice_log_mass']:13.2f}")
     for method, slope in summary["slopes"].items():
         print(f"slope per unit coefficient ({method}): {slope['slope']:+.4f} ± {slope['slope_sem']:.4f} (paired by item)")
     for method, slope in summary["margin_slopes"].items():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Judge-free behaviour for every trait, and the extraction setting it depends on (few-shot
 # elicitation): each trait is extracted twice, with the small profile's demonstrations (FEWSHOT,
-# default 4) and with the system prompt alone (--fewshot 0), both judged by one offline judge; then
+# default 4) and with the system prompt alone (--fewshot 0), both judged by one judge (offline unless OPENAI_API_KEY is set); then
 # the persona LoRA and the activation vector of each are swept over COEFFICIENTS on the trait's A/B
 # set (forced choice, no judge), with the judge-free log-likelihood margin beside it.
 # Writes results/exp6_ab/ (<trait>_k<K>_{lora,vector}.csv and .summary.json, summary.json,

@@ -1,8 +1,10 @@
 """The summary of scripts/ab_fewshot.sh: per trait and extraction setting (few-shot K), the A/B
 balanced p_matching of the persona LoRA and of the vector at every coefficient (with its change
-against coefficient 0, paired by item), their A/B and judge-free margin slopes, and how separable
-the extraction's pos and neg answers were (the offline judge's AUROC on them; the judge never saw
-them). Writes summary.json, table.md (the README's table) and ab.png.
+against coefficient 0, paired by item), their A/B and judge-free margin slopes, how much
+probability the two answers keep at the largest coefficient, and how separable the extraction's pos
+and neg answers were (the judge's AUROC on them; an offline judge never saw them); and, per method,
+the difference between the settings' A/B slopes, paired by item (both settings answer the same
+items). Writes summary.json, table.md (the README's tables) and ab.png.
 
     python scripts/ab_summary.py --traits evil sycophancy --fewshot 4 0 --output_dir results/exp6_ab
 """
@@ -12,58 +14,123 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eval.ab import balanced_paired_test  # noqa: E402
 from eval.analysis import save_figure  # noqa: E402
-from io_utils import ArgumentParser, atomic_path, non_negative_int, read_json_object, run_cli, write_json  # noqa: E402
+from eval.evaluate import measurement_identity, require_same_measurement  # noqa: E402
+from eval.stats import linear_fit  # noqa: E402
+from io_utils import ArgumentParser, PersonaLoRAError, atomic_path, non_negative_int, read_json_object, run_cli, write_json  # noqa: E402
 from model_loading import persona_dir  # noqa: E402
 
 METHODS = {"lora": "persona LoRA", "vector": "activation vector"}
 
 
-def extraction_dir(model, trait: str, k: int, default_k: int) -> Path:
-    return persona_dir(model, trait) if k == default_k else Path(f"{persona_dir(model, trait)}_k{k}")
+def extraction_summary(model, trait: str, k: int, default_k: int) -> dict:
+    """The extraction's summary.json (the default setting's folder, or <folder>_k<K> for another
+    K, as ab_fewshot.sh writes them), checked to have been made with K demonstrations."""
+    folder = persona_dir(model, trait) if k == default_k else Path(f"{persona_dir(model, trait)}_k{k}")
+    summary = read_json_object(folder / "summary.json", "extraction summary")
+    if summary.get("fewshot") != k:
+        raise PersonaLoRAError(f"{folder / 'summary.json'} was extracted with --fewshot {summary.get('fewshot')}, not {k}: "
+                               "give --fewshot the default setting first, as scripts/ab_fewshot.sh ran it")
+    return summary
+
+
+def item_slopes(summary: dict) -> dict[str, float]:
+    """Each item's slope of its both-orders p_matching per unit coefficient."""
+    conditions = sorted(summary["conditions"], key=lambda c: c["coef"])
+    items = conditions[0]["both_orders_by_item"]
+    return {item: linear_fit([c["coef"] for c in conditions], [c["both_orders_by_item"][item] for c in conditions])["slope"]
+            for item in items}
+
+
+def read_ab_summary(path: Path, trait: str) -> dict:
+    summary = read_json_object(path, "A/B summary")
+    if summary.get("mode") != "ab" or summary.get("trait") != trait:
+        raise PersonaLoRAError(f"{path} is not an A/B summary of {trait} (mode {summary.get('mode')}, trait {summary.get('trait')})")
+    if not summary.get("slopes") or any("change_vs_baseline" not in c for c in summary["conditions"]):
+        raise PersonaLoRAError(f"{path} has no slope or no unsteered condition: rerun its sweep with coefficient 0 and another")
+    return summary
 
 
 def collect(args) -> dict:
     report = {}
     for trait in args.traits:
         report[trait] = {}
+        summaries = {(k, method): read_ab_summary(Path(args.output_dir) / f"{trait}_k{k}_{method}.summary.json", trait)
+                     for k in args.fewshot for method in METHODS}
+        # Every setting and method on one A/B file and one set of coefficients, or the rows do not compare.
+        require_same_measurement({f"{trait}_k{k}_{m}": {**measurement_identity(s), "coefficients": sorted(c["coef"] for c in s["conditions"])}
+                                  for (k, m), s in summaries.items()}, f"the A/B sweeps of {trait}")
         for k in args.fewshot:
-            separability = read_json_object(extraction_dir(args.model, trait, k, args.fewshot[0]) / "summary.json",
-                                            "extraction summary").get("separability") or {}
-            entry = {"separability_auroc": separability.get("judge_auroc_pos_vs_neg")}
+            separability = extraction_summary(args.model, trait, k, args.fewshot[0]).get("separability") or {}
+            entry = {"separability_auroc": separability.get("judge_auroc_pos_vs_neg"), "separability_judge": separability.get("judge")}
             for method in METHODS:
-                summary = read_json_object(Path(args.output_dir) / f"{trait}_k{k}_{method}.summary.json", "A/B summary")
+                summary = summaries[(k, method)]
                 slope = next(iter(summary["slopes"].values()))
                 margin = next(iter(summary["margin_slopes"].values()), None)
                 entry[method] = {
                     "points": {c["coef"]: {"p": c["balanced_p_matching_both_orders"],
                                            "change": c["change_vs_baseline"]["balanced_p_matching_both_orders"],
                                            "change_sem": c["change_vs_baseline"]["balanced_p_matching_both_orders_sem"],
-                                           "p_first_choice": c["p_first_choice"]} for c in summary["conditions"]},
+                                           "p_first_choice": c["p_first_choice"],
+                                           "choice_log_mass_change": c["change_vs_baseline"].get("choice_log_mass"),
+                                           "choice_log_mass_change_sem": c["change_vs_baseline"].get("choice_log_mass_sem")}
+                               for c in summary["conditions"]},
                     "ab_slope": slope["slope"], "ab_slope_sem": slope["slope_sem"],
                     "margin_slope": margin["slope"] if margin else None, "margin_slope_sem": margin["slope_sem"] if margin else None,
-                    "items": summary["items"]}
+                    "items": summary["items"], "ab_data": summary["ab_data"], "model": summary["model"]}
             report[trait][f"k{k}"] = entry
+        if len(args.fewshot) == 2:
+            first, second = args.fewshot
+            report[trait]["slope_difference"] = {}
+            for method in METHODS:
+                slopes = {k: item_slopes(summaries[(k, method)]) for k in args.fewshot}
+                matching_first = summaries[(first, method)]["conditions"][0]["matching_first_by_item"]
+                report[trait]["slope_difference"][method] = {
+                    "contrast": f"K={first} − K={second}", "errors": "paired by item (both settings answer the same items)",
+                    **balanced_paired_test({item: slopes[first][item] - slopes[second][item] for item in slopes[first]},
+                                           matching_first)}
     return report
 
 
+def settings_of(entries: dict) -> dict:
+    return {setting: entry for setting, entry in entries.items() if setting.startswith("k")}
+
+
 def table(report: dict, coefficients: list[float]) -> str:
-    header = ("| trait | demonstrations | method | " + " | ".join(f"{c:+g}" for c in coefficients)
-              + " | A/B slope | margin slope | pos/neg AUROC |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for trait, settings in report.items():
-        for setting, entry in settings.items():
+    top = max(coefficients)
+    first = next(iter(settings_of(next(iter(report.values()))).values()))["lora"]
+    judges = sorted({e["separability_judge"] or "—" for entries in report.values() for e in settings_of(entries).values()})
+    lines = [f"Balanced p_matching (both orders of the choices) on {first['items']} A/B items per trait, {first['model']}; "
+             "in brackets the change from coefficient 0 ± its item-paired s.e.; slopes per unit coefficient fit item by item. "
+             f"log-mass: change of log(P(m) + P(n)) at {top:+g} (the answers' total probability, which p_matching shares out). "
+             f"pos/neg AUROC: the judge ({', '.join(judges)}) on the extraction's own pos vs neg answers, which it was not fit on. "
+             "Caveats: the judge's data and the margin's reference answers are elicited with demonstrations, which favours "
+             "K > 0 by construction; vector coefficients are raw, so vector slopes do not compare across K (their norms differ).", ""]
+    header = ("| trait | K | method | " + " | ".join(f"{c:+g}" for c in coefficients)
+              + f" | A/B slope | margin slope | log-mass at {top:+g} | pos/neg AUROC |")
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for trait, entries in report.items():
+        for setting, entry in settings_of(entries).items():
             for method, label in METHODS.items():
                 m = entry[method]
                 cells = []
                 for c in coefficients:
                     point = m["points"].get(c)
                     cells.append("—" if point is None else f"{point['p']:.3f}" if c == 0 else
-                                 f"{point['p']:.3f} ({point['change']:+.3f} ± {point['change_sem']:.3f})")
+                                 f"{point['p']:.3f} ({point['change']:+.4f} ± {point['change_sem']:.4f})")
                 margin = "—" if m["margin_slope"] is None else f"{m['margin_slope']:+.4f} ± {m['margin_slope_sem']:.4f}"
+                mass = m["points"].get(top, {})
+                mass = ("—" if mass.get("choice_log_mass_change") is None
+                        else f"{mass['choice_log_mass_change']:+.2f} ± {mass['choice_log_mass_change_sem']:.2f}")
                 auroc = "—" if entry["separability_auroc"] is None else f"{entry['separability_auroc']:.3f}"
                 lines.append(f"| {trait} | {setting[1:]} | {label} | " + " | ".join(cells)
-                             + f" | {m['ab_slope']:+.4f} ± {m['ab_slope_sem']:.4f} | {margin} | {auroc} |")
+                             + f" | {m['ab_slope']:+.4f} ± {m['ab_slope_sem']:.4f} | {margin} | {mass} | {auroc} |")
+    differences = [(trait, method, d) for trait, entries in report.items() for method, d in entries.get("slope_difference", {}).items()]
+    if differences:
+        lines += ["", "| trait | method | A/B slope difference | ± s.e. (paired by item) | p (sign flips) |", "|---|---|---|---|---|"]
+        lines += [f"| {trait} | {METHODS[method]} ({d['contrast']}) | {d['mean']:+.4f} | {d['sem']:.4f} | {d['p']:.2g} |"
+                  for trait, method, d in differences]
     return "\n".join(lines) + "\n"
 
 
@@ -76,7 +143,7 @@ def plot(report: dict, path: Path) -> None:
     traits = list(report)
     figure, axes = plt.subplots(1, len(traits), figsize=(4.2 * len(traits), 3.8), squeeze=False)
     for axis, trait in zip(axes[0], traits):
-        for setting, entry in report[trait].items():
+        for setting, entry in settings_of(report[trait]).items():
             for method, label in METHODS.items():
                 points = sorted(entry[method]["points"].items())
                 axis.errorbar([c for c, _ in points], [p["p"] for _, p in points], yerr=[p["change_sem"] for _, p in points],
@@ -101,7 +168,7 @@ def main():
     report = collect(args)
     output_dir = Path(args.output_dir)
     write_json(output_dir / "summary.json", report)
-    coefficients = sorted({c for settings in report.values() for e in settings.values() for c in e["lora"]["points"]})
+    coefficients = sorted({c for entries in report.values() for e in settings_of(entries).values() for c in e["lora"]["points"]})
     markdown = table(report, coefficients)
     with atomic_path(output_dir / "table.md") as tmp:
         tmp.write_text(markdown)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.ab import balanced_with_error  # noqa: E402
+from eval.ab import balanced_paired_test  # noqa: E402
 from eval.analysis import save_figure  # noqa: E402
 from eval.evaluate import measurement_identity, require_same_measurement  # noqa: E402
 from eval.stats import mean_and_sem, sign_flip_test  # noqa: E402
@@ -101,14 +101,9 @@ def ab_paired(run: dict | None, base: dict | None) -> dict | None:
     position groups weigh equally, so a letter preference cancels)."""
     if run is None or base is None:
         return None
-    by_position = {True: [], False: []}
-    for item, value in run["both_orders_by_item"].items():
-        by_position[run["matching_first_by_item"][item]].append(value - base["both_orders_by_item"][item])
-    groups = [values for values in by_position.values() if values]
-    differences = [v for values in groups for v in values]
-    weights = [1 / (len(groups) * len(values)) for values in groups for _ in values]  # the balanced mean's
-    mean, sem = balanced_with_error(by_position)
-    return contrast(mean, sem, sign_flip_test(differences, weights), items=len(differences))
+    test = balanced_paired_test({item: value - base["both_orders_by_item"][item] for item, value in run["both_orders_by_item"].items()},
+                                run["matching_first_by_item"])
+    return contrast(test["mean"], test["sem"], test, items=test["items"])
 
 
 def mmlu_change(run: dict, base: dict) -> dict:

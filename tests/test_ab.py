@@ -239,6 +239,7 @@ def test_p_matching_equals_brute_force(tiny, tmp_path, system):
         first = brute_force_probability(model, tokenizer, raw["question"], first_answer, system)
         total = sum(brute_force_probability(model, tokenizer, raw["question"], a, system) for a in item.answers)
         assert row["p_first"] == pytest.approx(first / total, abs=1e-5)
+        masses = [math.log(total)]
         if item.swapped is None:
             assert "p_matching_swapped" not in row
         else:
@@ -251,6 +252,9 @@ def test_p_matching_equals_brute_force(tiny, tmp_path, system):
             first = brute_force_probability(model, tokenizer, swapped.question, first_answer, system)
             total = sum(brute_force_probability(model, tokenizer, swapped.question, a, system) for a in swapped.answers)
             assert row["p_first_swapped"] == pytest.approx(first / total, abs=1e-5)
+            masses.append(math.log(total))
+        # the answers' total probability, which p_matching shares out, averaged over the orders in log
+        assert row["choice_log_mass"] == pytest.approx(sum(masses) / len(masses), abs=1e-4)
     # The random model's preferences are not trivially one half, so the comparison can fail.
     assert max(abs(row["p_matching"] - 0.5) for row in rows) > 1e-3
     assert sum("p_matching_swapped" in row for row in rows) == 5
@@ -305,7 +309,7 @@ def row(i, first_is_matching, p_matching, p_matching_swapped):
     return {"question_id": i, "p_matching": p_matching, "first_is_matching": first_is_matching,
             "p_first": p_matching if first_is_matching else 1 - p_matching,
             "p_matching_swapped": p_matching_swapped, "first_is_matching_swapped": not first_is_matching,
-            "p_first_swapped": 1 - p_matching_swapped if first_is_matching else p_matching_swapped}
+            "p_first_swapped": 1 - p_matching_swapped if first_is_matching else p_matching_swapped, "choice_log_mass": -1.0}
 
 
 def logit(p):
@@ -511,6 +515,8 @@ def test_eval_lora_persona_ab_end_to_end(tiny_model_dir, tiny_persona, tmp_path)
     assert all("margin_by_question" in c for c in summary["conditions"])
     # what later comparisons (drift, correlation) check: the A/B file's content, not only its name
     assert summary["ab_data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    # beside p_matching, how much probability the two answers hold at all, and its paired change
+    assert all(c["choice_log_mass"] < 0 and "choice_log_mass_sem" in c["change_vs_baseline"] for c in summary["conditions"])
 
 
 def test_eval_persona_ab_end_to_end(tiny_model_dir, tiny_persona, tmp_path):
