@@ -23,7 +23,7 @@ from eval.ab import (
     summarize_conditions,
 )
 from eval.traits import available_traits, load_trait
-from io_utils import PersonaLoRAError
+from io_utils import PersonaLoRAError, write_json
 
 # CAA style: a JSON list, "(A)" / "(B)".
 CAA_ITEMS = [
@@ -566,3 +566,60 @@ def test_shipped_ab_sets(trait):
     others = set(loaded.extraction_questions + loaded.evaluation_questions + loaded.finetuning_questions
                  + loaded.judge_questions + [d["question"] for d in loaded.demonstrations])
     assert not stems & {q.strip() for q in others}
+
+
+# ------------------------------------------------------------------------------------------------
+# scripts/ab_summary.py: the few-shot comparison's table
+# ------------------------------------------------------------------------------------------------
+
+
+def _sweep_summary(trait, slopes_by_item, sha="h"):
+    """An A/B summary as eval_lora_persona.py writes it, for items whose both-orders p_matching
+    moves by slopes_by_item[item] per unit coefficient (matching answer first on even items)."""
+    coefs = [-2, 0, 2]
+    items = [str(i) for i in range(len(slopes_by_item))]
+    conditions = []
+    for c in coefs:
+        by_item = {i: 0.5 + slopes_by_item[int(i)] * c for i in items}
+        mean = sum(by_item.values()) / len(by_item)
+        conditions.append({"coef": c, "both_orders_by_item": by_item, "matching_first_by_item": {i: int(i) % 2 == 0 for i in items},
+                           "balanced_p_matching_both_orders": mean, "p_first_choice": 0.5,
+                           "change_vs_baseline": {"balanced_p_matching_both_orders": mean - 0.5,
+                                                  "balanced_p_matching_both_orders_sem": 0.01,
+                                                  "choice_log_mass": -0.1 * c, "choice_log_mass_sem": 0.01}})
+    slope = sum(slopes_by_item) / len(slopes_by_item)
+    return {"trait": trait, "mode": "ab", "model": "SmolLM2-135M-Instruct", "ab_data": f"dataset/{trait}/ab.jsonl",
+            "ab_data_sha256": sha, "items": len(items), "conditions": conditions,
+            "slopes": {"m": {"slope": slope, "slope_sem": 0.01}}, "margin_slopes": {}}
+
+
+def test_ab_summary_pairs_the_settings_by_item_and_refuses_runs_that_do_not_belong_together(tmp_path):
+    rng = np.random.default_rng(0)
+    item_effects = rng.normal(0, 0.02, 40)  # shared by both settings: pairing cancels them
+    out = tmp_path / "results"
+    out.mkdir()
+    for k, shift in ((4, 0.006), (0, 0.0)):
+        folder = tmp_path / "persona_loras" / "SmolLM2-135M-Instruct" / ("evil" if k == 4 else "evil_k0")
+        folder.mkdir(parents=True)
+        write_json(folder / "summary.json", {"fewshot": k, "separability": {"judge_auroc_pos_vs_neg": 0.8, "judge": "offline-test"}})
+        for method in ("lora", "vector"):
+            noise = rng.normal(0, 0.001, 40)
+            write_json(out / f"evil_k{k}_{method}.summary.json", _sweep_summary("evil", list(0.01 + item_effects + shift + noise)))
+    args = ("scripts/ab_summary", "--traits", "evil", "--fewshot", "4", "0", "--output_dir", out)
+    code, stdout, stderr = run_cli(*args, cwd=tmp_path)
+    assert code == 0, stderr
+    difference = json.loads((out / "summary.json").read_text())["evil"]["slope_difference"]["lora"]
+    assert difference["mean"] == pytest.approx(0.006, abs=0.001)
+    assert difference["sem"] < 0.0005 < 0.02 / 40 ** 0.5  # paired: far below the items' own spread
+    assert difference["p"] < 0.001 and "K=4 − K=0" in (out / "table.md").read_text()
+    assert "offline-test" in (out / "table.md").read_text() and "-0.20 ± 0.01" in (out / "table.md").read_text()
+
+    # one sweep on a rewritten A/B file: refused, naming it and what differs
+    mixed = json.loads((out / "evil_k0_vector.summary.json").read_text())
+    write_json(out / "evil_k0_vector.summary.json", {**mixed, "ab_data_sha256": "other"})
+    code, _, stderr = run_cli(*args, cwd=tmp_path)
+    assert code == 2 and "evil_k0_vector" in stderr and "ab_data_sha256" in stderr
+    write_json(out / "evil_k0_vector.summary.json", mixed)
+    # the settings given in the wrong order: each extraction's K is checked, not assumed
+    code, _, stderr = run_cli("scripts/ab_summary", "--traits", "evil", "--fewshot", "0", "4", "--output_dir", out, cwd=tmp_path)
+    assert code == 2 and "--fewshot" in stderr
