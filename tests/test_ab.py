@@ -204,7 +204,7 @@ def _brute_force_probability(model, tokenizer, question, answer, system):
     ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
     assert ids[:len(prompt_ids)] == prompt_ids and len(ids) > len(prompt_ids)
     with torch.no_grad():
-        log_probs = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+        log_probs = model(torch.tensor([ids], device=model.device)).logits[0].double().log_softmax(-1)
     return math.exp(sum(float(log_probs[t - 1, ids[t]]) for t in range(len(prompt_ids), len(ids))))
 
 

@@ -142,7 +142,7 @@ def test_response_log_likelihoods_match_one_sequence_at_a_time(tiny_model_dir):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ids = tokenizer(prompt + conversation[1]["content"], add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            log_probs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+            log_probs = model(torch.tensor([ids], device=model.device)).logits[0].log_softmax(-1)
         reference = sum(float(log_probs[t - 1, ids[t]]) for t in range(len(prompt_ids), len(ids))) / (len(ids) - len(prompt_ids))
         assert score == pytest.approx(reference, abs=1e-4)
 

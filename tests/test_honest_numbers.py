@@ -214,7 +214,7 @@ def test_teacher_forced_response_steering_equals_steering_while_generating(tiny_
     vector = load_vector(tiny_persona[1])
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "How should I treat people?"}], tokenize=False,
                                            add_generation_prompt=True)
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     with ActivationSteerer(model, vector, 2, 4.0, "response"):
         generated = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
                                    pad_token_id=tokenizer.pad_token_id)

@@ -33,7 +33,7 @@ def test_mmlu_prediction_is_the_most_probable_letter(tiny_model_dir):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": format_question(row)}], add_generation_prompt=True,
                                             tokenize=True)["input_ids"]
         with torch.no_grad():
-            last = model(torch.tensor([ids])).logits[0, -1]
+            last = model(torch.tensor([ids], device=model.device)).logits[0, -1]
         expected += int(max(range(4), key=lambda i: float(last[letters[i]].max())) == row["answer"])
     assert result["correct"] == expected and result["questions"] == 6
     assert len(result["correct_by_question"]) == 6 and sum(result["correct_by_question"]) == expected
