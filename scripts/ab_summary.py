@@ -97,6 +97,12 @@ def settings_of(entries: dict) -> dict:
     return {setting: entry for setting, entry in entries.items() if setting.startswith("k")}
 
 
+def p_text(p: float) -> str:
+    """A sign-flip p: beyond 16 items it comes from 100,000 random patterns, so the smallest it can
+    be is 1e-5, which says "no random pattern reached the observed value"."""
+    return "≤ 1e-05" if p <= 1e-5 else f"{p:.2g}"
+
+
 def table(report: dict, coefficients: list[float]) -> str:
     top = max(coefficients)
     first = next(iter(settings_of(next(iter(report.values()))).values()))["lora"]
@@ -129,7 +135,7 @@ def table(report: dict, coefficients: list[float]) -> str:
     differences = [(trait, method, d) for trait, entries in report.items() for method, d in entries.get("slope_difference", {}).items()]
     if differences:
         lines += ["", "| trait | method | A/B slope difference | ± s.e. (paired by item) | p (sign flips) |", "|---|---|---|---|---|"]
-        lines += [f"| {trait} | {METHODS[method]} ({d['contrast']}) | {d['mean']:+.4f} | {d['sem']:.4f} | {d['p']:.2g} |"
+        lines += [f"| {trait} | {METHODS[method]} ({d['contrast']}) | {d['mean']:+.4f} | {d['sem']:.4f} | {p_text(d['p'])} |"
                   for trait, method, d in differences]
     return "\n".join(lines) + "\n"
 
