@@ -104,17 +104,18 @@ def p_text(p: float) -> str:
 
 
 def table(report: dict, coefficients: list[float]) -> str:
-    top = max(coefficients)
+    bottom, top = min(coefficients), max(coefficients)
     first = next(iter(settings_of(next(iter(report.values()))).values()))["lora"]
     judges = sorted({e["separability_judge"] or "—" for entries in report.values() for e in settings_of(entries).values()})
     lines = [f"Balanced p_matching (both orders of the choices) on {first['items']} A/B items per trait, {first['model']}; "
              "in brackets the change from coefficient 0 ± its item-paired s.e.; slopes per unit coefficient fit item by item. "
-             f"log-mass: change of log(P(m) + P(n)) at {top:+g} (the answers' total probability, which p_matching shares out). "
+             f"log-mass: change of log(P(m) + P(n)) at {bottom:+g} / {top:+g} (the answers' total probability, which p_matching "
+             "shares out; its paired s.e. is in summary.json). "
              f"pos/neg AUROC: the judge ({', '.join(judges)}) on the extraction's own pos vs neg answers, which it was not fit on. "
              "Caveats: the judge's data and the margin's reference answers are elicited with demonstrations, which favours "
              "K > 0 by construction; vector coefficients are raw, so vector slopes do not compare across K (their norms differ).", ""]
     header = ("| trait | K | method | " + " | ".join(f"{c:+g}" for c in coefficients)
-              + f" | A/B slope | margin slope | log-mass at {top:+g} | pos/neg AUROC |")
+              + f" | A/B slope | margin slope | log-mass {bottom:+g} / {top:+g} | pos/neg AUROC |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for trait, entries in report.items():
         for setting, entry in settings_of(entries).items():
@@ -126,9 +127,8 @@ def table(report: dict, coefficients: list[float]) -> str:
                     cells.append("—" if point is None else f"{point['p']:.3f}" if c == 0 else
                                  f"{point['p']:.3f} ({point['change']:+.4f} ± {point['change_sem']:.4f})")
                 margin = "—" if m["margin_slope"] is None else f"{m['margin_slope']:+.4f} ± {m['margin_slope_sem']:.4f}"
-                mass = m["points"].get(top, {})
-                mass = ("—" if mass.get("choice_log_mass_change") is None
-                        else f"{mass['choice_log_mass_change']:+.2f} ± {mass['choice_log_mass_change_sem']:.2f}")
+                masses = [m["points"].get(c, {}).get("choice_log_mass_change") for c in (bottom, top)]
+                mass = "—" if None in masses else " / ".join(f"{v:+.2f}" for v in masses)
                 auroc = "—" if entry["separability_auroc"] is None else f"{entry['separability_auroc']:.3f}"
                 lines.append(f"| {trait} | {setting[1:]} | {label} | " + " | ".join(cells)
                              + f" | {m['ab_slope']:+.4f} ± {m['ab_slope_sem']:.4f} | {margin} | {mass} | {auroc} |")

@@ -612,7 +612,7 @@ def test_ab_summary_pairs_the_settings_by_item_and_refuses_runs_that_do_not_belo
     assert difference["mean"] == pytest.approx(0.006, abs=0.001)
     assert difference["sem"] < 0.0005 < 0.02 / 40 ** 0.5  # paired: far below the items' own spread
     assert difference["p"] < 0.001 and "K=4 − K=0" in (out / "table.md").read_text()
-    assert "offline-test" in (out / "table.md").read_text() and "-0.20 ± 0.01" in (out / "table.md").read_text()
+    assert "offline-test" in (out / "table.md").read_text() and "+0.20 / -0.20" in (out / "table.md").read_text()
 
     # one sweep on a rewritten A/B file: refused, naming it and what differs
     mixed = json.loads((out / "evil_k0_vector.summary.json").read_text())
