@@ -9,6 +9,7 @@ items). Writes summary.json, table.md (the README's tables) and ab.png.
     python scripts/ab_summary.py --traits evil sycophancy --fewshot 4 0 --output_dir results/exp6_ab
 """
 
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from io_utils import ArgumentParser, PersonaLoRAError, atomic_path, non_negative
 from model_loading import persona_dir  # noqa: E402
 
 METHODS = {"lora": "persona LoRA", "vector": "activation vector"}
+DRAINED_LOG_MASS = -2.0  # log(P(m) + P(n)) fell by more than this: the model mostly stopped answering with a choice
 
 
 def extraction_summary(model, trait: str, k: int, default_k: int) -> dict:
@@ -152,14 +154,18 @@ def plot(report: dict, path: Path) -> None:
         for setting, entry in settings_of(report[trait]).items():
             for method, label in METHODS.items():
                 points = sorted(entry[method]["points"].items())
-                axis.errorbar([c for c, _ in points], [p["p"] for _, p in points], yerr=[p["change_sem"] for _, p in points],
-                              marker="o" if method == "lora" else "s", linestyle="-" if setting != "k0" else ":", capsize=3,
-                              label=f"{label}, K={setting[1:]}")
+                line = axis.errorbar([c for c, _ in points], [p["p"] for _, p in points], yerr=[p["change_sem"] for _, p in points],
+                                     marker="o" if method == "lora" else "s", linestyle="-" if setting != "k0" else ":", capsize=3,
+                                     label=f"{label}, K={setting[1:]}")
+                drained = [(c, p["p"]) for c, p in points if (p.get("choice_log_mass_change") or 0) < DRAINED_LOG_MASS]
+                if drained:
+                    axis.scatter(*zip(*drained), s=150, facecolors="none", edgecolors=line[0].get_color(), linewidths=1.5, zorder=5)
         axis.axhline(0.5, color="grey", linewidth=0.5)
         axis.set(title=trait, xlabel="steering coefficient", ylabel="balanced p_matching (both orders)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=6)
-    figure.suptitle("Forced choice (no judge): p of the trait's answer, ± paired s.e. of the change from 0", fontsize=9)
+    figure.suptitle("Forced choice (no judge): p of the trait's answer, ± paired s.e. of the change from 0; ringed: the two answers' "
+                    f"probability fell over {math.exp(-DRAINED_LOG_MASS):.0f}-fold (p there is a ratio of small numbers)", fontsize=9)
     figure.tight_layout()
     save_figure(figure, path)
 
