@@ -181,12 +181,10 @@ def continuation_log_probs(model, tokenizer, spans: list[tuple[list[int], int]],
     return results
 
 
-def _choice_probabilities(log_probs: list[float]) -> list[float]:
-    """Normalised over the item's answers: exp(log P(x)) / Σ exp(log P(x'))."""
+def _log_mass(log_probs: list[float]) -> float:
+    """log Σ P(x) over the item's answers (log-sum-exp, stable)."""
     top = max(log_probs)
-    weights = [math.exp(value - top) for value in log_probs]
-    total = sum(weights)
-    return [w / total for w in weights]
+    return top + math.log(sum(math.exp(value - top) for value in log_probs))
 
 
 def score_ab_items(model, tokenizer, items: list[ABItem], system: str | None = None, batch_size: int = 16) -> list[dict]:
@@ -212,10 +210,10 @@ def score_ab_items(model, tokenizer, items: list[ABItem], system: str | None = N
     for index, suffix, variant in variants:
         answers = variant.answers
         answer_log_probs = log_probs[position:position + len(answers)]
-        probabilities = _choice_probabilities(answer_log_probs)
         position += len(answers)
-        top = max(answer_log_probs)
-        results[index].setdefault("log_masses", []).append(top + math.log(sum(math.exp(v - top) for v in answer_log_probs)))
+        log_mass = _log_mass(answer_log_probs)
+        probabilities = [math.exp(value - log_mass) for value in answer_log_probs]  # normalised over the answers
+        results[index].setdefault("log_masses", []).append(log_mass)
         results[index][f"p_matching{suffix}"] = probabilities[0]
         results[index][f"p_first{suffix}"] = probabilities[answers.index(variant.first_answer)]
         results[index][f"first_is_matching{suffix}"] = variant.first_is_matching

@@ -143,10 +143,14 @@ def paired_slope(coefficients: Sequence[float], by_cluster: Sequence[dict[Hashab
     conditions, then averaged over clusters: its error is the clusters' spread, so question
     difficulty, which every condition shares, cancels. `by_cluster[i]` holds condition i's
     per-cluster means."""
-    shared = [key for key in by_cluster[0] if all(key in c for c in by_cluster)]
-    slopes = [linear_fit(coefficients, [c[key] for c in by_cluster])["slope"] for key in shared]
-    mean, sem, n = mean_and_sem(slopes)
+    mean, sem, n = mean_and_sem(cluster_slopes(coefficients, by_cluster).values())
     return {"slope": mean, "slope_sem": sem, "clusters": n, "slope_sem_kind": "paired by question (per-question slopes)"}
+
+
+def cluster_slopes(coefficients: Sequence[float], by_cluster: Sequence[dict[Hashable, float]]) -> dict[Hashable, float]:
+    """{cluster: its least-squares slope over the conditions}, for the clusters every condition measured."""
+    shared = [key for key in by_cluster[0] if all(key in c for c in by_cluster)]
+    return {key: linear_fit(coefficients, [c[key] for c in by_cluster])["slope"] for key in shared}
 
 
 def _pearson(xs: Sequence[float], ys: Sequence[float]) -> float:

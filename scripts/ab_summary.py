@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval.ab import balanced_paired_test  # noqa: E402
 from eval.analysis import save_figure  # noqa: E402
 from eval.evaluate import measurement_identity, require_same_measurement  # noqa: E402
-from eval.stats import linear_fit  # noqa: E402
+from eval.stats import cluster_slopes  # noqa: E402
 from io_utils import ArgumentParser, PersonaLoRAError, atomic_path, non_negative_int, read_json_object, run_cli, write_json  # noqa: E402
 from model_loading import persona_dir  # noqa: E402
 
@@ -39,10 +39,7 @@ def extraction_summary(model, trait: str, k: int, default_k: int) -> dict:
 
 def item_slopes(summary: dict) -> dict[str, float]:
     """Each item's slope of its both-orders p_matching per unit coefficient."""
-    conditions = sorted(summary["conditions"], key=lambda c: c["coef"])
-    items = conditions[0]["both_orders_by_item"]
-    return {item: linear_fit([c["coef"] for c in conditions], [c["both_orders_by_item"][item] for c in conditions])["slope"]
-            for item in items}
+    return cluster_slopes([c["coef"] for c in summary["conditions"]], [c["both_orders_by_item"] for c in summary["conditions"]])
 
 
 def read_ab_summary(path: Path, trait: str) -> dict:
