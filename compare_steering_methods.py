@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import lora_utils as lu
-from eval.activations import ActivationSteerer, check_steering_layer, decoder_layers, load_vector, response_hidden_means
+from eval.activations import ActivationSteerer, check_vector_fits, decoder_layers, load_vector, response_hidden_means
 from eval.analysis import effective_rank, plot_ab_sweep, plot_sweep, save_figure, trait_similarity
 from eval.evaluate import (
     Condition,
@@ -40,7 +40,6 @@ from eval.evaluate import (
 from eval.stats import linear_fit, paired_difference, paired_slope
 from io_utils import (
     ArgumentParser,
-    PersonaLoRAError,
     check_writable_dir,
     file_identity,
     finite_float,
@@ -79,14 +78,9 @@ def parse_args():
 def check_inputs(args):
     """The vector, the diff and the layer against the model's config, before the model loads."""
     check_writable_dir(args.output_dir, "--output_dir")
-    vector, diff = load_vector(args.activation_vector_path), lu.load_lora_diff(args.lora_diff_path)
-    config = model_config(args.model)
-    if vector.shape != (config.num_hidden_layers + 1, config.hidden_size):
-        raise PersonaLoRAError(f"{args.activation_vector_path} has shape {tuple(vector.shape)}; this model needs "
-                               f"[{config.num_hidden_layers + 1}, {config.hidden_size}]")
-    args.layer = round(2 * config.num_hidden_layers / 3) if args.layer is None else args.layer
-    check_steering_layer(args.layer, config.num_hidden_layers)
-    return vector, diff
+    vector, args.layer = check_vector_fits(args.activation_vector_path, model_config(args.model), args.layer,
+                                           "--activation_vector_path")
+    return vector, lu.load_lora_diff(args.lora_diff_path)
 
 
 def behaviour_conditions(args, model, vector, diff) -> list[Condition]:

@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 import lora_utils as lu
-from eval.activations import STEERING_TYPES, ActivationSteerer, check_steering_layer, load_vector, teacher_forced_response
+from eval.activations import STEERING_TYPES, ActivationSteerer, check_vector_fits, teacher_forced_response
 from eval.generation import ChatSpan, generate_records, pad_right, tokenize_chat
 from eval.traits import load_trait
 from io_utils import (
@@ -165,14 +165,9 @@ def check_inputs(args) -> dict:
     check_dtype(args.dtype)
     trait = load_trait(args.trait)
     args.vector_path = args.vector_path or str(default_persona_paths(args.model, args.trait)[1])
-    vector = load_vector(args.vector_path)
     config = model_config(args.model)
     num_layers = config.num_hidden_layers
-    if vector.shape != (num_layers + 1, config.hidden_size):
-        raise PersonaLoRAError(f"--vector_path {args.vector_path} has shape {tuple(vector.shape)}; this model needs "
-                               f"[{num_layers + 1}, {config.hidden_size}]")
-    args.layer = round(2 * num_layers / 3) if args.layer is None else args.layer
-    check_steering_layer(args.layer, num_layers)
+    vector, args.layer = check_vector_fits(args.vector_path, config, args.layer)
     if args.coef == 0:
         raise PersonaLoRAError("--coef 0 steers nothing, so there is nothing to distil; give a non-zero coefficient")
     if args.hidden_weight > 0 and args.layer >= num_layers - 1:

@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 import lora_utils as lu
-from eval.activations import ActivationSteerer, check_steering_layer, load_vector
+from eval.activations import ActivationSteerer, check_vector_fits, load_vector
 from eval.generation import conversation, pad_right, read_chat_jsonl, tokenize_chat
 from io_utils import (
     PersonaLoRAError,
@@ -401,12 +401,10 @@ def check_config_inputs(config: dict, path: Path) -> dict:
         lu.load_lora_diff(diff_path)
     steering = config["steering_config"]
     if steering is not None and steering["type"] == "activation":
-        vector = load_vector(steering["vector_path"])
-        layers = model_config(config["model"]).num_hidden_layers
-        if vector.shape[0] != layers + 1:
-            raise PersonaLoRAError(f"{path}: {steering['vector_path']} has {vector.shape[0]} rows; this model needs {layers + 1}")
+        model_settings = model_config(config["model"])
         for layer in steering["layers"]:
-            check_steering_layer(layer, layers, f"{path}: 'steering_config.layers' holds")
+            check_vector_fits(steering["vector_path"], model_settings, layer, f"{path}: 'steering_config.vector_path'",
+                              f"{path}: 'steering_config.layers' holds")
     return {"records": records}
 
 

@@ -101,6 +101,27 @@ def teacher_forced_response(answer_starts: torch.Tensor):
         _TEACHER_FORCED_STARTS.reset(token)
 
 
+def default_layer(num_layers: int) -> int:
+    """The steered layer when none is given: two thirds of the depth (layer 20 of SmolLM2-135M's 30,
+    21 of Llama-3.1-8B's 32), where Persona Vectors found trait directions steer best."""
+    return round(2 * num_layers / 3)
+
+
+def check_vector_fits(vector_path, config, layer: int | None = None, flag: str = "--vector_path",
+                      layer_flag: str = "--layer") -> tuple[torch.Tensor, int]:
+    """The one fit check for a persona vector: readable, finite, of shape [L+1, hidden] for the
+    model whose config is given, and a steerable layer (the default one when `layer` is None).
+    Returns (vector, layer); refuses in one line naming the flag, before any model loads."""
+    vector = load_vector(vector_path)
+    num_layers, hidden = config.num_hidden_layers, config.hidden_size
+    if tuple(vector.shape) != (num_layers + 1, hidden):
+        raise PersonaLoRAError(f"{flag} {vector_path} has shape {tuple(vector.shape)}, but this model needs "
+                               f"[{num_layers + 1}, {hidden}] (a vector for another model?)")
+    layer = default_layer(num_layers) if layer is None else layer
+    check_steering_layer(layer, num_layers, layer_flag)
+    return vector, layer
+
+
 def check_steering_layer(layer: int, num_layers: int, flag: str = "--layer") -> None:
     """Steerable layers are 1..L−1: hidden_states[L] is taken after the model's final norm, while
     steering adds to the last block's output before it, so v[L] lives in another space."""

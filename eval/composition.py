@@ -20,7 +20,7 @@ import itertools
 from pathlib import Path
 
 import lora_utils as lu
-from eval.activations import load_vector
+from eval.activations import default_layer, load_vector
 from eval.analysis import save_figure, trait_similarity
 from eval.stats import additive_fit, clustered_sems, paired_difference, per_question_additive_fit, sign_flip_max_test
 from io_utils import PersonaLoRAError, read_json_object
@@ -94,8 +94,8 @@ def summarize(output_dir: Path, names: list[str], model: str | None, layer: int 
     paths = [default_persona_paths(model, t) for t in names]
     if all(d.is_file() and v.is_file() for d, v in paths):
         loaded = {t: (lu.load_lora_diff(d), load_vector(v)) for t, (d, v) in zip(names, paths)}
-        # The vectors hold L+1 rows (embeddings, then each block); default: two thirds of the depth, as the steering scripts.
-        layer = layer or round(2 * (next(iter(loaded.values()))[1].shape[0] - 1) / 3)
+        # The vectors hold L+1 rows (embeddings, then each block).
+        layer = layer or default_layer(next(iter(loaded.values()))[1].shape[0] - 1)
         similarity = trait_similarity(loaded, layer)
 
     headline = {}

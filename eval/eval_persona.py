@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.activations import STEERING_TYPES, ActivationSteerer, check_steering_layer, load_vector  # noqa: E402
+from eval.activations import STEERING_TYPES, ActivationSteerer, check_vector_fits  # noqa: E402
 from eval.evaluate import Condition, add_eval_args, load_eval_model, on_finetune, prepare_evaluation, run_evaluation  # noqa: E402
-from io_utils import ArgumentParser, PersonaLoRAError, file_identity, finite_float, run_cli  # noqa: E402
+from io_utils import ArgumentParser, file_identity, finite_float, run_cli  # noqa: E402
 from model_loading import model_config  # noqa: E402
 
 
@@ -41,14 +41,7 @@ def parse_args():
 
 def check_vector(args):
     """The vector and the layer against the model's config, before the model loads."""
-    vector = load_vector(args.vector_path)
-    config = model_config(args.model)
-    if vector.shape != (config.num_hidden_layers + 1, config.hidden_size):
-        raise PersonaLoRAError(f"{args.vector_path} has shape {tuple(vector.shape)}, but this model needs "
-                               f"[{config.num_hidden_layers + 1}, {config.hidden_size}] (a vector for another model?)")
-    if args.layer is None:
-        args.layer = round(2 * config.num_hidden_layers / 3)
-    check_steering_layer(args.layer, config.num_hidden_layers)
+    vector, args.layer = check_vector_fits(args.vector_path, model_config(args.model), args.layer)
     return vector
 
 
