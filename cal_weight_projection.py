@@ -36,7 +36,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 import lora_utils as lu
@@ -56,11 +55,8 @@ from io_utils import (
     write_manifest,
 )
 from model_loading import model_label, resolve_model_folder
-from training import records_digest
+from trainer import records_digest
 
-ARCHITECTURE_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-                     "num_key_value_heads", "vocab_size")
-SHARED_ROW_SPACE_WARNING = 5.0  # times what an independent start gives (≈ k/in of the lora_A energy in the diff's row space)
 
 
 def parse_args():
@@ -77,101 +73,6 @@ def parse_args():
     if not args.finetuned_model and not args.finetuned_models_dir:
         parser.error("give --finetuned_model or --finetuned_models_dir")
     return args
-
-
-def check_same_architecture(original: lu.SafetensorsCheckpoint, finetuned: lu.SafetensorsCheckpoint) -> None:
-    for key in ARCHITECTURE_KEYS:
-        if key in original.config and key in finetuned.config and original.config[key] != finetuned.config[key]:
-            raise PersonaLoRAError(f"{finetuned.folder} is not a finetune of {original.folder}: config '{key}' is "
-                                   f"{finetuned.config[key]} vs {original.config[key]}")
-
-
-def check_diff_fits(diff: lu.PersonaLoRADiff, original: lu.SafetensorsCheckpoint) -> None:
-    for name in diff:
-        if name not in original:
-            raise PersonaLoRAError(f"the persona diff does not fit {original.folder}: module {name} is missing "
-                                   f"(the diff was made for {diff.metadata.get('base_model')})")
-        if original.shape(name) != diff.shape(name):
-            raise PersonaLoRAError(f"the persona diff does not fit {original.folder}: {name} is {diff.shape(name)} in the diff "
-                                   f"but {original.shape(name)} in the model (made for {diff.metadata.get('base_model')})")
-
-
-# --- projecting ---------------------------------------------------------------------------------
-
-
-def project_checkpoint(original: lu.SafetensorsCheckpoint, folder: Path, diff: lu.PersonaLoRADiff) -> dict:
-    """Stream W_ft − W_orig one tensor at a time: memory stays at a couple of tensors. Every tensor
-    is read, those outside the diff for outside_diff_change_norm."""
-    finetuned = lu.SafetensorsCheckpoint(folder)
-    check_same_architecture(original, finetuned)
-    missing = [name for name in diff.module_names if name not in finetuned]
-    if missing:
-        raise PersonaLoRAError(f"{folder} has no tensor {missing[0]}: a checkpoint of another architecture?")
-
-    def changes():
-        for name in tqdm(list(finetuned.weight_map), desc=f"projecting {folder.name}", leave=False):
-            if name not in original:
-                continue
-            if finetuned.shape(name) != original.shape(name):
-                raise PersonaLoRAError(f"{folder}: {name} is {finetuned.shape(name)} but {original.shape(name)} in the original model")
-            yield name, finetuned.tensor(name).to(torch.float32) - original.tensor(name).to(torch.float32)
-
-    result = lu.WeightProjector.project(changes(), diff)
-    return {**result, "kind": "checkpoint", "bytes": finetuned.nbytes()}
-
-
-def shared_row_space(update: lu.PersonaLoRADiff, diff: lu.PersonaLoRADiff) -> tuple[float, float]:
-    """The share of the adapter's A rows' energy inside the row space of the diff's A, over the
-    modules both touch, and what independently drawn rows would give (rank k over the input size
-    in): near 1 for an adapter that started from the persona adapters' lora_A."""
-    inside = total = chance = 0.0
-    for name in update:
-        if name not in diff:
-            continue
-        rows = update.factors[name][1].double()
-        basis, _ = torch.linalg.qr(diff.factors[name][1].double().T)  # in × k orthonormal
-        energy = float(rows.pow(2).sum())
-        inside += float((rows @ basis).pow(2).sum())
-        total += energy
-        chance += energy * basis.shape[1] / basis.shape[0]
-    return (inside / total, chance / total) if total > 0 else (0.0, 0.0)
-
-
-def shared_row_space_alarm(chance: float) -> float:
-    """The share above which an adapter is taken to share the persona adapters' start: five times
-    chance, or halfway from chance to 1 where chance is already large (small models)."""
-    return min(SHARED_ROW_SPACE_WARNING * chance, chance + 0.5 * (1 - chance))
-
-
-def project_adapter(original: lu.SafetensorsCheckpoint, folder: Path, diff: lu.PersonaLoRADiff) -> dict:
-    """A LoRA finetune projects from its own factors: no base weights are read (only shapes)."""
-    update = lu.load_adapter_update(folder)
-    for name in update:
-        if name not in original or original.shape(name) != update.shape(name):
-            raise PersonaLoRAError(f"the adapter {folder} is for another base model than {original.folder}: module {name} "
-                                   f"is {update.shape(name)} in the adapter"
-                                   + (f" but {original.shape(name)} in the model" if name in original else " and missing in the model"))
-    result = lu.WeightProjector.project(update, diff)
-    share, chance = shared_row_space(update, diff)
-    return {**result, "kind": "adapter", "bytes": sum(p.stat().st_size for p in folder.glob("adapter_model.*")),
-            "shared_row_space": share, "shared_row_space_chance": chance}
-
-
-def project_one(original: lu.SafetensorsCheckpoint, folder: Path, diff: lu.PersonaLoRADiff) -> dict:
-    if not folder.is_dir():
-        raise PersonaLoRAError(f"finetuned model not found: {folder}")
-    result = project_adapter(original, folder, diff) if (folder / "adapter_config.json").is_file() \
-        else project_checkpoint(original, folder, diff)
-    modules = result.pop("modules")
-    if "shared_row_space" in result and result["shared_row_space"] > shared_row_space_alarm(result["shared_row_space_chance"]):
-        print(f"WARNING: {folder} shares the persona adapters' initialisation ({result['shared_row_space']:.1%} of its lora_A lies "
-              f"in the diff's row space; an independent start gives about {result['shared_row_space_chance']:.1%}): its projection "
-              "is inflated by construction, retrain it with another seed", flush=True)
-    return {"path": str(folder), "name": folder.name, "projection": result["projection"], "cosine": result["cosine"],
-            "change_norm": result["delta_norm"], "outside_diff_change_norm": result["outside_diff_change_norm"],
-            "diff_norm": result["diff_norm"], "kind": result["kind"], "bytes": result["bytes"],
-            **({key: result[key] for key in ("shared_row_space", "shared_row_space_chance") if key in result}),
-            "modules_projected": len(modules), "layers": result["layers"], "modules": modules}
 
 
 def model_folders(args) -> list[Path]:
@@ -341,10 +242,10 @@ def main():
     output_path = check_writable(args.output_path, "--output_path")
     diff = lu.load_lora_diff(args.lora_diff_path)
     original = lu.SafetensorsCheckpoint(resolve_model_folder(args.original_model))
-    check_diff_fits(diff, original)
+    lu.check_diff_fits(diff, original)
     folders = model_folders(args)
     with OutputLock(output_path, "--output_path"):
-        models = [project_one(original, folder, diff) for folder in tqdm(folders, desc="models", disable=len(folders) < 2)]
+        models = [lu.project_finetune(original, folder, diff) for folder in tqdm(folders, desc="models", disable=len(folders) < 2)]
         output = models[0] if len(models) == 1 and not args.behavior_scores else {"models": models}
         if args.behavior_scores:
             output.update(correlate(models, args.behavior_scores))

@@ -592,6 +592,49 @@ def check_coefficient_size(diff: PersonaLoRADiff, coefficient: float, weight_nor
                 f"own norm (at most {MAX_UPDATE_TO_WEIGHT_RATIO:g}× is accepted; useful persona coefficients keep it far below 1)")
 
 
+def check_diff_fits(lora_diff, weights, coefficients: Iterable = (), what: str = "coefficient",
+                    dtype: torch.dtype | None = None, weight_norm=None) -> dict[str, str]:
+    """The one check that a persona diff fits a model, before anything is merged or loaded.
+
+    `weights` is a loaded model (a PEFT wrapper around it is tolerated) or a SafetensorsCheckpoint
+    (read through memory maps, so a script can refuse before the model loads). Refuses, in one line,
+    non-finite values, a module the model lacks or has in another shape, and each coefficient that
+    is not a finite number or whose update would dwarf the weights (check_coefficient_size).
+    `weight_norm(parameter name)` overrides how ‖W‖ is read (LoRAMerger reads its backups).
+    Returns {diff module: the model's parameter name}."""
+    diff = _as_diff(lora_diff)
+    values = [as_coefficient(value, what) for value in coefficients]
+    bad = diff.first_non_finite()
+    if bad is not None:
+        raise PersonaLoRAError(f"the persona diff has non-finite values (NaN or inf) in {bad}; re-create it")
+    if isinstance(weights, SafetensorsCheckpoint):
+        shapes, where = {name: weights.shape(name) for name in diff if name in weights}, "the model"
+        candidates = lambda name: [name]  # noqa: E731 - a checkpoint holds the model's own names
+        weight_norm = weight_norm or weights.norm
+        dtype = dtype or torch.float32
+    else:
+        params = dict(weights.named_parameters())
+        shapes, where = {name: tuple(p.shape) for name, p in params.items()}, "this model"
+        candidates = lambda name: [name, f"base_model.model.{name}", name.replace(".weight", ".base_layer.weight"),  # noqa: E731
+                                   f"base_model.model.{name}".replace(".weight", ".base_layer.weight")]
+        weight_norm = weight_norm or (lambda name: float(params[name].detach().float().norm()))
+        dtype = dtype or next(iter(params.values())).dtype
+    made_for = f" (the diff was made for {diff.metadata['base_model']})" if diff.metadata.get("base_model") else ""
+    resolved = {}
+    for name in diff:
+        match = next((c for c in candidates(name) if c in shapes), None)
+        if match is None:
+            raise PersonaLoRAError(f"the persona diff does not fit {where}: module {name} is missing{made_for}")
+        if shapes[match] != diff.shape(name):
+            raise PersonaLoRAError(f"the persona diff does not fit {where}: {name} is {diff.shape(name)} in the diff "
+                                   f"but {shapes[match]} in the model{made_for}")
+        resolved[name] = match
+    norms: dict[str, float] = {}
+    for value in values:
+        check_coefficient_size(diff, value, lambda name: norms.setdefault(name, weight_norm(resolved[name])), dtype, what)
+    return resolved
+
+
 class _MergeState:
     """What every LoRAMerger of one model shares: the original weight W₀ of each parameter any of
     them touched, and each merger's live terms. A touched parameter is always W₀ + Σ (every live
@@ -633,48 +676,16 @@ class LoRAMerger:
     def _terms(self) -> list[tuple[float, "PersonaLoRADiff", dict[str, str]]]:
         return self._state.terms.setdefault(self._id, [])
 
-    def _resolve(self, diff: PersonaLoRADiff) -> dict[str, str]:
-        """Map each diff module to this model's parameter name, tolerating a PEFT wrapper."""
-        resolved = {}
-        for name in diff:
-            candidates = [name, f"base_model.model.{name}", name.replace(".weight", ".base_layer.weight"),
-                          f"base_model.model.{name}".replace(".weight", ".base_layer.weight")]
-            match = next((c for c in candidates if c in self._params), None)
-            if match is None:
-                base = diff.metadata.get("base_model")
-                raise PersonaLoRAError(
-                    f"the persona diff does not fit this model: module {name} is missing"
-                    + (f" (the diff was made for {base})" if base else "")
-                )
-            if tuple(self._params[match].shape) != diff.shape(name):
-                raise PersonaLoRAError(
-                    f"the persona diff does not fit this model: {name} is {diff.shape(name)} in the diff "
-                    f"but {tuple(self._params[match].shape)} in the model"
-                    + (f" (the diff was made for {diff.metadata.get('base_model')})" if diff.metadata.get("base_model") else "")
-                )
-            resolved[name] = match
-        return resolved
-
     def _original(self, param_name: str) -> torch.Tensor:
         return self._state.backups.get(param_name, self._params[param_name])
 
-    def _check_size(self, diff: PersonaLoRADiff, coefficient: float, resolved: dict[str, str], what: str) -> None:
-        check_coefficient_size(diff, coefficient, lambda name: float(self._original(resolved[name]).detach().float().norm()),
-                               self._original(next(iter(resolved.values()))).dtype, what)
-
     def check(self, lora_diff, coefficient: float = 1.0, what: str = "coefficient") -> dict[str, str]:
         """Refuse a diff that does not fit this model, has non-finite values, or a coefficient that
-        is not a finite number or is too large for the weights. `what` names the coefficient in
-        messages (a script passes its flag). Returns {diff module: this model's parameter name}.
-        Touches nothing."""
-        diff = _as_diff(lora_diff)
-        coefficient = as_coefficient(coefficient, what)
-        bad = diff.first_non_finite()
-        if bad is not None:
-            raise PersonaLoRAError(f"the persona diff has non-finite values (NaN or inf) in {bad}; re-create it")
-        resolved = self._resolve(diff)
-        self._check_size(diff, coefficient, resolved, what)
-        return resolved
+        is not a finite number or is too large for the weights (check_diff_fits, measured on the
+        unmerged weights). `what` names the coefficient in messages (a script passes its flag).
+        Returns {diff module: this model's parameter name}. Touches nothing."""
+        return check_diff_fits(lora_diff, self.model, [coefficient], what,
+                               weight_norm=lambda name: float(self._original(name).detach().float().norm()))
 
     def _recompute(self, param_name: str) -> None:
         """param ← W₀ + Σ every live term touching it (all mergers of the model), rounded once;
@@ -894,6 +905,11 @@ class WeightProjector:
         return {**_aggregate(modules), "outside_diff_change_norm": math.sqrt(max(outside_sq, 0.0))}
 
     @staticmethod
+    def project_finetune(original, finetune, lora_diff) -> dict:
+        """A finetune's folder (PEFT adapter or full checkpoint) projected onto ΔW; see project_finetune."""
+        return project_finetune(original, finetune, lora_diff)
+
+    @staticmethod
     def compute_layer_projections(model: torch.nn.Module, lora_diff_path, num_layers: int | None = None,
                                   reference_model: torch.nn.Module | None = None) -> dict[int, dict]:
         """Per-layer projection of a model's weight change onto each layer's part of ΔW.
@@ -932,6 +948,109 @@ class WeightProjector:
             result = WeightProjector.project(update, diff)
         empty = _projection_stats(0.0, 0.0, 0.0)
         return {index: result["layers"].get(index, empty) for index in range(num_layers)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Projecting a finetune (a PEFT adapter or a full checkpoint) onto a persona diff
+# ---------------------------------------------------------------------------------------------
+
+
+ARCHITECTURE_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads", "vocab_size")
+SHARED_ROW_SPACE_WARNING = 5.0  # times what an independent start gives (≈ k/in of the lora_A energy in the diff's row space)
+
+
+def check_same_architecture(original: SafetensorsCheckpoint, finetuned: SafetensorsCheckpoint) -> None:
+    for key in ARCHITECTURE_KEYS:
+        if key in original.config and key in finetuned.config and original.config[key] != finetuned.config[key]:
+            raise PersonaLoRAError(f"{finetuned.folder} is not a finetune of {original.folder}: config '{key}' is "
+                                   f"{finetuned.config[key]} vs {original.config[key]}")
+
+
+def project_checkpoint(original: SafetensorsCheckpoint, folder: Path, diff: PersonaLoRADiff) -> dict:
+    """Stream W_ft − W_orig one tensor at a time: memory stays at a couple of tensors. Every tensor
+    is read, those outside the diff for outside_diff_change_norm."""
+    from tqdm.auto import tqdm
+
+    finetuned = SafetensorsCheckpoint(folder)
+    check_same_architecture(original, finetuned)
+    missing = [name for name in diff.module_names if name not in finetuned]
+    if missing:
+        raise PersonaLoRAError(f"{folder} has no tensor {missing[0]}: a checkpoint of another architecture?")
+
+    def changes():
+        for name in tqdm(list(finetuned.weight_map), desc=f"projecting {folder.name}", leave=False):
+            if name not in original:
+                continue
+            if finetuned.shape(name) != original.shape(name):
+                raise PersonaLoRAError(f"{folder}: {name} is {finetuned.shape(name)} but {original.shape(name)} in the original model")
+            yield name, finetuned.tensor(name).to(torch.float32) - original.tensor(name).to(torch.float32)
+
+    result = WeightProjector.project(changes(), diff)
+    return {**result, "kind": "checkpoint", "bytes": finetuned.nbytes()}
+
+
+def shared_row_space(update: PersonaLoRADiff, diff: PersonaLoRADiff) -> tuple[float, float]:
+    """The share of the adapter's A rows' energy inside the row space of the diff's A, over the
+    modules both touch, and what independently drawn rows would give (rank k over the input size
+    in): near 1 for an adapter that started from the persona adapters' lora_A."""
+    inside = total = chance = 0.0
+    for name in update:
+        if name not in diff:
+            continue
+        rows = update.factors[name][1].double()
+        basis, _ = torch.linalg.qr(diff.factors[name][1].double().T)  # in × k orthonormal
+        energy = float(rows.pow(2).sum())
+        inside += float((rows @ basis).pow(2).sum())
+        total += energy
+        chance += energy * basis.shape[1] / basis.shape[0]
+    return (inside / total, chance / total) if total > 0 else (0.0, 0.0)
+
+
+def shared_row_space_alarm(chance: float) -> float:
+    """The share above which an adapter is taken to share the persona adapters' start: five times
+    chance, or halfway from chance to 1 where chance is already large (small models)."""
+    return min(SHARED_ROW_SPACE_WARNING * chance, chance + 0.5 * (1 - chance))
+
+
+def project_adapter(original: SafetensorsCheckpoint, folder: Path, diff: PersonaLoRADiff) -> dict:
+    """A LoRA finetune projects from its own factors: no base weights are read (only shapes)."""
+    update = load_adapter_update(folder)
+    for name in update:
+        if name not in original or original.shape(name) != update.shape(name):
+            raise PersonaLoRAError(f"the adapter {folder} is for another base model than {original.folder}: module {name} "
+                                   f"is {update.shape(name)} in the adapter"
+                                   + (f" but {original.shape(name)} in the model" if name in original else " and missing in the model"))
+    result = WeightProjector.project(update, diff)
+    share, chance = shared_row_space(update, diff)
+    return {**result, "kind": "adapter", "bytes": sum(p.stat().st_size for p in folder.glob("adapter_model.*")),
+            "shared_row_space": share, "shared_row_space_chance": chance}
+
+
+def project_finetune(original, finetune, lora_diff) -> dict:
+    """Project a finetune of `original` (a model folder or a SafetensorsCheckpoint) onto a persona
+    diff: a PEFT adapter folder from its own factors, a full checkpoint streamed tensor by tensor.
+    Warns when an adapter shares the persona adapters' initialisation (its projection is then
+    inflated by construction). Returns projection, cosine, change norms, per layer and module."""
+    if not isinstance(original, SafetensorsCheckpoint):
+        from model_loading import resolve_model_folder
+
+        original = SafetensorsCheckpoint(resolve_model_folder(original))
+    folder, diff = Path(finetune), _as_diff(lora_diff)
+    if not folder.is_dir():
+        raise PersonaLoRAError(f"finetuned model not found: {folder}")
+    result = project_adapter(original, folder, diff) if (folder / "adapter_config.json").is_file() \
+        else project_checkpoint(original, folder, diff)
+    modules = result.pop("modules")
+    if "shared_row_space" in result and result["shared_row_space"] > shared_row_space_alarm(result["shared_row_space_chance"]):
+        print(f"WARNING: {folder} shares the persona adapters' initialisation ({result['shared_row_space']:.1%} of its lora_A lies "
+              f"in the diff's row space; an independent start gives about {result['shared_row_space_chance']:.1%}): its projection "
+              "is inflated by construction, retrain it with another seed", flush=True)
+    return {"path": str(folder), "name": folder.name, "projection": result["projection"], "cosine": result["cosine"],
+            "change_norm": result["delta_norm"], "outside_diff_change_norm": result["outside_diff_change_norm"],
+            "diff_norm": result["diff_norm"], "kind": result["kind"], "bytes": result["bytes"],
+            **({key: result[key] for key in ("shared_row_space", "shared_row_space_chance") if key in result}),
+            "modules_projected": len(modules), "layers": result["layers"], "modules": modules}
 
 
 def _projection_stats(inner: float, delta_sq: float, diff_sq: float) -> dict:

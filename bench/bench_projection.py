@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lora_utils as lu  # noqa: E402
+import lora_utils as lu
 
 
 def status_bytes(field: str) -> int:
@@ -67,7 +66,7 @@ def build(workdir: Path, hidden: int, layers: int) -> None:
 
 
 def worker(workdir: Path, method: str) -> dict:
-    from cal_weight_projection import project_checkpoint
+    from lora_utils import project_checkpoint
 
     diff = lu.load_lora_diff(workdir / "diff.pt")
     baseline_anon, baseline_rss = status_bytes("RssAnon"), status_bytes("VmRSS")

@@ -23,7 +23,14 @@ from typing import Callable
 import lora_utils as lu
 from eval.ab import load_ab_items, method_slopes, score_ab_items, summarize_conditions
 from eval.elicitation import SIDES, check_fewshot, pool_size, prompted_jobs
-from eval.generation import GenerationSettings, conversation, generate_records, response_log_likelihoods
+from eval.generation import (
+    GenerationSettings,
+    answers_identity,
+    cached_generation,
+    conversation,
+    identity_key,
+    response_log_likelihoods,
+)
 from eval.judge import DEFAULT_OPENAI_JUDGE, Judge, make_judge
 from eval.stats import cluster_means, clustered_mean_and_sem, mean_and_sem, paired_difference, paired_slope
 from eval.traits import Trait, load_trait
@@ -37,7 +44,6 @@ from io_utils import (
     non_negative_int,
     positive_int,
     read_json_object,
-    read_jsonl,
     unit_interval,
     write_json,
     write_manifest,
@@ -205,16 +211,7 @@ def check_coefficients(model_name: str | None, dtype: str, diffs: list, coeffici
     check_model_source(model_name)  # an empty --model folder is named as such, not as a missing checkpoint
     checkpoint = lu.SafetensorsCheckpoint(resolve_model_folder(model_name))
     for diff, values in zip(diffs, coefficients):
-        for name in diff:
-            if name not in checkpoint or checkpoint.shape(name) != diff.shape(name):
-                raise PersonaLoRAError(f"the persona diff {diff.metadata.get('source_path', '')} does not fit the model: module "
-                                       f"{name} is {diff.shape(name)} in the diff" + (f" but {checkpoint.shape(name)} in the model"
-                                       if name in checkpoint else " and missing in the model")
-                                       + f" (the diff was made for {diff.metadata.get('base_model')})")
-        norms = {}
-        for value in values:
-            lu.check_coefficient_size(diff, lu.as_coefficient(value, flag),
-                                      lambda name: norms.setdefault(name, checkpoint.norm(name)), resolve_dtype(dtype), flag)
+        lu.check_diff_fits(diff, checkpoint, values, flag, dtype=resolve_dtype(dtype))
 
 
 def check_finetune_folder(path: str) -> None:
@@ -287,29 +284,19 @@ def evaluation_jobs(trait: Trait, n_per_question: int, instruction_type: str | N
             for index, question in enumerate(trait.evaluation_questions) for sample in range(n_per_question)]
 
 
-def _key(data: dict) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def generate_condition(run: EvalRun, model, tokenizer, condition: Condition, folder: Path, seed_offset: int = 0) -> list[dict]:
     """Answers for one condition, resumable: finished work files are reused, partial ones continued.
     The file's key holds everything the answers depend on (settings with the resolved dtype, the
     trait file, the condition and what it steers with)."""
     settings = run.settings
-    identity = {**settings.identity(model.dtype), "model_files": model_identity(settings.model),
-                "trait": hashlib.sha256(run.trait.path.read_bytes()).hexdigest(),
-                "condition": condition.name, "instruction_type": condition.instruction_type,
-                "fewshot": run.fewshot if condition.instruction_type else 0, "seed_offset": seed_offset, **condition.identity}
-    path = folder / f"{condition.name}-{_key(identity)}.jsonl"
-    jobs = evaluation_jobs(run.trait, settings.n_per_question, condition.instruction_type, identity["fewshot"])
-    if path.is_file():
-        records = read_jsonl(path)
-        if [r["id"] for r in records] == [j["id"] for j in jobs]:
-            return records
-    with condition.steer():
-        return generate_records(model, tokenizer, jobs, path, max_new_tokens=settings.max_new_tokens,
-                                temperature=settings.temperature, top_p=settings.top_p, batch_size=settings.batch_size,
-                                seed=settings.seed + seed_offset, desc=f"generating {condition.name}")
+    fewshot = run.fewshot if condition.instruction_type else 0
+    identity = answers_identity(settings, model.dtype, settings.seed + seed_offset,
+                                trait=hashlib.sha256(run.trait.path.read_bytes()).hexdigest(), condition=condition.name,
+                                instruction_type=condition.instruction_type, fewshot=fewshot, **condition.identity)
+    jobs = evaluation_jobs(run.trait, settings.n_per_question, condition.instruction_type, fewshot)
+    return cached_generation(model, tokenizer, jobs, folder / f"{condition.name}-{identity_key(identity)}.jsonl", settings,
+                             seed=settings.seed + seed_offset, desc=f"generating {condition.name}", identity=identity,
+                             while_generating=condition.steer)
 
 
 def reference_answers(run: EvalRun, model, tokenizer) -> dict[str, list[dict]]:
@@ -346,7 +333,7 @@ def condition_margins(run: EvalRun, model, tokenizer, condition: Condition, refe
     """question_margins under the condition, kept once computed (keyed by what they depend on)."""
     identity = {"references": references_digest(references), "dtype": str(model.dtype),
                 "model_files": model_identity(run.settings.model), "condition": condition.name, **condition.identity}
-    path = folder / f"margins-{condition.name}-{_key(identity)}.json"
+    path = folder / f"margins-{condition.name}-{identity_key(identity)}.json"
     if path.is_file():
         with contextlib.suppress(PersonaLoRAError):
             return read_json_object(path, "margins")
