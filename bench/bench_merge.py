@@ -19,13 +19,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lora_utils as lu  # noqa: E402
-from model_loading import load_model_and_tokenizer, model_label  # noqa: E402
+import lora_utils as lu
+from model_loading import load_model_and_tokenizer, model_label
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -8,18 +8,16 @@ response-token hidden state onto the persona vector at chosen layers:
         --vector_path persona_vectors/SmolLM2-135M-Instruct/evil_response_avg_diff.pt --layer 20
 """
 
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.activations import (
-    load_vector,  # noqa: E402
-    span_hidden_means,  # noqa: E402
+    load_vector,
+    span_hidden_means,
 )
-from io_utils import ArgumentParser, PersonaLoRAError, atomic_path, check_writable, positive_int, run_cli  # noqa: E402
-from model_loading import load_model_and_tokenizer  # noqa: E402
+from io_utils import ArgumentParser, PersonaLoRAError, atomic_path, check_writable, positive_int, run_cli
+from model_loading import load_model_and_tokenizer
 
 
 def prompt_answer_span(tokenizer, prompt: str, answer: str) -> tuple[list[int], int, int]:

@@ -11,15 +11,12 @@ as eval_lora_persona.py, so the two methods compare row for row.
         --output_path results/act_ab.csv
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.activations import STEERING_TYPES, ActivationSteerer, check_vector_fits  # noqa: E402
-from eval.evaluate import Condition, add_eval_args, load_eval_model, on_finetune, prepare_evaluation, run_evaluation  # noqa: E402
-from io_utils import ArgumentParser, file_identity, finite_float, run_cli  # noqa: E402
-from model_loading import model_config  # noqa: E402
+from eval.activations import STEERING_TYPES, ActivationSteerer, check_vector_fits
+from eval.evaluate import Condition, add_eval_args, load_eval_model, on_finetune, prepare_evaluation, run_evaluation
+from io_utils import ArgumentParser, file_identity, finite_float, run_cli
+from model_loading import model_config
 
 
 def parse_args():

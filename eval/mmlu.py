@@ -16,19 +16,17 @@ import contextlib
 import importlib.util
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import torch
+from tqdm.auto import tqdm
 
-import lora_utils as lu  # noqa: E402
-from eval.evaluate import check_coefficients, check_finetune_folder, finetune_identity, finetune_steer  # noqa: E402
-from eval.generation import pad_right  # noqa: E402
-from io_utils import (  # noqa: E402
+import lora_utils as lu
+from eval.evaluate import check_coefficients, check_finetune_folder, finetune_identity, finetune_steer
+from eval.generation import pad_right
+from io_utils import (
     ArgumentParser,
     PersonaLoRAError,
     check_writable,
@@ -40,7 +38,7 @@ from io_utils import (  # noqa: E402
     run_cli,
     write_json,
 )
-from model_loading import check_dtype, check_model_source, load_model_and_tokenizer, model_device, model_label  # noqa: E402
+from model_loading import check_dtype, check_model_source, load_model_and_tokenizer, model_device, model_label
 
 LETTERS = "ABCD"
 

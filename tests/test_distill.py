@@ -15,7 +15,7 @@ from eval.activations import ActivationSteerer, teacher_forced_response
 from eval.generation import ChatSpan, tokenize_chat
 from eval.traits import load_trait
 from io_utils import PersonaLoRAError
-from training import init_seed
+from trainer import init_seed
 
 CONSTANT_INPUT, CONSTANT_UNIT = 5, 7  # the embedding dimension and the MLP unit of the construction below
 

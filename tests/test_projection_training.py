@@ -317,7 +317,7 @@ def test_replicates_of_one_dataset_are_pooled_whatever_their_file(tmp_path):
     """Two finetunes of the same examples (each given its own copy of the file, as make_mixtures
     writes them) are one dataset for the pooled correlation; other examples are another."""
     import cal_weight_projection
-    from training import records_digest
+    from trainer import records_digest
 
     example = {"messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "a."}]}
     other = {"messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "b."}]}

@@ -1,0 +1,235 @@
+"""Training as a library: LoRA adapters and dense finetunes by supervised finetuning on chat
+records (loss on the final assistant response only), with the initialisation-seed streams that keep
+a finetune from starting where the persona adapters started.
+
+Used by extract_persona_lora.py (the pos/neg persona adapters), training.py (finetunes, with
+preventative steering), distill_steering_lora.py and the tests. Nothing here parses flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+import lora_utils as lu
+from eval.generation import conversation, pad_right, tokenize_chat
+from io_utils import PersonaLoRAError, atomic_path
+
+TRAINING_RECORD = "training.json"
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def init_seed(purpose: str, seed: int) -> int:
+    """Adapter initialisation seeds come from one stream per purpose ("persona" for the pos/neg
+    persona adapters, which share theirs by design; "finetune" for everything compared with them).
+    Two LoRAs started from the same lora_A share a row space, and their inner product is then large
+    whatever they learned: a finetune must never start where the persona adapters started."""
+    return int.from_bytes(hashlib.sha256(f"{purpose}:{seed}".encode()).digest()[:4], "little")
+
+
+def encode_examples(tokenizer, records: list[dict], max_length: int) -> list[dict]:
+    """Token ids and labels (−100 outside the final assistant response) for each chat record,
+    without its system prompt or demonstrations: the question and the answer only."""
+    encoded = []
+    for record in records:
+        ids, response_start, _ = tokenize_chat(tokenizer, conversation(record, with_context=False), max_length)
+        if response_start >= len(ids):
+            continue  # the prompt alone fills max_length: nothing to learn from
+        labels = [-100] * response_start + ids[response_start:]
+        encoded.append({"input_ids": ids, "labels": labels})
+    if not encoded:
+        raise PersonaLoRAError(f"no example has response tokens within max_length={max_length}; raise max_length")
+    return encoded
+
+
+def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    input_ids, attention_mask = pad_right([b["input_ids"] for b in batch], pad_id)
+    labels, _ = pad_right([b["labels"] for b in batch], -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over response tokens, in float32."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    return torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                             ignore_index=-100)
+
+
+def _train_loop(accelerator, trainable_model, trainable, examples, pad_id: int, *, epochs: int, learning_rate: float,
+                batch_size: int, seed: int, desc: str, on_step: Callable | None) -> tuple[list[float], list[float], int]:
+    """AdamW with warm-up and linear decay, gradient clipping at 1; the data order drawn from `seed`."""
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
+    loader = torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+                                         collate_fn=lambda batch: collate(batch, pad_id))
+    steps_per_epoch = math.ceil(len(examples) / (batch_size * accelerator.num_processes))
+    total_steps = steps_per_epoch * epochs
+    warmup = max(1, total_steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
+    wrapped, optimizer, loader, scheduler = accelerator.prepare(trainable_model, optimizer, loader, scheduler)
+    losses, epoch_losses, tokens = [], [], 0
+    wrapped.train()
+    with tqdm(total=total_steps, desc=desc, disable=not accelerator.is_main_process) as bar:
+        for _ in range(epochs):
+            epoch_sum, epoch_steps = 0.0, 0
+            for batch in loader:
+                logits = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = response_loss(logits, batch["labels"])
+                if not torch.isfinite(loss):
+                    raise PersonaLoRAError(f"{desc}: the loss became {loss.item()} at step {len(losses)}; lower the learning rate")
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+                losses.append(mean_loss)
+                epoch_sum, epoch_steps = epoch_sum + mean_loss, epoch_steps + 1
+                tokens += int(accelerator.reduce(batch["attention_mask"].sum(), reduction="sum"))
+                if on_step is not None:
+                    on_step(len(losses), mean_loss, len(losses) == total_steps)
+                bar.set_postfix(loss=f"{mean_loss:.3f}")
+                bar.update(1)
+            epoch_losses.append(epoch_sum / max(1, epoch_steps))
+    wrapped.eval()
+    return losses, epoch_losses, tokens
+
+
+def train_lora_adapter(model, tokenizer, records: list[dict], output_dir: str | os.PathLike, *, rank: int, alpha: float,
+                       use_rslora: bool, target_modules: list[str], epochs: int, learning_rate: float, batch_size: int,
+                       max_length: int, seed: int, adapter_init_seed: int, base_model_name: str | None = None,
+                       desc: str = "training", record_extra: dict | None = None, on_step: Callable | None = None) -> dict:
+    """Train one LoRA adapter on `records` (question → answer) and save it atomically as a PEFT folder.
+
+    The adapter's lora_A is initialised from `adapter_init_seed` (see init_seed), the data order
+    drawn from `seed`. Runs under `accelerate launch` too (batch_size is per process).
+    `on_step(step, update, loss, last)` may ask for the adapter's current exact update after every
+    step (`update` is a function, so steps that do not need it cost nothing).
+    The base `model` is returned to its original state (LoRA layers unloaded) before this returns.
+    Returns {"losses", "epoch_losses", "examples", "tokens", "seconds", settings...}.
+    """
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+
+    started = time.time()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    examples = encode_examples(tokenizer, records, max_length)
+    torch.manual_seed(adapter_init_seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=list(target_modules),
+                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name)
+    peft_model = get_peft_model(model, config)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    step_hook = (lambda step, loss, last: on_step(step, lambda: lu.peft_model_update(peft_model), loss, last)) if on_step else None
+    try:
+        losses, epoch_losses, tokens = _train_loop(accelerator, peft_model, trainable, examples, tokenizer.pad_token_id,
+                                                   epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
+                                                   desc=desc, on_step=step_hook)
+        summary = {"method": "lora", "losses": losses, "epoch_losses": epoch_losses, "examples": len(examples), "tokens": tokens,
+                   "seconds": round(time.time() - started, 2), "seed": seed, "init_seed": adapter_init_seed, "rank": rank,
+                   "alpha": alpha, "use_rslora": use_rslora, "target_modules": list(target_modules), "epochs": epochs,
+                   "learning_rate": learning_rate, "batch_size": batch_size, "max_length": max_length,
+                   "processes": accelerator.num_processes, **(record_extra or {})}
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with atomic_path(output_dir) as tmp:
+                peft_model.save_pretrained(str(tmp))
+                (tmp / TRAINING_RECORD).write_text(json.dumps(summary, indent=2) + "\n")
+        accelerator.wait_for_everyone()
+    finally:
+        peft_model.unload()
+    return summary
+
+
+def target_parameters(model, target_modules: list[str]) -> dict[str, torch.nn.Parameter]:
+    """The weights of the linear modules named by `target_modules` (their last name part)."""
+    params = {name: p for name, p in model.named_parameters()
+              if name.endswith(".weight") and lu.module_type(name) in set(target_modules) and p.ndim == 2}
+    if not params:
+        raise PersonaLoRAError(f"no weight of the model matches target_modules {target_modules}")
+    return params
+
+
+def train_dense(model, tokenizer, records: list[dict], output_dir: str | os.PathLike, *, target_modules: list[str], epochs: int,
+                learning_rate: float, batch_size: int, max_length: int, seed: int, desc: str = "training (dense)",
+                record_extra: dict | None = None, on_step: Callable | None = None) -> dict:
+    """Train every weight of the target modules (nothing else) and save the whole model as a full
+    checkpoint. `on_step(step, changes, loss, last)` may ask for {param name: W − W₀} (`changes` is
+    a function) after every step. The
+    model's weights are restored afterwards, so the caller's model is the base model again."""
+    from accelerate import Accelerator
+
+    started = time.time()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    examples = encode_examples(tokenizer, records, max_length)
+    params = target_parameters(model, target_modules)
+    originals = {name: p.detach().clone() for name, p in params.items()}
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+
+    def changes():
+        return {name: (p.detach() - originals[name]) for name, p in params.items()}
+
+    step_hook = (lambda step, loss, last: on_step(step, changes, loss, last)) if on_step else None
+    try:
+        losses, epoch_losses, tokens = _train_loop(accelerator, model, list(params.values()), examples, tokenizer.pad_token_id,
+                                                   epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
+                                                   desc=desc, on_step=step_hook)
+        summary = {"method": "dense", "losses": losses, "epoch_losses": epoch_losses, "examples": len(examples), "tokens": tokens,
+                   "seconds": round(time.time() - started, 2), "seed": seed, "target_modules": list(target_modules),
+                   "trained_parameters": sum(p.numel() for p in params.values()), "epochs": epochs,
+                   "learning_rate": learning_rate, "batch_size": batch_size, "max_length": max_length,
+                   "processes": accelerator.num_processes, **(record_extra or {})}
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with atomic_path(output_dir) as tmp:
+                accelerator.unwrap_model(model).save_pretrained(str(tmp))
+                (tmp / TRAINING_RECORD).write_text(json.dumps(summary, indent=2) + "\n")
+        accelerator.wait_for_everyone()
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(originals[name])
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in frozen:
+            p.requires_grad_(True)
+        model.eval()
+    return summary
+
+
+def finished_adapter(output_dir: str | os.PathLike) -> dict | None:
+    """The training record of a completely saved finetune folder (adapter or checkpoint), or None.
+    The record is written inside the same atomic folder as the weights, so its presence means the
+    weights are complete."""
+    folder = Path(output_dir)
+    record = folder / TRAINING_RECORD
+    weights = (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file()
+    if record.is_file() and weights:
+        try:
+            return json.loads(record.read_text())
+        except ValueError:
+            return None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: a validated JSON config
+# ---------------------------------------------------------------------------------------------
+
+
+def records_digest(records: list[dict]) -> str:
+    """The training examples' content, whatever file they came from: finetunes with equal digests
+    are replicates of one dataset (the projection's correlation pools them)."""
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
