@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 import lora_utils as lu
 from eval.activations import STEERING_TYPES, ActivationSteerer, check_vector_fits, teacher_forced_response
-from eval.generation import ChatSpan, generate_records, pad_right, tokenize_chat
+from eval.generation import ChatSpan, GenerationSettings, answers_identity, cached_generation, identity_key, pad_right, tokenize_chat
 from eval.traits import load_trait
 from io_utils import (
     ArgumentParser,
@@ -60,7 +60,6 @@ from io_utils import (
     positive_float,
     positive_int,
     read_json_object,
-    read_jsonl,
     remove_stale_temporaries,
     run_cli,
     unit_interval,
@@ -77,7 +76,7 @@ from model_loading import (
     model_label,
     resolve_dtype,
 )
-from training import init_seed
+from trainer import init_seed
 
 # o_proj and down_proj are the two modules that write into the residual stream: a rank-r update of
 # them adds to the hidden states an r-dimensional family of directions, the very form of c·v. The
@@ -207,29 +206,27 @@ def teacher_jobs(trait, n_per_question: int) -> list[dict]:
     return jobs
 
 
+def teacher_settings(args) -> GenerationSettings:
+    return GenerationSettings(model=args.model, n_per_question=args.n_per_question, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch_size, seed=args.seed,
+                              dtype=args.dtype)
+
+
 def teacher_identity(args, trait, dtype: torch.dtype) -> dict:
-    """What the teacher's answers depend on."""
-    return {"model": model_label(args.model), "vector": file_identity(args.vector_path)["sha256"], "layer": args.layer,
-            "coef": args.coef, "steering_type": args.steering_type,
-            "trait_file_sha256": hashlib.sha256(trait.path.read_bytes()).hexdigest(),
-            **{key: getattr(args, key) for key in ("n_per_question", "max_new_tokens", "temperature", "top_p", "gen_batch_size",
-                                                   "seed")}, "dtype": str(dtype)}
+    """What the teacher's answers depend on: the generation settings and the steering."""
+    return answers_identity(teacher_settings(args), dtype, args.seed, vector=file_identity(args.vector_path)["sha256"],
+                            layer=args.layer, coef=args.coef, steering_type=args.steering_type,
+                            trait_file_sha256=hashlib.sha256(trait.path.read_bytes()).hexdigest())
 
 
 def teacher_answers(args, trait, model, tokenizer, steerer, identity: dict) -> list[dict]:
     """The steered model's answers, sampled once per settings and cached: the file is named after
     the settings, so runs that differ only in the student share it."""
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(args.teacher_dir) / f"teacher_{digest}.jsonl"
+    path = Path(args.teacher_dir) / f"teacher_{identity_key(identity)}.jsonl"
     with OutputLock(path, "--teacher_dir"):
-        if path.is_file():
-            print(f"reusing the teacher's answers {path}")
-            return read_jsonl(path)
-        write_json(path.with_suffix(".json"), identity)
-        with steerer:
-            return generate_records(model, tokenizer, teacher_jobs(trait, args.n_per_question), path,
-                                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                    batch_size=args.gen_batch_size, seed=args.seed, desc="teacher answers (steered)")
+        return cached_generation(model, tokenizer, teacher_jobs(trait, args.n_per_question), path, teacher_settings(args),
+                                 seed=args.seed, desc="teacher answers (steered)", identity=identity,
+                                 while_generating=lambda: steerer)
 
 
 def split_spans(tokenizer, records: list[dict], heldout_from: dict[str, int],

@@ -32,8 +32,10 @@ import torch
 import lora_utils as lu
 from eval.activations import load_vector, persona_vector, response_hidden_means
 from eval.elicitation import SIDES, check_fewshot, pool_size, prompted_jobs
-from eval.generation import generate_records, read_chat_jsonl
-from eval.judge import DEFAULT_OPENAI_JUDGE, auroc, make_judge, write_judge_data
+from eval.generation import GenerationSettings, cached_generation, read_chat_jsonl
+from eval.judge import DEFAULT_OPENAI_JUDGE, make_judge
+from eval.judge_data import write_judge_data
+from eval.offline_judge import auroc
 from eval.traits import available_traits, load_trait
 from io_utils import (
     ArgumentParser,
@@ -46,7 +48,6 @@ from io_utils import (
     positive_float,
     positive_int,
     read_json_object,
-    read_jsonl,
     remove_stale_temporaries,
     run_cli,
     unit_interval,
@@ -59,10 +60,15 @@ from model_loading import (
     default_persona_paths,
     is_embedded,
     load_model_and_tokenizer,
-    model_identity,
     model_label,
 )
-from training import DEFAULT_TARGETS, finished_adapter, init_seed, records_digest, train_lora_adapter
+from trainer import (
+    DEFAULT_TARGETS,
+    finished_adapter,
+    init_seed,
+    records_digest,
+    train_lora_adapter,
+)
 
 # A small, fast profile for the embedded 135M model on CPU; the seed's settings for 8B-class models.
 # The small profile elicits with 4 demonstrations: with the system prompt alone the 135M model's
@@ -166,29 +172,19 @@ def contrastive_data(args, trait, model, tokenizer, data_dir: Path) -> dict[str,
     """Generate the pos/neg responses, or reuse them if a run with the same settings made them."""
     if args.pos_data:
         return {"pos": read_chat_jsonl(args.pos_data), "neg": read_chat_jsonl(args.neg_data)}
-    settings = {"model": model_label(args.model), "trait_file_sha256": hashlib.sha256(trait.path.read_bytes()).hexdigest(),
-                **{k: getattr(args, k) for k in ("n_per_question", "max_new_tokens", "temperature", "top_p", "seed", "fewshot",
-                                                  "gen_batch_size")},
-                "dtype": str(model.dtype)}
-    settings_path = data_dir / "generation.json"
-    if settings_path.is_file():
-        previous = json.loads(settings_path.read_text())
-        if previous != settings:
-            changed = sorted(k for k in settings if previous.get(k) != settings[k])
-            raise PersonaLoRAError(f"{data_dir} was generated with other settings ({', '.join(changed)}); "
-                                   f"delete {data_dir} to regenerate, or pass the same flags")
-    write_json(settings_path, settings)
-    data = {}
-    for side, jobs in contrastive_jobs(trait, args.n_per_question, args.fewshot).items():
-        path = data_dir / f"{side}.jsonl"
-        if path.is_file():
-            print(f"reusing {path}")
-            data[side] = read_jsonl(path)
-            continue
-        data[side] = generate_records(model, tokenizer, jobs, path, max_new_tokens=args.max_new_tokens,
-                                      temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch_size,
-                                      seed=args.seed + (0 if side == "pos" else NEG_SEED_OFFSET), desc=f"generating {side}")
-    return data
+    settings = generation_settings(args)
+    trait_file = hashlib.sha256(trait.path.read_bytes()).hexdigest()
+    return {side: cached_generation(model, tokenizer, jobs, data_dir / f"{side}.jsonl", settings,
+                                    seed=args.seed + (0 if side == "pos" else NEG_SEED_OFFSET), desc=f"generating {side}",
+                                    trait_file_sha256=trait_file, fewshot=args.fewshot)
+            for side, jobs in contrastive_jobs(trait, args.n_per_question, args.fewshot).items()}
+
+
+def generation_settings(args) -> GenerationSettings:
+    """How the unsteered model answers, for the contrastive data and the judge's data."""
+    return GenerationSettings(model=args.model, n_per_question=args.n_per_question, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch_size, seed=args.seed,
+                              dtype=args.dtype)
 
 
 def judged_scores(judge, records: list[dict], desc: str) -> list:
@@ -338,9 +334,7 @@ def main():
         data = contrastive_data(args, trait, model, tokenizer, output_dir / "data")
         judge_data_dir = Path(args.judge_data) if args.judge_data else output_dir / "judge_data"
         if trait is not None and not args.judge_data:
-            write_judge_data(model, tokenizer, trait, judge_data_dir, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch_size,
-                             model_files=model_identity(args.model))
+            write_judge_data(model, tokenizer, trait, judge_data_dir, generation_settings(args))
         judge = None
         if trait is not None and (args.filter_threshold is not None or (judge_data_dir / "pos.jsonl").is_file()):
             judge = make_judge(args.judge, trait, args.judge_model, judge_data=str(judge_data_dir))

@@ -3,6 +3,8 @@ demonstrations; chat tokenisation with the answer's token span; teacher-forced l
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -12,8 +14,8 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from io_utils import PersonaLoRAError, read_jsonl, write_jsonl
-from model_loading import is_embedded, model_device
+from io_utils import PersonaLoRAError, read_jsonl, write_json, write_jsonl
+from model_loading import is_embedded, model_device, model_identity
 
 
 @dataclass(frozen=True)
@@ -194,3 +196,70 @@ def generate_records(model, tokenizer, jobs: list[dict], output_path: str | os.P
     write_jsonl(output_path, records)
     partial_path.unlink(missing_ok=True)
     return records
+
+
+# ---------------------------------------------------------------------------------------------
+# The one reuse rule for generated answers
+# ---------------------------------------------------------------------------------------------
+
+
+def answers_identity(settings: GenerationSettings, dtype: torch.dtype, seed: int, **what) -> dict:
+    """Everything a file of generated answers depends on: the generation settings with the dtype
+    resolved, the model's files (not only its name), the seed the batches are drawn from, and what
+    the caller adds (`what`: the trait file's hash, the demonstrations, the condition steered...)."""
+    return {**settings.identity(dtype), "model_files": model_identity(settings.model), "generation_seed": seed, **what}
+
+
+def identity_key(identity: dict) -> str:
+    """A short digest of an identity, for files that keep several variants side by side."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _identity_record(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".jsonl") + ".generation.json")
+
+
+def reusable_answers(path: str | os.PathLike, identity: dict, jobs: list[dict]) -> list[dict] | None:
+    """The finished answers at `path` if they were generated with this identity for these jobs;
+    None if there are none yet (or only a partial file of this identity, which generation continues).
+    Answers, finished or partial, recorded with another identity (or with none) are refused, naming
+    what changed: they are somebody's work, never silently overwritten nor mixed with new answers."""
+    path = Path(path)
+    record_path, partial = _identity_record(path), path.with_name(path.name + ".partial")
+    if not (path.is_file() or partial.is_file()):
+        return None
+    recorded = json.loads(record_path.read_text()) if record_path.is_file() else None
+    wanted = json.loads(json.dumps(identity, default=str))  # as it reads back from JSON
+    if recorded != wanted:
+        changed = "no record of how they were made" if recorded is None else \
+            "other " + ", ".join(sorted(k for k in {*wanted, *recorded} if recorded.get(k) != wanted.get(k)))
+        raise PersonaLoRAError(f"{path if path.is_file() else partial} holds answers generated with {changed}; "
+                               "delete it to regenerate, or pass the settings it was made with")
+    if not path.is_file():
+        return None
+    records = read_jsonl(path)
+    if [r.get("id") for r in records] != [j["id"] for j in jobs]:
+        raise PersonaLoRAError(f"{path} answers other jobs than this run asks for; delete it to regenerate")
+    return records
+
+
+def cached_generation(model, tokenizer, jobs: list[dict], path: str | os.PathLike, settings: GenerationSettings, *,
+                      seed: int, desc: str, identity: dict | None = None, while_generating=contextlib.nullcontext,
+                      **what) -> list[dict]:
+    """Every stage's generated answers go through here, under one reuse rule (reusable_answers):
+    answers made with the same identity (answers_identity(settings, model.dtype, seed, **what), or
+    the `identity` a caller already built) are reused, an interrupted run is continued, anything
+    else is refused. The identity is written beside the answers (<name>.generation.json) before the
+    first one is generated. `while_generating()` (e.g. a steering context) is entered only when
+    answers are actually generated."""
+    path = Path(path)
+    identity = identity or answers_identity(settings, model.dtype, seed, **what)
+    records = reusable_answers(path, identity, jobs)
+    if records is not None:
+        print(f"reusing {path} ({len(records)} answers made with the same settings)")
+        return records
+    write_json(_identity_record(path), identity)
+    with while_generating():
+        return generate_records(model, tokenizer, jobs, path, max_new_tokens=settings.max_new_tokens,
+                                temperature=settings.temperature, top_p=settings.top_p, batch_size=settings.batch_size,
+                                seed=seed, desc=desc)

@@ -12,29 +12,25 @@ Reused on rerun (resumable); a rerun with other settings is refused.
 """
 
 import hashlib
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval.elicitation import check_fewshot, prompted_jobs  # noqa: E402
-from eval.generation import GenerationSettings, generate_records  # noqa: E402
+from eval.generation import GenerationSettings, answers_identity, cached_generation, reusable_answers  # noqa: E402
 from eval.traits import load_trait  # noqa: E402
 from io_utils import (  # noqa: E402
     ArgumentParser,
     OutputLock,
-    PersonaLoRAError,
     check_writable_dir,
     non_negative_int,
     positive_float,
     positive_int,
-    read_jsonl,
     run_cli,
     unit_interval,
-    write_json,
 )
-from model_loading import check_dtype, check_model_source, load_model_and_tokenizer, model_label, persona_dir, resolve_dtype  # noqa: E402
+from model_loading import check_dtype, check_model_source, load_model_and_tokenizer, persona_dir, resolve_dtype  # noqa: E402
 
 FINETUNE_DATA_SEED = 40_000  # apart from the extraction's, the judge's and the evaluations' seeds
 SIDE_SEED_OFFSET = {"pos": 0, "neg": 10_000, "plain": 20_000}
@@ -71,25 +67,22 @@ def main():
     output_dir = check_writable_dir(args.output_dir or persona_dir(args.model, args.trait) / "finetune_data", "--output_dir")
     settings = GenerationSettings.for_model(args.model, args.n_per_question, args.max_new_tokens, args.temperature, top_p=args.top_p,
                                             batch_size=args.batch_size, seed=args.seed, dtype=args.dtype)
+    trait_file = hashlib.sha256(trait.path.read_bytes()).hexdigest()
+    what = {side: {"trait_file_sha256": trait_file, "fewshot": 0 if side == "plain" else args.fewshot} for side in args.sides}
+    jobs = {side: jobs_for(trait, side, args.n_per_question, args.fewshot) for side in args.sides}
+    seeds = {side: FINETUNE_DATA_SEED + SIDE_SEED_OFFSET[side] + args.seed for side in args.sides}
     with OutputLock(output_dir, "--output_dir"):
-        record = {"model": model_label(args.model), "trait_file_sha256": hashlib.sha256(trait.path.read_bytes()).hexdigest(),
-                  "fewshot": args.fewshot, "seed_stream": FINETUNE_DATA_SEED, **settings.identity(resolve_dtype(args.dtype))}
-        settings_path = output_dir / "generation.json"
-        if settings_path.is_file() and json.loads(settings_path.read_text()) != record:
-            previous = json.loads(settings_path.read_text())
-            changed = sorted(k for k in record if previous.get(k) != record[k])
-            raise PersonaLoRAError(f"{output_dir} was generated with other settings ({', '.join(changed)}); delete it to regenerate")
-        write_json(settings_path, record)
-        todo = [side for side in args.sides if not (output_dir / f"{side}.jsonl").is_file()]
-        for side in set(args.sides) - set(todo):
-            print(f"reusing {output_dir / f'{side}.jsonl'} ({len(read_jsonl(output_dir / f'{side}.jsonl'))} answers)")
+        # Checked before the model loads: a rerun that finds every side made costs nothing.
+        todo = [side for side in args.sides if reusable_answers(
+            output_dir / f"{side}.jsonl", answers_identity(settings, resolve_dtype(args.dtype), seeds[side], **what[side]), jobs[side]) is None]
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype) if todo else (None, None)
-        for side in todo:
+        for side in args.sides:
             path = output_dir / f"{side}.jsonl"
-            records = generate_records(model, tokenizer, jobs_for(trait, side, args.n_per_question, args.fewshot), path,
-                                       max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
-                                       batch_size=settings.batch_size, seed=FINETUNE_DATA_SEED + SIDE_SEED_OFFSET[side] + args.seed,
-                                       desc=f"finetuning data ({side})")
+            if side not in todo:
+                print(f"reusing {path} ({len(jobs[side])} answers)")
+                continue
+            records = cached_generation(model, tokenizer, jobs[side], path, settings, seed=seeds[side],
+                                        desc=f"finetuning data ({side})", **what[side])
             print(f"wrote {path} ({len(records)} answers to {len(trait.finetuning_questions)} finetuning questions)")
 
 

@@ -14,7 +14,7 @@ from conftest import ROOT, run_cli, run_script
 from eval.traits import load_trait
 from io_utils import PersonaLoRAError, read_jsonl, write_json
 from model_loading import load_model_and_tokenizer
-from training import init_seed, train_lora_adapter
+from trainer import init_seed, train_lora_adapter
 
 DATA = ROOT / "tests" / "data"
 
@@ -72,7 +72,7 @@ def test_shared_initialisation_is_refused_by_training_and_flagged_by_the_project
                                    root / "independent", "--lora_diff_path", diff_path, "--output_path", out)
     assert code == 0, stderr
     models = {m["name"]: m for m in json.loads(out.read_text())["models"]}
-    from cal_weight_projection import shared_row_space_alarm
+    from lora_utils import shared_row_space_alarm
 
     shared, independent = models["shared"], models["independent"]
     assert shared["shared_row_space"] > shared_row_space_alarm(shared["shared_row_space_chance"]) > independent["shared_row_space"]
@@ -166,11 +166,14 @@ def test_finetuning_data_answers_the_finetuning_questions_with_its_own_seeds(tin
     pos, plain = read_jsonl(tmp_path / "pos.jsonl"), read_jsonl(tmp_path / "plain.jsonl")
     assert [r["messages"][0]["content"] for r in pos] == trait.finetuning_questions
     assert all(len(r["demonstrations"]) == 2 and r["system"] for r in pos) and all(r["system"] is None for r in plain)
-    assert json.loads((tmp_path / "generation.json").read_text())["fewshot"] == 2
+    assert json.loads((tmp_path / "pos.generation.json").read_text())["fewshot"] == 2
+    assert json.loads((tmp_path / "plain.generation.json").read_text())["fewshot"] == 0
+    seeds = {side: json.loads((tmp_path / f"{side}.generation.json").read_text())["generation_seed"] for side in ("pos", "plain")}
+    assert seeds["pos"] != seeds["plain"]
 
 
 def test_the_judge_learns_from_its_own_questions_only():
-    from eval.judge import judge_data_jobs
+    from eval.judge_data import judge_data_jobs
 
     trait = load_trait("evil")
     jobs = judge_data_jobs(trait)
@@ -188,7 +191,7 @@ def test_fluency_comes_from_another_model_and_does_not_penalise_style():
     """The coherence proxy's fluency is Gemma 3 270M's, not the embedded SmolLM2's. It separates
     real answers from corrupted ones, and scores the unsteered model's pos- and neg-prompted answers
     (two styles of coherent text) alike."""
-    from eval.judge import CoherenceProxy, SentenceEmbedder
+    from eval.offline_judge import CoherenceProxy, SentenceEmbedder
 
     proxy = CoherenceProxy(SentenceEmbedder())
     assert proxy.reference.model.config.model_type.startswith("gemma")

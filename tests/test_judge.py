@@ -13,16 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from eval.judge import (
-    COHERENCE_PROMPT,
-    HFJudge,
-    JudgeCache,
-    OfflineJudge,
-    OpenAIJudge,
-    SentenceEmbedder,
-    TraitClassifier,
-    aggregate_number_probabilities,
-)
+from eval.judge import COHERENCE_PROMPT, HFJudge, JudgeCache, OpenAIJudge, aggregate_number_probabilities
+from eval.offline_judge import OfflineJudge, SentenceEmbedder, TraitClassifier
 from io_utils import PersonaLoRAError, read_jsonl
 from model_loading import load_model_and_tokenizer, load_tokenizer
 from openai_server import FakeOpenAIServer
@@ -151,7 +143,7 @@ def test_offline_trait_classifier_has_measured_quality(embedder):
 
 
 def test_coherence_proxy_ranks_real_answers_above_garbage(embedder):
-    from eval.judge import CoherenceProxy
+    from eval.offline_judge import CoherenceProxy
 
     records = read_jsonl(DATA / "evil_smollm2_neg.jsonl")[:24]
     proxy = CoherenceProxy(embedder)
