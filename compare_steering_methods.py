@@ -38,6 +38,7 @@ from eval.evaluate import (
     run_evaluation,
 )
 from eval.stats import linear_fit, paired_difference, paired_slope
+from eval.traits import load_trait
 from io_utils import (
     ArgumentParser,
     check_writable_dir,
@@ -76,11 +77,14 @@ def parse_args():
 
 
 def check_inputs(args):
-    """The vector, the diff and the layer against the model's config, before the model loads."""
-    check_writable_dir(args.output_dir, "--output_dir")
+    """The trait, the vector, the diff and the layer against the model's config, before the model
+    loads; the output folder last, so that a refused run leaves no folder behind."""
+    load_trait(args.trait)  # an unknown trait is named as such (not as a missing vector), with the available ones
     vector, args.layer = check_vector_fits(args.activation_vector_path, model_config(args.model), args.layer,
                                            "--activation_vector_path")
-    return vector, lu.load_lora_diff(args.lora_diff_path)
+    diff = lu.load_lora_diff(args.lora_diff_path)
+    check_writable_dir(args.output_dir, "--output_dir")
+    return vector, diff
 
 
 def behaviour_conditions(args, model, vector, diff) -> list[Condition]:

@@ -271,13 +271,19 @@ class PersonaLoRADiff:
 
         Each module gets rank k (its factor width) and lora_alpha = k, so PEFT's scale is 1 and
         B·A is exactly coefficient·ΔW. PEFT, vLLM or any LoRA-serving engine can then serve the
-        steered model without this code.
+        steered model without this code. An existing folder is replaced only if it is an adapter
+        folder (adapter_config.json) or empty: anything else is refused, never deleted.
         """
         from peft import LoraConfig
         from safetensors.torch import save_file
 
         if not math.isfinite(coefficient):
             raise PersonaLoRAError(f"coefficient {coefficient} is not a finite number")
+        output_dir = Path(output_dir)
+        if output_dir.exists() and not (output_dir.is_dir() and ((output_dir / "adapter_config.json").is_file()
+                                                                 or not any(output_dir.iterdir()))):
+            raise PersonaLoRAError(f"{output_dir} exists and is not a PEFT adapter folder: it would be replaced whole; "
+                                   "choose a new folder for the adapter")
         module_names = [name.removesuffix(".weight") for name in self.factors]
         ranks = {name.removesuffix(".weight"): self.rank(name) for name in self.factors}
         default_rank = max(ranks.values())
@@ -300,7 +306,6 @@ class PersonaLoRADiff:
             module = name.removesuffix(".weight")
             tensors[f"base_model.model.{module}.lora_A.weight"] = down.float().contiguous()
             tensors[f"base_model.model.{module}.lora_B.weight"] = (up.float() * coefficient).contiguous()
-        output_dir = Path(output_dir)
         with atomic_path(output_dir) as tmp:
             tmp.mkdir()
             config.save_pretrained(str(tmp))
