@@ -722,9 +722,10 @@ class LoRAMerger:
         """Add coefficient·ΔW to the model's weights. Validates everything before touching any."""
         diff = _as_diff(lora_diff)
         resolved = self.check(diff, coefficient)
+        coefficient = float(coefficient)  # a finite real number or a one-element tensor: check() made sure
         # Terms are kept by reference (no scaled copies of the factors): the only memory a merge
         # adds is the backups of the weights it touches.
-        self._terms.append((as_coefficient(coefficient), diff, resolved))
+        self._terms.append((coefficient, diff, resolved))
         self._fidelity = [0.0, 0.0]
         with torch.no_grad():
             for param_name in resolved.values():
@@ -737,9 +738,9 @@ class LoRAMerger:
             if self.fidelity < FIDELITY_WARNING and not _FIDELITY_WARNED:
                 _FIDELITY_WARNED.append(True)
                 print(f"warning: the weights' low-precision dtype keeps {self.fidelity:.0%} of the merged update along it "
-                      f"(coefficient {as_coefficient(coefficient):g}): small updates round away; load the model in float32 "
+                      f"(coefficient {coefficient:g}): small updates round away; load the model in float32 "
                       "(--dtype float32) for coefficients that mean what they say", file=sys.stderr)
-        self.history.append((diff.metadata.get("trait") or diff.metadata.get("source_path") or "diff", as_coefficient(coefficient)))
+        self.history.append((diff.metadata.get("trait") or diff.metadata.get("source_path") or "diff", coefficient))
         return self
 
     def restore_original_weights(self) -> None:

@@ -353,9 +353,31 @@ def run_evaluation(run: EvalRun, conditions: list[Condition], model, tokenizer) 
     prepare_evaluation, is released once they are written (a second run writing the same output
     was refused meanwhile)."""
     with run.lock or OutputLock(run.output_path, "--output_path"):
-        if run.ab_items is not None:
-            return _run_ab(run, conditions, model, tokenizer)
-        return _run_judged(run, conditions, model, tokenizer)
+        ab = run.ab_items is not None
+        work_dir = run.output_path.parent / f".{run.output_path.stem}.work"
+        frame, summary, generated = (_measure_ab if ab else _measure_judged)(run, conditions, model, tokenizer, work_dir)
+        with atomic_path(run.output_path) as tmp:
+            frame.to_csv(tmp, index=False)
+        write_json(run.output_path.with_suffix(".summary.json"), summary)
+        write_manifest(run.output_path.parent, run.arguments, run.started, name=f"{run.output_path.stem}.manifest.json",
+                       outputs={"csv": str(run.output_path)}, **({"ab_data": run.ab_path} if ab else {"judge": run.judge.name}))
+        (print_ab_table if ab else print_table)(summary)
+        return EvalResult(frame, summary, generated)
+
+
+def judge_free_margins(run: EvalRun, conditions: list[Condition], model, tokenizer, work_dir: Path) -> tuple[dict, dict | None]:
+    """({condition: {question: margin}}, the reference answers) when the run measures the margin.
+    A prompted condition answers under a system prompt the references are not scored with: its
+    margin would be the unprompted model's, so it gets none."""
+    if not run.margin:
+        return {}, None
+    references = reference_answers(run, model, tokenizer)
+    return {c.name: condition_margins(run, model, tokenizer, c, references, work_dir) for c in conditions
+            if not c.instruction_type}, references
+
+
+def composition_columns(conditions: list[Condition]) -> list[str]:
+    return list(dict.fromkeys(f"coef_{k}" for c in conditions for k in (c.coefs or {})))
 
 
 def baseline_of(conditions: list[Condition]) -> Condition | None:
@@ -369,18 +391,12 @@ def baseline_of(conditions: list[Condition]) -> Condition | None:
     return next((c for c in conditions if unsteered(c)), None)
 
 
-def _run_judged(run: EvalRun, conditions: list[Condition], model, tokenizer):
+def _measure_judged(run: EvalRun, conditions: list[Condition], model, tokenizer, work_dir: Path):
     import pandas as pd
 
-    trait, work_dir = run.trait, run.output_path.parent / f".{run.output_path.stem}.work"
+    trait = run.trait
     generated = {c.name: generate_condition(run, model, tokenizer, c, work_dir) for c in conditions}
-    margins, references = {}, None
-    if run.margin:
-        references = reference_answers(run, model, tokenizer)
-        # A prompted condition answers under a system prompt the references are not scored with:
-        # its margin would be the unprompted model's, so it gets none.
-        margins = {c.name: condition_margins(run, model, tokenizer, c, references, work_dir) for c in conditions
-                   if not c.instruction_type}
+    margins, references = judge_free_margins(run, conditions, model, tokenizer, work_dir)
 
     rows = []
     for condition in conditions:
@@ -396,17 +412,10 @@ def _run_judged(run: EvalRun, conditions: list[Condition], model, tokenizer):
     for row, trait_score, coherence_score in zip(rows, trait_scores, coherence):
         row[trait.name], row["coherence"] = trait_score, coherence_score
 
-    composition_columns = list(dict.fromkeys(f"coef_{k}" for c in conditions for k in (c.coefs or {})))
-    frame = pd.DataFrame(rows)[CSV_COLUMNS_BEFORE_TRAIT + [trait.name] + CSV_COLUMNS_AFTER_TRAIT + composition_columns]
+    frame = pd.DataFrame(rows)[CSV_COLUMNS_BEFORE_TRAIT + [trait.name] + CSV_COLUMNS_AFTER_TRAIT + composition_columns(conditions)]
     summary = judged_summary(run, conditions, rows, margins)
     summary["references_sha256"] = references_digest(references) if references else None
-    with atomic_path(run.output_path) as tmp:
-        frame.to_csv(tmp, index=False)
-    write_json(run.output_path.with_suffix(".summary.json"), summary)
-    write_manifest(run.output_path.parent, run.arguments, run.started, name=f"{run.output_path.stem}.manifest.json",
-                   outputs={"csv": str(run.output_path)}, judge=run.judge.name)
-    print_table(summary)
-    return EvalResult(frame, summary, generated)
+    return frame, summary, generated
 
 
 def judged_summary(run: EvalRun, conditions: list[Condition], rows: list[dict], margins: dict) -> dict:
@@ -487,7 +496,7 @@ def print_table(summary: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_ab(run: EvalRun, conditions: list[Condition], model, tokenizer):
+def _measure_ab(run: EvalRun, conditions: list[Condition], model, tokenizer, work_dir: Path):
     """Forced choices under every condition, and beside them (unless --no_margin) the judge-free
     log-likelihood margin: both measures without a judge, in one run."""
     import pandas as pd
@@ -498,11 +507,7 @@ def _run_ab(run: EvalRun, conditions: list[Condition], model, tokenizer):
             rows = score_ab_items(model, tokenizer, run.ab_items, run.ab_system_prompt)
         scored.append({"name": condition.name, "method": condition.method, "coef": condition.coef, "coefs": condition.coefs,
                        "rows": rows})
-    margins = {}
-    if run.margin:
-        work_dir = run.output_path.parent / f".{run.output_path.stem}.work"
-        references = reference_answers(run, model, tokenizer)
-        margins = {c.name: condition_margins(run, model, tokenizer, c, references, work_dir) for c in conditions}
+    margins, _ = judge_free_margins(run, conditions, model, tokenizer, work_dir)
     table = []
     for condition in scored:
         for item, row in zip(run.ab_items, condition["rows"]):
@@ -511,16 +516,8 @@ def _run_ab(run: EvalRun, conditions: list[Condition], model, tokenizer):
                           "p_matching_swapped": row.get("p_matching_swapped"), "p_first": row["p_first"],
                           "p_first_swapped": row.get("p_first_swapped"), "choice_log_mass": row["choice_log_mass"],
                           **{f"coef_{k}": c for k, c in (condition["coefs"] or {}).items()}})
-    composition_columns = list(dict.fromkeys(f"coef_{k}" for c in conditions for k in (c.coefs or {})))
-    frame = pd.DataFrame(table)[AB_CSV_COLUMNS + composition_columns]
-    summary = ab_summary(run, scored, margins)
-    with atomic_path(run.output_path) as tmp:
-        frame.to_csv(tmp, index=False)
-    write_json(run.output_path.with_suffix(".summary.json"), summary)
-    write_manifest(run.output_path.parent, run.arguments, run.started, name=f"{run.output_path.stem}.manifest.json",
-                   outputs={"csv": str(run.output_path)}, ab_data=run.ab_path)
-    print_ab_table(summary)
-    return EvalResult(frame, summary)
+    frame = pd.DataFrame(table)[AB_CSV_COLUMNS + composition_columns(conditions)]
+    return frame, ab_summary(run, scored, margins), None
 
 
 def ab_summary(run: EvalRun, scored: list[dict], margins: dict[str, dict[str, float]]) -> dict:
