@@ -16,7 +16,7 @@ read -r -a coefs <<< "${COEFS:--1 1}"
 python extract_persona_lora.py "${model_flag[@]}" --trait "$trait"
 python scripts/make_finetuning_data.py "${model_flag[@]}" --trait "$trait" --sides pos neg plain
 python scripts/prevention.py configs "${model_flag[@]}" --training_file "$finetune_data_dir/pos.jsonl" \
-    --control_file "$finetune_data_dir/plain.jsonl" --lora_diff_path "$diff_path" --vector_path "$vector_path" --layer "${LAYER:-20}" --coefs "${coefs[@]}" \
+    --control_file "$finetune_data_dir/plain.jsonl" --lora_diff_path "$diff_path" --vector_path "$vector_path" "${layer_flag[@]}" --coefs "${coefs[@]}" \
     --n "${N_EXAMPLES:-160}" --training "${TRAINING:-{\}}" --output_dir "$out" --ckpt_dir "$ckpt"
 eval_flags=(--trait "$trait" --n_per_question "${N_PER_QUESTION:-2}")
 ab_flags=(--trait "$trait" --ab_data "dataset/$trait/ab.jsonl" --no_margin)
