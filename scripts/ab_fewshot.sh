@@ -10,8 +10,7 @@
 #   TRAITS="evil sycophancy" COEFFICIENTS="-2 0 2" bash scripts/ab_fewshot.sh
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
-source "$(dirname "$0")/experiment_env.sh"
-out="${OUTPUT_DIR:-results/exp6_ab}"
+source "$(dirname "$0")/experiment_env.sh" results/exp6_ab
 read -r -a traits <<< "${TRAITS:-evil sycophancy hallucination corrigibility}"
 read -r -a coefficients <<< "${COEFFICIENTS:--2 -1 0 1 2}"
 fewshot="${FEWSHOT:-4}"

@@ -8,8 +8,7 @@
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct N_PER_QUESTION=10 LEVELS="-1 0 1.5" bash scripts/compose_personas.sh   # full size
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
-source "$(dirname "$0")/experiment_env.sh"
-out="${OUTPUT_DIR:-results/exp4_composition}"
+source "$(dirname "$0")/experiment_env.sh" results/exp4_composition
 read -r -a traits <<< "${TRAITS:-evil sycophancy hallucination}"
 read -r -a levels <<< "${LEVELS:-0 2}"
 extract_diffs "${traits[@]}"
