@@ -10,8 +10,7 @@
 #   TRAITS="evil sycophancy" COEFFICIENTS="-2 0 2" bash scripts/ab_fewshot.sh
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
-source "$(dirname "$0")/experiment_env.sh"
-out="${OUTPUT_DIR:-results/exp6_ab}"
+source "$(dirname "$0")/experiment_env.sh" results/exp6_ab
 read -r -a traits <<< "${TRAITS:-evil sycophancy hallucination corrigibility}"
 read -r -a coefficients <<< "${COEFFICIENTS:--2 -1 0 1 2}"
 fewshot="${FEWSHOT:-4}"
@@ -26,13 +25,13 @@ for t in "${traits[@]}"; do
         --lora_diff_path "${t_persona_dir}${suffix}/${t}_lora_diff.pt" --lora_coef "${coefficients[@]}" \
         --output_path "$out/${t}_k${k}_lora.csv"
     python eval/eval_persona.py "${model_flag[@]}" --trait "$t" --ab_data "dataset/$t/ab.jsonl" \
-        --vector_path "${t_vector_path%_response_avg_diff.pt}${suffix}_response_avg_diff.pt" --layer "${LAYER:-20}" \
+        --vector_path "${t_vector_path%_response_avg_diff.pt}${suffix}_response_avg_diff.pt" "${layer_flag[@]}" \
         --coef "${coefficients[@]}" --output_path "$out/${t}_k${k}_vector.csv"
   done
   # The vector steered at every position too (a merged LoRA changes how the question and choices
   # are read; response steering does not): A/B only.
   python eval/eval_persona.py "${model_flag[@]}" --trait "$t" --ab_data "dataset/$t/ab.jsonl" --vector_path "$t_vector_path" \
-      --layer "${LAYER:-20}" --steering_type all --coef "${coefficients[@]}" --no_margin --output_path "$out/${t}_k${fewshot}_vector_all.csv"
+      "${layer_flag[@]}" --steering_type all --coef "${coefficients[@]}" --no_margin --output_path "$out/${t}_k${fewshot}_vector_all.csv"
 done
 python scripts/ab_summary.py "${model_flag[@]}" --traits "${traits[@]}" --fewshot "$fewshot" 0 --output_dir "$out"
 echo "A/B and few-shot comparison finished in $(( $(date +%s) - started )) s: $out/table.md, $out/summary.json, $out/ab.png"

@@ -1,170 +1,19 @@
-"""The summary of scripts/ab_fewshot.sh: per trait and extraction setting (few-shot K), the A/B
-balanced p_matching of the persona LoRA and of the vector at every coefficient (with its change
-against coefficient 0, paired by item), their A/B and judge-free margin slopes, how much
-probability the two answers keep at the largest coefficient, and how separable the extraction's pos
-and neg answers were (the judge's AUROC on them; an offline judge never saw them); and, per method,
-the difference between the settings' A/B slopes, paired by item (both settings answer the same
-items). Writes summary.json, table.md (the README's tables) and ab.png.
+"""The summary of scripts/ab_fewshot.sh, the command line of eval/experiments/ab_fewshot.py: per
+trait and extraction setting (few-shot K), the A/B balanced p_matching of the persona LoRA and of
+the vector at every coefficient (with its change against coefficient 0, paired by item), their A/B
+and margin slopes, and the difference between the settings' A/B slopes, paired by item. Writes
+summary.json, table.md (the README's tables) and ab.png.
 
     python scripts/ab_summary.py --traits evil sycophancy --fewshot 4 0 --output_dir results/exp6_ab
 """
 
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.ab import balanced_paired_test  # noqa: E402
-from eval.analysis import save_figure  # noqa: E402
-from eval.evaluate import measurement_identity, require_same_measurement  # noqa: E402
-from eval.stats import cluster_slopes  # noqa: E402
-from io_utils import ArgumentParser, PersonaLoRAError, atomic_path, non_negative_int, read_json_object, run_cli, write_json  # noqa: E402
-from model_loading import persona_dir  # noqa: E402
-
-METHODS = {"lora": "persona LoRA", "vector": "activation vector"}
-DRAINED_LOG_MASS = -2.0  # log(P(m) + P(n)) fell by more than this: the model mostly stopped answering with a choice
-
-
-def extraction_summary(model, trait: str, k: int, default_k: int) -> dict:
-    """The extraction's summary.json (the default setting's folder, or <folder>_k<K> for another
-    K, as ab_fewshot.sh writes them), checked to have been made with K demonstrations."""
-    folder = persona_dir(model, trait) if k == default_k else Path(f"{persona_dir(model, trait)}_k{k}")
-    summary = read_json_object(folder / "summary.json", "extraction summary")
-    if summary.get("fewshot") != k:
-        raise PersonaLoRAError(f"{folder / 'summary.json'} was extracted with --fewshot {summary.get('fewshot')}, not {k}: "
-                               "give --fewshot the default setting first, as scripts/ab_fewshot.sh ran it")
-    return summary
-
-
-def item_slopes(summary: dict) -> dict[str, float]:
-    """Each item's slope of its both-orders p_matching per unit coefficient."""
-    return cluster_slopes([c["coef"] for c in summary["conditions"]], [c["both_orders_by_item"] for c in summary["conditions"]])
-
-
-def read_ab_summary(path: Path, trait: str) -> dict:
-    summary = read_json_object(path, "A/B summary")
-    if summary.get("mode") != "ab" or summary.get("trait") != trait:
-        raise PersonaLoRAError(f"{path} is not an A/B summary of {trait} (mode {summary.get('mode')}, trait {summary.get('trait')})")
-    if not summary.get("slopes") or any("change_vs_baseline" not in c for c in summary["conditions"]):
-        raise PersonaLoRAError(f"{path} has no slope or no unsteered condition: rerun its sweep with coefficient 0 and another")
-    return summary
-
-
-def collect(args) -> dict:
-    report = {}
-    for trait in args.traits:
-        report[trait] = {}
-        summaries = {(k, method): read_ab_summary(Path(args.output_dir) / f"{trait}_k{k}_{method}.summary.json", trait)
-                     for k in args.fewshot for method in METHODS}
-        # Every setting and method on one A/B file and one set of coefficients, or the rows do not compare.
-        require_same_measurement({f"{trait}_k{k}_{m}": {**measurement_identity(s), "coefficients": sorted(c["coef"] for c in s["conditions"])}
-                                  for (k, m), s in summaries.items()}, f"the A/B sweeps of {trait}")
-        for k in args.fewshot:
-            separability = extraction_summary(args.model, trait, k, args.fewshot[0]).get("separability") or {}
-            entry = {"separability_auroc": separability.get("judge_auroc_pos_vs_neg"), "separability_judge": separability.get("judge")}
-            for method in METHODS:
-                summary = summaries[(k, method)]
-                slope = next(iter(summary["slopes"].values()))
-                margin = next(iter(summary["margin_slopes"].values()), None)
-                entry[method] = {
-                    "points": {c["coef"]: {"p": c["balanced_p_matching_both_orders"],
-                                           "change": c["change_vs_baseline"]["balanced_p_matching_both_orders"],
-                                           "change_sem": c["change_vs_baseline"]["balanced_p_matching_both_orders_sem"],
-                                           "p_first_choice": c["p_first_choice"],
-                                           "choice_log_mass_change": c["change_vs_baseline"].get("choice_log_mass"),
-                                           "choice_log_mass_change_sem": c["change_vs_baseline"].get("choice_log_mass_sem")}
-                               for c in summary["conditions"]},
-                    "ab_slope": slope["slope"], "ab_slope_sem": slope["slope_sem"],
-                    "margin_slope": margin["slope"] if margin else None, "margin_slope_sem": margin["slope_sem"] if margin else None,
-                    "items": summary["items"], "ab_data": summary["ab_data"], "model": summary["model"]}
-            report[trait][f"k{k}"] = entry
-        if len(args.fewshot) == 2:
-            first, second = args.fewshot
-            report[trait]["slope_difference"] = {}
-            for method in METHODS:
-                slopes = {k: item_slopes(summaries[(k, method)]) for k in args.fewshot}
-                matching_first = summaries[(first, method)]["conditions"][0]["matching_first_by_item"]
-                report[trait]["slope_difference"][method] = {
-                    "contrast": f"K={first} − K={second}", "errors": "paired by item (both settings answer the same items)",
-                    **balanced_paired_test({item: slopes[first][item] - slopes[second][item] for item in slopes[first]},
-                                           matching_first)}
-    return report
-
-
-def settings_of(entries: dict) -> dict:
-    return {setting: entry for setting, entry in entries.items() if setting.startswith("k")}
-
-
-def p_text(p: float) -> str:
-    """A sign-flip p: beyond 16 items it comes from 100,000 random patterns, so the smallest it can
-    be is 1e-5, which says "no random pattern reached the observed value"."""
-    return "≤ 1e-05" if p <= 1e-5 else f"{p:.2g}"
-
-
-def table(report: dict, coefficients: list[float]) -> str:
-    bottom, top = min(coefficients), max(coefficients)
-    first = next(iter(settings_of(next(iter(report.values()))).values()))["lora"]
-    judges = sorted({e["separability_judge"] or "—" for entries in report.values() for e in settings_of(entries).values()})
-    lines = [f"Balanced p_matching (both orders of the choices) on {first['items']} A/B items per trait, {first['model']}; "
-             "in brackets the change from coefficient 0 ± its item-paired s.e.; slopes per unit coefficient fit item by item. "
-             f"log-mass: change of log(P(m) + P(n)) at {bottom:+g} / {top:+g} (the answers' total probability, which p_matching "
-             "shares out; its paired s.e. is in summary.json). "
-             f"pos/neg AUROC: the judge ({', '.join(judges)}) on the extraction's own pos vs neg answers, which it was not fit on. "
-             "Caveats: the judge's data and the margin's reference answers are elicited with demonstrations, which favours "
-             "K > 0 by construction; vector coefficients are raw, so vector slopes do not compare across K (their norms differ).", ""]
-    header = ("| trait | K | method | " + " | ".join(f"{c:+g}" for c in coefficients)
-              + f" | A/B slope | margin slope | log-mass {bottom:+g} / {top:+g} | pos/neg AUROC |")
-    lines += [header, "|" + "---|" * (header.count("|") - 1)]
-    for trait, entries in report.items():
-        for setting, entry in settings_of(entries).items():
-            for method, label in METHODS.items():
-                m = entry[method]
-                cells = []
-                for c in coefficients:
-                    point = m["points"].get(c)
-                    cells.append("—" if point is None else f"{point['p']:.3f}" if c == 0 else
-                                 f"{point['p']:.3f} ({point['change']:+.4f} ± {point['change_sem']:.4f})")
-                margin = "—" if m["margin_slope"] is None else f"{m['margin_slope']:+.4f} ± {m['margin_slope_sem']:.4f}"
-                masses = [m["points"].get(c, {}).get("choice_log_mass_change") for c in (bottom, top)]
-                mass = "—" if None in masses else " / ".join(f"{v:+.2f}" for v in masses)
-                auroc = "—" if entry["separability_auroc"] is None else f"{entry['separability_auroc']:.3f}"
-                lines.append(f"| {trait} | {setting[1:]} | {label} | " + " | ".join(cells)
-                             + f" | {m['ab_slope']:+.4f} ± {m['ab_slope_sem']:.4f} | {margin} | {mass} | {auroc} |")
-    differences = [(trait, method, d) for trait, entries in report.items() for method, d in entries.get("slope_difference", {}).items()]
-    if differences:
-        lines += ["", "| trait | method | A/B slope difference | ± s.e. (paired by item) | p (sign flips) |", "|---|---|---|---|---|"]
-        lines += [f"| {trait} | {METHODS[method]} ({d['contrast']}) | {d['mean']:+.4f} | {d['sem']:.4f} | {p_text(d['p'])} |"
-                  for trait, method, d in differences]
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    traits = list(report)
-    figure, axes = plt.subplots(1, len(traits), figsize=(4.2 * len(traits), 3.8), squeeze=False)
-    for axis, trait in zip(axes[0], traits):
-        for setting, entry in settings_of(report[trait]).items():
-            for method, label in METHODS.items():
-                points = sorted(entry[method]["points"].items())
-                line = axis.errorbar([c for c, _ in points], [p["p"] for _, p in points], yerr=[p["change_sem"] for _, p in points],
-                                     marker="o" if method == "lora" else "s", linestyle="-" if setting != "k0" else ":", capsize=3,
-                                     label=f"{label}, K={setting[1:]}")
-                drained = [(c, p["p"]) for c, p in points if (p.get("choice_log_mass_change") or 0) < DRAINED_LOG_MASS]
-                if drained:
-                    axis.scatter(*zip(*drained), s=150, facecolors="none", edgecolors=line[0].get_color(), linewidths=1.5, zorder=5)
-        axis.axhline(0.5, color="grey", linewidth=0.5)
-        axis.set(title=trait, xlabel="steering coefficient", ylabel="balanced p_matching (both orders)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=6)
-    figure.suptitle("Forced choice (no judge): p of the trait's answer, ± paired s.e. of the change from 0; ringed: the two answers' "
-                    f"probability fell over {math.exp(-DRAINED_LOG_MASS):.0f}-fold (p there is a ratio of small numbers)", fontsize=9)
-    figure.tight_layout()
-    save_figure(figure, path)
+from eval.experiments.ab_fewshot import coefficients_of, collect, plot, table  # noqa: E402
+from io_utils import ArgumentParser, atomic_path, non_negative_int, run_cli, write_json  # noqa: E402
 
 
 def main():
@@ -174,11 +23,10 @@ def main():
     parser.add_argument("--fewshot", nargs="+", type=non_negative_int, required=True, help="the settings compared, the default first")
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args()
-    report = collect(args)
+    report = collect(args.output_dir, args.traits, args.fewshot, args.model)
     output_dir = Path(args.output_dir)
     write_json(output_dir / "summary.json", report)
-    coefficients = sorted({c for entries in report.values() for e in settings_of(entries).values() for c in e["lora"]["points"]})
-    markdown = table(report, coefficients)
+    markdown = table(report, coefficients_of(report))
     with atomic_path(output_dir / "table.md") as tmp:
         tmp.write_text(markdown)
     plot(report, output_dir / "ab.png")

@@ -8,15 +8,13 @@
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct N_PER_QUESTION=10 LEVELS="-1 0 1.5" bash scripts/compose_personas.sh   # full size
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
-source "$(dirname "$0")/experiment_env.sh"
-out="${OUTPUT_DIR:-results/exp4_composition}"
+source "$(dirname "$0")/experiment_env.sh" results/exp4_composition
 read -r -a traits <<< "${TRAITS:-evil sycophancy hallucination}"
 read -r -a levels <<< "${LEVELS:-0 2}"
-diffs=()
-extract_diffs diffs "${traits[@]}"
+extract_diffs "${traits[@]}"
 read -r -a coefs <<< "$(python scripts/composition.py grid --n_diffs "${#traits[@]}" --levels "${levels[@]}")"
 for t in "${traits[@]}"; do
-  python eval_lora_persona.py "${model_flag[@]}" --trait "$t" --lora_diff_path "${diffs[@]}" --lora_coef "${coefs[@]}" \
+  python eval_lora_persona.py "${model_flag[@]}" --trait "$t" --lora_diff_path "${extracted_diffs[@]}" --lora_coef "${coefs[@]}" \
       --n_per_question "${N_PER_QUESTION:-3}" --output_path "$out/eval_$t.csv"
 done
 python scripts/composition.py summarize "${model_flag[@]}" --traits "${traits[@]}" --output_dir "$out"

@@ -1,4 +1,4 @@
-"""Multi-persona composition (research question 4), the command line of eval/composition.py.
+"""Multi-persona composition (research question 4), the command line of eval/experiments/composition.py.
 
     python scripts/composition.py grid --n_diffs 3 --levels 0 2
     python scripts/composition.py summarize --output_dir results/exp4_composition --traits evil sycophancy hallucination
@@ -20,32 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.composition import factorial, summarize  # noqa: E402
+from eval.experiments.composition import factorial, print_summary, summarize  # noqa: E402
 from io_utils import ArgumentParser, check_writable_dir, finite_float, positive_int, run_cli, write_json, write_manifest  # noqa: E402
 from model_loading import model_label  # noqa: E402
-
-
-def print_summary(report: dict) -> None:
-    names = report["traits"]
-    labels = {"trait_score": "judged score (points per unit coefficient)", "coherence": "coherence",
-              "likelihood_margin": "judge-free log-likelihood margin (nats/token per unit coefficient)"}
-    for metric, label in labels.items():
-        if metric not in report["fits"][names[0]]:
-            continue
-        print(f"\n{label}: slope per unit of each diff's coefficient ± s.e. (paired by question), additive-model R²")
-        print(f"{'measured':14s} " + " ".join(f"{'coef ' + n:>20s}" for n in names) + f" {'R²':>6s}")
-        for t in names:
-            fit = report["fits"][t][metric]
-            digits = 4 if metric == "likelihood_margin" else 2
-            print(f"{t:14s} " + " ".join(f"{fit['slope'][n]:+10.{digits}f} ± {fit['slope_sem'][n]:7.{digits}f}" for n in names)
-                  + f" {fit['additive_r2']:6.3f}")
-        print("tested question by question against the maxima of sign-flipped questions:")
-        for t in names:
-            entry, fit = report["headline"][t][metric], report["fits"][t][metric]
-            cross, residual = entry["cross_talk"], fit["non_additivity"]
-            cross_text = "" if cross is None else f"largest cross slope {cross['largest_cross_slope']:.4g} (p {cross['p']:.2g}), "
-            print(f"  {t:12s} {cross_text}largest |mean residual| {residual['max_abs_mean_residual']:.4g} (p {residual['p']:.2g}; "
-                  f"the residual holds {residual['residual_holds']})")
 
 
 def main():

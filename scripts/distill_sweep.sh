@@ -11,16 +11,13 @@
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct STEPS=1000 RANKS="1 4 16 64" bash scripts/distill_sweep.sh   # full size
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
-source "$(dirname "$0")/experiment_env.sh"
-out="${OUTPUT_DIR:-results/exp5_distillation}"
+source "$(dirname "$0")/experiment_env.sh" results/exp5_distillation
 read -r -a ranks <<< "${RANKS:-1 2 4 8 16}"
 read -r -a placements <<< "${PLACEMENTS:-before all}"
 read -r -a control_traits <<< "${CONTROL_TRAITS-sycophancy hallucination}"
-layer_flag=()   # default: two thirds of the depth (layer 20 of the embedded model's 30)
-[ -n "${LAYER:-}" ] && layer_flag=(--layer "$LAYER")
 python extract_persona_lora.py "${model_flag[@]}" --trait "$trait"
-controls=()
-extract_diffs controls "${control_traits[@]}"
+extract_diffs "${control_traits[@]}"
+controls=("${extracted_diffs[@]}")
 runs=()
 for placement in "${placements[@]}"; do
   for rank in "${ranks[@]}"; do

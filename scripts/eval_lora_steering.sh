@@ -8,8 +8,7 @@
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct N_PER_QUESTION=10 bash scripts/eval_lora_steering.sh   # full size
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
-source "$(dirname "$0")/experiment_env.sh"
-out="${OUTPUT_DIR:-results/exp1_steering}"
+source "$(dirname "$0")/experiment_env.sh" results/exp1_steering
 read -r -a coefficients <<< "${COEFFICIENTS:-0 0.5 1 1.5 2}"
 python extract_persona_lora.py "${model_flag[@]}" --trait "$trait"
 python compare_steering_methods.py "${model_flag[@]}" --trait "$trait" --coefficients "${coefficients[@]}" \

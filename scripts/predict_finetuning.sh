@@ -13,8 +13,7 @@
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct N_EXAMPLES=1000 TRAINING='{"epochs": 1, "rank": 32, "alpha": 64}' bash scripts/predict_finetuning.sh
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
-source "$(dirname "$0")/experiment_env.sh"
-out="${OUTPUT_DIR:-results/exp2_prediction}"
+source "$(dirname "$0")/experiment_env.sh" results/exp2_prediction
 ckpt="ckpt/$model_name/exp2_$trait"
 read -r -a ratios <<< "${RATIOS:-0 25 50 75 100}"
 read -r -a reseed_ratios <<< "${RESEED_RATIOS:-0 100}"
@@ -32,16 +31,12 @@ python scripts/make_mixtures.py "${model_flag[@]}" --pos "$finetune_data_dir/pos
     --ratios "${ratios[@]}" --reseed_ratios "${reseed_ratios[@]}" --dense_ratios "${dense_ratios[@]}" --other "${others[@]}" \
     --n "${N_EXAMPLES:-64}" --extraction_data "$persona_dir/data" --output_dir "$out" --ckpt_dir "$ckpt" \
     --training "${TRAINING:-{\}}" --dense_training "${DENSE_TRAINING:-{\}}"
-eval_flags=(--trait "$trait" --n_per_question "${N_PER_QUESTION:-2}")
-ab_flags=(--trait "$trait" --ab_data "dataset/$trait/ab.jsonl" --no_margin)
-python eval_lora_persona.py "${model_flag[@]}" "${eval_flags[@]}" --output_path "$out/eval_base.csv"
-python eval_lora_persona.py "${model_flag[@]}" "${ab_flags[@]}" --output_path "$out/ab_base.csv"
+evaluate_model base
 mapfile -t names < "$out/runs.txt"   # this run's finetunes only: stale configs of earlier runs are left out
 finetunes=() summaries=()
 for name in "${names[@]}"; do
   python training.py "$out/configs/$name.json"   # reuses a finetune only if its config and data are unchanged
-  python eval_lora_persona.py "${model_flag[@]}" "${eval_flags[@]}" --adapter "$ckpt/$name" --output_path "$out/eval_$name.csv"
-  python eval_lora_persona.py "${model_flag[@]}" "${ab_flags[@]}" --adapter "$ckpt/$name" --output_path "$out/ab_$name.csv"
+  evaluate_model "$name" "$ckpt/$name"
   finetunes+=("$ckpt/$name") summaries+=("$out/eval_$name.summary.json" "$out/ab_$name.summary.json")
 done
 python cal_weight_projection.py "${model_flag[@]/--model/--original_model}" --finetuned_model "${finetunes[@]}" \

@@ -9,26 +9,21 @@
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct N_EXAMPLES=1000 COEFS="-2 -1 1 2" MMLU_N=2000 bash scripts/train_with_prevention.sh
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
-source "$(dirname "$0")/experiment_env.sh"
-out="${OUTPUT_DIR:-results/exp3_prevention}"
+source "$(dirname "$0")/experiment_env.sh" results/exp3_prevention
 ckpt="ckpt/$model_name/exp3_$trait"
 read -r -a coefs <<< "${COEFS:--1 1}"
 python extract_persona_lora.py "${model_flag[@]}" --trait "$trait"
 python scripts/make_finetuning_data.py "${model_flag[@]}" --trait "$trait" --sides pos neg plain
 python scripts/prevention.py configs "${model_flag[@]}" --training_file "$finetune_data_dir/pos.jsonl" \
-    --control_file "$finetune_data_dir/plain.jsonl" --lora_diff_path "$diff_path" --vector_path "$vector_path" --layer "${LAYER:-20}" --coefs "${coefs[@]}" \
+    --control_file "$finetune_data_dir/plain.jsonl" --lora_diff_path "$diff_path" --vector_path "$vector_path" "${layer_flag[@]}" --coefs "${coefs[@]}" \
     --n "${N_EXAMPLES:-160}" --training "${TRAINING:-{\}}" --output_dir "$out" --ckpt_dir "$ckpt"
-eval_flags=(--trait "$trait" --n_per_question "${N_PER_QUESTION:-2}")
-ab_flags=(--trait "$trait" --ab_data "dataset/$trait/ab.jsonl" --no_margin)
 mmlu_flags=(--n "${MMLU_N:-500}")
-python eval_lora_persona.py "${model_flag[@]}" "${eval_flags[@]}" --output_path "$out/eval_base.csv"
-python eval_lora_persona.py "${model_flag[@]}" "${ab_flags[@]}" --output_path "$out/ab_base.csv"
+evaluate_model base
 python eval/mmlu.py "${model_flag[@]}" "${mmlu_flags[@]}" --output_path "$out/mmlu_base.json"
 mapfile -t names < "$out/runs.txt"
 for name in "${names[@]}"; do
   python training.py "$out/configs/$name.json"
-  python eval_lora_persona.py "${model_flag[@]}" "${eval_flags[@]}" --adapter "$ckpt/$name" --output_path "$out/eval_$name.csv"
-  python eval_lora_persona.py "${model_flag[@]}" "${ab_flags[@]}" --adapter "$ckpt/$name" --output_path "$out/ab_$name.csv"
+  evaluate_model "$name" "$ckpt/$name"
   python eval/mmlu.py "${model_flag[@]}" "${mmlu_flags[@]}" --adapter "$ckpt/$name" --output_path "$out/mmlu_$name.json"
 done
 python scripts/prevention.py summarize --output_dir "$out" --trait "$trait"

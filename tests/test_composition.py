@@ -183,7 +183,7 @@ def test_paired_slope_errors_ignore_what_every_combination_shares():
     import itertools
     import statistics
 
-    from eval.composition import metric_fit
+    from eval.experiments.composition import metric_fit
 
     offsets = {"q0": -3.0, "q1": 0.5, "q2": 7.0, "q3": 1.0}  # big, question-specific, the same under every merge
     slopes = {"q0": 0.10, "q1": 0.12, "q2": 0.07, "q3": 0.11}  # each question's own response to coefficient a
@@ -203,7 +203,7 @@ def test_interactions_and_cross_talk_are_tested_question_by_question():
     cross slope of b on a's measure is tested as a maximum likewise."""
     import itertools
 
-    from eval.composition import cross_talk, metric_fit
+    from eval.experiments.composition import cross_talk, metric_fit
 
     rng = np.random.default_rng(0)
     questions = [f"q{i}" for i in range(12)]

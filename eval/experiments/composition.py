@@ -192,3 +192,26 @@ def plot_slopes(path: Path, names: list[str], fits: dict, similarity: dict | Non
         figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()
     save_figure(figure, path)
+
+
+def print_summary(report: dict) -> None:
+    names = report["traits"]
+    labels = {"trait_score": "judged score (points per unit coefficient)", "coherence": "coherence",
+              "likelihood_margin": "judge-free log-likelihood margin (nats/token per unit coefficient)"}
+    for metric, label in labels.items():
+        if metric not in report["fits"][names[0]]:
+            continue
+        print(f"\n{label}: slope per unit of each diff's coefficient ± s.e. (paired by question), additive-model R²")
+        print(f"{'measured':14s} " + " ".join(f"{'coef ' + n:>20s}" for n in names) + f" {'R²':>6s}")
+        for t in names:
+            fit = report["fits"][t][metric]
+            digits = 4 if metric == "likelihood_margin" else 2
+            print(f"{t:14s} " + " ".join(f"{fit['slope'][n]:+10.{digits}f} ± {fit['slope_sem'][n]:7.{digits}f}" for n in names)
+                  + f" {fit['additive_r2']:6.3f}")
+        print("tested question by question against the maxima of sign-flipped questions:")
+        for t in names:
+            entry, fit = report["headline"][t][metric], report["fits"][t][metric]
+            cross, residual = entry["cross_talk"], fit["non_additivity"]
+            cross_text = "" if cross is None else f"largest cross slope {cross['largest_cross_slope']:.4g} (p {cross['p']:.2g}), "
+            print(f"  {t:12s} {cross_text}largest |mean residual| {residual['max_abs_mean_residual']:.4g} (p {residual['p']:.2g}; "
+                  f"the residual holds {residual['residual_holds']})")

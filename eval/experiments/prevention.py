@@ -1,0 +1,236 @@
+"""Experiment 3, preventative steering: the training configs of the sweep, and its summary.
+
+`training_configs` makes one config per run: one without prevention, a control finetune on the
+model's own unprompted answers (the drift any finetuning causes), then one per kind (lora,
+activation) and coefficient. One training seed per run: the errors are the measurement's, not
+training's (Exp 2's reseeded replicates show the training-seed spread). `summarize` reads each
+run's evaluation summary (eval_<run>), A/B summary (ab_<run>, if any) and MMLU JSON, and the base
+model's. Drift = finetune − base, paired by question (the same held-out questions and sampling
+seeds) for the judged score, coherence and the judge-free margin, by item for A/B and MMLU; each
+prevention setting is also compared with the unprevented finetune, paired the same way. Drift is
+"shown" by a measure when the unprevented finetune's drift is at least 3 of its standard errors
+(each contrast also carries a sign-flip p-value): prevention is only assessed where there was drift
+to prevent, and the summary says so when there was none. Base and finetunes must be measured one
+way (judge, settings, reference answers, A/B file), or summarize refuses.
+"""
+
+import json
+from pathlib import Path
+
+from eval.ab import balanced_paired_test
+from eval.analysis import save_figure
+from eval.evaluate import measurement_identity, require_same_measurement
+from eval.stats import mean_and_sem, sign_flip_test
+from io_utils import PersonaLoRAError, read_json_object
+
+DRIFT_SHOWN_SIGMAS = 3.0
+TRAINING = {"method": "lora", "rank": 8, "alpha": 16, "epochs": 2, "learning_rate": 5e-4, "batch_size": 8, "max_length": 256, "seed": 0}
+
+
+def training_configs(model: str | None, training_file: str, control_file: str | None, lora_diff_path: str, vector_path: str,
+                     layer: int, coefs: list[float], n: int, training: dict, ckpt_dir: str) -> dict[str, dict]:
+    """The sweep's training configs by run name, in run order: no prevention, the control (when
+    control_file is given), then lora and activation steering at each coefficient."""
+    base = {"model": model, "training_file": training_file, **TRAINING, "max_examples": n, **training,
+            "monitor": {"lora_diff_path": lora_diff_path, "every": 4}}
+    runs = {"none": None}
+    if control_file:  # the same finetuning on the model's own unprompted answers: drift that any finetuning causes
+        runs["control"] = None
+    for coef in coefs:
+        runs[f"lora_{coef:+g}"] = {"type": "lora", "lora_diff_path": lora_diff_path, "coef": coef}
+        runs[f"activation_{coef:+g}"] = {"type": "activation", "vector_path": vector_path, "layers": [layer], "coef": coef}
+    return {name: {**base, **({"training_file": control_file} if name == "control" else {}),
+                   "output_dir": f"{ckpt_dir}/{name}", "steering_config": steering}
+            for name, steering in runs.items()}
+
+
+def judged(out: Path, name: str) -> dict:
+    summary = read_json_object(out / f"eval_{name}.summary.json", "evaluation summary")
+    if len(summary.get("conditions", [])) != 1:
+        raise PersonaLoRAError(f"{out / f'eval_{name}.summary.json'} should hold one condition")
+    return {**summary["conditions"][0], "made_by": measurement_identity(summary),
+            "judge": summary.get("judge_description"), "judge_quality": summary.get("judge_quality")}
+
+
+def forced_choice(out: Path, name: str) -> dict | None:
+    path = out / f"ab_{name}.summary.json"
+    if not path.is_file():
+        return None
+    summary = read_json_object(path, "A/B summary")
+    if len(summary.get("conditions", [])) != 1:
+        raise PersonaLoRAError(f"{path} should hold one condition")
+    return {**summary["conditions"][0], "made_by": measurement_identity(summary)}
+
+
+def contrast(mean: float, sem: float, test: dict, **counts) -> dict:
+    """A paired contrast: its mean, standard error, how many standard errors that is, and its
+    sign-flip p-value (exact for ≤ 16 units): with about 20 questions "3 standard errors" is a t
+    with 20 degrees of freedom, not a normal, so the p-value is the figure to quote."""
+    return {"mean": mean, "sem": sem, **counts, "sigmas": mean / sem if sem else float("nan"),
+            "p": test["p"], "p_method": test["p_method"]}
+
+
+def paired(run: dict, base: dict, metric: str) -> dict:
+    """run − base of one metric, question by question (questions both measured)."""
+    treated, control = run[f"{metric}_by_question"], base[f"{metric}_by_question"]
+    differences = [treated[q] - control[q] for q in treated if q in control]
+    mean, sem, n = mean_and_sem(differences)
+    return contrast(mean, sem, sign_flip_test(differences), questions=n)
+
+
+def ab_paired(run: dict | None, base: dict | None) -> dict | None:
+    """The A/B change, item by item, balanced over the matching answer's position (the two
+    position groups weigh equally, so a letter preference cancels)."""
+    if run is None or base is None:
+        return None
+    test = balanced_paired_test({item: value - base["both_orders_by_item"][item] for item, value in run["both_orders_by_item"].items()},
+                                run["matching_first_by_item"])
+    return contrast(test["mean"], test["sem"], test, items=test["items"])
+
+
+def mmlu_change(run: dict, base: dict) -> dict:
+    """The accuracy change, item by item, with what this many items can resolve: a change of three
+    paired standard errors (which grows with the items on which the two models disagree)."""
+    if (run.get("seed"), run.get("source"), len(run["correct_by_question"])) != \
+            (base.get("seed"), base.get("source"), len(base["correct_by_question"])):
+        raise PersonaLoRAError("the MMLU runs used different question subsets (seed, source or --n): rerun them alike")
+    differences = [r - b for r, b in zip(run["correct_by_question"], base["correct_by_question"])]
+    mean, sem, n = mean_and_sem(differences)
+    return {**contrast(mean, sem, sign_flip_test(differences), questions=n),
+            "disagreeing_items": sum(d != 0 for d in differences), "resolvable_change": 3 * sem}
+
+
+MEASURES = {"trait": "drift", "coherence": "coherence_drift", "margin": "margin_drift", "ab": "ab_drift", "mmlu": "mmlu_change"}
+
+
+def versus(evaluations: dict, choices: dict, mmlus: dict, trait: str, name: str, reference: str) -> dict:
+    """Run `name` against run `reference` on every measure, paired by question (A/B, MMLU: by item)."""
+    return {"trait": paired(evaluations[name], evaluations[reference], trait),
+            "coherence": paired(evaluations[name], evaluations[reference], "coherence"),
+            "margin": paired(evaluations[name], evaluations[reference], "margin"),
+            "ab": ab_paired(choices[name], choices[reference]), "mmlu": mmlu_change(mmlus[name], mmlus[reference])}
+
+
+
+
+def summarize(out: Path, trait: str) -> dict:
+    """The sweep's summary (summary.json) from the runs' measurements in `out`."""
+    names = (out / "runs.txt").read_text().split() if (out / "runs.txt").is_file() else []
+    if "none" not in names:
+        raise PersonaLoRAError(f"{out / 'runs.txt'} lists no unprevented run: run 'prevention.py configs' first")
+    evaluations = {name: judged(out, name) for name in ["base", *names]}
+    choices = {name: forced_choice(out, name) for name in ["base", *names]}
+    mmlus = {name: read_json_object(out / f"mmlu_{name}.json", "MMLU result") for name in ["base", *names]}
+    require_same_measurement({name: e["made_by"] for name, e in evaluations.items()}, "the evaluations")
+    if any(choices.values()):  # every run that has an A/B summary is paired below: all of them made one way
+        require_same_measurement({name: c["made_by"] for name, c in choices.items() if c}, "the A/B runs")
+    base = evaluations["base"]
+    runs = {}
+    for name in names:
+        settings = read_json_object(out / "configs" / f"{name}.json", "training config")
+        steering = settings["steering_config"]
+        monitor_path = Path(settings["output_dir"]) / "monitor.json"
+        monitor = json.loads(monitor_path.read_text()) if monitor_path.is_file() else []
+        final = next((m for m in monitor if m.get("final")), None)
+        drift = versus(evaluations, choices, mmlus, trait, name, "base")
+        runs[name] = {"kind": steering["type"] if steering else name, "coef": steering["coef"] if steering else 0.0,
+                      "training_file": settings.get("training_file"), "seed": settings.get("seed"),
+                      "trait": evaluations[name][f"{trait}_mean"], "coherence": evaluations[name]["coherence_mean"],
+                      "margin": evaluations[name].get("margin_mean"), "mmlu": mmlus[name]["accuracy"],
+                      **{key: drift[measure] for measure, key in MEASURES.items()},
+                      "final_projection": final["projection"] if final else None, "final_cosine": final["cosine"] if final else None}
+    none = runs["none"]
+    for name, run in runs.items():  # prevention: each setting against the unprevented finetune, paired
+        if name not in ("none", "control"):
+            run["vs_no_prevention"] = versus(evaluations, choices, mmlus, trait, name, "none")
+    shown = {measure: none[key]["sigmas"] for measure, key in (("judged", "drift"), ("margin", "margin_drift"), ("ab", "ab_drift"))
+             if none[key] is not None}
+    drift_shown = {measure: bool(sigmas >= DRIFT_SHOWN_SIGMAS) for measure, sigmas in shown.items()}
+    assessable = drift_shown.get("margin", False)
+    return {"trait": trait, "judge": base["judge"], "judge_quality": base["judge_quality"],
+            "base": {"trait": base[f"{trait}_mean"], "trait_sem": base[f"{trait}_sem"], "coherence": base["coherence_mean"],
+                     "margin": base.get("margin_mean"), "mmlu": mmlus["base"]["accuracy"],
+                     "mmlu_questions": mmlus["base"]["questions"]},
+            "runs": runs, "errors": "drifts are finetune − base and prevention effects setting − unprevented finetune, paired "
+                                    "by question (A/B and MMLU: by item), with sign-flip p-values; one training seed per "
+                                    "setting, so the errors are those of the measurement, not of training",
+            "unprevented_drift_sigmas": shown, "drift_shown": drift_shown,
+            "prevention_assessable": assessable if assessable else
+                "no: the unprevented finetune's margin drift is under 3 standard errors, so there is no drift to prevent",
+            "trait_specific_drift": versus(evaluations, choices, mmlus, trait, "none", "control") if "control" in runs else None,
+            "headline": {name: {**{key: r[key] for key in MEASURES.values()}, "vs_no_prevention": r["vs_no_prevention"]}
+                         for name, r in runs.items() if "vs_no_prevention" in r}}
+
+
+def plot_drift(path: Path, summary: dict) -> None:
+    """Top row: each run's drift from the base model. Bottom row: each prevention setting minus the
+    unprevented finetune, the paired contrast that says whether prevention worked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trait, runs = summary["trait"], summary["runs"]
+    none = runs["none"]
+    judge = (summary["judge"] or "unnamed judge").split(":")[0]
+    measures = [("trait", "drift", f"{trait}, judged"), ("coherence", "coherence_drift", "coherence"),
+                ("margin", "margin_drift", "margin, no judge (nats/token)"), ("ab", "ab_drift", "A/B p_matching, no judge"),
+                ("mmlu", "mmlu_change", f"MMLU accuracy ({summary['base']['mmlu_questions']} items)")]
+    measures = [m for m in measures if none[m[1]] is not None]
+    figure, axes = plt.subplots(2, len(measures), figsize=(4.4 * len(measures), 7.5), squeeze=False)
+    for kind, marker in (("lora", "o"), ("activation", "s")):
+        points = sorted((r["coef"], r) for r in runs.values() if r["kind"] == kind)
+        if not points:
+            continue
+        label = f"{kind} steering during training (coefficient in its own units)"
+        for column, (measure, key, _) in enumerate(measures):
+            axes[0][column].errorbar([c for c, _ in points], [r[key]["mean"] for _, r in points],
+                                     yerr=[r[key]["sem"] for _, r in points], marker=marker, capsize=3, label=label)
+            axes[1][column].errorbar([c for c, _ in points], [r["vs_no_prevention"][measure]["mean"] for _, r in points],
+                                     yerr=[r["vs_no_prevention"][measure]["sem"] for _, r in points], marker=marker, capsize=3,
+                                     label=label)
+    for column, (measure, key, label) in enumerate(measures):
+        top, bottom = axes[0][column], axes[1][column]
+        top.axhline(none[key]["mean"], color="grey", linestyle="--",
+                    label=f"no prevention ({none[key]['mean']:+.3g} ± {none[key]['sem']:.2g}, p {none[key]['p']:.2g})")
+        if "control" in runs:
+            top.axhline(runs["control"][key]["mean"], color="green", linestyle=":",
+                        label=f"control: own answers ({runs['control'][key]['mean']:+.3g} ± {runs['control'][key]['sem']:.2g})")
+        top.set(ylabel=f"{label}: finetune − base", xlabel="steering coefficient during finetuning")
+        bottom.set(ylabel=f"{label}: setting − no prevention", xlabel="steering coefficient during finetuning")
+        for axis in (top, bottom):
+            axis.axhline(0, color="black", linewidth=0.5)
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=6)
+    shown = ", ".join(f"{m} {s:.1f} s.e." for m, s in summary["unprevented_drift_sigmas"].items())
+    verdict = "" if summary["prevention_assessable"] is True else " — NO DRIFT TO PREVENT on the margin: prevention not assessable"
+    figure.suptitle(f"Preventative steering ({trait}; judge: {judge}); errors paired by question or item, one training seed "
+                    f"per setting (measurement error only)\nunprevented drift: {shown}{verdict}", fontsize=9)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def print_summary(summary: dict) -> None:
+    trait, base = summary["trait"], summary["base"]
+    print(f"judge: {summary['judge']}")
+    print(f"base {trait} {base['trait']:.2f}, coherence {base['coherence']:.2f}, margin {base.get('margin') or float('nan'):+.4f}, "
+          f"MMLU {base['mmlu']:.3f} ({base['mmlu_questions']} items)")
+    print("unprevented drift: " + ", ".join(f"{m} {s:+.1f} standard errors" for m, s in summary["unprevented_drift_sigmas"].items()))
+    if summary["prevention_assessable"] is not True:
+        print(f"prevention assessable: {summary['prevention_assessable']}")
+
+    def shown(value: dict | None, digits: int) -> str:
+        return "—" if value is None else f"{value['mean']:+.{digits}f} ± {value['sem']:.{digits}f} (p {value['p']:.2g})"
+
+    print("drift from the base model:")
+    for name, r in summary["runs"].items():
+        projection = "—" if r["final_projection"] is None else f"{r['final_projection']:+.4f}"
+        print(f"  {name:16s} {trait} {shown(r['drift'], 2)}  coherence {shown(r['coherence_drift'], 2)}  "
+              f"margin {shown(r['margin_drift'], 4)}  A/B {shown(r['ab_drift'], 3)}  MMLU {shown(r['mmlu_change'], 3)}  "
+              f"final projection {projection}")
+    print("prevention, setting − no prevention:")
+    for name, h in summary["headline"].items():
+        v = h["vs_no_prevention"]
+        print(f"  {name:16s} {trait} {shown(v['trait'], 2)}  coherence {shown(v['coherence'], 2)}  margin {shown(v['margin'], 4)}  "
+              f"A/B {shown(v['ab'], 3)}  MMLU {shown(v['mmlu'], 3)}")
+
