@@ -28,27 +28,12 @@ import torch
 import lora_utils as lu
 from eval.activations import ActivationSteerer, check_vector_fits, decoder_layers, load_vector, response_hidden_means
 from eval.analysis import effective_rank, plot_ab_sweep, plot_sweep, save_figure, trait_similarity
-from eval.evaluate import (
-    Condition,
-    add_eval_args,
-    check_coefficients,
-    load_eval_model,
-    on_finetune,
-    prepare_evaluation,
-    run_evaluation,
-)
+from eval.evaluate import Condition, add_eval_args, check_coefficients, load_eval_model, on_finetune, prepare_evaluation
+from eval.evaluate import run_evaluation
 from eval.stats import linear_fit, paired_difference, paired_slope
 from eval.traits import load_trait
-from io_utils import (
-    ArgumentParser,
-    check_writable_dir,
-    file_identity,
-    finite_float,
-    positive_int,
-    run_cli,
-    write_json,
-    write_manifest,
-)
+from io_utils import ArgumentParser, check_writable_dir, file_identity, finite_float, positive_int, run_cli, write_json
+from io_utils import write_manifest
 from model_loading import default_persona_paths, model_config, model_device
 
 RANDOM_SUBSPACE_DRAWS = 10_000

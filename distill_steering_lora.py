@@ -47,35 +47,11 @@ import lora_utils as lu
 from eval.activations import STEERING_TYPES, ActivationSteerer, check_vector_fits, teacher_forced_response
 from eval.generation import ChatSpan, GenerationSettings, answers_identity, cached_generation, identity_key, pad_right, tokenize_chat
 from eval.traits import load_trait
-from io_utils import (
-    ArgumentParser,
-    OutputLock,
-    PersonaLoRAError,
-    atomic_path,
-    check_writable_dir,
-    file_identity,
-    finite_float,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    read_json_object,
-    remove_stale_temporaries,
-    run_cli,
-    unit_interval,
-    write_json,
-    write_manifest,
-)
-from model_loading import (
-    check_dtype,
-    check_model_source,
-    default_persona_paths,
-    is_embedded,
-    load_model_and_tokenizer,
-    model_config,
-    model_label,
-    resolve_dtype,
-)
+from io_utils import ArgumentParser, OutputLock, PersonaLoRAError, atomic_path, check_writable_dir, file_identity
+from io_utils import finite_float, non_negative_float, non_negative_int, positive_float, positive_int, read_json_object
+from io_utils import remove_stale_temporaries, run_cli, unit_interval, write_json, write_manifest
+from model_loading import check_dtype, check_model_source, default_persona_paths, is_embedded, load_model_and_tokenizer
+from model_loading import model_config, model_label, resolve_dtype
 from trainer import init_seed
 
 # o_proj and down_proj are the two modules that write into the residual stream: a rank-r update of

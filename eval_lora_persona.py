@@ -29,15 +29,8 @@ p_matching per condition, its paired change against coefficient 0 and the slope 
 from pathlib import Path
 
 import lora_utils as lu
-from eval.evaluate import (
-    Condition,
-    add_eval_args,
-    check_coefficients,
-    load_eval_model,
-    on_finetune,
-    prepare_evaluation,
-    run_evaluation,
-)
+from eval.evaluate import Condition, add_eval_args, check_coefficients, load_eval_model, on_finetune, prepare_evaluation
+from eval.evaluate import run_evaluation
 from io_utils import ArgumentParser, file_identity, finite_float, run_cli
 
 

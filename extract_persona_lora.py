@@ -37,38 +37,12 @@ from eval.judge import DEFAULT_OPENAI_JUDGE, make_judge
 from eval.judge_data import write_judge_data
 from eval.offline_judge import auroc
 from eval.traits import available_traits, load_trait
-from io_utils import (
-    ArgumentParser,
-    OutputLock,
-    PersonaLoRAError,
-    atomic_path,
-    check_writable,
-    check_writable_dir,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    read_json_object,
-    remove_stale_temporaries,
-    run_cli,
-    unit_interval,
-    write_json,
-    write_manifest,
-)
-from model_loading import (
-    check_dtype,
-    check_model_source,
-    default_persona_paths,
-    is_embedded,
-    load_model_and_tokenizer,
-    model_label,
-)
-from trainer import (
-    DEFAULT_TARGETS,
-    finished_adapter,
-    init_seed,
-    records_digest,
-    train_lora_adapter,
-)
+from io_utils import ArgumentParser, OutputLock, PersonaLoRAError, atomic_path, check_writable, check_writable_dir
+from io_utils import non_negative_int, positive_float, positive_int, read_json_object, remove_stale_temporaries, run_cli
+from io_utils import unit_interval, write_json, write_manifest
+from model_loading import check_dtype, check_model_source, default_persona_paths, is_embedded, load_model_and_tokenizer
+from model_loading import model_label
+from trainer import DEFAULT_TARGETS, finished_adapter, init_seed, records_digest, train_lora_adapter
 
 # A small, fast profile for the embedded 135M model on CPU; the seed's settings for 8B-class models.
 # The small profile elicits with 4 demonstrations: with the system prompt alone the 135M model's

@@ -7,13 +7,11 @@ summary.json, table.md (the README's tables) and ab.png.
     python scripts/ab_summary.py --traits evil sycophancy --fewshot 4 0 --output_dir results/exp6_ab
 """
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.experiments.ab_fewshot import coefficients_of, collect, plot, table  # noqa: E402
-from io_utils import ArgumentParser, atomic_path, non_negative_int, run_cli, write_json  # noqa: E402
+from eval.experiments.ab_fewshot import coefficients_of, collect, plot, table
+from io_utils import ArgumentParser, atomic_path, non_negative_int, run_cli, write_json
 
 
 def main():

@@ -14,15 +14,12 @@ per setting of the others) and slopes.png (the β matrices beside the traits' si
 space and in activation space).
 """
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.experiments.composition import factorial, print_summary, summarize  # noqa: E402
-from io_utils import ArgumentParser, check_writable_dir, finite_float, positive_int, run_cli, write_json, write_manifest  # noqa: E402
-from model_loading import model_label  # noqa: E402
+from eval.experiments.composition import factorial, print_summary, summarize
+from io_utils import ArgumentParser, check_writable_dir, finite_float, positive_int, run_cli, write_json, write_manifest
+from model_loading import model_label
 
 
 def main():

@@ -14,14 +14,11 @@ steered teacher) and writes, under --output_dir:
     summary.manifest.json
 """
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.experiments.distillation import load_runs, plot, print_summary, summarize  # noqa: E402
-from io_utils import ArgumentParser, check_writable_dir, run_cli, unit_interval, write_json, write_manifest  # noqa: E402
+from eval.experiments.distillation import load_runs, plot, print_summary, summarize
+from io_utils import ArgumentParser, check_writable_dir, run_cli, unit_interval, write_json, write_manifest
 
 
 def main():

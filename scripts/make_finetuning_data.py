@@ -12,15 +12,12 @@ Reused on rerun (resumable); a rerun with other settings is refused.
 """
 
 import hashlib
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.elicitation import check_fewshot, prompted_jobs  # noqa: E402
-from eval.generation import GenerationSettings, answers_identity, cached_generation, reusable_answers  # noqa: E402
-from eval.traits import load_trait  # noqa: E402
-from io_utils import (  # noqa: E402
+from eval.elicitation import check_fewshot, prompted_jobs
+from eval.generation import GenerationSettings, answers_identity, cached_generation, reusable_answers
+from eval.traits import load_trait
+from io_utils import (
     ArgumentParser,
     OutputLock,
     check_writable_dir,
@@ -30,7 +27,7 @@ from io_utils import (  # noqa: E402
     run_cli,
     unit_interval,
 )
-from model_loading import check_dtype, check_model_source, load_model_and_tokenizer, persona_dir, resolve_dtype  # noqa: E402
+from model_loading import check_dtype, check_model_source, load_model_and_tokenizer, persona_dir, resolve_dtype
 
 FINETUNE_DATA_SEED = 40_000  # apart from the extraction's, the judge's and the evaluations' seeds
 SIDE_SEED_OFFSET = {"pos": 0, "neg": 10_000, "plain": 20_000}

@@ -19,14 +19,12 @@ runs.txt lists this run's finetunes, one per line, for the driver.
 
 import json
 import random
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.generation import read_chat_jsonl  # noqa: E402
-from eval.traits import measured_questions, normalize_question  # noqa: E402
-from io_utils import (  # noqa: E402
+from eval.generation import read_chat_jsonl
+from eval.traits import measured_questions, normalize_question
+from io_utils import (
     ArgumentParser,
     PersonaLoRAError,
     atomic_path,

@@ -6,13 +6,10 @@ the layout lives in one place (model_loading.py):
 """
 
 import shlex
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from io_utils import ArgumentParser, run_cli  # noqa: E402
-from model_loading import default_judge_data_dir, default_persona_paths, model_short_name, persona_dir  # noqa: E402
+from io_utils import ArgumentParser, run_cli
+from model_loading import default_judge_data_dir, default_persona_paths, model_short_name, persona_dir
 
 FINETUNE_DATA = "finetune_data"
 

@@ -15,15 +15,13 @@ p-values; prevention is assessed only where the unprevented drift is at least 3 
 """
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.activations import check_vector_fits  # noqa: E402
-from eval.experiments.prevention import plot_drift, print_summary, summarize, training_configs  # noqa: E402
-from io_utils import ArgumentParser, atomic_path, finite_float, positive_int, run_cli, write_json  # noqa: E402
-from model_loading import model_config  # noqa: E402
+from eval.activations import check_vector_fits
+from eval.experiments.prevention import plot_drift, print_summary, summarize, training_configs
+from io_utils import ArgumentParser, atomic_path, finite_float, positive_int, run_cli, write_json
+from model_loading import model_config
 
 
 def write_configs(args) -> None:
