@@ -1,6 +1,7 @@
 """export_persona.py: GGUF LoRA adapters and control vectors checked in llama.cpp itself, the PEFT
 route, and the refusals (one line, exit status 2, nothing written, no model loaded)."""
 
+import dataclasses
 import sys
 
 import gguf
@@ -13,6 +14,17 @@ from conftest import run_script
 import gguf_export
 import io_utils
 import lora_utils as lu
+
+# On the float32 copy of the GGUF the runtimes differ by float rounding (~1e-6 nats): a right
+# export stays at that level (measured ≤ 1.5× it), a wrong one is thousands of times above.
+EXACT_TOLERANCE = 10.0
+# On the 4-bit GGUF a right export differs from transformers by about the base model's own gap
+# between the runtimes; TOLERANCE × it. Not 1.2×: steering moves the model to where the 4-bit
+# arithmetic weighs more, and the synthetic diff at α = 2 measures 1.9× the gap (1.8–2.0× on each
+# of 14 other conversations) while the same export is exact on the float32 copy.
+GAP_TOLERANCE = 2.5
+SYNTHETIC_DIFF_NORM = 0.03  # ‖ΔW‖ = 0.03·‖W‖ per module: steering KL ~20× (α = 1) and ~80× (α = 2) the gap
+SYNTHETIC_VECTOR_NORM = 0.25  # ‖v[ℓ]‖ = 0.25 × the median norm of hidden_states[ℓ]
 
 
 def export(*args):
@@ -149,3 +161,81 @@ def test_an_unwritable_output_is_refused(tiny_persona, tmp_path, capsys, no_mode
 def test_missing_inputs_and_wrong_flags_are_refused(flags, message, tmp_path, capsys, monkeypatch, no_model_loads):
     monkeypatch.chdir(tmp_path)
     refused(capsys, tmp_path, *flags, "--output", tmp_path / "x.gguf", message=message)
+
+
+# --- in llama.cpp itself ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runtimes():
+    """The embedded model in transformers (float32), llama.cpp on its own 4-bit GGUF and on a
+    float32 copy of it, and the token ids of the check's conversations. One thread each: the check
+    is deterministic and immune to other work on the cores."""
+    from eval import llama_cpp_runtime as rt
+    from model_loading import embedded_gguf_file, load_model_and_tokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, tokenizer = load_model_and_tokenizer(None, dtype="float32")
+    quantized, exact = rt.LlamaCppRuntime(embedded_gguf_file()), rt.LlamaCppRuntime(rt.embedded_float32_gguf())
+    yield model, quantized, exact, rt.check_sequences(tokenizer)
+    quantized.close()
+    exact.close()
+    torch.set_num_threads(threads)
+
+
+def report(results):
+    for label, result in results.items():
+        print(f"\n{label}: gap {result['quantisation_gap']:.2e}; " + "; ".join(
+            f"{c:g}: KL {v['kl']:.2e} ({v['ratio_to_gap']:.2f}× gap), steering {v['steering_kl']:.4f}, r {v['correlation']:.3f}"
+            for c, v in result["coefficients"].items()))
+
+
+def check(results, right: str, wrong: str, tolerance: float):
+    """The right export within `tolerance` × the runtimes' own gap at every coefficient, the wrong
+    one beyond it at every coefficient, and the steering itself far above the gap."""
+    for coefficient, values in results[right]["coefficients"].items():
+        gap = results[right]["quantisation_gap"]
+        assert values["steering_kl"] > 10 * gap, (right, coefficient, values)
+        assert values["kl"] <= tolerance * gap, (right, coefficient, values, gap)
+        assert values["correlation"] > 0.9, (right, coefficient, values)
+        assert results[wrong]["coefficients"][coefficient]["kl"] > tolerance * gap, (wrong, coefficient, results[wrong])
+
+
+@pytest.mark.embedded
+def test_gguf_lora_in_llama_cpp_matches_the_merged_model(runtimes, tmp_path):
+    from eval import llama_cpp_runtime as rt
+
+    model, quantized, exact, sequences = runtimes
+    diff = rt.synthetic_diff(model, relative_norm=SYNTHETIC_DIFF_NORM)  # random: a known steering size, no trait
+    diff_path = diff.save(tmp_path / "synthetic_lora_diff.pt", safetensors_twin=False)
+    assert run_script("export_persona", "--lora_diff_path", diff_path, "--format", "gguf", "--output", tmp_path / "right.gguf") == 0
+    # Negative control: the q/k rows left in transformers' order.
+    layout = dataclasses.replace(gguf_export.gguf_layout(None), permute_qk=False)
+    wrong = gguf_export.write_lora_gguf(diff, tmp_path / "unpermuted.gguf", layout)
+    results = rt.lora_export_agreement(model, sequences, diff, {
+        "Q4_1": (quantized, tmp_path / "right.gguf"), "Q4_1, no q/k permutation": (quantized, wrong),
+        "float32": (exact, tmp_path / "right.gguf"), "float32, no q/k permutation": (exact, wrong)}, (1.0, 2.0))
+    report(results)
+    check(results, "float32", "float32, no q/k permutation", EXACT_TOLERANCE)
+    check(results, "Q4_1", "Q4_1, no q/k permutation", GAP_TOLERANCE)
+
+
+@pytest.mark.embedded
+def test_control_vector_in_llama_cpp_matches_activation_steering(runtimes, tmp_path):
+    from eval import llama_cpp_runtime as rt
+
+    model, quantized, exact, sequences = runtimes
+    layer = 15
+    vector = rt.synthetic_vector(model, sequences, relative_norm=SYNTHETIC_VECTOR_NORM)
+    torch.save(vector, tmp_path / "synthetic_vector.pt")
+    assert run_script("export_persona", "--vector_path", tmp_path / "synthetic_vector.pt", "--layer", layer,
+                      "--format", "gguf_control_vector", "--output", tmp_path / "right.gguf") == 0
+    # Negative control: v[ℓ] added one block late (direction.ℓ, the natural off-by-one).
+    wrong = gguf_export.write_directions({layer: vector[layer]}, tmp_path / "late.gguf", gguf_export.gguf_layout(None))
+    results = rt.control_vector_agreement(model, sequences, vector, layer, {
+        "Q4_1": (quantized, tmp_path / "right.gguf"), "Q4_1, one block late": (quantized, wrong),
+        "float32": (exact, tmp_path / "right.gguf"), "float32, one block late": (exact, wrong)}, (1.0, 2.0))
+    report(results)
+    check(results, "float32", "float32, one block late", EXACT_TOLERANCE)
+    check(results, "Q4_1", "Q4_1, one block late", GAP_TOLERANCE)
