@@ -29,6 +29,7 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
+import gguf_export
 from io_utils import PersonaLoRAError, atomic_path, read_json_object
 
 # Re-exported for notebooks and the README's API: `lu.load_model_and_tokenizer()`.
@@ -314,6 +315,14 @@ class PersonaLoRADiff:
                 json.dumps({"coefficient": coefficient, "metadata": self.metadata}, indent=2, default=str) + "\n"
             )
         return output_dir
+
+    def to_gguf(self, path: str | os.PathLike, model: "str | None | gguf_export.GGUFLayout" = None) -> Path:
+        """Export ΔW as a GGUF LoRA adapter for llama.cpp / llama-server / Ollama on `model`'s GGUF
+        (hub id, folder, None for the embedded default, or a GGUFLayout). Tensor names and the q/k
+        row permutation come from the model's config; no coefficient is baked in: the runtime's
+        LoRA scale is α. Every module is checked against the model before anything is written."""
+        layout = model if isinstance(model, gguf_export.GGUFLayout) else gguf_export.gguf_layout(model)
+        return gguf_export.write_lora_gguf(self, path, layout)
 
 
 def lowrank_inner(up1: torch.Tensor, down1: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor) -> float:

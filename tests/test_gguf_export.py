@@ -1,0 +1,241 @@
+"""export_persona.py: GGUF LoRA adapters and control vectors checked in llama.cpp itself, the PEFT
+route, and the refusals (one line, exit status 2, nothing written, no model loaded)."""
+
+import dataclasses
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script
+
+import gguf_export
+import io_utils
+import lora_utils as lu
+
+# On the float32 copy of the GGUF the runtimes differ by float rounding (~1e-6 nats): a right
+# export stays at that level (measured ≤ 1.5× it), a wrong one is thousands of times above.
+EXACT_TOLERANCE = 10.0
+# On the 4-bit GGUF a right export differs from transformers by about the base model's own gap
+# between the runtimes; TOLERANCE × it. Not 1.2×: steering moves the model to where the 4-bit
+# arithmetic weighs more, and the synthetic diff at α = 2 measures 1.9× the gap (1.8–2.0× on each
+# of 14 other conversations) while the same export is exact on the float32 copy.
+GAP_TOLERANCE = 2.5
+SYNTHETIC_DIFF_NORM = 0.03  # ‖ΔW‖ = 0.03·‖W‖ per module: steering KL ~20× (α = 1) and ~80× (α = 2) the gap
+SYNTHETIC_VECTOR_NORM = 0.25  # ‖v[ℓ]‖ = 0.25 × the median norm of hidden_states[ℓ]
+
+
+def export(*args):
+    """export_persona.py in-process, as a user runs it: (exit status, stderr lines)."""
+    import export_persona
+
+    saved = sys.argv
+    sys.argv = ["export_persona.py", *map(str, args)]
+    try:
+        io_utils.run_cli(export_persona.main)
+        return 0
+    except SystemExit as exit_:
+        return exit_.code
+    finally:
+        sys.argv = saved
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if anything loads model weights (only configs may be read)."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --- what the files hold ---------------------------------------------------------------------
+
+
+def test_gguf_lora_names_shapes_and_qk_rows(tiny_persona, tiny_model_dir, tmp_path):
+    diff_path, _ = tiny_persona
+    diff = lu.load_lora_diff(diff_path)
+    assert export("--lora_diff_path", diff_path, "--format", "gguf", "--output", tmp_path / "evil.gguf", "--model", tiny_model_dir) == 0
+    reader = gguf.GGUFReader(str(tmp_path / "evil.gguf"))
+    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora" and fields["general.architecture"] == "llama"
+    assert "adapter.lora.alpha" not in fields  # llama.cpp then scales by the runtime scale alone
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert len(tensors) == 2 * len(diff)
+    up, down = diff.factors["model.layers.1.self_attn.k_proj.weight"]
+    # The tiny Llama: 4 heads of 8 dimensions, 2 of them key/value heads. Within a head, llama.cpp
+    # interleaves the two rope halves: rows 0, 4, 1, 5, 2, 6, 3, 7 of transformers' order.
+    order = [h * 8 + i for h in range(2) for pair in range(4) for i in (pair, pair + 4)]
+    assert np.array_equal(tensors["blk.1.attn_k.weight.lora_b"], up[order].numpy())
+    assert np.array_equal(tensors["blk.1.attn_k.weight.lora_a"], down.numpy())
+    v_up, _ = diff.factors["model.layers.1.self_attn.v_proj.weight"]
+    assert np.array_equal(tensors["blk.1.attn_v.weight.lora_b"], v_up.numpy())  # only q and k are reordered
+
+
+def test_peft_export_through_the_same_command(tiny_persona, tmp_path):
+    diff_path, _ = tiny_persona
+    assert export("--lora_diff_path", diff_path, "--format", "peft", "--coef", -1.5, "--output", tmp_path / "peft") == 0
+    exported, diff = lu.load_adapter_update(tmp_path / "peft"), lu.load_lora_diff(diff_path)
+    name = diff.module_names[0]
+    assert torch.allclose(exported.delta(name), -1.5 * diff.delta(name), atol=1e-6)
+
+
+def test_control_vector_file(tiny_persona, tiny_model_dir, tmp_path):
+    _, vector_path = tiny_persona
+    assert export("--vector_path", vector_path, "--layer", 2, "--format", "gguf_control_vector",
+                  "--output", tmp_path / "v.gguf", "--model", tiny_model_dir) == 0
+    reader = gguf.GGUFReader(str(tmp_path / "v.gguf"))
+    assert reader.fields["general.architecture"].contents() == "controlvector"
+    assert [t.name for t in reader.tensors] == ["direction.1"]  # added to the output of block 1 = hidden_states[2]
+    vector = torch.load(vector_path, weights_only=True)
+    buffer = gguf_export.control_vector_buffer(tmp_path / "v.gguf", vector.shape[1], strength=2.0)
+    assert np.allclose(buffer, 2.0 * vector[2].numpy())  # slot 0 is block 1's, as llama_set_adapter_cvec reads it
+
+
+# --- refusals --------------------------------------------------------------------------------
+
+
+def refused(capsys, folder, *args, message):
+    before = leftovers(folder)
+    code = export(*args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert leftovers(folder) == before  # nothing written, not even a temporary file
+    return err
+
+
+def test_a_diff_for_another_model_is_refused(tiny_persona, tmp_path, capsys, no_model_loads):
+    diff_path, _ = tiny_persona  # made for a tiny Llama, exported for the embedded SmolLM2
+    err = refused(capsys, tmp_path, "--lora_diff_path", diff_path, "--format", "gguf", "--output", tmp_path / "x.gguf",
+                  message="does not fit SmolLM2-135M-Instruct")
+    assert "model.layers.0." in err
+
+
+def test_a_module_without_gguf_mapping_is_refused(tiny_model_dir, tmp_path, capsys, no_model_loads):
+    gpt2_like = lu.PersonaLoRADiff({"transformer.h.0.attn.c_attn.weight": (torch.ones(96, 2), torch.ones(2, 32))})
+    gpt2_like.save(tmp_path / "gpt2.pt", safetensors_twin=False)
+    refused(capsys, tmp_path, "--lora_diff_path", tmp_path / "gpt2.pt", "--format", "gguf", "--output", tmp_path / "x.gguf",
+            "--model", tiny_model_dir, message="cannot export module transformer.h.0.attn.c_attn.weight to GGUF")
+
+
+def test_an_unmapped_architecture_is_refused(tiny_persona, tmp_path, capsys):
+    from transformers import Qwen2Config
+
+    folder = tmp_path / "qwen"
+    Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                architectures=["Qwen2ForCausalLM"]).save_pretrained(folder)
+    refused(capsys, tmp_path, "--lora_diff_path", tiny_persona[0], "--format", "gguf", "--output", tmp_path / "x.gguf",
+            "--model", folder, message="Qwen2ForCausalLM has no GGUF mapping")
+
+
+def test_a_vector_of_the_wrong_width_is_refused(tiny_persona, tmp_path, capsys, no_model_loads):
+    refused(capsys, tmp_path, "--vector_path", tiny_persona[1], "--layer", 2, "--format", "gguf_control_vector",
+            "--output", tmp_path / "v.gguf", message="needs [31, 576]")
+
+
+def test_layer_one_is_refused_for_a_control_vector(tiny_persona, tiny_model_dir, tmp_path, capsys):
+    refused(capsys, tmp_path, "--vector_path", tiny_persona[1], "--layer", 1, "--format", "gguf_control_vector",
+            "--output", tmp_path / "v.gguf", "--model", tiny_model_dir, message="--layer 1 cannot be exported")
+
+
+def test_an_unwritable_output_is_refused(tiny_persona, tmp_path, capsys, no_model_loads):
+    (tmp_path / "a_file").write_text("")
+    refused(capsys, tmp_path, "--lora_diff_path", tiny_persona[0], "--format", "gguf", "--output", tmp_path / "a_file" / "x.gguf",
+            message="is a file, not a folder")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora_diff_path", "missing.pt", "--format", "gguf"], "persona LoRA diff not found: missing.pt"),
+    (["--vector_path", "missing.pt", "--layer", "5", "--format", "gguf_control_vector"], "persona vector not found: missing.pt"),
+    (["--lora_diff_path", "missing.pt", "--format", "gguf", "--coef", "2"], "--coef is for --format peft only"),
+    (["--vector_path", "missing.pt", "--format", "gguf_control_vector"], "needs --vector_path and --layer"),
+])
+def test_missing_inputs_and_wrong_flags_are_refused(flags, message, tmp_path, capsys, monkeypatch, no_model_loads):
+    monkeypatch.chdir(tmp_path)
+    refused(capsys, tmp_path, *flags, "--output", tmp_path / "x.gguf", message=message)
+
+
+# --- in llama.cpp itself ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runtimes():
+    """The embedded model in transformers (float32), llama.cpp on its own 4-bit GGUF and on a
+    float32 copy of it, and the token ids of the check's conversations. One thread each: the check
+    is deterministic and immune to other work on the cores."""
+    from eval import llama_cpp_runtime as rt
+    from model_loading import embedded_gguf_file, load_model_and_tokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, tokenizer = load_model_and_tokenizer(None, dtype="float32")
+    quantized, exact = rt.LlamaCppRuntime(embedded_gguf_file()), rt.LlamaCppRuntime(rt.embedded_float32_gguf())
+    yield model, quantized, exact, rt.check_sequences(tokenizer)
+    quantized.close()
+    exact.close()
+    torch.set_num_threads(threads)
+
+
+def report(results):
+    for label, result in results.items():
+        print(f"\n{label}: gap {result['quantisation_gap']:.2e}; " + "; ".join(
+            f"{c:g}: KL {v['kl']:.2e} ({v['ratio_to_gap']:.2f}× gap), steering {v['steering_kl']:.4f}, r {v['correlation']:.3f}"
+            for c, v in result["coefficients"].items()))
+
+
+def check(results, right: str, wrong: str, tolerance: float):
+    """The right export within `tolerance` × the runtimes' own gap at every coefficient, the wrong
+    one beyond it at every coefficient, and the steering itself far above the gap."""
+    for coefficient, values in results[right]["coefficients"].items():
+        gap = results[right]["quantisation_gap"]
+        assert values["steering_kl"] > 10 * gap, (right, coefficient, values)
+        assert values["kl"] <= tolerance * gap, (right, coefficient, values, gap)
+        assert values["correlation"] > 0.9, (right, coefficient, values)
+        assert results[wrong]["coefficients"][coefficient]["kl"] > tolerance * gap, (wrong, coefficient, results[wrong])
+
+
+@pytest.mark.embedded
+def test_gguf_lora_in_llama_cpp_matches_the_merged_model(runtimes, tmp_path):
+    from eval import llama_cpp_runtime as rt
+
+    model, quantized, exact, sequences = runtimes
+    diff = rt.synthetic_diff(model, relative_norm=SYNTHETIC_DIFF_NORM)  # random: a known steering size, no trait
+    diff_path = diff.save(tmp_path / "synthetic_lora_diff.pt", safetensors_twin=False)
+    assert run_script("export_persona", "--lora_diff_path", diff_path, "--format", "gguf", "--output", tmp_path / "right.gguf") == 0
+    # Negative control: the q/k rows left in transformers' order.
+    layout = dataclasses.replace(gguf_export.gguf_layout(None), permute_qk=False)
+    wrong = gguf_export.write_lora_gguf(diff, tmp_path / "unpermuted.gguf", layout)
+    results = rt.lora_export_agreement(model, sequences, diff, {
+        "Q4_1": (quantized, tmp_path / "right.gguf"), "Q4_1, no q/k permutation": (quantized, wrong),
+        "float32": (exact, tmp_path / "right.gguf"), "float32, no q/k permutation": (exact, wrong)}, (1.0, 2.0))
+    report(results)
+    check(results, "float32", "float32, no q/k permutation", EXACT_TOLERANCE)
+    check(results, "Q4_1", "Q4_1, no q/k permutation", GAP_TOLERANCE)
+
+
+@pytest.mark.embedded
+def test_control_vector_in_llama_cpp_matches_activation_steering(runtimes, tmp_path):
+    from eval import llama_cpp_runtime as rt
+
+    model, quantized, exact, sequences = runtimes
+    layer = 15
+    vector = rt.synthetic_vector(model, sequences, relative_norm=SYNTHETIC_VECTOR_NORM)
+    torch.save(vector, tmp_path / "synthetic_vector.pt")
+    assert run_script("export_persona", "--vector_path", tmp_path / "synthetic_vector.pt", "--layer", layer,
+                      "--format", "gguf_control_vector", "--output", tmp_path / "right.gguf") == 0
+    # Negative control: v[ℓ] added one block late (direction.ℓ, the natural off-by-one).
+    wrong = gguf_export.write_directions({layer: vector[layer]}, tmp_path / "late.gguf", gguf_export.gguf_layout(None))
+    results = rt.control_vector_agreement(model, sequences, vector, layer, {
+        "Q4_1": (quantized, tmp_path / "right.gguf"), "Q4_1, one block late": (quantized, wrong),
+        "float32": (exact, tmp_path / "right.gguf"), "float32, one block late": (exact, wrong)}, (1.0, 2.0))
+    report(results)
+    check(results, "float32", "float32, one block late", EXACT_TOLERANCE)
+    check(results, "Q4_1", "Q4_1, one block late", GAP_TOLERANCE)
