@@ -16,18 +16,16 @@ measure the export, not a trait.
 """
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import gguf_export  # noqa: E402
-import lora_utils as lu  # noqa: E402
-from eval import llama_cpp_runtime as rt  # noqa: E402
-from eval.activations import load_vector  # noqa: E402
-from model_loading import embedded_gguf_file, load_model_and_tokenizer  # noqa: E402
+import gguf_export
+import lora_utils as lu
+from eval import llama_cpp_runtime as rt
+from eval.activations import load_vector
+from model_loading import embedded_gguf_file, load_model_and_tokenizer
 
 SYNTHETIC_DIFF_NORM = 0.03  # ‖ΔW‖ / ‖W‖ per module: a steering KL well above the quantisation gap
 SYNTHETIC_VECTOR_NORM = 0.25  # ‖v[ℓ]‖ / median ‖hidden_states[ℓ]‖
