@@ -154,9 +154,9 @@ def write_lora_gguf(diff, path: str | os.PathLike, layout: GGUFLayout) -> Path:
 
 
 def check_steering_vector(vector: torch.Tensor, layer: int, layout: GGUFLayout, flag: str = "--layer") -> None:
-    if vector.ndim != 2 or tuple(vector.shape) != (layout.num_layers + 1, layout.hidden_size):
-        raise PersonaLoRAError(f"the persona vector has shape {tuple(vector.shape)} but {layout.model} needs "
-                               f"[{layout.num_layers + 1}, {layout.hidden_size}] (a vector of another model? pass --model)")
+    from eval.activations import check_vector_shape
+
+    check_vector_shape(vector, layout.num_layers, layout.hidden_size)
     if not 2 <= layer <= layout.num_layers - 1:
         raise PersonaLoRAError(f"{flag} {layer} cannot be exported: llama.cpp steers the outputs of blocks 1..{layout.num_layers - 1}, "
                                f"i.e. layers 2..{layout.num_layers} in Persona Vectors' numbering, and hidden_states["

@@ -113,13 +113,18 @@ def check_vector_fits(vector_path, config, layer: int | None = None, flag: str =
     model whose config is given, and a steerable layer (the default one when `layer` is None).
     Returns (vector, layer); refuses in one line naming the flag, before any model loads."""
     vector = load_vector(vector_path)
-    num_layers, hidden = config.num_hidden_layers, config.hidden_size
-    if tuple(vector.shape) != (num_layers + 1, hidden):
-        raise PersonaLoRAError(f"{flag} {vector_path} has shape {tuple(vector.shape)}, but this model needs "
-                               f"[{num_layers + 1}, {hidden}] (a vector for another model?)")
+    num_layers = config.num_hidden_layers
+    check_vector_shape(vector, num_layers, config.hidden_size, f"{flag} {vector_path}")
     layer = default_layer(num_layers) if layer is None else layer
     check_steering_layer(layer, num_layers, layer_flag)
     return vector, layer
+
+
+def check_vector_shape(vector: torch.Tensor, num_layers: int, hidden_size: int, what: str = "the persona vector") -> None:
+    """A persona vector of a model with `num_layers` blocks is [L+1, hidden]."""
+    if tuple(vector.shape) != (num_layers + 1, hidden_size):
+        raise PersonaLoRAError(f"{what} has shape {tuple(vector.shape)}, but this model needs "
+                               f"[{num_layers + 1}, {hidden_size}] (a vector for another model? pass --model)")
 
 
 def check_steering_layer(layer: int, num_layers: int, flag: str = "--layer") -> None:
