@@ -123,6 +123,34 @@ def run_cli(script, *args, cwd=None):
     return result.returncode, result.stdout, result.stderr
 
 
+def run_main(script, *args):
+    """Run a stage script in this process exactly as `python script.py` runs it (io_utils.run_cli
+    around main(): a refused input is one line on stderr and exit status 2), from the repository
+    root: (returncode, stdout, stderr). For refusals, which come before any model loads, this
+    tests what run_cli does without a fresh process importing torch for every case."""
+    import contextlib
+    import importlib
+    import io
+
+    from io_utils import run_cli as entry_point
+
+    module = importlib.import_module(script.replace("/", "."))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    sys.argv = [str(ROOT / f"{script}.py"), *map(str, args)]
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            entry_point(module.main)
+        code = 0
+    except SystemExit as exit_:
+        code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
 @pytest.fixture(scope="session")
 def judge_data(tmp_path_factory):
     """An extraction data folder for the offline judge: real responses of the embedded model under
