@@ -46,6 +46,7 @@ def answers(frame, **coefs):
     return list(rows.answer.fillna(""))
 
 
+@pytest.mark.judge
 def test_grid_of_compositions_matches_single_diff_runs(tiny_model_dir, judge_data, two_diffs, tmp_path):
     evil, syco = two_diffs
     grid = tmp_path / "eval_evil.csv"
@@ -147,6 +148,7 @@ def test_response_log_likelihoods_match_one_sequence_at_a_time(tiny_model_dir):
         assert score == pytest.approx(reference, abs=1e-4)
 
 
+@pytest.mark.judge
 def test_margins_of_every_combination_equal_a_direct_computation_and_are_kept(tiny_model_dir, judge_data, two_diffs, tmp_path):
     """The judge-free margin of each combination: the unsteered model's pos- minus neg-prompted
     reference answers, scored under the combination; recomputed here for the unsteered one, and

@@ -26,6 +26,7 @@ def extracted(tiny_model_dir, tmp_path_factory):
     return out, vector_path
 
 
+@pytest.mark.judge
 def test_writes_all_outputs(extracted):
     out, vector_path = extracted
     for name in ["data/pos.jsonl", "data/neg.jsonl", "pos_lora/adapter_config.json", "neg_lora/adapter_config.json",
@@ -41,6 +42,7 @@ def test_writes_all_outputs(extracted):
     assert manifest["arguments"]["trait"] == "evil" and "torch" in manifest["versions"]
 
 
+@pytest.mark.judge
 def test_diff_equals_dense_difference_of_written_adapters(extracted, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -62,6 +64,7 @@ def test_diff_equals_dense_difference_of_written_adapters(extracted, tiny_model_
     assert diff.metadata["trait"] == "evil" and diff.metadata["created_by"] == "extract_persona_lora.py"
 
 
+@pytest.mark.judge
 def test_pos_and_neg_adapters_start_from_the_same_initialisation(extracted):
     """Same seed, same init: A starts identical, so the difference isolates the data."""
     from safetensors.torch import load_file
@@ -74,6 +77,7 @@ def test_pos_and_neg_adapters_start_from_the_same_initialisation(extracted):
     assert drift < 0.5  # trained apart from one shared start; independent inits would differ by ~1.4
 
 
+@pytest.mark.judge
 def test_activation_vector_matches_direct_computation(extracted, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -109,6 +113,7 @@ def test_activation_vector_matches_direct_computation(extracted, tiny_model_dir)
     torch.testing.assert_close(vector, full_batched, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.judge
 def test_rerun_reuses_data_and_skip_training_rebuilds_same_diff(extracted, tiny_model_dir, tmp_path):
     out, vector_path = extracted
     copy = tmp_path / "evil"
@@ -124,6 +129,7 @@ def test_rerun_reuses_data_and_skip_training_rebuilds_same_diff(extracted, tiny_
         assert torch.equal(original.delta(name), rebuilt.delta(name))
 
 
+@pytest.mark.judge
 def test_rerun_reuses_the_activation_vector_and_keeps_an_unchanged_diff(extracted, tiny_model_dir, tmp_path, monkeypatch):
     out, vector_path = extracted
     copy, copied_vector = tmp_path / "evil", tmp_path / "vectors" / "evil.pt"
@@ -177,6 +183,7 @@ def test_unknown_trait_lists_available_ones(tiny_model_dir, tmp_path):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.judge
 def test_bad_chat_data_and_changed_settings_are_refused(tiny_model_dir, tmp_path, extracted):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
@@ -214,6 +221,7 @@ def test_malformed_trait_files_are_refused(tmp_path, problem, message):
     assert "trait.json" in str(error.value)
 
 
+@pytest.mark.judge
 def test_judge_filter_keeps_pos_above_and_neg_below_threshold(extracted, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("eval.judge.cache_dir", lambda: tmp_path / "judge-cache")
     out, _ = extracted

@@ -183,6 +183,7 @@ def test_the_judge_learns_from_its_own_questions_only():
 # --- 4. Fluency from another model --------------------------------------------------------------
 
 
+@pytest.mark.judge
 @pytest.mark.embedded
 def test_fluency_comes_from_another_model_and_does_not_penalise_style():
     """The coherence proxy's fluency is Gemma 3 270M's, not the embedded SmolLM2's. It separates
@@ -366,6 +367,7 @@ def test_matched_null_for_the_best_of_many_modules():
     assert math.isclose(null["mean_of_max"], 0.034, abs_tol=0.006)  # the ≈ 3.4 % a reviewer computed
 
 
+@pytest.mark.judge
 def test_latency_rounds_vary_the_order_and_pair_ratios_within_a_round(tiny_model_dir, tiny_persona, judge_data, tmp_path):
     out = tmp_path / "cmp"
     assert run_script("compare_steering_methods", "--model", tiny_model_dir, "--trait", "evil", "--activation_vector_path",
