@@ -123,11 +123,12 @@ def run_cli(script, *args, cwd=None):
     return result.returncode, result.stdout, result.stderr
 
 
-def run_main(script, *args):
+def run_main(script, *args, cwd=None):
     """Run a stage script in this process exactly as `python script.py` runs it (io_utils.run_cli
     around main(): a refused input is one line on stderr and exit status 2), from the repository
-    root: (returncode, stdout, stderr). For refusals, which come before any model loads, this
-    tests what run_cli does without a fresh process importing torch for every case."""
+    root or `cwd`: (returncode, stdout, stderr), as run_cli returns them. For refusals, which come
+    before any model loads, and small runs, this tests what run_cli does without a fresh process
+    importing torch for every case."""
     import contextlib
     import importlib
     import io
@@ -138,7 +139,7 @@ def run_main(script, *args):
     stdout, stderr = io.StringIO(), io.StringIO()
     saved_argv, saved_cwd = sys.argv, os.getcwd()
     sys.argv = [str(ROOT / f"{script}.py"), *map(str, args)]
-    os.chdir(ROOT)
+    os.chdir(cwd or ROOT)
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             entry_point(module.main)

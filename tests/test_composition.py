@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lora_utils as lu
-from conftest import ROOT, make_adapter, run_cli, run_script
+from conftest import ROOT, make_adapter, run_main, run_script
 from eval.stats import additive_fit
 from eval.traits import load_trait
 from io_utils import PersonaLoRAError, write_json
@@ -91,16 +91,16 @@ def test_grid_of_compositions_matches_single_diff_runs(tiny_model_dir, judge_dat
 
 def test_coefficients_must_come_in_groups_of_one_per_diff(tiny_model_dir, judge_data, two_diffs, tmp_path):
     evil, syco = two_diffs
-    code, _, stderr = run_cli("eval_lora_persona", *flags(tiny_model_dir, judge_data), "--lora_diff_path", evil, syco,
+    code, _, stderr = run_main("eval_lora_persona", *flags(tiny_model_dir, judge_data), "--lora_diff_path", evil, syco,
                               "--lora_coef", "1", "2", "3", "--output_path", tmp_path / "bad.csv")
     assert code != 0 and "groups of 2" in stderr and not (tmp_path / "bad.csv").exists()
 
 
 def test_grid_is_the_full_factorial():
-    code, stdout, _ = run_cli("scripts/composition", "grid", "--n_diffs", "3", "--levels", "0", "2")
+    code, stdout, _ = run_main("scripts/composition", "grid", "--n_diffs", "3", "--levels", "0", "2")
     groups = [tuple(float(x) for x in stdout.split()[i:i + 3]) for i in range(0, 24, 3)]
     assert code == 0 and len(stdout.split()) == 24 and len(set(groups)) == 8 and set(groups[-1]) == {2.0}
-    assert run_cli("scripts/composition", "grid", "--n_diffs", "2", "--levels", "1")[0] != 0
+    assert run_main("scripts/composition", "grid", "--n_diffs", "2", "--levels", "1")[0] != 0
 
 
 def test_additive_fit_recovers_slopes_and_propagates_standard_errors():
@@ -123,7 +123,7 @@ def test_additive_fit_recovers_slopes_and_propagates_standard_errors():
 
 def test_summarize_refuses_results_of_other_diffs(tmp_path):
     write_json(tmp_path / "eval_evil.summary.json", {"conditions": [{"coefs": {"evil": 1.0, "other": 0.0}}]})
-    code, _, stderr = run_cli("scripts/composition", "summarize", "--traits", "evil", "sycophancy", "--output_dir", tmp_path,
+    code, _, stderr = run_main("scripts/composition", "summarize", "--traits", "evil", "sycophancy", "--output_dir", tmp_path,
                               cwd=ROOT)
     assert code != 0 and "eval_evil.summary.json" in stderr and len(stderr.strip().splitlines()) == 1
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lora_utils as lu
-from conftest import run_cli, run_script
+from conftest import run_main, run_script
 from eval.activations import ActivationSteerer, decoder_layers
 from eval.traits import load_trait
 from io_utils import cache_dir
@@ -125,7 +125,7 @@ def test_activation_eval_same_schema_and_refuses_wrong_vector(tiny_model_dir, ju
     rows = pd.read_csv(prompted)
     assert set(rows.method) == {"system_prompt"} and rows.prompt.str.contains("malicious|cruelty|villain|despises|hostile").all()
     torch.save(torch.randn(7, config.hidden_size), tmp_path / "wrong.pt")
-    code, _, err = run_cli("eval/eval_persona", *common(tiny_model_dir, judge_data, tmp_path), "--vector_path", tmp_path / "wrong.pt",
+    code, _, err = run_main("eval/eval_persona", *common(tiny_model_dir, judge_data, tmp_path), "--vector_path", tmp_path / "wrong.pt",
                            "--output_path", tmp_path / "wrong.csv")
     assert code == 2 and "has shape (7, 32)" in err and not (tmp_path / "wrong.csv").exists()
 
@@ -191,6 +191,6 @@ def test_adapter_flag_evaluates_the_finetune_and_refuses_a_foreign_adapter(tiny_
     assert outputs["base"] != outputs["finetune"]
     assert json.loads((tmp_path / "finetune.summary.json").read_text())["adapter"] == str(adapter)
     foreign, _ = make_adapter(make_tiny_llama(intermediate_size=48), tmp_path / "foreign", seed=5)
-    code, _, err = run_cli("eval_lora_persona", *common(tiny_model_dir, judge_data, tmp_path), "--adapter", foreign,
+    code, _, err = run_main("eval_lora_persona", *common(tiny_model_dir, judge_data, tmp_path), "--adapter", foreign,
                            "--output_path", tmp_path / "x.csv")
     assert code == 2 and "does not fit this model" in err

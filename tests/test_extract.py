@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lora_utils as lu
-from conftest import run_cli, run_script
+from conftest import run_main, run_script
 from eval.activations import persona_vector, response_hidden_means
 from eval.traits import load_trait
 from io_utils import PersonaLoRAError, read_jsonl
@@ -177,7 +177,7 @@ def test_interrupted_generation_resumes_without_loss_or_duplicates(tiny_model_di
 
 
 def test_unknown_trait_lists_available_ones(tiny_model_dir, tmp_path):
-    code, _, err = run_cli("extract_persona_lora", "--model", tiny_model_dir, "--trait", "grumpiness", "--output_dir", tmp_path / "x")
+    code, _, err = run_main("extract_persona_lora", "--model", tiny_model_dir, "--trait", "grumpiness", "--output_dir", tmp_path / "x")
     assert code == 2
     assert "unknown trait 'grumpiness'" in err and "corrigibility, evil, hallucination, sycophancy" in err
     assert len(err.strip().splitlines()) == 1
@@ -187,13 +187,13 @@ def test_unknown_trait_lists_available_ones(tiny_model_dir, tmp_path):
 def test_bad_chat_data_and_changed_settings_are_refused(tiny_model_dir, tmp_path, extracted):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    code, _, err = run_cli("extract_persona_lora", "--model", tiny_model_dir, "--trait", "evil", "--output_dir", tmp_path / "y",
+    code, _, err = run_main("extract_persona_lora", "--model", tiny_model_dir, "--trait", "evil", "--output_dir", tmp_path / "y",
                            "--pos_data", bad, "--neg_data", bad, *FAST)
     assert code == 2 and "bad.jsonl:1: the last message must be the assistant's response" in err
     out, _ = extracted
     copy = tmp_path / "evil"
     shutil.copytree(out / "data", copy / "data")
-    code, _, err = run_cli("extract_persona_lora", "--model", tiny_model_dir, "--trait", "evil", "--output_dir", copy,
+    code, _, err = run_main("extract_persona_lora", "--model", tiny_model_dir, "--trait", "evil", "--output_dir", copy,
                            *FAST[:2], "--max_new_tokens", "7", *FAST[4:])
     assert code == 2 and "generated with other settings (max_new_tokens)" in err
 
