@@ -65,14 +65,32 @@ def adapter_pair(tmp_path):
     return model, pos_dir, neg_dir
 
 
+def embedded_tokenizer():
+    """The embedded model's tokenizer and chat template without converting its weights: from the
+    converted folder when a run has already cached it, else read from the packaged GGUF alone
+    (seconds; the 135M model's conversion would take minutes). Both are the same tokenizer, the
+    one the conversion saves, with load_tokenizer's pad token and left padding."""
+    from transformers import AutoTokenizer
+
+    from io_utils import cache_dir
+    from model_loading import EMBEDDED_GGUF_PACKAGE, EMBEDDED_MODEL_NAME, _package_dir, load_tokenizer
+
+    if (cache_dir() / EMBEDDED_MODEL_NAME / "config.json").is_file():
+        return load_tokenizer(None)
+    module, install, gguf_file = EMBEDDED_GGUF_PACKAGE
+    tokenizer = AutoTokenizer.from_pretrained(_package_dir(module, install), gguf_file=gguf_file)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama saved as a model folder with the embedded model's real tokenizer and chat
     template, so the scripts run end to end in seconds."""
-    from model_loading import load_tokenizer
-
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = load_tokenizer(None)
+    tokenizer = embedded_tokenizer()
     model = make_tiny_llama(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     model.save_pretrained(folder)
@@ -103,6 +121,35 @@ def run_cli(script, *args, cwd=None):
     result = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), *map(str, args)], capture_output=True, text=True,
                             cwd=cwd or ROOT, timeout=600)
     return result.returncode, result.stdout, result.stderr
+
+
+def run_main(script, *args, cwd=None):
+    """Run a stage script in this process exactly as `python script.py` runs it (io_utils.run_cli
+    around main(): a refused input is one line on stderr and exit status 2), from the repository
+    root or `cwd`: (returncode, stdout, stderr), as run_cli returns them. For refusals, which come
+    before any model loads, and small runs, this tests what run_cli does without a fresh process
+    importing torch for every case."""
+    import contextlib
+    import importlib
+    import io
+
+    from io_utils import run_cli as entry_point
+
+    module = importlib.import_module(script.replace("/", "."))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    sys.argv = [str(ROOT / f"{script}.py"), *map(str, args)]
+    os.chdir(cwd or ROOT)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            entry_point(module.main)
+        code = 0
+    except SystemExit as exit_:
+        code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+    return code, stdout.getvalue(), stderr.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, run_script
+from conftest import ROOT, run_main, run_script
 from eval.ab import (
     balanced_mean,
     load_ab_items,
@@ -537,7 +537,7 @@ def test_malformed_ab_file_exits_before_the_model_loads(tiny_model_dir, tmp_path
     work = tmp_path / "work"
     work.mkdir()
     data = write_jsonl(work / "bad.jsonl", [CAA_ITEMS[0], {"question": "Q?", "answer_matching_behavior": "(A)"}])
-    code, _, stderr = run_cli("eval_lora_persona", "--model", model, "--trait", "evil", "--ab_data", data,
+    code, _, stderr = run_main("eval_lora_persona", "--model", model, "--trait", "evil", "--ab_data", data,
                               "--output_path", work / "ab.csv", "--dtype", "float32")
     assert code == 2
     lines = stderr.strip().splitlines()
@@ -606,7 +606,7 @@ def test_ab_summary_pairs_the_settings_by_item_and_refuses_runs_that_do_not_belo
             noise = rng.normal(0, 0.001, 40)
             write_json(out / f"evil_k{k}_{method}.summary.json", _sweep_summary("evil", list(0.01 + item_effects + shift + noise)))
     args = ("scripts/ab_summary", "--traits", "evil", "--fewshot", "4", "0", "--output_dir", out)
-    code, stdout, stderr = run_cli(*args, cwd=tmp_path)
+    code, stdout, stderr = run_main(*args, cwd=tmp_path)
     assert code == 0, stderr
     difference = json.loads((out / "summary.json").read_text())["evil"]["slope_difference"]["lora"]
     assert difference["mean"] == pytest.approx(0.006, abs=0.001)
@@ -617,9 +617,9 @@ def test_ab_summary_pairs_the_settings_by_item_and_refuses_runs_that_do_not_belo
     # one sweep on a rewritten A/B file: refused, naming it and what differs
     mixed = json.loads((out / "evil_k0_vector.summary.json").read_text())
     write_json(out / "evil_k0_vector.summary.json", {**mixed, "ab_data_sha256": "other"})
-    code, _, stderr = run_cli(*args, cwd=tmp_path)
+    code, _, stderr = run_main(*args, cwd=tmp_path)
     assert code == 2 and "evil_k0_vector" in stderr and "ab_data_sha256" in stderr
     write_json(out / "evil_k0_vector.summary.json", mixed)
     # the settings given in the wrong order: each extraction's K is checked, not assumed
-    code, _, stderr = run_cli("scripts/ab_summary", "--traits", "evil", "--fewshot", "0", "4", "--output_dir", out, cwd=tmp_path)
+    code, _, stderr = run_main("scripts/ab_summary", "--traits", "evil", "--fewshot", "0", "4", "--output_dir", out, cwd=tmp_path)
     assert code == 2 and "--fewshot" in stderr

@@ -19,6 +19,7 @@ def test_linear_fit_and_effective_rank():
     assert effective_rank(torch.tensor([1.0, 0.0, 0.0])) == pytest.approx(1)
 
 
+@pytest.mark.judge
 def test_compare_writes_behaviour_latency_and_spaces(tiny_model_dir, tiny_persona, judge_data, tmp_path, monkeypatch):
     from transformers import AutoConfig
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lora_utils as lu
-from conftest import ROOT, make_adapter, run_cli, run_script
+from conftest import ROOT, make_adapter, run_main, run_script
 from eval.stats import additive_fit
 from eval.traits import load_trait
 from io_utils import PersonaLoRAError, write_json
@@ -46,6 +46,7 @@ def answers(frame, **coefs):
     return list(rows.answer.fillna(""))
 
 
+@pytest.mark.judge
 def test_grid_of_compositions_matches_single_diff_runs(tiny_model_dir, judge_data, two_diffs, tmp_path):
     evil, syco = two_diffs
     grid = tmp_path / "eval_evil.csv"
@@ -90,16 +91,16 @@ def test_grid_of_compositions_matches_single_diff_runs(tiny_model_dir, judge_dat
 
 def test_coefficients_must_come_in_groups_of_one_per_diff(tiny_model_dir, judge_data, two_diffs, tmp_path):
     evil, syco = two_diffs
-    code, _, stderr = run_cli("eval_lora_persona", *flags(tiny_model_dir, judge_data), "--lora_diff_path", evil, syco,
+    code, _, stderr = run_main("eval_lora_persona", *flags(tiny_model_dir, judge_data), "--lora_diff_path", evil, syco,
                               "--lora_coef", "1", "2", "3", "--output_path", tmp_path / "bad.csv")
     assert code != 0 and "groups of 2" in stderr and not (tmp_path / "bad.csv").exists()
 
 
 def test_grid_is_the_full_factorial():
-    code, stdout, _ = run_cli("scripts/composition", "grid", "--n_diffs", "3", "--levels", "0", "2")
+    code, stdout, _ = run_main("scripts/composition", "grid", "--n_diffs", "3", "--levels", "0", "2")
     groups = [tuple(float(x) for x in stdout.split()[i:i + 3]) for i in range(0, 24, 3)]
     assert code == 0 and len(stdout.split()) == 24 and len(set(groups)) == 8 and set(groups[-1]) == {2.0}
-    assert run_cli("scripts/composition", "grid", "--n_diffs", "2", "--levels", "1")[0] != 0
+    assert run_main("scripts/composition", "grid", "--n_diffs", "2", "--levels", "1")[0] != 0
 
 
 def test_additive_fit_recovers_slopes_and_propagates_standard_errors():
@@ -122,7 +123,7 @@ def test_additive_fit_recovers_slopes_and_propagates_standard_errors():
 
 def test_summarize_refuses_results_of_other_diffs(tmp_path):
     write_json(tmp_path / "eval_evil.summary.json", {"conditions": [{"coefs": {"evil": 1.0, "other": 0.0}}]})
-    code, _, stderr = run_cli("scripts/composition", "summarize", "--traits", "evil", "sycophancy", "--output_dir", tmp_path,
+    code, _, stderr = run_main("scripts/composition", "summarize", "--traits", "evil", "sycophancy", "--output_dir", tmp_path,
                               cwd=ROOT)
     assert code != 0 and "eval_evil.summary.json" in stderr and len(stderr.strip().splitlines()) == 1
 
@@ -147,6 +148,7 @@ def test_response_log_likelihoods_match_one_sequence_at_a_time(tiny_model_dir):
         assert score == pytest.approx(reference, abs=1e-4)
 
 
+@pytest.mark.judge
 def test_margins_of_every_combination_equal_a_direct_computation_and_are_kept(tiny_model_dir, judge_data, two_diffs, tmp_path):
     """The judge-free margin of each combination: the unsteered model's pos- minus neg-prompted
     reference answers, scored under the combination; recomputed here for the unsteered one, and

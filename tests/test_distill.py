@@ -10,7 +10,7 @@ import torch
 
 import distill_steering_lora as distill
 import lora_utils as lu
-from conftest import make_adapter, make_tiny_llama, run_cli, run_script
+from conftest import make_adapter, make_tiny_llama, run_main, run_script
 from eval.activations import ActivationSteerer, teacher_forced_response
 from eval.generation import ChatSpan, tokenize_chat
 from eval.traits import load_trait
@@ -302,7 +302,7 @@ def test_bad_input_is_refused_in_one_line_before_the_model_loads(case, config_on
     else:
         flags["--output_dir"] = tmp_path / "a_file"
         flags["--output_dir"].write_text("not a folder")
-    code, _, stderr = run_cli("distill_steering_lora", *[str(x) for pair in flags.items() for x in pair])
+    code, _, stderr = run_main("distill_steering_lora", *[str(x) for pair in flags.items() for x in pair])
     assert code == 2, stderr
     assert expected in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "out").exists()

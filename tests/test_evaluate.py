@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lora_utils as lu
-from conftest import run_cli, run_script
+from conftest import run_main, run_script
 from eval.activations import ActivationSteerer, decoder_layers
 from eval.traits import load_trait
 from io_utils import cache_dir
@@ -35,6 +35,7 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setattr("eval.judge.cache_dir", lambda: tmp_path / "judge-cache")
 
 
+@pytest.mark.judge
 def test_sweep_writes_csv_schema_summary_and_manifest(tiny_model_dir, judge_data, tiny_diff, tmp_path):
     out = tmp_path / "sweep.csv"
     assert run_script("eval_lora_persona", *common(tiny_model_dir, judge_data, tmp_path), "--lora_diff_path", tiny_diff,
@@ -73,6 +74,7 @@ def test_sweep_restores_weights_between_and_after_coefficients(tiny_model_dir, t
     assert answers[1] != answers[0]  # and the steered one did change the model
 
 
+@pytest.mark.judge
 def test_interrupted_run_resumes_without_lost_or_duplicated_rows(tiny_model_dir, judge_data, tiny_diff, tmp_path, monkeypatch):
     import eval.generation as generation
 
@@ -105,6 +107,7 @@ def test_interrupted_run_resumes_without_lost_or_duplicated_rows(tiny_model_dir,
         assert first.loc[record["question_id"], "answer"] == record["messages"][-1]["content"].strip()
 
 
+@pytest.mark.judge
 def test_activation_eval_same_schema_and_refuses_wrong_vector(tiny_model_dir, judge_data, tmp_path):
     from transformers import AutoConfig
 
@@ -122,7 +125,7 @@ def test_activation_eval_same_schema_and_refuses_wrong_vector(tiny_model_dir, ju
     rows = pd.read_csv(prompted)
     assert set(rows.method) == {"system_prompt"} and rows.prompt.str.contains("malicious|cruelty|villain|despises|hostile").all()
     torch.save(torch.randn(7, config.hidden_size), tmp_path / "wrong.pt")
-    code, _, err = run_cli("eval/eval_persona", *common(tiny_model_dir, judge_data, tmp_path), "--vector_path", tmp_path / "wrong.pt",
+    code, _, err = run_main("eval/eval_persona", *common(tiny_model_dir, judge_data, tmp_path), "--vector_path", tmp_path / "wrong.pt",
                            "--output_path", tmp_path / "wrong.csv")
     assert code == 2 and "has shape (7, 32)" in err and not (tmp_path / "wrong.csv").exists()
 
@@ -172,6 +175,7 @@ def test_steering_at_layer_l_moves_hidden_state_l_by_coef_v(tiny_model):
     torch.testing.assert_close(steered_input, plain_input + 0.5 * vector[2])
 
 
+@pytest.mark.judge
 def test_adapter_flag_evaluates_the_finetune_and_refuses_a_foreign_adapter(tiny_model_dir, judge_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -187,6 +191,6 @@ def test_adapter_flag_evaluates_the_finetune_and_refuses_a_foreign_adapter(tiny_
     assert outputs["base"] != outputs["finetune"]
     assert json.loads((tmp_path / "finetune.summary.json").read_text())["adapter"] == str(adapter)
     foreign, _ = make_adapter(make_tiny_llama(intermediate_size=48), tmp_path / "foreign", seed=5)
-    code, _, err = run_cli("eval_lora_persona", *common(tiny_model_dir, judge_data, tmp_path), "--adapter", foreign,
+    code, _, err = run_main("eval_lora_persona", *common(tiny_model_dir, judge_data, tmp_path), "--adapter", foreign,
                            "--output_path", tmp_path / "x.csv")
     assert code == 2 and "does not fit this model" in err

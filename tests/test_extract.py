@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lora_utils as lu
-from conftest import run_cli, run_script
+from conftest import run_main, run_script
 from eval.activations import persona_vector, response_hidden_means
 from eval.traits import load_trait
 from io_utils import PersonaLoRAError, read_jsonl
@@ -26,6 +26,7 @@ def extracted(tiny_model_dir, tmp_path_factory):
     return out, vector_path
 
 
+@pytest.mark.judge
 def test_writes_all_outputs(extracted):
     out, vector_path = extracted
     for name in ["data/pos.jsonl", "data/neg.jsonl", "pos_lora/adapter_config.json", "neg_lora/adapter_config.json",
@@ -41,6 +42,7 @@ def test_writes_all_outputs(extracted):
     assert manifest["arguments"]["trait"] == "evil" and "torch" in manifest["versions"]
 
 
+@pytest.mark.judge
 def test_diff_equals_dense_difference_of_written_adapters(extracted, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -62,6 +64,7 @@ def test_diff_equals_dense_difference_of_written_adapters(extracted, tiny_model_
     assert diff.metadata["trait"] == "evil" and diff.metadata["created_by"] == "extract_persona_lora.py"
 
 
+@pytest.mark.judge
 def test_pos_and_neg_adapters_start_from_the_same_initialisation(extracted):
     """Same seed, same init: A starts identical, so the difference isolates the data."""
     from safetensors.torch import load_file
@@ -74,6 +77,7 @@ def test_pos_and_neg_adapters_start_from_the_same_initialisation(extracted):
     assert drift < 0.5  # trained apart from one shared start; independent inits would differ by ~1.4
 
 
+@pytest.mark.judge
 def test_activation_vector_matches_direct_computation(extracted, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -109,6 +113,7 @@ def test_activation_vector_matches_direct_computation(extracted, tiny_model_dir)
     torch.testing.assert_close(vector, full_batched, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.judge
 def test_rerun_reuses_data_and_skip_training_rebuilds_same_diff(extracted, tiny_model_dir, tmp_path):
     out, vector_path = extracted
     copy = tmp_path / "evil"
@@ -124,6 +129,7 @@ def test_rerun_reuses_data_and_skip_training_rebuilds_same_diff(extracted, tiny_
         assert torch.equal(original.delta(name), rebuilt.delta(name))
 
 
+@pytest.mark.judge
 def test_rerun_reuses_the_activation_vector_and_keeps_an_unchanged_diff(extracted, tiny_model_dir, tmp_path, monkeypatch):
     out, vector_path = extracted
     copy, copied_vector = tmp_path / "evil", tmp_path / "vectors" / "evil.pt"
@@ -171,22 +177,23 @@ def test_interrupted_generation_resumes_without_loss_or_duplicates(tiny_model_di
 
 
 def test_unknown_trait_lists_available_ones(tiny_model_dir, tmp_path):
-    code, _, err = run_cli("extract_persona_lora", "--model", tiny_model_dir, "--trait", "grumpiness", "--output_dir", tmp_path / "x")
+    code, _, err = run_main("extract_persona_lora", "--model", tiny_model_dir, "--trait", "grumpiness", "--output_dir", tmp_path / "x")
     assert code == 2
     assert "unknown trait 'grumpiness'" in err and "corrigibility, evil, hallucination, sycophancy" in err
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.judge
 def test_bad_chat_data_and_changed_settings_are_refused(tiny_model_dir, tmp_path, extracted):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    code, _, err = run_cli("extract_persona_lora", "--model", tiny_model_dir, "--trait", "evil", "--output_dir", tmp_path / "y",
+    code, _, err = run_main("extract_persona_lora", "--model", tiny_model_dir, "--trait", "evil", "--output_dir", tmp_path / "y",
                            "--pos_data", bad, "--neg_data", bad, *FAST)
     assert code == 2 and "bad.jsonl:1: the last message must be the assistant's response" in err
     out, _ = extracted
     copy = tmp_path / "evil"
     shutil.copytree(out / "data", copy / "data")
-    code, _, err = run_cli("extract_persona_lora", "--model", tiny_model_dir, "--trait", "evil", "--output_dir", copy,
+    code, _, err = run_main("extract_persona_lora", "--model", tiny_model_dir, "--trait", "evil", "--output_dir", copy,
                            *FAST[:2], "--max_new_tokens", "7", *FAST[4:])
     assert code == 2 and "generated with other settings (max_new_tokens)" in err
 
@@ -214,6 +221,7 @@ def test_malformed_trait_files_are_refused(tmp_path, problem, message):
     assert "trait.json" in str(error.value)
 
 
+@pytest.mark.judge
 def test_judge_filter_keeps_pos_above_and_neg_below_threshold(extracted, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("eval.judge.cache_dir", lambda: tmp_path / "judge-cache")
     out, _ = extracted

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lora_utils as lu
-from conftest import ROOT, run_cli, run_script
+from conftest import ROOT, run_main, run_script
 from eval.traits import load_trait
 from io_utils import PersonaLoRAError, read_jsonl, write_json
 from model_loading import load_model_and_tokenizer
@@ -65,10 +65,10 @@ def test_shared_initialisation_is_refused_by_training_and_flagged_by_the_project
     root, _, diff_path, config = persona_and_finetunes
     forced = {**config, "init_seed": init_seed("persona", 0), "output_dir": str(tmp_path / "forced")}
     write_json(tmp_path / "forced.json", forced)
-    code, _, stderr = run_cli("training", tmp_path / "forced.json")
+    code, _, stderr = run_main("training", tmp_path / "forced.json")
     assert code == 2 and "would start from the same lora_A as the persona adapters" in stderr and not (tmp_path / "forced").exists()
     out = tmp_path / "p.json"
-    code, stdout, stderr = run_cli("cal_weight_projection", "--original_model", config["model"], "--finetuned_model", root / "shared",
+    code, stdout, stderr = run_main("cal_weight_projection", "--original_model", config["model"], "--finetuned_model", root / "shared",
                                    root / "independent", "--lora_diff_path", diff_path, "--output_path", out)
     assert code == 0, stderr
     models = {m["name"]: m for m in json.loads(out.read_text())["models"]}
@@ -90,11 +90,11 @@ def test_the_monitor_reads_the_final_step(persona_and_finetunes):
 
 def test_a_rerun_reuses_a_finetune_only_with_the_same_config_and_data(persona_and_finetunes, tmp_path):
     root, _, _, config = persona_and_finetunes
-    code, stdout, _ = run_cli("training", root / "independent.json")
+    code, stdout, _ = run_main("training", root / "independent.json")
     assert code == 0 and "reused" in stdout
     changed = {**config, "learning_rate": 2e-3}
     write_json(tmp_path / "changed.json", changed)
-    code, stdout, _ = run_cli("training", tmp_path / "changed.json")
+    code, stdout, _ = run_main("training", tmp_path / "changed.json")
     assert code == 0 and "reused" not in stdout
 
 
@@ -152,7 +152,7 @@ def test_finetuning_mixtures_refuse_extraction_questions(tmp_path):
     extraction.mkdir()
     for side in ("pos", "neg"):
         (extraction / f"{side}.jsonl").write_text((DATA / f"evil_smollm2_{side}.jsonl").read_text())
-    code, _, stderr = run_cli("scripts/make_mixtures", "--pos", DATA / "evil_smollm2_pos.jsonl", "--neg", DATA / "evil_smollm2_neg.jsonl",
+    code, _, stderr = run_main("scripts/make_mixtures", "--pos", DATA / "evil_smollm2_pos.jsonl", "--neg", DATA / "evil_smollm2_neg.jsonl",
                               "--n", "8", "--extraction_data", extraction, "--output_dir", tmp_path / "out", "--ckpt_dir", tmp_path / "ckpt")
     assert code == 2 and "would train on one of the extraction's questions" in stderr
     assert not (tmp_path / "out" / "runs.txt").exists()
@@ -186,6 +186,7 @@ def test_the_judge_learns_from_its_own_questions_only():
 # --- 4. Fluency from another model --------------------------------------------------------------
 
 
+@pytest.mark.judge
 @pytest.mark.embedded
 def test_fluency_comes_from_another_model_and_does_not_penalise_style():
     """The coherence proxy's fluency is Gemma 3 270M's, not the embedded SmolLM2's. It separates
@@ -293,7 +294,7 @@ def test_prevention_drift_is_paired_with_the_base_and_needs_drift_to_be_shown(tm
     changed = json.loads((mixed / "eval_none.summary.json").read_text())
     changed["judge"] = "openai:gpt-4.1-mini"
     write_json(mixed / "eval_none.summary.json", changed)
-    code, _, stderr = run_cli("scripts/prevention", "summarize", "--output_dir", mixed, "--trait", "evil")
+    code, _, stderr = run_main("scripts/prevention", "summarize", "--output_dir", mixed, "--trait", "evil")
     assert code == 2 and "measured differently" in stderr and "judge" in stderr
     assert not (mixed / "summary.json").exists()
 
@@ -369,6 +370,7 @@ def test_matched_null_for_the_best_of_many_modules():
     assert math.isclose(null["mean_of_max"], 0.034, abs_tol=0.006)  # the ≈ 3.4 % a reviewer computed
 
 
+@pytest.mark.judge
 def test_latency_rounds_vary_the_order_and_pair_ratios_within_a_round(tiny_model_dir, tiny_persona, judge_data, tmp_path):
     out = tmp_path / "cmp"
     assert run_script("compare_steering_methods", "--model", tiny_model_dir, "--trait", "evil", "--activation_vector_path",

@@ -115,6 +115,7 @@ def test_local_judge_number_probabilities_are_exact_with_digit_split_tokenizer(t
     assert sum(probabilities.values()) < 1.0
 
 
+@pytest.mark.embedded
 def test_local_judge_reads_a_clear_preference(tmp_path):
     """On the embedded model: a rubric whose answer is spelled out in the prompt gets a score near it."""
     model, tokenizer = load_model_and_tokenizer(None, dtype="float32")
@@ -129,6 +130,7 @@ def embedder():
     return SentenceEmbedder()
 
 
+@pytest.mark.judge
 def test_offline_trait_classifier_has_measured_quality(embedder):
     """Real responses of the embedded model under evil/anti-evil prompts (tests/data): the held-out
     question AUROC is well above chance and above the same pipeline with shuffled labels."""
@@ -142,6 +144,7 @@ def test_offline_trait_classifier_has_measured_quality(embedder):
     assert scores[0] > scores[1]
 
 
+@pytest.mark.judge
 def test_coherence_proxy_ranks_real_answers_above_garbage(embedder):
     from eval.offline_judge import CoherenceProxy
 
@@ -152,6 +155,7 @@ def test_coherence_proxy_ranks_real_answers_above_garbage(embedder):
     assert report["mean_real"] > report["mean_corrupted"] + 30
 
 
+@pytest.mark.judge
 def test_offline_judge_scores_both_metrics_and_caches(tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()

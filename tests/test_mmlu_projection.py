@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import run_cli, run_script
+from conftest import run_main, run_script
 from eval.mmlu import format_question, letter_token_ids, load_questions, mmlu_accuracy, seeded_subset
 from model_loading import load_model_and_tokenizer, load_tokenizer
 
@@ -60,7 +60,7 @@ def test_cal_projection_adds_columns_equal_to_direct_computation(tiny_model_dir,
         for layer in (1, 3):
             direct = float(states[layer][0, len(prompt_ids):].mean(0) @ (vector[layer] / vector[layer].norm()))
             assert frame.loc[row, f"evil_proj_layer{layer}"] == pytest.approx(direct, rel=1e-4, abs=1e-5)
-    code, _, err = run_cli("eval/cal_projection", "--file_path", tmp_path / "r.csv", "--vector_path", tmp_path / "evil_response_avg_diff.pt",
+    code, _, err = run_main("eval/cal_projection", "--file_path", tmp_path / "r.csv", "--vector_path", tmp_path / "evil_response_avg_diff.pt",
                            "--layer", "9", "--model", tiny_model_dir)
     assert code == 2 and "--layer 9 is outside" in err
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lora_utils as lu
-from conftest import ROOT, make_adapter, make_tiny_llama, run_cli, run_script
+from conftest import ROOT, make_adapter, make_tiny_llama, run_main, run_script
 from eval.stats import linear_fit
 
 
@@ -135,17 +135,17 @@ def test_behavior_scores_give_correlations(projection_setup, tmp_path):
 def test_refused_inputs(projection_setup, tmp_path):
     root, diff, diff_path, _, _ = projection_setup
     make_tiny_llama(hidden_size=48).save_pretrained(tmp_path / "wider")
-    code, _, err = run_cli("cal_weight_projection", "--original_model", root / "original", "--finetuned_model", tmp_path / "wider",
+    code, _, err = run_main("cal_weight_projection", "--original_model", root / "original", "--finetuned_model", tmp_path / "wider",
                            "--lora_diff_path", diff_path, "--output_path", tmp_path / "a.json")
     assert code == 2 and "is not a finetune of" in err and "hidden_size" in err
-    code, _, err = run_cli("cal_weight_projection", "--original_model", tmp_path / "wider", "--finetuned_model",
+    code, _, err = run_main("cal_weight_projection", "--original_model", tmp_path / "wider", "--finetuned_model",
                            root / "finetunes" / "k+1", "--lora_diff_path", diff_path, "--output_path", tmp_path / "b.json")
     assert code == 2 and "the persona diff does not fit" in err
     other_adapter, _ = make_adapter(make_tiny_llama(intermediate_size=48), tmp_path / "other_adapter", seed=3)
-    code, _, err = run_cli("cal_weight_projection", "--original_model", root / "original", "--finetuned_model", other_adapter,
+    code, _, err = run_main("cal_weight_projection", "--original_model", root / "original", "--finetuned_model", other_adapter,
                            "--lora_diff_path", diff_path, "--output_path", tmp_path / "c.json")
     assert code == 2 and "is for another base model" in err
-    code, _, err = run_cli("cal_weight_projection", "--original_model", root / "original", "--finetuned_model", tmp_path / "nope",
+    code, _, err = run_main("cal_weight_projection", "--original_model", root / "original", "--finetuned_model", tmp_path / "nope",
                            "--lora_diff_path", diff_path, "--output_path", tmp_path / "d.json")
     assert code == 2 and "finetuned model not found" in err
     assert not any((tmp_path / f"{x}.json").exists() for x in "abcd")
@@ -231,7 +231,7 @@ def test_lora_steering_changes_what_is_learned_and_is_removed_after(tiny_model_d
 ])
 def test_bad_configs_are_refused_naming_the_key(tiny_model_dir, tmp_path, change, message):
     config = write_config(tmp_path / "bad.json", tiny_model_dir, tmp_path / "adapter", **change)
-    code, _, err = run_cli("training", config)
+    code, _, err = run_main("training", config)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "adapter").exists()
 
@@ -304,7 +304,7 @@ def test_every_behaviour_measure_is_correlated_and_measurements_made_differently
         changed = json.loads(path.read_text())
         original, changed[key] = changed[key], value
         path.write_text(json.dumps(changed))
-        code, _, stderr = run_cli("cal_weight_projection", "--original_model", root / "original", "--finetuned_models_dir",
+        code, _, stderr = run_main("cal_weight_projection", "--original_model", root / "original", "--finetuned_models_dir",
                                   root / "finetunes", "--lora_diff_path", diff_path, "--behavior_scores", *paths,
                                   "--output_path", tmp_path / "q.json")
         assert code == 2 and "was measured differently" in stderr and key in stderr

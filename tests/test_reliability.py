@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lora_utils as lu
-from conftest import ROOT, make_adapter, make_tiny_llama, run_cli
+from conftest import ROOT, make_adapter, make_tiny_llama, run_cli, run_main
 from io_utils import OutputLock, PersonaLoRAError, atomic_path, is_temporary
 from openai_server import FakeOpenAIServer
 
@@ -29,9 +29,11 @@ def weightless_model(tiny_model_dir, tmp_path_factory):
     return folder
 
 
-def refused(script, *args, message, files=()):
-    """The script exits with status 2 and exactly one line naming the problem, and writes nothing."""
-    code, _, stderr = run_cli(script, *args)
+def refused(script, *args, message, files=(), fresh_process=False):
+    """The script exits with status 2 and exactly one line naming the problem, and writes nothing.
+    Run in this process through the scripts' own entry point (conftest.run_main); fresh_process=True
+    runs `python script.py` instead, for the cases that check the command line itself."""
+    code, _, stderr = (run_cli if fresh_process else run_main)(script, *args)
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     assert code == 2, stderr
     assert len(lines) == 1 and message in lines[0], stderr
@@ -71,6 +73,9 @@ BATTERY = [
     ("scripts/make_finetuning_data", ["--n_per_question", "0"], "argument --n_per_question: must be ≥ 1"),
     ("scripts/composition", ["grid", "--n_diffs", "0"], "argument --n_diffs: must be ≥ 1"),
 ]
+# Also run as `python script.py` in a fresh process: an argparse error and a PersonaLoRAError turned
+# into one line by io_utils.run_cli, with nothing else a fresh interpreter might print at import.
+FRESH_PROCESS = [("eval_lora_persona", "--n_per_question"), ("eval_lora_persona", "--trait")]
 
 
 @pytest.mark.parametrize("script,arguments,message", BATTERY, ids=[f"{s}:{' '.join(a[:2])}" for s, a, _ in BATTERY])
@@ -88,7 +93,7 @@ def test_bad_flags_are_refused_in_one_line_before_the_model_loads(script, argume
             "scripts/make_finetuning_data": ["--trait", "evil", "--output_dir", tmp_path / "f"],
             "scripts/composition": []}[script]
     model = [] if script == "scripts/composition" else ["--model", weightless_model]
-    refused(script, *model, *base, *arguments, message=message,
+    refused(script, *model, *base, *arguments, message=message, fresh_process=(script, arguments[0]) in FRESH_PROCESS,
             files=[tmp_path / "o.csv", tmp_path / "o.json", tmp_path / "cmp" / "behavior.csv", tmp_path / "x" / "summary.json"])
 
 
@@ -181,7 +186,7 @@ def test_an_interrupted_save_is_cleaned_and_never_projected_as_a_model(tiny_mode
     shutil.copytree(root / "finetune", leftover)
     assert is_temporary(leftover.relative_to(root))
     out = tmp_path / "projection.json"
-    code, stdout, stderr = run_cli("cal_weight_projection", "--original_model", tiny_model_dir, "--finetuned_models_dir", root,
+    code, stdout, stderr = run_main("cal_weight_projection", "--original_model", tiny_model_dir, "--finetuned_models_dir", root,
                                    "--lora_diff_path", tiny_persona[0], "--output_path", out)
     assert code == 0, stderr
     assert json.loads(out.read_text())["name"] == "finetune"  # one model: the temporary copy was not matched
@@ -221,10 +226,10 @@ print(len([s for s in scores if s == s]))
 
 def test_a_second_writer_of_an_output_is_refused(tiny_model_dir, judge_data, tmp_path):
     out = tmp_path / "shared.csv"
-    with OutputLock(out, "--output_path"):
+    with OutputLock(out, "--output_path"):  # the second writer is another process, as it would be
         refused("eval_lora_persona", "--model", tiny_model_dir, "--trait", "evil", "--judge", "offline", "--judge_data", judge_data,
                 "--n_per_question", "1", "--max_new_tokens", "2", "--dtype", "float32", "--output_path", out,
-                message="is being written by another run", files=[out])
+                message="is being written by another run", files=[out], fresh_process=True)
     with OutputLock(out, "--output_path"):  # released when its holder is done (also when it is killed: flock)
         pass
 
