@@ -237,16 +237,47 @@ def _reuses_prefixes(model) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
+_PREFIX_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prefix_memo", default=None)
+PREFIX_MEMO_BYTES = 512 * 2**20  # keys/values kept across the batches of one generate_records call
+
+
+@contextlib.contextmanager
+def _prefix_memo():
+    """Inside the block, prefix_cache_states keeps what it computed and starts from the longest
+    prefix it already holds: the batches of one generate_records call (one model, one steering
+    state) share their system prompts and demonstrations. Dropped at the end of the block."""
+    token = _PREFIX_MEMO.set({})
+    try:
+        yield
+    finally:
+        _PREFIX_MEMO.reset(token)
+
+
 @torch.no_grad()
 def prefix_cache_states(model, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, the keys and values [1, kv_heads, len, head_dim] of one prompt prefix read alone
     (positions 0..len−1): what any longer sequence starting with it holds at those positions."""
     from transformers import DynamicCache
 
-    input_ids = torch.tensor([prefix_ids], dtype=torch.long, device=model_device(model))
-    with _prompt_prefix_pass():
-        output = model(input_ids=input_ids, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
-    return [(keys, values) for keys, values, *_ in output.cache]
+    memo = _PREFIX_MEMO.get()
+    known, states = 0, None
+    for key, held in (memo or {}).items():
+        common = _common_length(key, prefix_ids)
+        if common > known:
+            known, states = common, held
+    states = [(keys[:, :, :known], values[:, :, :known]) for keys, values in states] if states is not None else None
+    if known < len(prefix_ids):
+        input_ids = torch.tensor([prefix_ids[known:]], dtype=torch.long, device=model_device(model))
+        with _prompt_prefix_pass():
+            output = model(input_ids=input_ids, cache=DynamicCache(ddp_cache_data=states), use_cache=True, logits_to_keep=1)
+        states = [(keys, values) for keys, values, *_ in output.cache]
+    if memo is not None and known < len(prefix_ids):
+        memo[tuple(prefix_ids)] = states
+        sizes = {key: sum(k.nbytes + v.nbytes for k, v in held) for key, held in memo.items()}
+        while len(memo) > 1 and sum(sizes.values()) > PREFIX_MEMO_BYTES:
+            sizes.pop(oldest := next(iter(memo)))
+            del memo[oldest]
+    return states
 
 
 @torch.no_grad()
@@ -352,7 +383,8 @@ def generate_records(model, tokenizer, jobs: list[dict], output_path: str | os.P
     order = sorted(range(len(jobs)), key=lambda i: len(json.dumps(conversation(jobs[i]))))
     batches = [[jobs[i] for i in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    with partial_path.open("a") as sink, tqdm(total=len(jobs), desc=desc, initial=sum(j["id"] in done for j in jobs)) as bar:
+    with partial_path.open("a") as sink, tqdm(total=len(jobs), desc=desc, initial=sum(j["id"] in done for j in jobs)) as bar, \
+            _prefix_memo():
         for index, batch in enumerate(batches):
             if all(job["id"] in done for job in batch):
                 continue
