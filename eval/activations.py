@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from eval.generation import conversation, pad_right, tokenize_chat
+from eval.generation import conversation, in_prompt_prefix_pass, pad_right, tokenize_chat
 from io_utils import PersonaLoRAError
 from model_loading import model_device
 
@@ -34,30 +34,62 @@ def load_vector(path) -> torch.Tensor:
     return vector.float()
 
 
+def _weighted_layer_means(hidden_states, weights: torch.Tensor) -> torch.Tensor:
+    """[rows, L+1, hidden]: per row, the weights' average of every layer's hidden states. One layer
+    at a time: stacking all L+1 layers in float32 would cost GBs on an 8B model."""
+    return torch.stack([torch.einsum("bth,bt->bh", h.float(), weights.to(h.device)).cpu() for h in hidden_states], dim=1)
+
+
 @torch.no_grad()
 def span_hidden_means(model, spans: list[tuple[list[int], int, int]], pad_id: int, batch_size: int = 16,
                       desc: str = "hidden states") -> torch.Tensor:
     """For each (token ids, answer start, answer end), the mean over the answer's tokens of every
-    layer's hidden state: [N, L+1, hidden] (float32). Right padding, so positions start at 0 in
-    every row. An empty answer falls back to its last token."""
-    means = []
+    layer's hidden state: [N, L+1, hidden] (float32). An empty answer falls back to its last token.
+
+    Spans that share a prompt prefix (a system prompt and its demonstrations) have it read once:
+    its keys/values are computed alone and each row then reads only the rest of its prompt and its
+    answer over them (eval.generation.prefix_reuse). Hidden states of a token depend only on the
+    tokens before it, so the means are those of whole sequences read one by one, to float
+    tolerance; nothing after an answer's last token is read. Right padding, so positions follow on
+    from the prefix in every row."""
+    from transformers import DynamicCache
+
+    from eval.generation import _reuses_prefixes, prefix_cache_states, shared_prefix_groups
+
+    chunk = []
+    for ids, answer_start, answer_end in spans:
+        answer_start = min(answer_start, len(ids) - 1)
+        chunk.append((ids, answer_start, max(answer_end, answer_start + 1)))
+    spans = chunk
+    if spans and _reuses_prefixes(model):
+        # A prefix stops before the last prompt token: that token is a "response" position for steering.
+        groups = shared_prefix_groups([ids for ids, _, _ in spans], [start - 1 for _, start, _ in spans])
+    else:
+        groups = [(0, list(range(len(spans))))]
     device = model_device(model)
-    for start in tqdm(range(0, len(spans), batch_size), desc=desc):
-        chunk = []
-        for ids, answer_start, answer_end in spans[start:start + batch_size]:
-            answer_start = min(answer_start, len(ids) - 1)
-            chunk.append((ids, answer_start, max(answer_end, answer_start + 1)))
-        input_ids, attention_mask = pad_right([ids for ids, _, _ in chunk], pad_id)
-        with teacher_forced_response(torch.tensor([answer_start for _, answer_start, _ in chunk])):
-            output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), output_hidden_states=True)
-        response_mask = torch.zeros_like(attention_mask, dtype=torch.float32)
-        for row, (_, answer_start, answer_end) in enumerate(chunk):
-            response_mask[row, answer_start:answer_end] = 1.0
-        weights = response_mask / response_mask.sum(1, keepdim=True)
-        # One layer at a time: stacking all L+1 layers in float32 would cost GBs on an 8B model.
-        per_layer = [torch.einsum("bth,bt->bh", h.float(), weights.to(h.device)).cpu() for h in output.hidden_states]
-        means.append(torch.stack(per_layer, dim=1))
-    return torch.cat(means)
+    means = [None] * len(spans)
+    with tqdm(total=sum(-(-len(rows) // batch_size) for _, rows in groups), desc=desc) as bar:
+        for length, rows in groups:
+            states = prefix_cache_states(model, spans[rows[0]][0][:length]) if length else None
+            rows = sorted(rows, key=lambda r: spans[r][2] - length)  # similar lengths together: less padding
+            for batch in (rows[i:i + batch_size] for i in range(0, len(rows), batch_size)):
+                input_ids, attention_mask = pad_right([spans[r][0][length:spans[r][2]] for r in batch], pad_id)
+                cache = {}
+                if states is not None:
+                    attention_mask = torch.cat([torch.ones((len(batch), length), dtype=attention_mask.dtype), attention_mask], 1)
+                    cache["cache"] = DynamicCache(ddp_cache_data=[(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1))
+                                                                  for k, v in states])
+                with teacher_forced_response(torch.tensor([spans[r][1] - length for r in batch])):
+                    output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                   output_hidden_states=True, logits_to_keep=1, **cache)
+                weights = torch.zeros(input_ids.shape, dtype=torch.float32)
+                for row, r in enumerate(batch):
+                    weights[row, spans[r][1] - length:spans[r][2] - length] = 1.0
+                weights /= weights.sum(1, keepdim=True)
+                for r, mean in zip(batch, _weighted_layer_means(output.hidden_states, weights)):
+                    means[r] = mean
+                bar.update(1)
+    return torch.stack(means)
 
 
 def response_hidden_means(model, tokenizer, records: list[dict], with_context: bool = True, batch_size: int = 16,
@@ -142,6 +174,8 @@ class ActivationSteerer:
         prompt    only the prompt (the prefill pass, when more than one position is processed);
         response  only the last position of each pass, i.e. every generated token (and, as in
                   Persona Vectors, the final prompt token that produces the first one).
+    A shared prompt prefix read alone (eval.generation's prefix reuse) is all prompt: steered by
+    "prompt", not by "response", as it would be inside the whole prompt's pass.
     Inside teacher_forced_response(starts), a pass over whole sequences is steered where
     generation would have steered it: response = from the last prompt token on, prompt = before it.
     A context manager: the hook is always removed, also when the body raises."""
@@ -162,6 +196,9 @@ class ActivationSteerer:
         """[batch, positions, 1] of 0/1 where to add, or None for everywhere."""
         if self.positions == "all":
             return None
+        if in_prompt_prefix_pass():  # a shared prompt prefix read alone: all prompt, never the last prompt token
+            return None if self.positions == "prompt" else torch.zeros((*hidden.shape[:2], 1), dtype=hidden.dtype,
+                                                                         device=hidden.device)
         starts = _TEACHER_FORCED_STARTS.get()
         length = hidden.shape[1]
         if starts is not None and len(starts) == hidden.shape[0]:

@@ -4,6 +4,7 @@ demonstrations; chat tokenisation with the answer's token span; teacher-forced l
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -143,16 +144,219 @@ def response_log_likelihoods(model, tokenizer, conversations: list[list[dict]], 
     return scores
 
 
+# ---------------------------------------------------------------------------------------------
+# Shared-prompt-prefix reuse (transformers' prompt-cache reuse, batched)
+#
+# Elicitation prompts share long prefixes: the system prompt and K demonstrations are the same for
+# every question of an instruction, and samples of one question share their whole prompt. The key/
+# value cache of a prefix is computed once (one row) and copied into every row that starts with it;
+# each row then runs only its own suffix. Keys and values of a prefix do not depend on what follows
+# it (causal attention), and positions come from the attention mask, so answers equal the plain
+# path's to float tolerance and sampling draws the same random numbers (same batch, same seed).
+# ---------------------------------------------------------------------------------------------
+
+_PREFIX_REUSE: contextvars.ContextVar[bool] = contextvars.ContextVar("prefix_reuse", default=True)
+_PROMPT_PREFIX_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar("prompt_prefix_pass", default=False)
+MIN_SHARED_PREFIX = 16  # tokens: below this a separate prefill costs more than it saves
+
+
+@contextlib.contextmanager
+def prefix_reuse(enabled: bool = True):
+    """Switch shared-prefix reuse on or off inside the block (on by default; the benchmark and the
+    tests compare against the plain path)."""
+    token = _PREFIX_REUSE.set(enabled)
+    try:
+        yield
+    finally:
+        _PREFIX_REUSE.reset(token)
+
+
+@contextlib.contextmanager
+def _prompt_prefix_pass():
+    """Forward passes in this block read a prompt prefix alone: never the last prompt token, so
+    activation steering treats every position as prompt (eval.activations.ActivationSteerer)."""
+    token = _PROMPT_PREFIX_PASS.set(True)
+    try:
+        yield
+    finally:
+        _PROMPT_PREFIX_PASS.reset(token)
+
+
+def in_prompt_prefix_pass() -> bool:
+    return _PROMPT_PREFIX_PASS.get()
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def shared_prefix_groups(sequences: list[list[int]], limits: list[int],
+                         min_shared: int = MIN_SHARED_PREFIX) -> list[tuple[int, list[int]]]:
+    """Rows grouped by the tokens they start with: [(prefix length, rows)], every row in exactly one
+    group, a group's prefix at most each of its rows' limit. Rows that share no prefix worth a cache
+    (min_shared tokens, with at least one other row) come last, in a group of length 0.
+
+    Sorted token lists put rows with a common start next to each other; a row joins the running
+    group while the prefix they all share stays at least half of the group's (a system prompt and
+    its demonstrations: hundreds of tokens; two different system prompts share only the template's
+    first few)."""
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i][:limits[i]])
+    groups, current, shared, previous = [], [], 0, []
+    for i in order:
+        sequence = sequences[i][:max(0, limits[i])]
+        if current:
+            common = min(shared, _common_length(previous, sequence))
+            if common >= max(min_shared, shared // 2):
+                current.append(i)
+                shared, previous = common, sequence
+                continue
+            groups.append((shared, current))
+        current, shared, previous = [i], len(sequence), sequence
+    if current:
+        groups.append((shared, current))
+    kept = [(length, sorted(rows)) for length, rows in groups if len(rows) > 1 and length >= min_shared]
+    loose = sorted(i for length, rows in groups if not (len(rows) > 1 and length >= min_shared) for i in rows)
+    return kept + ([(0, loose)] if loose else [])
+
+
+def _reuses_prefixes(model) -> bool:
+    """Reuse is on and the model's cache is plain full attention (sliding-window or recurrent
+    layers keep other state than one key/value per token: those models take the plain path)."""
+    if not _PREFIX_REUSE.get():
+        return False
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+_PREFIX_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prefix_memo", default=None)
+PREFIX_MEMO_BYTES = 512 * 2**20  # keys/values kept across the batches of one generate_records call
+
+
+@contextlib.contextmanager
+def _prefix_memo():
+    """Inside the block, prefix_cache_states keeps what it computed and starts from the longest
+    prefix it already holds: the batches of one generate_records call (one model, one steering
+    state) share their system prompts and demonstrations. Dropped at the end of the block."""
+    token = _PREFIX_MEMO.set({})
+    try:
+        yield
+    finally:
+        _PREFIX_MEMO.reset(token)
+
+
+@torch.no_grad()
+def prefix_cache_states(model, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the keys and values [1, kv_heads, len, head_dim] of one prompt prefix read alone
+    (positions 0..len−1): what any longer sequence starting with it holds at those positions."""
+    from transformers import DynamicCache
+
+    memo = _PREFIX_MEMO.get()
+    known, states = 0, None
+    for key, held in (memo or {}).items():
+        common = _common_length(key, prefix_ids)
+        if common > known:
+            known, states = common, held
+    states = [(keys[:, :, :known], values[:, :, :known]) for keys, values in states] if states is not None else None
+    if known < len(prefix_ids):
+        input_ids = torch.tensor([prefix_ids[known:]], dtype=torch.long, device=model_device(model))
+        with _prompt_prefix_pass():
+            output = model(input_ids=input_ids, cache=DynamicCache(ddp_cache_data=states), use_cache=True, logits_to_keep=1)
+        states = [(keys, values) for keys, values, *_ in output.cache]
+    if memo is not None and known < len(prefix_ids):
+        memo[tuple(prefix_ids)] = states
+        sizes = {key: sum(k.nbytes + v.nbytes for k, v in held) for key, held in memo.items()}
+        while len(memo) > 1 and sum(sizes.values()) > PREFIX_MEMO_BYTES:
+            sizes.pop(oldest := next(iter(memo)))
+            del memo[oldest]
+    return states
+
+
+@torch.no_grad()
+def _generate_reusing_prefixes(model, prompt_ids: list[list[int]], pad_id: int, generate_kwargs: dict,
+                               seed: int | None) -> torch.Tensor:
+    """model.generate on a batch whose rows share prompt prefixes: each shared prefix is prefilled
+    once and its keys/values copied into its rows' cache; generate then runs only the suffixes.
+
+    Row layout (width P + S): [pad … | prefix | pad … | suffix], the prefix right-aligned in the P
+    cached slots and the suffix right-aligned in the S new ones. Padding is masked out as keys and
+    positions count only unmasked tokens (generate derives them from the attention mask), so every
+    row reads exactly its own prompt at positions 0..len−1. Each suffix keeps at least two tokens:
+    the last prompt token must be read in generate's first pass, and that pass is then a prompt pass
+    for activation steering, as it is without reuse.
+
+    The cache is a StaticCache sized for the whole answer: a DynamicCache concatenates every layer's
+    keys and values at every new token, which with long few-shot prompts costs more than the model."""
+    from transformers import StaticCache
+
+    device = model_device(model)
+    groups = shared_prefix_groups(prompt_ids, [len(ids) - 2 for ids in prompt_ids])
+    prefix_length = [0] * len(prompt_ids)
+    for length, rows in groups:
+        for row in rows:
+            prefix_length[row] = length
+    cached = max(prefix_length)
+    suffix = max(len(ids) - p for ids, p in zip(prompt_ids, prefix_length))
+    input_ids = torch.full((len(prompt_ids), cached + suffix), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (ids, p) in enumerate(zip(prompt_ids, prefix_length)):
+        input_ids[row, cached - p:cached] = torch.tensor(ids[:p], dtype=torch.long)
+        attention_mask[row, cached - p:cached] = 1
+        input_ids[row, cached + suffix - (len(ids) - p):] = torch.tensor(ids[p:], dtype=torch.long)
+        attention_mask[row, cached + suffix - (len(ids) - p):] = 1
+
+    cache = StaticCache(config=model.config, max_cache_len=cached + suffix + generate_kwargs["max_new_tokens"])
+    if cached:
+        layers = None
+        for length, rows in groups:
+            if length == 0:
+                continue
+            states = prefix_cache_states(model, prompt_ids[rows[0]][:length])
+            if layers is None:
+                layers = [tuple(torch.zeros((len(prompt_ids), t.shape[1], cached, t.shape[-1]), dtype=t.dtype, device=t.device)
+                                for t in layer) for layer in states]
+            index = torch.tensor(rows, device=states[0][0].device)
+            for (keys, values), (row_keys, row_values) in zip(states, layers):
+                row_keys[index, :, cached - length:] = keys
+                row_values[index, :, cached - length:] = values
+            del states
+        for layer_index, (keys, values) in enumerate(layers):
+            cache.update(keys, values, layer_index)
+        del layers
+    if seed is not None:
+        torch.manual_seed(seed)
+    output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), cache=cache,
+                            disable_compile=True, **generate_kwargs)
+    return output[:, input_ids.shape[1]:]
+
+
 @torch.no_grad()
 def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, temperature: float,
                    top_p: float = 1.0, seed: int | None = None) -> list[str]:
-    """Answers to a batch of conversations (each ending with a user turn), left-padded."""
+    """Answers to a batch of conversations (each ending with a user turn), left-padded. Prompt
+    prefixes shared by several rows (a system prompt and its demonstrations; a question sampled n
+    times) are computed once (see _generate_reusing_prefixes); the answers are those of the plain
+    batch, to float tolerance, with the same random draws."""
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    generate_kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    if len(prompts) > 1 and _reuses_prefixes(model):
+        prompt_ids = [_ids(tokenizer(p, add_special_tokens=False)) for p in prompts]
+        new_tokens = _generate_reusing_prefixes(model, prompt_ids, tokenizer.pad_token_id, generate_kwargs, seed)
+        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model_device(model))
     if seed is not None:
         torch.manual_seed(seed)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    output = model.generate(**inputs, **generate_kwargs)
     return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -180,7 +384,8 @@ def generate_records(model, tokenizer, jobs: list[dict], output_path: str | os.P
     order = sorted(range(len(jobs)), key=lambda i: len(json.dumps(conversation(jobs[i]))))
     batches = [[jobs[i] for i in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    with partial_path.open("a") as sink, tqdm(total=len(jobs), desc=desc, initial=sum(j["id"] in done for j in jobs)) as bar:
+    with partial_path.open("a") as sink, tqdm(total=len(jobs), desc=desc, initial=sum(j["id"] in done for j in jobs)) as bar, \
+            _prefix_memo():
         for index, batch in enumerate(batches):
             if all(job["id"] in done for job in batch):
                 continue

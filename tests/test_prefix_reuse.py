@@ -1,0 +1,135 @@
+"""Shared-prefix reuse (eval.generation.prefix_reuse) changes speed only: greedy and seeded answers,
+response-averaged hidden states and steered generation equal the plain path's, on the tiny model
+with the real tokenizer, in batches whose prompts differ in length."""
+
+import pytest
+import torch
+
+import eval.generation as generation
+from eval.activations import ActivationSteerer, response_hidden_means
+from eval.elicitation import prompted_jobs
+from eval.generation import conversation, generate_batch, generate_records, prefix_reuse, shared_prefix_groups, tokenize_chat
+from eval.traits import load_trait
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from model_loading import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    return model, load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def jobs():
+    """Two questions under every pos instruction with 2 demonstrations (five system prompt +
+    demonstration prefixes of different lengths), one question sampled twice (identical prompts),
+    under a system prompt of its own, and one bare question (no shared context)."""
+    trait = load_trait("evil")
+    fewshot = prompted_jobs(trait, trait.extraction_questions[:2], "pos", n_per_question=1, fewshot=2, stage="extraction",
+                            every_instruction=True)
+    sampled = prompted_jobs(trait, trait.extraction_questions[2:3], "pos", n_per_question=2, fewshot=2, stage="extraction",
+                            every_instruction=False)
+    sampled = [{**job, "system": "You answer as a pirate would.", "demonstrations": sampled[0]["demonstrations"]} for job in sampled]
+    bare = {**fewshot[0], "id": "bare", "system": None, "demonstrations": []}
+    return [*fewshot, *sampled, bare]
+
+
+def count_prefills(monkeypatch) -> list[int]:
+    lengths = []
+    original = generation.prefix_cache_states
+    monkeypatch.setattr(generation, "prefix_cache_states", lambda model, ids: lengths.append(len(ids)) or original(model, ids))
+    return lengths
+
+
+def test_groups_partition_rows_and_share_their_prefix():
+    header, a, b = [1, 2, 3, 4, 5], list(range(100, 150)), list(range(200, 250))
+    sequences = [header + a + [7, 8, 9], header + a + [7, 9, 9, 9], header + b + [6, 6], header + b + [5, 5, 5, 5],
+                 [7, 8, 9], header + a + [7, 8, 9], header + [42] * 10]
+    limits = [len(s) - 2 for s in sequences]
+    groups = shared_prefix_groups(sequences, limits)
+    assert sorted(r for _, rows in groups for r in rows) == list(range(len(sequences)))
+    for length, rows in groups:
+        assert all(length <= limits[r] for r in rows)
+        assert len({tuple(sequences[r][:length]) for r in rows}) == 1
+    # Two contexts sharing only a 5-token header are two groups; the rest is read plainly, last.
+    assert groups == [(56, [0, 1, 5]), (55, [2, 3]), (0, [4, 6])]
+
+
+def test_greedy_answers_equal_without_reuse(tiny, jobs, monkeypatch):
+    model, tokenizer = tiny
+    conversations = [conversation(j) for j in jobs]
+    lengths = {len(tokenize_chat(tokenizer, [*c, {"role": "assistant", "content": "x"}]).ids) for c in conversations}
+    assert len(lengths) > 3  # prompts of different lengths in one batch
+    with prefix_reuse(False):
+        plain = generate_batch(model, tokenizer, conversations, 12, temperature=0.0)
+    prefills = count_prefills(monkeypatch)
+    reused = generate_batch(model, tokenizer, conversations, 12, temperature=0.0)
+    assert len(prefills) == 6 and min(prefills) > 100  # five system prompt + demonstration prefixes, one sampled prompt
+    assert reused == plain
+    assert len(set(plain)) > 1
+
+
+def test_seeded_sampling_draws_the_same_answers(tiny, jobs, tmp_path):
+    model, tokenizer = tiny
+    settings = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, batch_size=5, seed=7)
+    with prefix_reuse(False):
+        plain = generate_records(model, tokenizer, jobs, tmp_path / "plain.jsonl", **settings)
+    reused = generate_records(model, tokenizer, jobs, tmp_path / "reused.jsonl", **settings)
+    assert [r["messages"] for r in reused] == [r["messages"] for r in plain]
+    again = generate_records(model, tokenizer, jobs, tmp_path / "again.jsonl", **settings)
+    assert [r["messages"] for r in again] == [r["messages"] for r in reused]
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "response"])
+def test_steered_generation_equal_without_reuse(tiny, jobs, positions):
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    vector = 4 * torch.randn(model.config.num_hidden_layers + 1, model.config.hidden_size, dtype=torch.float64)
+    conversations = [conversation(j) for j in jobs]
+    with ActivationSteerer(model, vector, 2, 1.0, positions):
+        with prefix_reuse(False):
+            plain = generate_batch(model, tokenizer, conversations, 8, temperature=0.0)
+        reused = generate_batch(model, tokenizer, conversations, 8, temperature=0.0)
+    assert reused == plain
+    assert plain != generate_batch(model, tokenizer, conversations, 8, temperature=0.0)  # the steering did steer
+
+
+@pytest.fixture(scope="module")
+def records(tiny, jobs):
+    model, tokenizer = tiny
+    answers = generate_batch(model, tokenizer, [conversation(j) for j in jobs], 10, temperature=1.0, seed=3)
+    return [{**j, "messages": [*j["messages"], {"role": "assistant", "content": a.strip() or "ok"}]} for j, a in zip(jobs, answers)]
+
+
+@pytest.mark.parametrize("with_context", [True, False])
+def test_hidden_means_equal_whole_sequences_read_alone(tiny, records, with_context, monkeypatch):
+    model, tokenizer = tiny
+    expected = []
+    with torch.no_grad():
+        for record in records:
+            span = tokenize_chat(tokenizer, conversation(record, with_context))
+            hidden = model(input_ids=torch.tensor([span.ids]), output_hidden_states=True).hidden_states
+            expected.append(torch.stack([h[0, span.response_start:span.response_end].float().mean(0) for h in hidden]))
+    expected = torch.stack(expected)
+    prefills = count_prefills(monkeypatch)
+    reused = response_hidden_means(model, tokenizer, records, with_context=with_context, batch_size=3)
+    assert prefills  # the few-shot prefixes, or the chat template's default system prompt
+    with prefix_reuse(False):
+        plain = response_hidden_means(model, tokenizer, records, with_context=with_context, batch_size=3)
+    torch.testing.assert_close(reused, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "response"])
+def test_steered_hidden_means_equal_without_reuse(tiny, records, positions):
+    model, tokenizer = tiny
+    torch.manual_seed(1)
+    vector = torch.randn(model.config.num_hidden_layers + 1, model.config.hidden_size, dtype=torch.float64)
+    with ActivationSteerer(model, vector, 1, 2.0, positions):
+        with prefix_reuse(False):
+            plain = response_hidden_means(model, tokenizer, records, batch_size=4)
+        reused = response_hidden_means(model, tokenizer, records, batch_size=4)
+    torch.testing.assert_close(reused, plain, rtol=1e-5, atol=1e-6)
