@@ -32,7 +32,7 @@ from eval.evaluate import Condition, add_eval_args, check_coefficients, load_eva
 from eval.evaluate import run_evaluation
 from eval.stats import linear_fit, paired_difference, paired_slope
 from eval.traits import load_trait
-from io_utils import ArgumentParser, check_writable_dir, file_identity, finite_float, positive_int, run_cli, write_json
+from io_utils import ArgumentParser, file_identity, finite_float, positive_int, run_cli, write_json
 from io_utils import write_manifest
 from model_loading import default_persona_paths, model_config, model_device
 
@@ -63,13 +63,11 @@ def parse_args():
 
 def check_inputs(args):
     """The trait, the vector, the diff and the layer against the model's config, before the model
-    loads; the output folder last, so that a refused run leaves no folder behind."""
+    loads. The output folder is checked last, by prepare_evaluation, so a refused run leaves none."""
     load_trait(args.trait)  # an unknown trait is named as such (not as a missing vector), with the available ones
     vector, args.layer = check_vector_fits(args.activation_vector_path, model_config(args.model), args.layer,
                                            "--activation_vector_path")
-    diff = lu.load_lora_diff(args.lora_diff_path)
-    check_writable_dir(args.output_dir, "--output_dir")
-    return vector, diff
+    return vector, lu.load_lora_diff(args.lora_diff_path)
 
 
 def behaviour_conditions(args, model, vector, diff) -> list[Condition]:

@@ -63,9 +63,9 @@ def main():
     check_model_source(args.model)
     if args.format == "gguf_control_vector":
         vector = load_vector(args.vector_path)
-        check_writable(args.output, "--output")
         layout = gguf_export.gguf_layout(args.model)
         gguf_export.check_steering_vector(vector, args.layer, layout)
+        check_writable(args.output, "--output")  # last: a refused export leaves no folder behind
         gguf_export.write_control_vector_gguf(vector, args.layer, args.output, layout)
         print(f"wrote {args.output}: v[{args.layer}] of {args.vector_path} as a llama.cpp control vector for {layout.model} "
               f"(direction.{args.layer - 1}: added to the output of block {args.layer - 1}); "
@@ -79,8 +79,9 @@ def main():
         diff.to_peft_adapter(args.output, coefficient, base_model_name_or_path=base)
         print(f"wrote {args.output}: a PEFT LoRA adapter of {coefficient:g}·ΔW ({len(diff)} modules)")
         return
-    check_writable(args.output, "--output")
     layout = gguf_export.gguf_layout(args.model)
+    gguf_export.lora_tensors(diff, layout)  # every module mapped and of the model's shape, before anything is written
+    check_writable(args.output, "--output")
     diff.to_gguf(args.output, layout)
     print(f"wrote {args.output}: a GGUF LoRA adapter of ΔW for {layout.model} ({len(diff)} modules, "
           f"{Path(args.output).stat().st_size / 2**20:.1f} MiB); use --lora-scaled {args.output} α")

@@ -272,8 +272,9 @@ class PersonaLoRADiff:
 
         Each module gets rank k (its factor width) and lora_alpha = k, so PEFT's scale is 1 and
         B·A is exactly coefficient·ΔW. PEFT, vLLM or any LoRA-serving engine can then serve the
-        steered model without this code. An existing folder is replaced only if it is an adapter
-        folder (adapter_config.json) or empty: anything else is refused, never deleted.
+        steered model without this code. An existing folder is replaced only if it is empty or an
+        earlier export of a diff (persona_lora.json beside the adapter): anything else, a trained
+        finetune included, is refused, never deleted.
         """
         from peft import LoraConfig
         from safetensors.torch import save_file
@@ -281,10 +282,10 @@ class PersonaLoRADiff:
         if not math.isfinite(coefficient):
             raise PersonaLoRAError(f"coefficient {coefficient} is not a finite number")
         output_dir = Path(output_dir)
-        if output_dir.exists() and not (output_dir.is_dir() and ((output_dir / "adapter_config.json").is_file()
+        if output_dir.exists() and not (output_dir.is_dir() and ((output_dir / "persona_lora.json").is_file()
                                                                  or not any(output_dir.iterdir()))):
-            raise PersonaLoRAError(f"{output_dir} exists and is not a PEFT adapter folder: it would be replaced whole; "
-                                   "choose a new folder for the adapter")
+            raise PersonaLoRAError(f"{output_dir} exists and is not an earlier export of a persona diff: it would be replaced "
+                                   "whole; choose a new folder for the adapter")
         module_names = [name.removesuffix(".weight") for name in self.factors]
         ranks = {name.removesuffix(".weight"): self.rank(name) for name in self.factors}
         default_rank = max(ranks.values())
@@ -622,7 +623,7 @@ def check_diff_fits(lora_diff, weights, coefficients: Iterable = (), what: str =
     if bad is not None:
         raise PersonaLoRAError(f"the persona diff has non-finite values (NaN or inf) in {bad}; re-create it")
     if isinstance(weights, SafetensorsCheckpoint):
-        shapes, where = {name: weights.shape(name) for name in diff if name in weights}, "the model"
+        shapes, where = {name: weights.shape(name) for name in diff if name in weights}, f"the model {weights.folder}"
         candidates = lambda name: [name]  # noqa: E731 - a checkpoint holds the model's own names
         weight_norm = weight_norm or weights.norm
         dtype = dtype or torch.float32
@@ -632,8 +633,9 @@ def check_diff_fits(lora_diff, weights, coefficients: Iterable = (), what: str =
         candidates = lambda name: [name, f"base_model.model.{name}", name.replace(".weight", ".base_layer.weight"),  # noqa: E731
                                    f"base_model.model.{name}".replace(".weight", ".base_layer.weight")]
         weight_norm = weight_norm or (lambda name: float(params[name].detach().float().norm()))
-        dtype = dtype or next(iter(params.values())).dtype
     made_for = f" (the diff was made for {diff.metadata['base_model']})" if diff.metadata.get("base_model") else ""
+    if diff.metadata.get("source_path"):
+        where = f"{where} (diff {diff.metadata['source_path']})"
     resolved = {}
     for name in diff:
         match = next((c for c in candidates(name) if c in shapes), None)
@@ -643,6 +645,8 @@ def check_diff_fits(lora_diff, weights, coefficients: Iterable = (), what: str =
             raise PersonaLoRAError(f"the persona diff does not fit {where}: {name} is {diff.shape(name)} in the diff "
                                    f"but {shapes[match]} in the model{made_for}")
         resolved[name] = match
+    if dtype is None:  # the weights' own dtype: the largest update it can hold
+        dtype = params[next(iter(resolved.values()))].dtype
     norms: dict[str, float] = {}
     for value in values:
         check_coefficient_size(diff, value, lambda name: norms.setdefault(name, weight_norm(resolved[name])), dtype, what)

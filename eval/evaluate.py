@@ -169,7 +169,7 @@ def prepare_evaluation(args, output_path: str | Path | None = None, output_flag:
     check_model_source(args.model)
     check_dtype(args.dtype)
     trait = load_trait(args.trait)
-    output_path = check_writable(output_path or args.output_path, output_flag)
+    output_path = Path(output_path or args.output_path)
     if output_path.suffix.lower() != ".csv":
         raise PersonaLoRAError(f"{output_flag} {output_path} must end in .csv")
     fewshot = default_fewshot(args.model, trait) if args.fewshot is None else args.fewshot
@@ -186,6 +186,7 @@ def prepare_evaluation(args, output_path: str | Path | None = None, output_flag:
     elif args.judge and args.judge.startswith("hf:") and model_label(args.judge[3:]) == model_label(args.model):
         raise PersonaLoRAError(f"--judge {args.judge} is the model under test: a model would judge its own steered answers; "
                                "choose another judge model")
+    check_writable(output_path, output_flag)  # last of the checks: a refused run leaves no folder behind
     # The lock before the judge, whose making takes seconds (a second writer is refused at once),
     # and released if the judge cannot be made (a refused run leaves no lock behind).
     run.lock = OutputLock(output_path, output_flag).__enter__()

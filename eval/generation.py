@@ -246,7 +246,9 @@ PREFIX_MEMO_BYTES = 512 * 2**20  # keys/values kept across the batches of one ge
 def _prefix_memo():
     """Inside the block, prefix_cache_states keeps what it computed and starts from the longest
     prefix it already holds: the batches of one generate_records call (one model, one steering
-    state) share their system prompts and demonstrations. Dropped at the end of the block."""
+    state) share their system prompts and demonstrations. Dropped at the end of the block. Keyed by
+    token ids alone: never change the weights or the steering inside the block (callers steer
+    around generate_records, as cached_generation's while_generating does)."""
     token = _PREFIX_MEMO.set({})
     try:
         yield
@@ -324,10 +326,11 @@ def _generate_reusing_prefixes(model, prompt_ids: list[list[int]], pad_id: int, 
             if layers is None:
                 layers = [tuple(torch.zeros((len(prompt_ids), t.shape[1], cached, t.shape[-1]), dtype=t.dtype, device=t.device)
                                 for t in layer) for layer in states]
-            index = torch.tensor(rows, device=states[0][0].device)
+            index = torch.tensor(rows)
             for (keys, values), (row_keys, row_values) in zip(states, layers):
-                row_keys[index, :, cached - length:] = keys
-                row_values[index, :, cached - length:] = values
+                # Each layer's own device: with device_map="auto" a big model's layers sit on several GPUs.
+                row_keys[index.to(row_keys.device), :, cached - length:] = keys
+                row_values[index.to(row_values.device), :, cached - length:] = values
             del states
         for layer_index, (keys, values) in enumerate(layers):
             cache.update(keys, values, layer_index)
@@ -436,7 +439,9 @@ def reusable_answers(path: str | os.PathLike, identity: dict, jobs: list[dict]) 
     recorded = json.loads(record_path.read_text()) if record_path.is_file() else None
     wanted = json.loads(json.dumps(identity, default=str))  # as it reads back from JSON
     if recorded != wanted:
-        changed = "no record of how they were made" if recorded is None else \
+        legacy = " (a folder-wide generation.json is the record of an older version, not trusted)" \
+            if recorded is None and (path.parent / "generation.json").is_file() else ""
+        changed = f"no record of how they were made{legacy}" if recorded is None else \
             "other " + ", ".join(sorted(k for k in {*wanted, *recorded} if recorded.get(k) != wanted.get(k)))
         raise PersonaLoRAError(f"{path if path.is_file() else partial} holds answers generated with {changed}; "
                                "delete it to regenerate, or pass the settings it was made with")

@@ -146,10 +146,10 @@ def test_layer_one_is_refused_for_a_control_vector(tiny_persona, tiny_model_dir,
             "--output", tmp_path / "v.gguf", "--model", tiny_model_dir, message="--layer 1 cannot be exported")
 
 
-def test_an_unwritable_output_is_refused(tiny_persona, tmp_path, capsys, no_model_loads):
+def test_an_unwritable_output_is_refused(tiny_persona, tiny_model_dir, tmp_path, capsys, no_model_loads):
     (tmp_path / "a_file").write_text("")
-    refused(capsys, tmp_path, "--lora_diff_path", tiny_persona[0], "--format", "gguf", "--output", tmp_path / "a_file" / "x.gguf",
-            message="is a file, not a folder")
+    refused(capsys, tmp_path, "--lora_diff_path", tiny_persona[0], "--model", tiny_model_dir, "--format", "gguf",
+            "--output", tmp_path / "a_file" / "x.gguf", message="is a file, not a folder")
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -58,9 +58,12 @@ def test_peft_export_never_deletes_a_folder_that_is_not_an_adapter(adapter_pair,
     results = tmp_path / "results"
     results.mkdir()
     (results / "table.csv").write_text("precious\n")
-    with pytest.raises(PersonaLoRAError, match="is not a PEFT adapter folder"):
+    with pytest.raises(PersonaLoRAError, match="is not an earlier export of a persona diff"):
         diff.to_peft_adapter(results)
     assert (results / "table.csv").read_text() == "precious\n"
+    with pytest.raises(PersonaLoRAError, match="is not an earlier export"):  # a trained adapter is somebody's finetune
+        diff.to_peft_adapter(pos_dir)
+    assert (pos_dir / "adapter_config.json").is_file()
     exported = diff.to_peft_adapter(tmp_path / "export")
     assert diff.to_peft_adapter(exported, coefficient=2.0) == exported  # an adapter folder is replaced by the new export
 
