@@ -441,9 +441,9 @@ def reusable_answers(path: str | os.PathLike, identity: dict, jobs: list[dict]) 
     if recorded != wanted:
         legacy = " (a folder-wide generation.json is the record of an older version, not trusted)" \
             if recorded is None and (path.parent / "generation.json").is_file() else ""
-        changed = f"no record of how they were made{legacy}" if recorded is None else \
-            "other " + ", ".join(sorted(k for k in {*wanted, *recorded} if recorded.get(k) != wanted.get(k)))
-        raise PersonaLoRAError(f"{path if path.is_file() else partial} holds answers generated with {changed}; "
+        how = f"with no record of how they were made{legacy}" if recorded is None else "generated with other settings (" + \
+            ", ".join(sorted(k for k in {*wanted, *recorded} if recorded.get(k) != wanted.get(k))) + ")"
+        raise PersonaLoRAError(f"{path if path.is_file() else partial} holds answers {how}; "
                                "delete it to regenerate, or pass the settings it was made with")
     if not path.is_file():
         return None

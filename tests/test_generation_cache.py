@@ -53,7 +53,7 @@ def test_answers_of_other_settings_are_refused_naming_what_changed(model_and_tok
     path = tmp_path / "answers.jsonl"
     cached_generation(model, tokenizer, JOBS, path, settings(tiny_model_dir), seed=7, desc="t", trait_file_sha256="abc")
     kept = path.read_text()
-    with pytest.raises(PersonaLoRAError, match=f"generated with other .*{named}.*delete it to regenerate"):
+    with pytest.raises(PersonaLoRAError, match=rf"generated with other settings \(.*{named}.*\); delete it to regenerate"):
         cached_generation(model, tokenizer, JOBS, path, settings(tiny_model_dir, **change.get("overrides", {})),
                           seed=change.get("seed", 7), desc="t", **change.get("what", {"trait_file_sha256": "abc"}))
     assert path.read_text() == kept  # somebody's answers are never overwritten
