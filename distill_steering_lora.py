@@ -182,15 +182,9 @@ def teacher_jobs(trait, n_per_question: int) -> list[dict]:
     return jobs
 
 
-def teacher_settings(args) -> GenerationSettings:
-    return GenerationSettings(model=args.model, n_per_question=args.n_per_question, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch_size, seed=args.seed,
-                              dtype=args.dtype)
-
-
 def teacher_identity(args, trait, dtype: torch.dtype) -> dict:
     """What the teacher's answers depend on: the generation settings and the steering."""
-    return answers_identity(teacher_settings(args), dtype, args.seed, vector=file_identity(args.vector_path)["sha256"],
+    return answers_identity(GenerationSettings.from_flags(args), dtype, args.seed, vector=file_identity(args.vector_path)["sha256"],
                             layer=args.layer, coef=args.coef, steering_type=args.steering_type,
                             trait_file_sha256=hashlib.sha256(trait.path.read_bytes()).hexdigest())
 
@@ -200,7 +194,8 @@ def teacher_answers(args, trait, model, tokenizer, steerer, identity: dict) -> l
     the settings, so runs that differ only in the student share it."""
     path = Path(args.teacher_dir) / f"teacher_{identity_key(identity)}.jsonl"
     with OutputLock(path, "--teacher_dir"):
-        return cached_generation(model, tokenizer, teacher_jobs(trait, args.n_per_question), path, teacher_settings(args),
+        settings = GenerationSettings.from_flags(args)
+        return cached_generation(model, tokenizer, teacher_jobs(trait, args.n_per_question), path, settings,
                                  seed=args.seed, desc="teacher answers (steered)", identity=identity,
                                  while_generating=lambda: steerer)
 

@@ -146,19 +146,12 @@ def contrastive_data(args, trait, model, tokenizer, data_dir: Path) -> dict[str,
     """Generate the pos/neg responses, or reuse them if a run with the same settings made them."""
     if args.pos_data:
         return {"pos": read_chat_jsonl(args.pos_data), "neg": read_chat_jsonl(args.neg_data)}
-    settings = generation_settings(args)
+    settings = GenerationSettings.from_flags(args)
     trait_file = hashlib.sha256(trait.path.read_bytes()).hexdigest()
     return {side: cached_generation(model, tokenizer, jobs, data_dir / f"{side}.jsonl", settings,
                                     seed=args.seed + (0 if side == "pos" else NEG_SEED_OFFSET), desc=f"generating {side}",
                                     trait_file_sha256=trait_file, fewshot=args.fewshot)
             for side, jobs in contrastive_jobs(trait, args.n_per_question, args.fewshot).items()}
-
-
-def generation_settings(args) -> GenerationSettings:
-    """How the unsteered model answers, for the contrastive data and the judge's data."""
-    return GenerationSettings(model=args.model, n_per_question=args.n_per_question, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch_size, seed=args.seed,
-                              dtype=args.dtype)
 
 
 def judged_scores(judge, records: list[dict], desc: str) -> list:
@@ -308,7 +301,7 @@ def main():
         data = contrastive_data(args, trait, model, tokenizer, output_dir / "data")
         judge_data_dir = Path(args.judge_data) if args.judge_data else output_dir / "judge_data"
         if trait is not None and not args.judge_data:
-            write_judge_data(model, tokenizer, trait, judge_data_dir, generation_settings(args))
+            write_judge_data(model, tokenizer, trait, judge_data_dir, GenerationSettings.from_flags(args))
         judge = None
         if trait is not None and (args.filter_threshold is not None or (judge_data_dir / "pos.jsonl").is_file()):
             judge = make_judge(args.judge, trait, args.judge_model, judge_data=str(judge_data_dir))

@@ -45,6 +45,14 @@ class GenerationSettings:
                    max_new_tokens=max_new_tokens or (64 if embedded else 600),
                    temperature=(0.7 if embedded else 1.0) if temperature is None else temperature, **rest)
 
+    @classmethod
+    def from_flags(cls, args) -> "GenerationSettings":
+        """From a stage's parsed flags (--model, --n_per_question, --max_new_tokens, --temperature,
+        --top_p, --gen_batch_size, --seed, --dtype), as extraction and distillation name them."""
+        return cls(model=args.model, n_per_question=args.n_per_question, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_p=args.top_p, batch_size=args.gen_batch_size, seed=args.seed,
+                   dtype=args.dtype)
+
     def identity(self, dtype: torch.dtype | None = None) -> dict:
         """The settings as a cache key; `dtype` is the resolved one ("auto" differs by machine)."""
         return {**asdict(self), "dtype": str(dtype) if dtype is not None else self.dtype}
