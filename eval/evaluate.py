@@ -147,7 +147,11 @@ def add_eval_args(parser: argparse.ArgumentParser, output_required: bool = True)
     parser.add_argument("--fewshot", type=non_negative_int, default=None,
                         help="demonstrations before prompted answers (default: the extraction profile's, 4 embedded, 0 otherwise)")
     parser.add_argument("--no_margin", action="store_true",
-                        help="skip the judge-free log-likelihood margin (reference answers scored under every condition)")
+                        help="judged runs: skip the judge-free log-likelihood margin (reference answers scored under every "
+                             "condition; on by default)")
+    parser.add_argument("--margin", action="store_true",
+                        help="A/B runs: measure the judge-free margin beside the forced choices too (off by default there: "
+                             "it generates the reference answers, which costs far more than scoring the items)")
     parser.add_argument("--ab_data", default=None,
                         help="forced-choice mode: score the A/B items of this file (the public format of Anthropic's "
                              "model-written evaluations / CAA) under every condition instead of generating and judging")
@@ -176,8 +180,13 @@ def prepare_evaluation(args, output_path: str | Path | None = None, output_flag:
     check_fewshot(trait, fewshot)
     if args.adapter:
         check_finetune_folder(args.adapter)
+    if args.margin and args.no_margin:
+        raise PersonaLoRAError("--margin and --no_margin contradict each other: give one")
+    # An A/B run costs what scoring its items costs unless the margin is asked for; a judged run
+    # measures it unless told not to (generating its answers already dominates the cost).
+    margin = args.margin if mode == "ab" else not args.no_margin
     run = EvalRun(trait, generation_settings(args), output_path, dict(vars(args)), adapter=args.adapter, fewshot=fewshot,
-                  margin=not args.no_margin, ab_system_prompt=args.ab_system_prompt)
+                  margin=margin, ab_system_prompt=args.ab_system_prompt)
     if mode == "ab":
         if getattr(args, "persona_instruction_type", None):
             raise PersonaLoRAError("--persona_instruction_type is for generated answers; in A/B mode give the prompt with "
@@ -498,7 +507,7 @@ def print_table(summary: dict) -> None:
 
 
 def _measure_ab(run: EvalRun, conditions: list[Condition], model, tokenizer, work_dir: Path):
-    """Forced choices under every condition, and beside them (unless --no_margin) the judge-free
+    """Forced choices under every condition, and beside them (with --margin) the judge-free
     log-likelihood margin: both measures without a judge, in one run."""
     import pandas as pd
 

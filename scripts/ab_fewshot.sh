@@ -23,15 +23,15 @@ for t in "${traits[@]}"; do
     suffix=""; [ "$k" = 0 ] && suffix="_k0"
     python eval_lora_persona.py "${model_flag[@]}" --trait "$t" --ab_data "dataset/$t/ab.jsonl" \
         --lora_diff_path "${t_persona_dir}${suffix}/${t}_lora_diff.pt" --lora_coef "${coefficients[@]}" \
-        --output_path "$out/${t}_k${k}_lora.csv"
+        --margin --output_path "$out/${t}_k${k}_lora.csv"
     python eval/eval_persona.py "${model_flag[@]}" --trait "$t" --ab_data "dataset/$t/ab.jsonl" \
         --vector_path "${t_vector_path%_response_avg_diff.pt}${suffix}_response_avg_diff.pt" "${layer_flag[@]}" \
-        --coef "${coefficients[@]}" --output_path "$out/${t}_k${k}_vector.csv"
+        --coef "${coefficients[@]}" --margin --output_path "$out/${t}_k${k}_vector.csv"
   done
   # The vector steered at every position too (a merged LoRA changes how the question and choices
   # are read; response steering does not): A/B only.
   python eval/eval_persona.py "${model_flag[@]}" --trait "$t" --ab_data "dataset/$t/ab.jsonl" --vector_path "$t_vector_path" \
-      "${layer_flag[@]}" --steering_type all --coef "${coefficients[@]}" --no_margin --output_path "$out/${t}_k${fewshot}_vector_all.csv"
+      "${layer_flag[@]}" --steering_type all --coef "${coefficients[@]}" --output_path "$out/${t}_k${fewshot}_vector_all.csv"
 done
 python scripts/ab_summary.py "${model_flag[@]}" --traits "${traits[@]}" --fewshot "$fewshot" 0 --output_dir "$out"
 echo "A/B and few-shot comparison finished in $(( $(date +%s) - started )) s: $out/table.md, $out/summary.json, $out/ab.png"

@@ -34,6 +34,6 @@ evaluate_model() {
   [ $# -gt 1 ] && adapter_flag=(--adapter "$2")
   python eval_lora_persona.py "${model_flag[@]}" --trait "$trait" --n_per_question "${N_PER_QUESTION:-2}" "${adapter_flag[@]}" \
       --output_path "$out/eval_$1.csv"
-  python eval_lora_persona.py "${model_flag[@]}" --trait "$trait" --ab_data "dataset/$trait/ab.jsonl" --no_margin "${adapter_flag[@]}" \
+  python eval_lora_persona.py "${model_flag[@]}" --trait "$trait" --ab_data "dataset/$trait/ab.jsonl" "${adapter_flag[@]}" \
       --output_path "$out/ab_$1.csv"
 }

@@ -508,7 +508,7 @@ def test_eval_lora_persona_ab_end_to_end(tiny_model_dir, tiny_persona, tmp_path)
     output = tmp_path / "ab.csv"
     assert run_script("eval_lora_persona", "--model", tiny_model_dir, "--trait", "evil", "--ab_data", data,
                       "--lora_diff_path", diff, "--lora_coef", "-2", "0", "2", "--output_path", output, "--dtype", "float32",
-                      "--n_per_question", "1", "--max_new_tokens", "4") == 0  # the margin's reference answers: short
+                      "--n_per_question", "1", "--max_new_tokens", "4", "--margin") == 0  # the margin's references: short
     check_ab_outputs(output, data, [-2, 0, 2], "lora")
     summary = json.loads(output.with_suffix(".summary.json").read_text())
     assert set(summary["margin_slopes"]) == {"lora"}  # the judge-free margin beside the forced choices
@@ -526,8 +526,12 @@ def test_eval_persona_ab_end_to_end(tiny_model_dir, tiny_persona, tmp_path):
     output = tmp_path / "act.csv"
     assert run_script("eval.eval_persona", "--model", tiny_model_dir, "--trait", "evil", "--ab_data", data, "--vector_path",
                       vector, "--layer", "2", "--coef", "-1", "0", "1", "--output_path", output, "--dtype", "float32",
-                      "--no_margin") == 0
+                      ) == 0
     check_ab_outputs(output, data, [-1, 0, 1], "activation")
+    summary = json.loads(output.with_suffix(".summary.json").read_text())
+    # an A/B run costs what scoring its items costs: no reference answers are generated unless --margin asks
+    assert summary["margin_slopes"] == {} and not any("margin_by_question" in c for c in summary["conditions"])
+    assert not list(tmp_path.rglob("*.references*")) and not list(tmp_path.rglob("*.jsonl.generation.json"))
 
 
 def test_malformed_ab_file_exits_before_the_model_loads(tiny_model_dir, tmp_path):
@@ -543,6 +547,13 @@ def test_malformed_ab_file_exits_before_the_model_loads(tiny_model_dir, tmp_path
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "item 1" in lines[0] and "'answer_not_matching_behavior'" in lines[0], stderr
     assert sorted(p.name for p in work.iterdir()) == ["bad.jsonl"]
+
+
+def test_margin_and_no_margin_together_are_refused(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "items.jsonl", E2E_ITEMS)
+    code, _, stderr = run_main("eval_lora_persona", "--model", tiny_model_dir, "--trait", "evil", "--ab_data", data,
+                              "--output_path", tmp_path / "out" / "ab.csv", "--margin", "--no_margin")
+    assert code == 2 and "--margin and --no_margin" in stderr and not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------------
