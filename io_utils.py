@@ -299,6 +299,30 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+class StageClock:
+    """Seconds and units of work (tokens, items, answers) per named stage of this process: every
+    manifest written after them records them, and scripts/stage_times.py prints the breakdown
+    of a run (the demo's, at its end). A stage whose results were reused records its few
+    milliseconds, so a resumed run shows what it did not redo."""
+
+    def __init__(self):
+        self.stages: list[dict] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str, unit: str | None = None) -> Iterator[dict]:
+        """with STAGES.stage("generating pos", "tokens") as work: ... work["count"] += n"""
+        work = {"stage": name, "seconds": 0.0, "unit": unit, "count": 0}
+        started = time.perf_counter()
+        try:
+            yield work
+        finally:
+            work["seconds"] = round(time.perf_counter() - started, 3)
+            self.stages.append(work)
+
+
+STAGES = StageClock()  # this process's stages; write_manifest records them
+
+
 def write_manifest(output_dir: str | os.PathLike, arguments, started_at: float, name: str = "manifest.json", **extra) -> Path:
     """Record how an output was made: arguments, versions, machine, timings, and stage extras."""
     import torch  # here, not at the top: the plumbing loads in milliseconds without it
@@ -315,6 +339,7 @@ def write_manifest(output_dir: str | os.PathLike, arguments, started_at: float, 
         },
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
         "seconds": round(time.time() - started_at, 2),
+        "stages": list(STAGES.stages),
         **extra,
     }
     path = Path(output_dir) / name

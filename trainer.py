@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 import lora_utils as lu
 from eval.generation import conversation, pad_right, tokenize_chat
-from io_utils import PersonaLoRAError, atomic_path
+from io_utils import STAGES, PersonaLoRAError, atomic_path
 
 TRAINING_RECORD = "training.json"
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -78,7 +78,8 @@ def _train_loop(accelerator, trainable_model, trainable, examples, pad_id: int, 
     wrapped, optimizer, loader, scheduler = accelerator.prepare(trainable_model, optimizer, loader, scheduler)
     losses, epoch_losses, tokens = [], [], 0
     wrapped.train()
-    with tqdm(total=total_steps, desc=desc, disable=not accelerator.is_main_process) as bar:
+    with tqdm(total=total_steps, desc=desc, disable=not accelerator.is_main_process) as bar, \
+            STAGES.stage(desc, "tokens") as work:
         for _ in range(epochs):
             epoch_sum, epoch_steps = 0.0, 0
             for batch in loader:
@@ -95,6 +96,7 @@ def _train_loop(accelerator, trainable_model, trainable, examples, pad_id: int, 
                 losses.append(mean_loss)
                 epoch_sum, epoch_steps = epoch_sum + mean_loss, epoch_steps + 1
                 tokens += int(accelerator.reduce(batch["attention_mask"].sum(), reduction="sum"))
+                work["count"] = tokens
                 if on_step is not None:
                     on_step(len(losses), mean_loss, len(losses) == total_steps)
                 bar.set_postfix(loss=f"{mean_loss:.3f}")

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eval.generation import conversation, in_prompt_prefix_pass, pad_right, tokenize_chat
-from io_utils import PersonaLoRAError
+from io_utils import STAGES, PersonaLoRAError
 from model_loading import model_device
 
 
@@ -68,7 +68,8 @@ def span_hidden_means(model, spans: list[tuple[list[int], int, int]], pad_id: in
         groups = [(0, list(range(len(spans))))]
     device = model_device(model)
     means = [None] * len(spans)
-    with tqdm(total=sum(-(-len(rows) // batch_size) for _, rows in groups), desc=desc) as bar:
+    with tqdm(total=sum(-(-len(rows) // batch_size) for _, rows in groups), desc=desc) as bar, \
+            STAGES.stage(desc, "tokens") as work:
         for length, rows in groups:
             states = prefix_cache_states(model, spans[rows[0]][0][:length]) if length else None
             rows = sorted(rows, key=lambda r: spans[r][2] - length)  # similar lengths together: less padding
@@ -82,6 +83,7 @@ def span_hidden_means(model, spans: list[tuple[list[int], int, int]], pad_id: in
                 with teacher_forced_response(torch.tensor([spans[r][1] - length for r in batch])):
                     output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                    output_hidden_states=True, logits_to_keep=1, **cache)
+                work["count"] += sum(spans[r][2] - length for r in batch)  # the tokens actually read
                 weights = torch.zeros(input_ids.shape, dtype=torch.float32)
                 for row, r in enumerate(batch):
                     weights[row, spans[r][1] - length:spans[r][2] - length] = 1.0

@@ -35,6 +35,7 @@ from eval.judge import DEFAULT_OPENAI_JUDGE, Judge, make_judge
 from eval.stats import cluster_means, clustered_mean_and_sem, mean_and_sem, paired_difference, paired_slope
 from eval.traits import Trait, load_trait
 from io_utils import (
+    STAGES,
     OutputLock,
     PersonaLoRAError,
     atomic_path,
@@ -347,8 +348,9 @@ def condition_margins(run: EvalRun, model, tokenizer, condition: Condition, refe
     if path.is_file():
         with contextlib.suppress(PersonaLoRAError):
             return read_json_object(path, "margins")
-    with condition.steer():
+    with condition.steer(), STAGES.stage(f"margin {condition.name}", "answers") as work:
         margins = question_margins(model, tokenizer, references)
+        work["count"] = sum(len(records) for records in references.values())
     write_json(path, margins)
     return margins
 
@@ -513,8 +515,9 @@ def _measure_ab(run: EvalRun, conditions: list[Condition], model, tokenizer, wor
 
     scored = []
     for condition in conditions:
-        with condition.steer():
+        with condition.steer(), STAGES.stage(f"A/B {condition.name}", "items") as work:
             rows = score_ab_items(model, tokenizer, run.ab_items, run.ab_system_prompt)
+            work["count"] = len(rows)
         scored.append({"name": condition.name, "method": condition.method, "coef": condition.coef, "coefs": condition.coefs,
                        "rows": rows})
     margins, _ = judge_free_margins(run, conditions, model, tokenizer, work_dir)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from io_utils import PersonaLoRAError, read_jsonl, write_json, write_jsonl
+from io_utils import STAGES, PersonaLoRAError, read_jsonl, write_json, write_jsonl
 from model_loading import is_embedded, model_device, model_identity
 
 
@@ -396,12 +396,13 @@ def generate_records(model, tokenizer, jobs: list[dict], output_path: str | os.P
     batches = [[jobs[i] for i in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with partial_path.open("a") as sink, tqdm(total=len(jobs), desc=desc, initial=sum(j["id"] in done for j in jobs)) as bar, \
-            _prefix_memo():
+            _prefix_memo(), STAGES.stage(desc, "tokens") as work:
         for index, batch in enumerate(batches):
             if all(job["id"] in done for job in batch):
                 continue
             answers = generate_batch(model, tokenizer, [conversation(j) for j in batch], max_new_tokens, temperature, top_p,
                                      seed=seed + index)
+            work["count"] += sum(len(tokenizer(answer, add_special_tokens=False).input_ids) for answer in answers)
             for job, answer in zip(batch, answers):
                 record = {**job, "messages": [*job["messages"], {"role": "assistant", "content": answer.strip()}]}
                 done[job["id"]] = record

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from io_utils import PersonaLoRAError, cache_dir
+from io_utils import STAGES, PersonaLoRAError, cache_dir
 from model_loading import load_model_and_tokenizer, model_device
 
 DEFAULT_OPENAI_JUDGE = "gpt-4.1-mini-2025-04-14"
@@ -145,7 +145,9 @@ class Judge:
         self._known = self.cache.get_many(self.name, list(unique))
         todo = {text: pair for text, pair in unique.items() if text not in self._known}
         if todo:
-            self._score_uncached(metric, todo, desc or f"judging {metric}")
+            with STAGES.stage(desc or f"judging {metric}", "answers") as work:
+                work["count"] = len(todo)
+                self._score_uncached(metric, todo, desc or f"judging {metric}")
         return [self._known.get(text, float("nan")) for text in texts]
 
     def _store(self, text: str, score: float | None) -> None:

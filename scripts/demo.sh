@@ -11,4 +11,5 @@ read -r -a coefficients <<< "${COEFFICIENTS:-0 1 2}"
 python extract_persona_lora.py "${model_flag[@]}" --trait "$trait"
 python compare_steering_methods.py "${model_flag[@]}" --trait "$trait" --coefficients "${coefficients[@]}" \
     --n_per_question "${N_PER_QUESTION:-2}" --ab_data "dataset/$trait/ab.jsonl" --output_dir "results/demo_$trait"
+python scripts/stage_times.py "$persona_dir/manifest.json" "results/demo_$trait/manifest.json"
 echo "demo finished in $(( $(date +%s) - started )) s; plots: results/demo_$trait/behavior.png, results/demo_$trait/ab.png"

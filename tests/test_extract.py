@@ -40,6 +40,15 @@ def test_writes_all_outputs(extracted):
     assert [m["role"] for m in pos[0]["messages"]] == ["user", "assistant"]  # system prompt kept apart
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["arguments"]["trait"] == "evil" and "torch" in manifest["versions"]
+    # where the time went: generation, training and the hidden-state pass, each with the work it did
+    stages = {s["stage"]: s for s in manifest["stages"]}
+    for name in ["loading the model", "generating pos", "generating neg", "training pos_lora", "training neg_lora", "pos hidden states"]:
+        assert name in stages, sorted(stages)
+    assert all(stages[name]["count"] > 0 and stages[name]["unit"] == "tokens"
+               for name in ["generating pos", "training pos_lora", "pos hidden states"])
+    assert sum(s["seconds"] for s in manifest["stages"]) <= manifest["seconds"]
+    code, stdout, _ = run_main("scripts.stage_times", out / "manifest.json")
+    assert code == 0 and "generating pos" in stdout and "tokens/s" in stdout and "other (imports" in stdout
 
 
 @pytest.mark.judge
