@@ -129,9 +129,14 @@ def _package_dir(module: str, install: str) -> Path:
 
 def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, source_note: dict) -> Path:
     """Dequantize a GGUF model into a plain, saveable transformers folder at `target`."""
+    print(f"Converting {gguf_file} (GGUF) once into {target} ...", file=sys.stderr)
+    with STAGES.stage(f"converting {gguf_file} (once per machine)"):
+        return _dequantize_gguf(gguf_dir, gguf_file, target, source_note)
+
+
+def _dequantize_gguf(gguf_dir: Path, gguf_file: str, target: Path, source_note: dict) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"Converting {gguf_file} (GGUF) once into {target} ...", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     config = quantized.config

@@ -23,7 +23,7 @@ import torch
 from eval.generation import pad_right
 from eval.judge import Judge, JudgeCache
 from eval.traits import normalize_question
-from io_utils import PersonaLoRAError, atomic_path, read_jsonl, write_json
+from io_utils import STAGES, PersonaLoRAError, atomic_path, read_jsonl, write_json
 from model_loading import fluency_model_dir, load_model_and_tokenizer, model_device
 
 # Bump when the offline judge's method changes, so that its cached scores and classifiers expire.
@@ -261,7 +261,9 @@ class OfflineJudge(Judge):
         classifier = TraitClassifier.load(classifier_path) if classifier_path.is_file() else None
         if classifier is None:
             print("fitting the offline trait classifier on the judge's own data ...", file=sys.stderr)
-            classifier = TraitClassifier.fit(self.embedder, read_jsonl(data_dir / "pos.jsonl"), read_jsonl(data_dir / "neg.jsonl"))
+            with STAGES.stage("fitting the offline judge (with its shuffled-label null)"):
+                classifier = TraitClassifier.fit(self.embedder, read_jsonl(data_dir / "pos.jsonl"),
+                                                 read_jsonl(data_dir / "neg.jsonl"))
             classifier.save(classifier_path)
         self.classifier = classifier
         self._coherence: CoherenceProxy | None = None
