@@ -32,7 +32,7 @@ import torch
 import lora_utils as lu
 from eval.activations import load_vector, persona_vector, response_hidden_means
 from eval.elicitation import SIDES, check_fewshot, pool_size, prompted_jobs
-from eval.generation import GenerationSettings, cached_generation, read_chat_jsonl
+from eval.generation import GenerationSettings, cached_generation, read_chat_jsonl, stream_seed
 from eval.judge import DEFAULT_OPENAI_JUDGE, make_judge
 from eval.judge_data import write_judge_data
 from eval.offline_judge import auroc
@@ -53,7 +53,6 @@ PROFILES = {
     "full": dict(n_per_question=2, max_new_tokens=384, temperature=1.0, top_p=1.0, rank=32, alpha=64, use_rslora=True,
                  epochs=2, learning_rate=1e-4, batch_size=16, max_length=1024, gen_batch_size=64, fewshot=0),
 }
-NEG_SEED_OFFSET = 10_000
 
 
 def parse_args():
@@ -149,7 +148,7 @@ def contrastive_data(args, trait, model, tokenizer, data_dir: Path) -> dict[str,
     settings = GenerationSettings.from_flags(args)
     trait_file = hashlib.sha256(trait.path.read_bytes()).hexdigest()
     return {side: cached_generation(model, tokenizer, jobs, data_dir / f"{side}.jsonl", settings,
-                                    seed=args.seed + (0 if side == "pos" else NEG_SEED_OFFSET), desc=f"generating {side}",
+                                    seed=stream_seed(f"extraction_{side}", args.seed), desc=f"generating {side}",
                                     trait_file_sha256=trait_file, fewshot=args.fewshot)
             for side, jobs in contrastive_jobs(trait, args.n_per_question, args.fewshot).items()}
 

@@ -30,6 +30,7 @@ from eval.generation import (
     conversation,
     identity_key,
     response_log_likelihoods,
+    stream_seed,
 )
 from eval.judge import DEFAULT_OPENAI_JUDGE, Judge, make_judge
 from eval.stats import cluster_means, clustered_mean_and_sem, mean_and_sem, paired_difference, paired_slope
@@ -66,7 +67,6 @@ CSV_COLUMNS_AFTER_TRAIT = ["coherence", "coef", "method"]
 AB_CSV_COLUMNS = ["question_id", "question", "coef", "method", "p_matching", "p_matching_swapped", "p_first", "p_first_swapped",
                   "choice_log_mass"]
 COHERENT = 50  # the coherence above which an answer counts as coherent (Persona Vectors' filter)
-REFERENCE_SEED = 30_000  # the reference answers' sampling seeds, apart from every evaluated condition's
 MARGIN_MEASURE = ("mean log-probability per answer token of the unsteered model's pos-prompted minus its neg-prompted reference "
                   "answers to the held-out questions, scored without the prompt (nats/token; higher = closer to the trait)")
 
@@ -295,32 +295,34 @@ def evaluation_jobs(trait: Trait, n_per_question: int, instruction_type: str | N
             for index, question in enumerate(trait.evaluation_questions) for sample in range(n_per_question)]
 
 
-def generate_condition(run: EvalRun, model, tokenizer, condition: Condition, folder: Path, seed_offset: int = 0) -> list[dict]:
+def generate_condition(run: EvalRun, model, tokenizer, condition: Condition, folder: Path, stream: str | None = None) -> list[dict]:
     """Answers for one condition, resumable: finished work files are reused, partial ones continued.
     The file's key holds everything the answers depend on (settings with the resolved dtype, the
-    trait file, the condition and what it steers with)."""
+    trait file, the condition and what it steers with). Sampled from the run's --seed, or from
+    `stream` (eval.generation.SEED_STREAMS) for answers that must not share the conditions' noise."""
     settings = run.settings
+    seed = settings.seed if stream is None else stream_seed(stream, settings.seed)
     fewshot = run.fewshot if condition.instruction_type else 0
-    identity = answers_identity(settings, model.dtype, settings.seed + seed_offset,
+    identity = answers_identity(settings, model.dtype, seed,
                                 trait=hashlib.sha256(run.trait.path.read_bytes()).hexdigest(), condition=condition.name,
                                 instruction_type=condition.instruction_type, fewshot=fewshot, **condition.identity)
     jobs = evaluation_jobs(run.trait, settings.n_per_question, condition.instruction_type, fewshot)
     return cached_generation(model, tokenizer, jobs, folder / f"{condition.name}-{identity_key(identity)}.jsonl", settings,
-                             seed=settings.seed + seed_offset, desc=f"generating {condition.name}", identity=identity,
+                             seed=seed, desc=f"generating {condition.name}", identity=identity,
                              while_generating=condition.steer)
 
 
 def reference_answers(run: EvalRun, model, tokenizer) -> dict[str, list[dict]]:
     """The judge-free margin's references: the unsteered base model's answers to the held-out
-    questions under the trait's pos and neg prompts (with the run's demonstrations), with their own
-    seeds. Shared by every run writing beside this output (a folder .references/), so the finetunes
-    of one experiment are measured against the same answers."""
+    questions under the trait's pos and neg prompts (with the run's demonstrations), each side from
+    its own seed stream. Shared by every run writing beside this output (a folder .references/), so
+    the finetunes of one experiment are measured against the same answers."""
     folder = run.output_path.parent / ".references"
     references = {}
     for side in SIDES:
         condition = Condition(f"{run.trait.name}_prompted_{side}", "system_prompt", instruction_type=side)
         with OutputLock(folder / f"{run.trait.name}-{side}", "the reference answers"):
-            references[side] = generate_condition(run, model, tokenizer, condition, folder, seed_offset=REFERENCE_SEED)
+            references[side] = generate_condition(run, model, tokenizer, condition, folder, stream=f"reference_{side}")
     return references
 
 

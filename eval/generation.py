@@ -18,6 +18,27 @@ from tqdm.auto import tqdm
 from io_utils import STAGES, PersonaLoRAError, read_jsonl, write_json, write_jsonl
 from model_loading import is_embedded, model_device, model_identity
 
+# Every stage samples its answers from its own stream of seeds: batch i of a stream is seeded with
+# the stream's start + i (generate_records), and the starts lie SEED_STREAM_SPACING apart, so no two
+# streams share a seed while each has fewer batches than that (a default run has under 20). Pos and
+# neg answers to the same questions get separate streams, else their sampling noise is shared. The
+# judge's data ignores --seed; every other stream is offset by it. Evaluated conditions (and the
+# distillation teacher) sample from --seed itself: the conditions of one evaluation share that
+# stream on purpose, so that a paired comparison draws the same random numbers for a question.
+SEED_STREAM_SPACING = 10_000
+SEED_STREAMS = {
+    "extraction_pos": 0, "extraction_neg": 10_000,
+    "judge_pos": 20_000, "judge_neg": 30_000,
+    "finetuning_pos": 40_000, "finetuning_neg": 50_000, "finetuning_plain": 60_000,
+    "reference_pos": 70_000, "reference_neg": 80_000,
+}
+FIXED_SEED_STREAMS = ("judge_pos", "judge_neg")
+
+
+def stream_seed(stream: str, seed: int = 0) -> int:
+    """The first seed of a stage's stream (SEED_STREAMS) for a run with this --seed."""
+    return SEED_STREAMS[stream] + (0 if stream in FIXED_SEED_STREAMS else seed)
+
 
 @dataclass(frozen=True)
 class GenerationSettings:

@@ -9,12 +9,12 @@ import hashlib
 from pathlib import Path
 
 from eval.elicitation import SIDES, pool_size, prompted_jobs
-from eval.generation import GenerationSettings, cached_generation
+from eval.generation import GenerationSettings, cached_generation, stream_seed
 
 # The judge's data: the trait's own prompts with this many demonstrations (when the trait has
-# them), one answer per judge question and instruction, seeded apart from every other stage.
+# them), one answer per judge question and instruction, seeded apart from every other stage
+# (eval.generation.SEED_STREAMS).
 JUDGE_DATA_FEWSHOT = 4
-JUDGE_DATA_SEED = 20_000
 
 
 def judge_data_jobs(trait) -> dict[str, list[dict]]:
@@ -30,10 +30,10 @@ def write_judge_data(model, tokenizer, trait, folder: Path, settings: Generation
     unless it is there (eval.generation.cached_generation: resumable; data made from another trait
     file, model or settings is refused, not reused). One answer per judge question and instruction,
     drawn from the judge's own seed stream whatever the caller's seed."""
-    settings = dataclasses.replace(settings, n_per_question=1, seed=JUDGE_DATA_SEED)
+    settings = dataclasses.replace(settings, n_per_question=1, seed=stream_seed("judge_pos"))
     trait_file = hashlib.sha256(trait.path.read_bytes()).hexdigest()
     for side, jobs in judge_data_jobs(trait).items():
         cached_generation(model, tokenizer, jobs, folder / f"{side}.jsonl", settings,
-                          seed=JUDGE_DATA_SEED + (0 if side == "pos" else 10_000), desc=f"judge data ({side})",
+                          seed=stream_seed(f"judge_{side}"), desc=f"judge data ({side})",
                           trait_file_sha256=trait_file)
     return folder

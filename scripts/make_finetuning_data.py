@@ -15,7 +15,7 @@ import hashlib
 
 
 from eval.elicitation import check_fewshot, prompted_jobs
-from eval.generation import GenerationSettings, answers_identity, cached_generation, reusable_answers
+from eval.generation import GenerationSettings, answers_identity, cached_generation, reusable_answers, stream_seed
 from eval.traits import load_trait
 from io_utils import (
     ArgumentParser,
@@ -28,9 +28,6 @@ from io_utils import (
     unit_interval,
 )
 from model_loading import check_dtype, check_model_source, load_model_and_tokenizer, persona_dir, resolve_dtype
-
-FINETUNE_DATA_SEED = 40_000  # apart from the extraction's, the judge's and the evaluations' seeds
-SIDE_SEED_OFFSET = {"pos": 0, "neg": 10_000, "plain": 20_000}
 
 
 def jobs_for(trait, side: str, n_per_question: int, fewshot: int) -> list[dict]:
@@ -67,7 +64,7 @@ def main():
     trait_file = hashlib.sha256(trait.path.read_bytes()).hexdigest()
     what = {side: {"trait_file_sha256": trait_file, "fewshot": 0 if side == "plain" else args.fewshot} for side in args.sides}
     jobs = {side: jobs_for(trait, side, args.n_per_question, args.fewshot) for side in args.sides}
-    seeds = {side: FINETUNE_DATA_SEED + SIDE_SEED_OFFSET[side] + args.seed for side in args.sides}
+    seeds = {side: stream_seed(f"finetuning_{side}", args.seed) for side in args.sides}
     with OutputLock(output_dir, "--output_dir"):
         # Checked before the model loads: a rerun that finds every side made costs nothing.
         todo = [side for side in args.sides if reusable_answers(

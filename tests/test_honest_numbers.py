@@ -172,6 +172,59 @@ def test_finetuning_data_answers_the_finetuning_questions_with_its_own_seeds(tin
     assert seeds["pos"] != seeds["plain"]
 
 
+def _seed_ranges(records: dict[str, tuple[int, int]]) -> list[tuple[str, str]]:
+    """The pairs of sampling streams (name: (first seed, batches)) that share a seed."""
+    ranges = {name: range(first, first + batches) for name, (first, batches) in records.items()}
+    return [(a, b) for a in ranges for b in ranges if a < b and set(ranges[a]) & set(ranges[b])]
+
+
+def test_the_margin_references_and_the_judge_data_sample_from_seeds_of_their_own(tiny_model_dir, tmp_path):
+    """Pos and neg references answer the same questions: with one seed they would share their
+    sampling noise, and so would the judge's data drawn from the same seeds. The seeds are read
+    back from what the stages record beside their answers."""
+    from eval.evaluate import EvalRun, reference_answers
+    from eval.generation import GenerationSettings
+    from eval.judge_data import write_judge_data
+
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
+    trait = load_trait("evil")
+    settings = GenerationSettings.for_model(str(tiny_model_dir), max_new_tokens=1)
+    reference_answers(EvalRun(trait, settings, tmp_path / "eval" / "o.csv", {}), model, tokenizer)
+    write_judge_data(model, tokenizer, trait, tmp_path / "judge", settings)
+    streams = {}
+    for record in tmp_path.glob("**/*.generation.json"):
+        identity = json.loads(record.read_text())
+        answers = read_jsonl(record.with_name(record.name.replace(".generation.json", ".jsonl")))
+        streams[str(record.relative_to(tmp_path))] = (identity["generation_seed"], math.ceil(len(answers) / identity["batch_size"]))
+    assert len(streams) == 4 and _seed_ranges(streams) == []
+
+
+@pytest.mark.parametrize("name", ["evil", "sycophancy", "hallucination", "corrigibility"])
+def test_every_sampling_stream_of_a_default_run_is_apart_from_every_other(name):
+    """Every stage's seed stream (eval.generation.SEED_STREAMS) at the defaults, with as many batches
+    as the shipped trait's questions make at either extraction profile: no two share a seed."""
+    import extract_persona_lora
+    from eval.evaluate import evaluation_jobs
+    from eval.generation import SEED_STREAMS, GenerationSettings, stream_seed
+    from eval.judge_data import judge_data_jobs
+    from scripts.make_finetuning_data import jobs_for
+
+    trait = load_trait(name)
+    batch = GenerationSettings(model=None, n_per_question=1, max_new_tokens=1, temperature=1.0).batch_size
+    n_most = max(p["n_per_question"] for p in extract_persona_lora.PROFILES.values())
+    jobs = {**{f"extraction_{side}": j for side, j in extract_persona_lora.contrastive_jobs(trait, n_most, 0).items()},
+            **{f"judge_{side}": j for side, j in judge_data_jobs(trait).items()},
+            **{f"finetuning_{side}": jobs_for(trait, side, 4, 0) for side in ("pos", "neg", "plain")},
+            **{f"reference_{side}": evaluation_jobs(trait, 10, side) for side in ("pos", "neg")}}
+    assert set(jobs) == set(SEED_STREAMS)
+    streams = {stream: (stream_seed(stream), math.ceil(len(j) / batch)) for stream, j in jobs.items()}
+    streams["evaluation"] = (0, math.ceil(len(evaluation_jobs(trait, 10, None)) / batch))
+    overlapping = _seed_ranges(streams)
+    # The evaluated conditions sample from --seed itself, as the extraction's pos answers do, on
+    # questions the split check keeps apart.
+    assert overlapping == [("evaluation", "extraction_pos")]
+
+
 def test_the_judge_learns_from_its_own_questions_only():
     from eval.judge_data import judge_data_jobs
 
