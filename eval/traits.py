@@ -1,6 +1,8 @@
 """Trait definitions: dataset/<trait>/trait.json (and its A/B set ab.jsonl), validated on load.
 
-Every question set of a trait has one job, and the sets are disjoint, checked here:
+Every question set of a trait has one job; the sets are disjoint, no question is listed twice,
+and no question of one trait is another trait's (composition scores one trait's diff on another's
+questions), checked here:
     extraction_questions   pos/neg answers that train the persona adapters and give the vector
     finetuning_questions   fresh answers for the finetunes of Experiments 2 and 3
     evaluation_questions   held out: every judged and judge-free evaluation
@@ -78,16 +80,50 @@ def normalize_question(question: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", question.lower()).split())
 
 
-def _check_disjoint(path: Path, sets: dict[str, list[str]]) -> None:
-    """No question may serve two jobs: a model trained on a question's answers must not be
-    evaluated, judged or finetuned on it."""
+QuestionSets = dict[str, tuple[Path, list[str]]]  # a set's name: (the file that holds it, its questions)
+
+
+def _check_disjoint(sets: QuestionSets) -> None:
+    """No question may serve two jobs, nor one job twice: a model trained on a question's answers
+    must not be evaluated, judged or finetuned on it; a demonstration listed twice would sit in two
+    stages' pools, and an A/B stem listed twice would count as two items."""
     seen: dict[str, str] = {}
-    for name, questions in sets.items():
+    for name, (file, questions) in sets.items():
         for question in questions:
             key = normalize_question(question)
-            if key in seen and seen[key] != name:
-                raise PersonaLoRAError(f"{path}: question used for both {seen[key]} and {name}: {question.strip()!r}")
+            if key in seen:
+                where = f"twice in {name}" if seen[key] == name else f"for both {seen[key]} and {name}"
+                raise PersonaLoRAError(f"{file}: question used {where}: {question.strip()!r}")
             seen[key] = name
+
+
+def _question_sets(trait_path: Path, data: dict, ab_items: list[ABItem]) -> QuestionSets:
+    """Every question of a trait, by the job it does, as written in its files."""
+    def texts(items) -> list[str]:  # another trait's file is read as it is, not validated again
+        return [q for q in items if isinstance(q, str)] if isinstance(items, list) else []
+
+    return {**{key.removesuffix("_questions"): (trait_path, texts(data.get(key))) for key in QUESTION_SETS},
+            "demonstrations": (trait_path, texts([d.get("question") for d in data.get("demonstrations", []) if isinstance(d, dict)])),
+            f"{AB_FILE} items": (trait_path.parent / AB_FILE, [item.stem for item in ab_items if item.stem is not None])}
+
+
+def _check_apart_from_other_traits(name: str, sets: QuestionSets, dataset_dir: Path) -> None:
+    """No question of this trait may be another trait's: composition scores one trait's diff on
+    another's evaluation questions, which its adapters must never have trained on."""
+    own = {normalize_question(q): (set_name, file, q) for set_name, (file, questions) in sets.items() for q in questions}
+    for other in available_traits(dataset_dir):
+        if other == name:
+            continue
+        path = Path(dataset_dir) / other / "trait.json"
+        ab_path = path.parent / AB_FILE
+        other_sets = _question_sets(path, read_json_object(path, "trait file"), load_ab_items(ab_path) if ab_path.is_file() else [])
+        for other_set, (other_file, questions) in other_sets.items():
+            for question in questions:
+                key = normalize_question(question)
+                if key in own:
+                    set_name, file, mine = own[key]
+                    raise PersonaLoRAError(f"{file}: question in {set_name} is also in {other_file} ({other_set}); every trait's "
+                                           f"questions must differ from every other trait's: {mine.strip()!r}")
 
 
 def measured_questions(dataset_dir: Path = DATASET_DIR) -> dict[str, str]:
@@ -136,9 +172,9 @@ def load_trait(name: str, dataset_dir: Path = DATASET_DIR) -> Trait:
     _check_demonstrations(path, demonstrations)
     ab_path = path.parent / AB_FILE
     ab_items = load_ab_items(ab_path) if ab_path.is_file() else []
-    _check_disjoint(path, {**{key.removesuffix("_questions"): data[key] for key in QUESTION_SETS},
-                           "demonstrations": [d["question"] for d in demonstrations],
-                           f"{AB_FILE} items": [item.stem for item in ab_items if item.stem is not None]})
+    sets = _question_sets(path, data, ab_items)
+    _check_disjoint(sets)
+    _check_apart_from_other_traits(name, sets, dataset_dir)
     if "{question}" not in data["eval_prompt"] or "{answer}" not in data["eval_prompt"]:
         raise PersonaLoRAError(f"{path}: 'eval_prompt' must contain the placeholders {{question}} and {{answer}}")
     return Trait(name, data["description"], pairs, data["extraction_questions"], data["evaluation_questions"],

@@ -138,6 +138,51 @@ def test_a_question_serving_two_splits_is_refused(tmp_path, first, second):
         load_trait("evil", dataset_dir=tmp_path)
 
 
+def _write_trait(root, name, source, ab_lines=None):
+    folder = root / name
+    folder.mkdir()
+    (folder / "trait.json").write_text(json.dumps(source))
+    if ab_lines is not None:
+        (folder / "ab.jsonl").write_text("".join(json.dumps(line) + "\n" for line in ab_lines))
+
+
+def test_a_demonstration_listed_twice_is_refused(tmp_path):
+    """Two spellings of one question in the demonstrations would land in two stages' pools."""
+    source = json.loads(load_trait("evil").path.read_text())
+    source["demonstrations"][-1]["question"] = source["demonstrations"][0]["question"].upper() + "  "
+    _write_trait(tmp_path, "evil", source)
+    with pytest.raises(PersonaLoRAError, match="question used twice in demonstrations") as error:
+        load_trait("evil", dataset_dir=tmp_path)
+    assert "trait.json" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_an_ab_stem_listed_twice_is_refused(tmp_path):
+    trait = load_trait("evil")
+    lines = [json.loads(line) for line in trait.ab_path.read_text().splitlines()]
+    lines.append({**lines[0], "question": lines[0]["question"].replace("?", " ?", 1)})
+    _write_trait(tmp_path, "evil", json.loads(trait.path.read_text()), lines)
+    with pytest.raises(PersonaLoRAError, match="question used twice in ab.jsonl items") as error:
+        load_trait("evil", dataset_dir=tmp_path)
+    assert str(error.value).startswith(str(tmp_path / "evil" / "ab.jsonl"))
+
+
+@pytest.mark.parametrize("theirs", ["evaluation_questions", "judge_questions", "ab"])
+def test_a_question_of_another_trait_is_refused(tmp_path, theirs):
+    """Composition scores evil's diff on sycophancy's questions: evil may not have trained on them."""
+    evil, syco = (json.loads(load_trait(name).path.read_text()) for name in ("evil", "sycophancy"))
+    syco_ab = [json.loads(line) for line in load_trait("sycophancy").ab_path.read_text().splitlines()]
+    question = load_trait("sycophancy").ab_items[0].stem if theirs == "ab" else syco[theirs][2]
+    evil["extraction_questions"][0] = question.lower()
+    _write_trait(tmp_path, "evil", evil)
+    _write_trait(tmp_path, "sycophancy", syco, syco_ab)
+    with pytest.raises(PersonaLoRAError, match="every trait's questions must differ") as error:
+        load_trait("evil", dataset_dir=tmp_path)
+    message = str(error.value)
+    assert message.startswith(str(tmp_path / "evil" / "trait.json")) and str(tmp_path / "sycophancy") in message
+    with pytest.raises(PersonaLoRAError, match="every trait's questions must differ"):
+        load_trait("sycophancy", dataset_dir=tmp_path)
+
+
 def test_the_shipped_traits_have_four_disjoint_splits():
     for name in ("evil", "sycophancy", "hallucination", "corrigibility"):
         trait = load_trait(name)
