@@ -250,6 +250,22 @@ def preventative_steering(config: dict, model) -> contextlib.AbstractContextMana
     return stack
 
 
+def finetune(config: dict, model, tokenizer, records: list[dict], adapter_init_seed: int, on_step=None,
+             record_extra: dict | None = None) -> dict:
+    """Train and save the finetune under the config's preventative steering, which is removed
+    before this returns: `model` is then the plain model again, and the saved finetune is relative
+    to it."""
+    common = dict(target_modules=config["target_modules"], epochs=config["epochs"], learning_rate=config["learning_rate"],
+                  batch_size=config["batch_size"], max_length=config["max_length"], seed=config["seed"], desc="finetuning",
+                  on_step=on_step, record_extra=record_extra)
+    with preventative_steering(config, model):
+        if config["method"] == "dense":
+            return train_dense(model, tokenizer, records, config["output_dir"], **common)
+        return train_lora_adapter(model, tokenizer, records, config["output_dir"], rank=config["rank"], alpha=config["alpha"],
+                                  use_rslora=config["use_rslora"], adapter_init_seed=adapter_init_seed,
+                                  base_model_name=model_label(config["model"]), **common)
+
+
 def main():
     if sys.argv[1:] in (["-h"], ["--help"]):
         print(__doc__)
@@ -287,16 +303,7 @@ def main():
     steering = config["steering_config"]
     extra = {"config": str(config_path), "training_file": config["training_file"], "training_data_sha256": records_digest(records),
              "steering_config": steering, "config_identity": identity}
-    common = dict(target_modules=config["target_modules"], epochs=config["epochs"], learning_rate=config["learning_rate"],
-                  batch_size=config["batch_size"], max_length=config["max_length"], seed=config["seed"], desc="finetuning",
-                  on_step=monitor, record_extra=extra)
-    with preventative_steering(config, model):
-        if config["method"] == "dense":
-            summary = train_dense(model, tokenizer, records, config["output_dir"], **common)
-        else:
-            summary = train_lora_adapter(model, tokenizer, records, config["output_dir"], rank=config["rank"], alpha=config["alpha"],
-                                         use_rslora=config["use_rslora"], adapter_init_seed=adapter_init_seed,
-                                         base_model_name=model_label(config["model"]), **common)
+    summary = finetune(config, model, tokenizer, records, adapter_init_seed, on_step=monitor, record_extra=extra)
     output_dir = Path(config["output_dir"])
     if int(os.environ.get("RANK", "0")) == 0:
         if monitor_log:

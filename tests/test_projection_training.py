@@ -203,7 +203,37 @@ def test_training_with_each_kind_of_steering(tiny_model_dir, tiny_steering_input
     assert not torch.allclose(finetuned(tokens).logits, plain)
 
 
-def test_lora_steering_changes_what_is_learned_and_is_removed_after(tiny_model_dir, tiny_steering_inputs, tmp_path):
+@pytest.mark.parametrize("steering", ["lora", "activation"])
+def test_preventative_steering_is_removed_after_training(tiny_model_dir, tiny_steering_inputs, tmp_path, steering):
+    """After training under steering (training.finetune, as main runs it), the model is the
+    untouched model again: every weight bit-exact, no hook left, the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    import training
+    from model_loading import load_model_and_tokenizer
+    from trainer import init_seed
+
+    diff_path, vector_path = tiny_steering_inputs
+    steering_config = {"lora": {"type": "lora", "lora_diff_path": str(diff_path), "coef": 5.0},
+                       "activation": {"type": "activation", "vector_path": str(vector_path), "layers": [2], "coef": 4.0}}[steering]
+    config_path = write_config(tmp_path / "c.json", tiny_model_dir, tmp_path / "adapter", steering_config=steering_config)
+    config = training.load_config(config_path)
+    records = training.check_config_inputs(config, config_path)["records"]
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
+    untouched = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokens = torch.randint(3, 1000, (2, 7))
+    with training.preventative_steering(config, model), torch.no_grad():  # the steering changes the model while on
+        assert not torch.allclose(model(tokens).logits, untouched(tokens).logits)
+    training.finetune(config, model, tokenizer, records, init_seed("finetune", 0))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    weights, reference = model.state_dict(), untouched.state_dict()
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in reference)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, untouched(tokens).logits)
+
+
+def test_lora_steering_changes_what_is_learned_and_the_monitor_reads_it(tiny_model_dir, tiny_steering_inputs, tmp_path):
     """Training under W + c·ΔW gives another adapter than training under W (the steering is
     active), and the monitor's last projection equals a projection of the saved adapter."""
     diff_path, _ = tiny_steering_inputs
