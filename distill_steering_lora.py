@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import time
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from tqdm.auto import tqdm
 import lora_utils as lu
 from eval.activations import STEERING_TYPES, ActivationSteerer, check_vector_fits, teacher_forced_response
 from eval.generation import ChatSpan, GenerationSettings, answers_identity, cached_generation, identity_key, pad_right, tokenize_chat
+from eval.stats import ratio_interval
 from eval.traits import load_trait
 from io_utils import ArgumentParser, OutputLock, PersonaLoRAError, atomic_path, check_writable_dir, file_identity
 from io_utils import finite_float, non_negative_float, non_negative_int, positive_float, positive_int, read_json_object
@@ -64,7 +64,6 @@ QUESTION_SETS = ("extraction", "finetuning")
 GENERATION_DEFAULTS = {"embedded": dict(n_per_question=2, max_new_tokens=48, temperature=0.7, max_length=256),
                        "full": dict(n_per_question=4, max_new_tokens=256, temperature=1.0, max_length=1024)}
 CHECKPOINT = "checkpoint.pt"
-BOOTSTRAP_DRAWS = 2000
 
 
 def parse_args():
@@ -311,22 +310,19 @@ def heldout_kl(peft_model, steerer, spans: list[ChatSpan], pad_id: int, batch_si
     return result
 
 
-def fraction_interval(per_answer: dict, questions: list[str], draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> dict:
-    """The fraction of KL(steered ‖ plain) the LoRA removes, with a bootstrap over held-out
-    questions (an answer's positions are not independent, nor are a question's answers)."""
-    by_question: dict[str, list[int]] = {}
+def fraction_interval(per_answer: dict, questions: list[str]) -> dict:
+    """The fraction of KL(steered ‖ plain) the LoRA removes, 1 − ΣKL(distilled)/ΣKL(plain), with
+    Fieller's interval over held-out questions (an answer's positions are not independent, nor are a
+    question's answers): a percentile bootstrap over the dozen or so questions covered ~0.9 at a
+    nominal 0.95."""
+    sums: dict[str, list[float]] = {}
     for index, question in enumerate(questions):
-        by_question.setdefault(question, []).append(index)
-    keys, rng, fractions = sorted(by_question), random.Random(seed), []
-    for _ in range(draws):
-        chosen = [i for key in (rng.choice(keys) for _ in keys) for i in by_question[key]]
-        plain = sum(per_answer["plain"][i] for i in chosen)
-        fractions.append(1 - sum(per_answer["distilled"][i] for i in chosen) / plain if plain > 0 else float("nan"))
-    fractions.sort()
-    mean = sum(fractions) / len(fractions)
-    return {"sem": (sum((f - mean) ** 2 for f in fractions) / (len(fractions) - 1)) ** 0.5,
-            "ci95": [fractions[int(0.025 * draws)], fractions[int(0.975 * draws) - 1]], "questions": len(keys),
-            "method": f"bootstrap over held-out questions ({draws} draws)"}
+        sums.setdefault(question, [0.0, 0.0])
+        sums[question][0] += per_answer["distilled"][index]
+        sums[question][1] += per_answer["plain"][index]
+    interval = ratio_interval([d for d, _ in sums.values()], [p for _, p in sums.values()])
+    return {"sem": interval["sem"], "ci95": [1 - interval["ci"][1], 1 - interval["ci"][0]], "questions": interval["units"],
+            "method": interval["method"] + " of the held-out questions' KL sums"}
 
 
 def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:

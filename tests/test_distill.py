@@ -306,3 +306,24 @@ def test_bad_input_is_refused_in_one_line_before_the_model_loads(case, config_on
     assert code == 2, stderr
     assert expected in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_fraction_interval_covers_the_true_fraction_at_its_nominal_rate():
+    """13 held-out questions of 4 answers each, as a distillation run holds out: each question's KL
+    to the plain model varies (log-normal), and the distilled model removes a share of it that
+    varies by question around a true 1 − E[KL distilled]/E[KL plain] = 0.6. Over 1,000 simulated
+    runs the 95 % interval must cover 0.6 at least 93 % of the time (a percentile bootstrap over the
+    questions covered ~0.90 here)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    questions, answers, true_fraction, covered, runs = 13, 4, 0.6, 0, 1000
+    labels = [f"q{q}" for q in range(questions) for _ in range(answers)]
+    for _ in range(runs):
+        plain_by_question = np.exp(rng.normal(0, 0.5, questions))
+        kept = (1 - true_fraction) * np.exp(rng.normal(0, 0.3, questions) - 0.3 ** 2 / 2)
+        plain = np.repeat(plain_by_question, answers) * rng.uniform(0.5, 1.5, questions * answers)
+        per_answer = {"plain": plain.tolist(), "distilled": (plain * np.repeat(kept, answers)).tolist()}
+        low, high = distill.fraction_interval(per_answer, labels)["ci95"]
+        covered += low <= true_fraction <= high
+    assert covered / runs >= 0.93

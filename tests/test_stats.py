@@ -301,3 +301,23 @@ def test_sign_flip_max_compares_a_maximum_with_maxima():
     shifted = values + np.array([0.0, 3.0, 0.0])  # one real contrast among three
     assert stats.sign_flip_max_test(shifted)["p"] == pytest.approx(2 / 2 ** 8)
     assert test["sems"] == pytest.approx(list(values.std(axis=0, ddof=1) / math.sqrt(8)))
+
+
+def test_ratio_interval_ends_where_the_t_test_of_the_residuals_stops_rejecting():
+    """Fieller's interval by its definition: at each end R, the residuals aᵢ − R·bᵢ have a t
+    statistic of exactly the t quantile (n − 1 df); the ratio is Σa/Σb; no bound when the
+    denominators' mean is indistinguishable from 0."""
+    from scipy.stats import t as student_t
+
+    from eval.stats import ratio_interval
+
+    a, b = [1.0, 2.5, 0.7, 1.9, 1.1, 3.0], [2.0, 4.0, 2.5, 3.1, 2.2, 5.5]
+    result = ratio_interval(a, b)
+    assert result["ratio"] == pytest.approx(sum(a) / sum(b)) and result["units"] == 6
+    low, high = result["ci"]
+    assert low < result["ratio"] < high
+    for end in (low, high):
+        residuals = [x - end * y for x, y in zip(a, b)]
+        mean, sem, _ = mean_and_sem(residuals)
+        assert abs(mean) / sem == pytest.approx(student_t.ppf(0.975, 5), rel=1e-9)
+    assert ratio_interval([1.0, -1.0, 2.0], [1.0, -1.2, 0.3])["ci"] == [-math.inf, math.inf]

@@ -46,7 +46,7 @@ def summarize(runs: list[dict], target: float) -> dict:
         largest = distilled_diff(series[-1])
         reaching = [run["rank"] for run in series if run["fraction_reproduced"] >= target]
         # A threshold crossing of a noisy estimate is itself noisy: also the smallest rank whose
-        # whole 95 % interval (bootstrap over held-out questions) lies above the target.
+        # whole 95 % interval (Fieller's, over held-out questions) lies above the target.
         surely = [run["rank"] for run in series if run["fraction_reproduced_error"]["ci95"][0] >= target]
         placements[placement] = {
             "ranks": [run["rank"] for run in series],
@@ -72,8 +72,8 @@ def summarize(runs: list[dict], target: float) -> dict:
             "steps": first["identity"]["steps"],
             "note": "fraction reproduced = 1 − KL(steered ‖ distilled) / KL(steered ‖ plain), token-weighted over the "
                     "held-out answers (the teacher's own, teacher-forced); cosines are ⟨ΔW_distilled, ΔW⟩_F / (‖·‖‖·‖) "
-                    "over the whole weight space; sem and ci95 are over held-out questions only (one student seed, one "
-                    "sample of teacher answers: variation between training seeds is not in them)"}
+                    "over the whole weight space; sem (delta method) and ci95 (Fieller's) are over held-out questions only "
+                    "(one student seed, one sample of teacher answers: variation between training seeds is not in them)"}
 
 
 def plot(report: dict, path: Path) -> None:
