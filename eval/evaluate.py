@@ -33,7 +33,7 @@ from eval.generation import (
     stream_seed,
 )
 from eval.judge import DEFAULT_OPENAI_JUDGE, Judge, make_judge
-from eval.stats import cluster_means, clustered_mean_and_sem, mean_and_sem, paired_difference, paired_slope
+from eval.stats import cluster_means, clustered_mean_and_sem, holm, mean_and_sem, paired_difference, paired_slope
 from eval.traits import Trait, load_trait
 from io_utils import (
     STAGES,
@@ -554,6 +554,10 @@ def ab_summary(run: EvalRun, scored: list[dict], margins: dict[str, dict[str, fl
         members = [e for e in conditions if e["method"] == method or e is baseline]
         if margins and len({e["coef"] for e in members}) > 1:
             margin_slopes[method] = paired_slope([e["coef"] for e in members], [e["margin_by_question"] for e in members])
+    slopes = method_slopes(scored)
+    family = [*slopes.values(), *margin_slopes.values()]
+    for slope, adjusted in zip(family, holm([slope["p"] for slope in family])):
+        slope.update(p_holm=adjusted, p_holm_family=f"Holm over this run's {len(family)} A/B and margin slopes")
     return {"trait": run.trait.name, "model": model_label(run.settings.model), "adapter": run.adapter, "mode": "ab",
             "ab_data": run.ab_path, "ab_data_sha256": file_identity(run.ab_path)["sha256"], "items": len(run.ab_items),
             "items_scored_both_orders": swappable,
@@ -563,7 +567,7 @@ def ab_summary(run: EvalRun, scored: list[dict], margins: dict[str, dict[str, fl
                        "both_orders = each item averaged with its choices swapped",
             "margin_measure": MARGIN_MEASURE if margins else None,
             "errors": "changes against the unsteered condition and slopes are paired by item (A/B) and by question (margin)",
-            "conditions": conditions, "slopes": method_slopes(scored), "margin_slopes": margin_slopes}
+            "conditions": conditions, "slopes": slopes, "margin_slopes": margin_slopes}
 
 
 def measurement_identity(summary: dict) -> dict:
@@ -601,7 +605,8 @@ def print_ab_table(summary: dict) -> None:
         print(f"{c['condition']:{width}s} {c['method']:13s} {c['coef']:6.2f} {c['balanced_p_matching']:10.3f} "
               f"{c['balanced_p_matching_both_orders']:11.3f} {paired} {c['p_first_choice']:9.3f} {c['choice_log_mass']:13.2f}")
     for method, slope in summary["slopes"].items():
-        print(f"slope per unit coefficient ({method}): {slope['slope']:+.4f} ± {slope['slope_sem']:.4f} (paired by item)")
+        print(f"slope per unit coefficient ({method}): {slope['slope']:+.4f} ± {slope['slope_sem']:.4f} (paired by item), "
+              f"p {slope['p']:.2g}, Holm {slope['p_holm']:.2g}")
     for method, slope in summary["margin_slopes"].items():
         print(f"judge-free margin slope ({method}): {slope['slope']:+.4f} ± {slope['slope_sem']:.4f} nats/token per unit "
-              "(paired by question)")
+              f"(paired by question), p {slope['p']:.2g}, Holm {slope['p_holm']:.2g}")

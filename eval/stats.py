@@ -143,8 +143,24 @@ def paired_slope(coefficients: Sequence[float], by_cluster: Sequence[dict[Hashab
     conditions, then averaged over clusters: its error is the clusters' spread, so question
     difficulty, which every condition shares, cancels. `by_cluster[i]` holds condition i's
     per-cluster means."""
-    mean, sem, n = mean_and_sem(cluster_slopes(coefficients, by_cluster).values())
-    return {"slope": mean, "slope_sem": sem, "clusters": n, "slope_sem_kind": "paired by question (per-question slopes)"}
+    slopes = finite(cluster_slopes(coefficients, by_cluster).values())
+    mean, sem, n = mean_and_sem(slopes)
+    test = sign_flip_test(slopes)
+    return {"slope": mean, "slope_sem": sem, "clusters": n, "slope_sem_kind": "paired by question (per-question slopes)",
+            "p": test["p"], "p_method": f"{test['p_method']} of the per-question slopes"}
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values, in the given order: the i-th smallest of
+    m is multiplied by m − i + 1 (i from 1), kept at least as large as the one before it, and capped
+    at 1. Rejecting where the adjusted p ≤ α keeps the chance of any false rejection in the family
+    ≤ α. NaN (an undefined test) stays NaN and is not counted in m."""
+    order = sorted((i for i, p in enumerate(p_values) if not math.isnan(p)), key=lambda i: p_values[i])
+    adjusted, running = [float("nan")] * len(p_values), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 def cluster_slopes(coefficients: Sequence[float], by_cluster: Sequence[dict[Hashable, float]]) -> dict[Hashable, float]:

@@ -22,6 +22,7 @@ from eval.ab import (
     score_ab_items,
     summarize_conditions,
 )
+from eval.stats import holm
 from eval.traits import available_traits, load_trait
 from io_utils import PersonaLoRAError, write_json
 
@@ -517,6 +518,10 @@ def test_eval_lora_persona_ab_end_to_end(tiny_model_dir, tiny_persona, tmp_path)
     assert summary["ab_data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
     # beside p_matching, how much probability the two answers hold at all, and its paired change
     assert all(c["choice_log_mass"] < 0 and "choice_log_mass_sem" in c["change_vs_baseline"] for c in summary["conditions"])
+    # each slope's sign-flip p (4 items: exact; 22 questions: random patterns), Holm's over the run's two slopes beside it
+    slopes = [summary["slopes"]["lora"], summary["margin_slopes"]["lora"]]
+    assert "exact sign-flip" in slopes[0]["p_method"] and "random sign patterns" in slopes[1]["p_method"]
+    assert [s["p_holm"] for s in slopes] == pytest.approx(holm([s["p"] for s in slopes]))
 
 
 def test_eval_persona_ab_end_to_end(tiny_model_dir, tiny_persona, tmp_path):
@@ -594,7 +599,7 @@ def _sweep_summary(trait, slopes_by_item, sha="h"):
         by_item = {i: 0.5 + slopes_by_item[int(i)] * c for i in items}
         mean = sum(by_item.values()) / len(by_item)
         conditions.append({"coef": c, "both_orders_by_item": by_item, "matching_first_by_item": {i: int(i) % 2 == 0 for i in items},
-                           "balanced_p_matching_both_orders": mean, "p_first_choice": 0.5,
+                           "balanced_p_matching_both_orders": mean, "p_first_choice": 0.5, "choice_log_mass": -0.7 - 0.1 * c,
                            "change_vs_baseline": {"balanced_p_matching_both_orders": mean - 0.5,
                                                   "balanced_p_matching_both_orders_sem": 0.01,
                                                   "choice_log_mass": -0.1 * c, "choice_log_mass_sem": 0.01}})
@@ -624,6 +629,16 @@ def test_ab_summary_pairs_the_settings_by_item_and_refuses_runs_that_do_not_belo
     assert difference["sem"] < 0.0005 < 0.02 / 40 ** 0.5  # paired: far below the items' own spread
     assert difference["p"] < 0.001 and "K=4 − K=0" in (out / "table.md").read_text()
     assert "offline-test" in (out / "table.md").read_text() and "+0.20 / -0.20" in (out / "table.md").read_text()
+    # Every slope and slope difference the table reports has its p and, beside it, Holm's over all six.
+    report = json.loads((out / "summary.json").read_text())["evil"]
+    family = [report[k][m]["ab_slope_p"] for k in ("k4", "k0") for m in ("lora", "vector")] + \
+             [report["slope_difference"][m]["p"] for m in ("lora", "vector")]
+    adjusted = [report[k][m]["ab_slope_p_holm"] for k in ("k4", "k0") for m in ("lora", "vector")] + \
+               [report["slope_difference"][m]["p_holm"] for m in ("lora", "vector")]
+    assert adjusted == pytest.approx(holm(family)) and all(a >= p for a, p in zip(adjusted, family))
+    assert report["k4"]["lora"]["ab_slope"] == pytest.approx(0.016, abs=0.002)
+    table = (out / "table.md").read_text()
+    assert "(6 tests)" in table and "Holm" in table and "| -0.70 |" in table  # the unsteered model's own log-mass
 
     # one sweep on a rewritten A/B file: refused, naming it and what differs
     mixed = json.loads((out / "evil_k0_vector.summary.json").read_text())

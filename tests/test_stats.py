@@ -321,3 +321,21 @@ def test_ratio_interval_ends_where_the_t_test_of_the_residuals_stops_rejecting()
         mean, sem, _ = mean_and_sem(residuals)
         assert abs(mean) / sem == pytest.approx(student_t.ppf(0.975, 5), rel=1e-9)
     assert ratio_interval([1.0, -1.0, 2.0], [1.0, -1.2, 0.3])["ci"] == [-math.inf, math.inf]
+
+
+def test_holm_adjusts_a_hand_computed_family():
+    """p = (0.01, 0.04, 0.03, 0.005) sorted: 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06,
+    0.04·1 = 0.04 → kept monotone 0.06; back in the given order; NaN is left out of m."""
+    from eval.stats import holm
+
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    adjusted = holm([0.2, float("nan"), 0.5, 0.9])
+    assert adjusted[0] == pytest.approx(0.6) and math.isnan(adjusted[1]) and adjusted[2:] == pytest.approx([1.0, 1.0])
+    assert holm([]) == []
+
+
+def test_a_slope_has_the_sign_flip_p_of_its_per_question_slopes():
+    coefficients = [0.0, 1.0, 2.0]
+    slopes = {"a": 0.5, "b": 0.4, "c": 0.7, "d": 0.45, "e": 0.6}
+    result = paired_slope(coefficients, [{q: s * c for q, s in slopes.items()} for c in coefficients])
+    assert result["p"] == pytest.approx(2 / 2 ** 5) and "exact sign-flip" in result["p_method"]  # all five positive

@@ -1,7 +1,9 @@
 """Judge-free A/B choices and the few-shot extraction setting they depend on (scripts/ab_fewshot.sh):
 per trait and extraction setting (few-shot K), the A/B balanced p_matching of the persona LoRA and of
 the vector at every coefficient (with its change against coefficient 0, paired by item), their A/B
-and judge-free margin slopes, how much probability the two answers keep at the largest coefficient,
+and judge-free margin slopes (each with a sign-flip p and, beside it, Holm's adjustment over every
+slope and slope difference the report tests), how much probability the two answers hold at
+coefficient 0 (the unsteered model's log(P(m) + P(n))) and how it changes at the extreme coefficients,
 and how separable the extraction's pos and neg answers were (the judge's AUROC on them; an offline
 judge never saw them); and, per method, the difference between the settings' A/B slopes, paired by
 item (both settings answer the same items). `collect` makes the report, `table` its Markdown (the
@@ -14,7 +16,7 @@ from pathlib import Path
 from eval.ab import balanced_paired_test
 from eval.analysis import save_figure
 from eval.evaluate import measurement_identity, require_same_measurement
-from eval.stats import cluster_slopes
+from eval.stats import cluster_slopes, holm, paired_slope
 from io_utils import PersonaLoRAError, read_json_object
 from model_loading import persona_dir
 
@@ -36,6 +38,41 @@ def extraction_summary(model, trait: str, k: int, default_k: int) -> dict:
 def item_slopes(summary: dict) -> dict[str, float]:
     """Each item's slope of its both-orders p_matching per unit coefficient."""
     return cluster_slopes([c["coef"] for c in summary["conditions"]], [c["both_orders_by_item"] for c in summary["conditions"]])
+
+
+def sweep_slopes(summary: dict) -> tuple[dict, dict | None]:
+    """The sweep's A/B slope and judge-free margin slope, each with the sign-flip p of its per-item
+    (per-question) slopes, recomputed from the per-item values the summary keeps, so summaries
+    written before slopes had p-values give them too. None: no margin was measured."""
+    conditions = summary["conditions"]
+    ab = paired_slope([c["coef"] for c in conditions], [c["both_orders_by_item"] for c in conditions])
+    measured = [c for c in conditions if c.get("margin_by_question")]
+    margin = (paired_slope([c["coef"] for c in measured], [c["margin_by_question"] for c in measured])
+              if len({c["coef"] for c in measured}) > 1 else None)
+    return ab, margin
+
+
+def multiplicity_family(report: dict) -> list[tuple[dict, str]]:
+    """Every p the report's table shows, as (the dict holding it, its key): each trait's, setting's
+    and method's A/B and margin slopes, and the settings' slope differences."""
+    family = []
+    for entries in report.values():
+        for entry in settings_of(entries).values():
+            for method in METHODS:
+                family += [(entry[method], key) for key in ("ab_slope_p", "margin_slope_p") if entry[method][key] is not None]
+        family += [(difference, "p") for difference in entries.get("slope_difference", {}).values()]
+    return family
+
+
+def family_size(report: dict) -> int:
+    return len(multiplicity_family(report))
+
+
+def adjust_for_multiplicity(report: dict) -> None:
+    """Holm's adjustment over the whole family, written beside each raw p (<key>_holm)."""
+    family = multiplicity_family(report)
+    for (holder, key), adjusted in zip(family, holm([holder[key] for holder, key in family])):
+        holder[f"{key}_holm"] = adjusted
 
 
 def read_ab_summary(path: Path, trait: str) -> dict:
@@ -64,8 +101,9 @@ def collect(output_dir: Path, traits: list[str], fewshot: list[int], model: str 
             entry = {"separability_auroc": separability.get("judge_auroc_pos_vs_neg"), "separability_judge": separability.get("judge")}
             for method in METHODS:
                 summary = summaries[(k, method)]
-                slope = next(iter(summary["slopes"].values()))
-                margin = next(iter(summary["margin_slopes"].values()), None)
+                slope, margin = sweep_slopes(summary)
+                baseline = next(c for c in summary["conditions"] if c["coef"] == 0)
+                entry["baseline_choice_log_mass"] = baseline["choice_log_mass"]  # the unsteered model: one per trait
                 entry[method] = {
                     "points": {c["coef"]: {"p": c["balanced_p_matching_both_orders"],
                                            "change": c["change_vs_baseline"]["balanced_p_matching_both_orders"],
@@ -74,8 +112,9 @@ def collect(output_dir: Path, traits: list[str], fewshot: list[int], model: str 
                                            "choice_log_mass_change": c["change_vs_baseline"].get("choice_log_mass"),
                                            "choice_log_mass_change_sem": c["change_vs_baseline"].get("choice_log_mass_sem")}
                                for c in summary["conditions"]},
-                    "ab_slope": slope["slope"], "ab_slope_sem": slope["slope_sem"],
+                    "ab_slope": slope["slope"], "ab_slope_sem": slope["slope_sem"], "ab_slope_p": slope["p"],
                     "margin_slope": margin["slope"] if margin else None, "margin_slope_sem": margin["slope_sem"] if margin else None,
+                    "margin_slope_p": margin["p"] if margin else None,
                     "items": summary["items"], "ab_data": summary["ab_data"], "model": summary["model"]}
             report[trait][f"k{k}"] = entry
         if len(fewshot) == 2:
@@ -88,6 +127,7 @@ def collect(output_dir: Path, traits: list[str], fewshot: list[int], model: str 
                     "contrast": f"K={first} − K={second}", "errors": "paired by item (both settings answer the same items)",
                     **balanced_paired_test({item: slopes[first][item] - slopes[second][item] for item in slopes[first]},
                                            matching_first)}
+    adjust_for_multiplicity(report)
     return report
 
 
@@ -97,9 +137,13 @@ def settings_of(entries: dict) -> dict:
 
 
 def p_text(p: float) -> str:
-    """A sign-flip p: beyond 16 items it comes from 100,000 random patterns, so the smallest it can
-    be is 1e-5, which says "no random pattern reached the observed value"."""
+    """A sign-flip p: beyond 16 items it comes from 100,000 random patterns and the observed one, so
+    the smallest it can be is 1/100,001, which says "no random pattern reached the observed value"."""
     return "≤ 1e-05" if p <= 1e-5 else f"{p:.2g}"
+
+
+def tested(value: float, sem: float, p: float, p_holm: float) -> str:
+    return f"{value:+.4f} ± {sem:.4f} (p {p_text(p)}, Holm {p_text(p_holm)})"
 
 
 
@@ -115,12 +159,15 @@ def table(report: dict, coefficients: list[float]) -> str:
     lines = [f"Balanced p_matching (both orders of the choices) on {first['items']} A/B items per trait, {first['model']}; "
              "in brackets the change from coefficient 0 ± its item-paired s.e.; slopes per unit coefficient fit item by item. "
              f"log-mass: change of log(P(m) + P(n)) at {bottom:+g} / {top:+g} (the answers' total probability, which p_matching "
-             "shares out; its paired s.e. is in summary.json). "
+             "shares out; its paired s.e. is in summary.json); log-mass at 0: the unsteered model's log(P(m) + P(n)) itself, "
+             "averaged over items (0: all its probability on the two answers; −2.3: a tenth). "
+             "p: sign flips of the per-item (per-question) slopes; Holm: adjusted over every slope and slope difference "
+             f"this table reports ({family_size(report)} tests). "
              f"pos/neg AUROC: the judge ({', '.join(judges)}) on the extraction's own pos vs neg answers, which it was not fit on. "
              "Caveats: the judge's data and the margin's reference answers are elicited with demonstrations, which favours "
              "K > 0 by construction; vector coefficients are raw, so vector slopes do not compare across K (their norms differ).", ""]
     header = ("| trait | K | method | " + " | ".join(f"{c:+g}" for c in coefficients)
-              + f" | A/B slope | margin slope | log-mass {bottom:+g} / {top:+g} | pos/neg AUROC |")
+              + f" | A/B slope | margin slope | log-mass at 0 | log-mass {bottom:+g} / {top:+g} | pos/neg AUROC |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for trait, entries in report.items():
         for setting, entry in settings_of(entries).items():
@@ -131,17 +178,20 @@ def table(report: dict, coefficients: list[float]) -> str:
                     point = m["points"].get(c)
                     cells.append("—" if point is None else f"{point['p']:.3f}" if c == 0 else
                                  f"{point['p']:.3f} ({point['change']:+.4f} ± {point['change_sem']:.4f})")
-                margin = "—" if m["margin_slope"] is None else f"{m['margin_slope']:+.4f} ± {m['margin_slope_sem']:.4f}"
+                margin = "—" if m["margin_slope"] is None else tested(m["margin_slope"], m["margin_slope_sem"], m["margin_slope_p"],
+                                                                         m["margin_slope_p_holm"])
                 masses = [m["points"].get(c, {}).get("choice_log_mass_change") for c in (bottom, top)]
                 mass = "—" if None in masses else " / ".join(f"{v:+.2f}" for v in masses)
                 auroc = "—" if entry["separability_auroc"] is None else f"{entry['separability_auroc']:.3f}"
+                ab_slope = tested(m["ab_slope"], m["ab_slope_sem"], m["ab_slope_p"], m["ab_slope_p_holm"])
                 lines.append(f"| {trait} | {setting[1:]} | {label} | " + " | ".join(cells)
-                             + f" | {m['ab_slope']:+.4f} ± {m['ab_slope_sem']:.4f} | {margin} | {mass} | {auroc} |")
+                             + f" | {ab_slope} | {margin} | {entry['baseline_choice_log_mass']:.2f} | {mass} | {auroc} |")
     differences = [(trait, method, d) for trait, entries in report.items() for method, d in entries.get("slope_difference", {}).items()]
     if differences:
-        lines += ["", "| trait | method | A/B slope difference | ± s.e. (paired by item) | p (sign flips) |", "|---|---|---|---|---|"]
-        lines += [f"| {trait} | {METHODS[method]} ({d['contrast']}) | {d['mean']:+.4f} | {d['sem']:.4f} | {p_text(d['p'])} |"
-                  for trait, method, d in differences]
+        lines += ["", "| trait | method | A/B slope difference | ± s.e. (paired by item) | p (sign flips) | Holm |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {trait} | {METHODS[method]} ({d['contrast']}) | {d['mean']:+.4f} | {d['sem']:.4f} | {p_text(d['p'])} "
+                  f"| {p_text(d['p_holm'])} |" for trait, method, d in differences]
     return "\n".join(lines) + "\n"
 
 
