@@ -5,8 +5,10 @@ conditions, its sampling seed), so errors are clustered by question: a condition
 mean of its per-question means, and its standard error the spread of those over questions.
 Conditions measured on the same questions are compared pairwise (per-question differences),
 so what every condition shares cancels. A difference of independent measurements carries both
-errors. Correlations over few points (n ≤ 20) get exact or permutation p-values, not the
-t approximation; a null is matched to its statistic (a maximum is compared with maxima).
+errors. Small samples get permutation p-values, not the t approximation: a correlation's are exact
+(every ordering enumerated) for n ≤ 8, a sign-flip test's for n ≤ 16 units; beyond, they come
+from 100,000 seeded random orderings (patterns) counted with the observed one, so the smallest
+such p is 1/100,001. A null is matched to its statistic (a maximum is compared with maxima).
 """
 
 from __future__ import annotations
