@@ -21,7 +21,9 @@ EXACT_TOLERANCE = 10.0
 # On the 4-bit GGUF a right export differs from transformers by about the base model's own gap
 # between the runtimes; TOLERANCE × it. Not 1.2×: steering moves the model to where the 4-bit
 # arithmetic weighs more, and the synthetic diff at α = 2 measures 1.9× the gap (1.8–2.0× on each
-# of 14 other conversations) while the same export is exact on the float32 copy.
+# of 14 other conversations) while the same export is exact on the float32 copy. The trained evil
+# persona stays within 1.2× (1.12× at α = 1, 0.92× at 2; RESULTS.md), but a fresh machine has no
+# trained persona, and the 1.2× describes the diff, not the export: float32 exactness does that.
 GAP_TOLERANCE = 2.5
 SYNTHETIC_DIFF_NORM = 0.03  # ‖ΔW‖ = 0.03·‖W‖ per module: steering KL ~20× (α = 1) and ~80× (α = 2) the gap
 SYNTHETIC_VECTOR_NORM = 0.25  # ‖v[ℓ]‖ = 0.25 × the median norm of hidden_states[ℓ]
