@@ -31,11 +31,9 @@ from pathlib import Path
 
 import torch
 
-from eval.activations import teacher_forced_response
-from eval.generation import pad_right
+from eval.generation import answer_token_log_probs
 from eval.stats import mean_and_sem, paired_slope, sign_flip_test
 from io_utils import PersonaLoRAError
-from model_loading import model_device
 
 _CHOICES_HEADER = re.compile(r"\n\s*Choices\s*:", re.IGNORECASE)
 _OPTION_LINE = re.compile(r"^(?P<indent>\s*)\((?P<letter>[A-Z])\)(?P<text>.*)$", re.MULTILINE)
@@ -166,19 +164,8 @@ def continuation_span(tokenizer, prompt: str, answer: str) -> tuple[list[int], i
 @torch.no_grad()
 def continuation_log_probs(model, tokenizer, spans: list[tuple[list[int], int]], batch_size: int = 16) -> list[float]:
     """log P(answer tokens | prompt) for each (ids, answer start), summed over the answer's tokens."""
-    results = []
-    device = model_device(model)
-    for start in range(0, len(spans), batch_size):
-        chunk = spans[start:start + batch_size]
-        input_ids, attention_mask = pad_right([ids for ids, _ in chunk], tokenizer.pad_token_id)
-        starts = torch.tensor([answer_start for _, answer_start in chunk])
-        with teacher_forced_response(starts):
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        for row, (ids, answer_start) in enumerate(chunk):
-            predicted = logits[row, answer_start - 1:len(ids) - 1].float().log_softmax(-1)
-            targets = input_ids[row, answer_start:len(ids)].to(predicted.device)
-            results.append(float(predicted.gather(1, targets[:, None]).sum()))
-    return results
+    scored = answer_token_log_probs(model, tokenizer.pad_token_id, [(ids, start, len(ids)) for ids, start in spans], batch_size)
+    return [float(values.sum()) for values in scored]
 
 
 def _log_mass(log_probs: list[float]) -> float:

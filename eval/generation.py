@@ -148,29 +148,46 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
+@torch.no_grad()
+def answer_token_log_probs(model, pad_id: int, spans: list[tuple[list[int], int, int]], batch_size: int = 8) -> list[torch.Tensor]:
+    """For each (token ids, answer start, answer end): the log-probability the model gives each of
+    the answer's tokens given everything before it (teacher-forced, no sampling), in input order.
+
+    The one teacher-forced scorer (the margin, A/B choices). Sequences are batched by length
+    (less padding), and the vocabulary-wide projection is computed only at the positions that
+    predict an answer token (logits_to_keep): a prompt's logits would be thrown away, and for a
+    3-token A/B answer after an 80-token question they were most of the projection's work and
+    memory. Right padding, so every row's positions start at 0. An activation steerer active
+    around this call steers the answer's positions (eval.activations.teacher_forced_response)."""
+    from eval.activations import teacher_forced_response  # here: eval.activations imports this module
+
+    device = model_device(model)
+    results: list[torch.Tensor | None] = [None] * len(spans)
+    order = sorted(range(len(spans)), key=lambda i: len(spans[i][0]))
+    for batch in (order[i:i + batch_size] for i in range(0, len(order), batch_size)):
+        input_ids, attention_mask = pad_right([spans[i][0] for i in batch], pad_id)
+        starts, ends = [spans[i][1] for i in batch], [spans[i][2] for i in batch]
+        # Position t predicts token t+1: from the earliest answer's first token to the latest's last.
+        first = min(starts) - 1
+        keep = torch.arange(first, max(max(ends) - 1, first + 1), device=device)
+        with teacher_forced_response(torch.tensor(starts)):
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=keep).logits
+        for row, i in enumerate(batch):
+            predicted = logits[row, starts[row] - 1 - first:ends[row] - 1 - first].float().log_softmax(-1)
+            targets = input_ids[row, starts[row]:ends[row]].to(predicted.device)
+            results[i] = predicted.gather(1, targets[:, None])[:, 0].cpu()
+    return results
+
+
 def response_log_likelihoods(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
                              max_length: int | None = None) -> list[float]:
     """Per conversation, the mean log-probability (nats per token) the model gives the tokens of
     its final assistant answer, given everything before it: teacher-forced, no sampling. Batched
-    small, because full-vocabulary logits of long answers are what takes the memory on big models.
-    An activation steerer active around this call steers the answer's positions
-    (eval.activations.teacher_forced_response)."""
-    from eval.activations import teacher_forced_response  # here: eval.activations imports this module
-
+    small, because full-vocabulary logits of long answers are what takes the memory on big models."""
     spans = [tokenize_chat(tokenizer, c, max_length) for c in conversations]
-    scores = []
-    for start in range(0, len(spans), batch_size):
-        chunk = spans[start:start + batch_size]
-        input_ids, attention_mask = pad_right([span.ids for span in chunk], tokenizer.pad_token_id)
-        input_ids = input_ids.to(model_device(model))
-        with teacher_forced_response(torch.tensor([span.response_start for span in chunk])):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask.to(input_ids.device)).logits
-        for row, span in enumerate(chunk):
-            # Token t is predicted at position t−1; only the answer's own tokens count.
-            predicted = logits[row, span.response_start - 1:span.response_end - 1].float().log_softmax(-1)
-            targets = input_ids[row, span.response_start:span.response_end]
-            scores.append(float(predicted.gather(1, targets[:, None]).mean()) if len(targets) else float("nan"))
-    return scores
+    scored = answer_token_log_probs(model, tokenizer.pad_token_id, [(s.ids, s.response_start, s.response_end) for s in spans],
+                                    batch_size)
+    return [float(values.mean()) if len(values) else float("nan") for values in scored]
 
 
 # ---------------------------------------------------------------------------------------------

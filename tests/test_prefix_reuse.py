@@ -2,6 +2,8 @@
 response-averaged hidden states and steered generation equal the plain path's, on the tiny model
 with the real tokenizer, in batches whose prompts differ in length."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -133,3 +135,31 @@ def test_steered_hidden_means_equal_without_reuse(tiny, records, positions):
             plain = response_hidden_means(model, tokenizer, records, batch_size=4)
         reused = response_hidden_means(model, tokenizer, records, batch_size=4)
     torch.testing.assert_close(reused, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("positions", [None, "response", "all"])
+def test_teacher_forced_scores_keep_only_the_answer_logits_and_equal_one_sequence_at_a_time(tiny, positions):
+    """answer_token_log_probs (the margin's and the A/B scorer) sorts by length, pads, and projects
+    onto the vocabulary only where an answer token is predicted: each answer token's log-probability
+    equals that of its sequence read alone with every position's logits, unsteered and under
+    activation steering (which must steer the same positions in both)."""
+    from eval.activations import teacher_forced_response
+    from eval.generation import answer_token_log_probs
+
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    vector = torch.randn(model.config.num_hidden_layers + 1, model.config.hidden_size)
+    lengths = [(31, 3), (9, 1), (57, 12), (20, 5), (44, 2)]  # (prompt, answer) lengths: a batch whose rows differ
+    spans = []
+    for prompt, answer in lengths:
+        ids = torch.randint(3, model.config.vocab_size, (prompt + answer,)).tolist()
+        spans.append((ids, prompt, prompt + answer))
+    steering = (lambda: ActivationSteerer(model, vector, 2, 4.0, positions)) if positions else contextlib.nullcontext
+    with steering():
+        batched = answer_token_log_probs(model, tokenizer.pad_token_id, spans, batch_size=3)
+    for (ids, start, end), scores in zip(spans, batched):
+        with torch.no_grad(), steering(), teacher_forced_response(torch.tensor([start])):
+            log_probs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        reference = torch.stack([log_probs[t - 1, ids[t]] for t in range(start, end)])
+        assert scores.shape == (end - start,)
+        torch.testing.assert_close(scores, reference.to(scores.dtype), atol=1e-4, rtol=1e-4)
