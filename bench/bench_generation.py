@@ -33,6 +33,7 @@ from eval.activations import response_hidden_means, teacher_forced_response
 from eval.elicitation import prompted_jobs
 from eval.generation import conversation, generate_records, pad_right, prefix_reuse, tokenize_chat
 from eval.traits import load_trait
+from io_utils import write_json
 from model_loading import load_model_and_tokenizer, model_device, model_label
 
 
@@ -159,8 +160,7 @@ def main():
     print(f"hidden-state stage: {result['hidden_state_speedup']:.2f}x faster than the second pass "
           f"(largest difference {result['hidden_state_max_abs_difference']:.2e}, relative {result['hidden_state_max_relative_difference']:.2e})")
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.output, result)  # atomic, with its folder
         print(f"wrote {args.output}")
 
 

@@ -22,7 +22,7 @@ import torch
 from eval.ab import continuation_span, load_ab_items, reply_prompt
 from eval.activations import teacher_forced_response
 from eval.generation import answer_token_log_probs, pad_right, tokenize_chat
-from io_utils import read_jsonl
+from io_utils import read_jsonl, write_json
 from model_loading import load_model_and_tokenizer, model_device, model_label
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,8 +93,7 @@ def main():
               "margin": compare("margin-style answers (question → answer)", model, tokenizer.pad_token_id, margin_spans, 8,
                                 args.repeats)}
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.output, result)  # atomic, with its folder
         print(f"wrote {args.output}")
 
 
