@@ -22,7 +22,6 @@ On a 2-core CPU the defaults take a few minutes with the embedded model.
 """
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path

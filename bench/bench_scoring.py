@@ -13,7 +13,6 @@ an answer token is predicted), alternating, the fastest of --repeats counting. P
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
