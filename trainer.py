@@ -35,6 +35,15 @@ def init_seed(purpose: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{purpose}:{seed}".encode()).digest()[:4], "little")
 
 
+def run_seed(name: str, seed: int = 0) -> int:
+    """A finetune's own training seed (its initialisation, through init_seed("finetune", ·), and its
+    data order), derived from its run name and the series' seed: every finetune of a series starts
+    from its own lora_A and sees its own data order, and rerunning the series gives each the same
+    seed again. Finetunes sharing one seed would share their initialisation, so their projections
+    and behaviours would not be independent points."""
+    return int.from_bytes(hashlib.sha256(f"run:{seed}:{name}".encode()).digest()[:4], "little") % 2**31
+
+
 def encode_examples(tokenizer, records: list[dict], max_length: int) -> list[dict]:
     """Token ids and labels (−100 outside the final assistant response) for each chat record,
     without its system prompt or demonstrations: the question and the answer only."""

@@ -255,6 +255,32 @@ def test_make_mixtures_writes_datasets_with_the_asked_trait_share(tmp_path):
         assert config["epochs"] == 2 and config["output_dir"].endswith(f"mix_{ratio}")
 
 
+def test_every_finetune_of_the_series_trains_with_its_own_recorded_seed(tmp_path):
+    """Exp 2's finetunes are independent points only if none shares another's initialisation and
+    data order: each config's seed is its own, derived from its name (the same on a rerun), and the
+    manifest records it; a replicate shares its original's data but not its seed."""
+    from io_utils import read_jsonl
+    from trainer import init_seed, run_seed
+
+    flags = ["--pos", ROOT / "tests/data/evil_smollm2_pos.jsonl", "--neg", ROOT / "tests/data/evil_smollm2_neg.jsonl",
+             "--ratios", "0", "50", "100", "--reseed_ratios", "0", "100", "--dense_ratios", "0", "100", "--n", "20",
+             "--other", f"anti={ROOT / 'tests/data/evil_smollm2_neg.jsonl'}", f"pro={ROOT / 'tests/data/evil_smollm2_pos.jsonl'}",
+             "--ckpt_dir", tmp_path / "ckpt"]
+    assert run_script("scripts.make_mixtures", *flags, "--output_dir", tmp_path / "a") == 0
+    names = (tmp_path / "a" / "runs.txt").read_text().split()
+    assert len(names) == 9
+    seeds = {name: json.loads((tmp_path / "a" / "configs" / f"{name}.json").read_text())["seed"] for name in names}
+    assert len(set(seeds.values())) == len(names)
+    assert len({init_seed("finetune", seed) for seed in seeds.values()}) == len(names)  # nine different lora_A
+    assert seeds == {name: run_seed(name, 0) for name in names}
+    assert json.loads((tmp_path / "a" / "mixtures.manifest.json").read_text())["seeds"] == seeds
+    assert read_jsonl(tmp_path / "a" / "data" / "mix_100_replicate.jsonl") == read_jsonl(tmp_path / "a" / "data" / "mix_100.jsonl")
+    assert run_script("scripts.make_mixtures", *flags, "--output_dir", tmp_path / "b") == 0
+    assert all(json.loads((tmp_path / "b" / "configs" / f"{name}.json").read_text())["seed"] == seeds[name] for name in names)
+    code, _, stderr = run_main("scripts/make_mixtures", *flags, "--output_dir", tmp_path / "c", "--training", '{"seed": 3}')
+    assert code == 2 and "its own seed" in stderr
+
+
 def test_behavior_scores_from_evaluation_summaries(projection_setup, tmp_path):
     root, _, diff_path, ks, _ = projection_setup
     summaries = []
