@@ -203,6 +203,63 @@ def test_training_with_each_kind_of_steering(tiny_model_dir, tiny_steering_input
     assert not torch.allclose(finetuned(tokens).logits, plain)
 
 
+def test_finetune_report_holds_the_update_norm_and_the_heldout_loss_on_questions_never_trained_on(
+        tiny_model_dir, tiny_steering_inputs, tmp_path):
+    """With heldout_questions, every answer to that many questions is kept out of training (the
+    trained examples are exactly the first max_examples of the others), and finetune_report.json
+    holds the finetune's held-out loss measured on the plain model with the steering removed (checked
+    against transformers' own loss on a fresh plain model + the saved adapter) and its update's
+    Frobenius norm (checked against PEFT's merge_and_unload)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from io_utils import read_jsonl
+    from trainer import encode_examples, records_digest
+
+    diff_path, _ = tiny_steering_inputs
+    config = write_config(tmp_path / "c.json", tiny_model_dir, tmp_path / "adapter", heldout_questions=4,
+                          steering_config={"type": "lora", "lora_diff_path": str(diff_path), "coef": 3.0})
+    assert run_script("training", config) == 0
+    report = json.loads((tmp_path / "adapter" / "finetune_report.json").read_text())
+    record = json.loads((tmp_path / "adapter" / "training.json").read_text())
+    held = set(report["heldout"]["questions"])
+    assert len(held) == 4 and record["heldout_questions"] == sorted(held)
+    everything = read_jsonl(ROOT / "tests/data/evil_smollm2_pos.jsonl")
+
+    def question(r):
+        return next(m["content"] for m in r["messages"] if m["role"] == "user").strip()
+
+    trained = [r for r in everything if question(r) not in held][:16]
+    kept_out = [r for r in everything if question(r) in held]
+    assert record["training_data_sha256"] == records_digest(trained)  # what was trained: none of the held-out questions
+    assert not held & {question(r) for r in trained} and held <= {question(r) for r in everything}
+    assert report["heldout"]["examples"] == len(kept_out) > 0 and report["trained_examples"] == 16
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = encode_examples(tokenizer, kept_out, 96)
+
+    def token_mean_loss(model) -> float:
+        total = tokens = 0
+        with torch.no_grad():
+            for example in examples:
+                labels = torch.tensor([example["labels"]])
+                n = int((labels[:, 1:] != -100).sum())
+                total += float(model(input_ids=torch.tensor([example["input_ids"]]), labels=labels).loss) * n
+                tokens += n
+        return total / tokens
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    weights = {name: p.detach().clone() for name, p in base.named_parameters()}
+    assert report["heldout"]["base_loss"] == pytest.approx(token_mean_loss(base), rel=1e-5)
+    finetuned = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    assert report["heldout"]["loss"] == pytest.approx(token_mean_loss(finetuned), rel=1e-5)
+    assert report["heldout"]["loss"] != pytest.approx(report["heldout"]["base_loss"], rel=1e-6)
+    merged = dict(finetuned.merge_and_unload().named_parameters())
+    dense_norm = math.sqrt(sum(float((merged[name] - weights[name]).double().pow(2).sum()) for name in weights))
+    assert report["update"]["norm"] == pytest.approx(dense_norm, rel=1e-4) and dense_norm > 0
+    assert math.sqrt(sum(v ** 2 for v in report["update"]["by_type"].values())) == pytest.approx(dense_norm, rel=1e-4)
+
+
 def test_lora_steering_changes_what_is_learned_and_is_removed_after(tiny_model_dir, tiny_steering_inputs, tmp_path):
     """Training under W + c·ΔW gives another adapter than training under W (the steering is
     active), and the monitor's last projection equals a projection of the saved adapter."""
