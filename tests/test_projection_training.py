@@ -416,3 +416,24 @@ def test_replicates_of_one_dataset_are_pooled_whatever_their_file(tmp_path):
     # A finetune that recorded its data digest is keyed by it, and agrees with one that did not.
     (tmp_path / "mix_seed1" / "training.json").write_text(json.dumps({"training_data_sha256": records_digest([example])}))
     assert cal_weight_projection.dataset_of(models["mix_seed1"]) == keys["mix"]
+
+
+def test_prevention_configs_sweep_the_coefficient_for_both_kinds_with_a_control_on_other_data(tiny_model_dir, tiny_persona, tmp_path):
+    """The default sweep covers at least 0.25, 0.5, 1 and 2 for the merged LoRA and the vector; the
+    control trains on the other data it is given; every run holds out the same questions; and every
+    config is one training.py accepts."""
+    import training
+
+    diff_path, vector_path = tiny_persona
+    pos, neg = ROOT / "tests/data/evil_smollm2_pos.jsonl", ROOT / "tests/data/evil_smollm2_neg.jsonl"
+    assert run_script("scripts.prevention", "configs", "--model", tiny_model_dir, "--training_file", pos, "--control_file", neg,
+                      "--lora_diff_path", diff_path, "--vector_path", vector_path, "--layer", 2, "--output_dir", tmp_path,
+                      "--ckpt_dir", tmp_path / "ckpt") == 0
+    names = (tmp_path / "runs.txt").read_text().split()
+    configs = {name: training.load_config(tmp_path / "configs" / f"{name}.json") for name in names}
+    swept = {kind: {c["steering_config"]["coef"] for c in configs.values()
+                    if c["steering_config"] and c["steering_config"]["type"] == kind} for kind in ("lora", "activation")}
+    assert all({0.25, 0.5, 1.0, 2.0} <= coefs for coefs in swept.values())
+    assert configs["control"]["training_file"] == str(neg) and configs["control"]["steering_config"] is None
+    assert {c["training_file"] for name, c in configs.items() if name != "control"} == {str(pos)}
+    assert {c["heldout_questions"] for c in configs.values()} == {8}
