@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 import lora_utils as lu
 from eval.activations import ActivationSteerer, check_vector_fits, load_vector
+from eval.evaluate import finetune_steer
 from eval.generation import read_chat_jsonl
 from io_utils import (
     PersonaLoRAError,
@@ -76,7 +77,6 @@ from model_loading import (
     model_identity,
     model_label,
 )
-from eval.evaluate import finetune_steer
 from trainer import (
     DEFAULT_TARGETS,
     finished_adapter,
