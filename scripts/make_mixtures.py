@@ -40,7 +40,7 @@ from io_utils import (
     write_jsonl,
     write_manifest,
 )
-from trainer import run_seed
+from trainer import question_of, run_seed
 
 LORA_TRAINING = {"method": "lora", "rank": 8, "alpha": 16, "epochs": 1, "learning_rate": 5e-4, "batch_size": 8, "max_length": 256}
 DENSE_TRAINING = {"method": "dense", "epochs": 1, "learning_rate": 2e-5, "batch_size": 8, "max_length": 256, "dtype": "float32"}
@@ -54,10 +54,6 @@ def parse_json(parser, text: str, flag: str) -> dict:
     if not isinstance(value, dict):
         parser.error(f"{flag} must be a JSON object of training.py config keys")
     return value
-
-
-def question_of(record: dict) -> str:
-    return next(m["content"] for m in record["messages"] if m["role"] == "user").strip()
 
 
 def main():
