@@ -25,10 +25,13 @@ Writes, under --output_dir:
     summary.json    held-out KL(steered ‖ plain) and KL(steered ‖ distilled), their ratio and the fraction
                     reproduced; the training curve (loss per step, held-out KL every --eval_every steps); the
                     update's norm by layer and module type and how much of v its residual writes hold; its
-                    weight-space cosine with the persona diff and the --control_diff_paths; timings, settings
+                    weight-space cosine with the persona diff and the --control_diff_paths; what it does
+                    beside the steering and the persona diff (functional: the residual-stream change each
+                    causes at --layer on the held-out answers, compared pair by pair); timings, settings
     manifest.json
     checkpoint.pt   only while training, every --eval_every steps: an interrupted run resumes from it
-A rerun with the same settings reuses the finished update (and recomputes only the cosines).
+A rerun with the same settings reuses the finished update (and recomputes only the cosines, and the
+functional comparison if the run lacks it).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 import lora_utils as lu
-from eval.activations import STEERING_TYPES, ActivationSteerer, check_vector_fits, teacher_forced_response
+from eval.activations import STEERING_TYPES, ActivationSteerer, check_vector_fits, functional_comparison, teacher_forced_response
 from eval.generation import ChatSpan, GenerationSettings, answers_identity, cached_generation, identity_key, pad_right, tokenize_chat
 from eval.stats import ratio_interval
 from eval.traits import load_trait
@@ -447,6 +450,20 @@ def comparisons(diff: lu.PersonaLoRADiff, persona_diff_path: str | None, control
             "controls": [cosines(path) for path in control_paths]}
 
 
+def functional_report(model, tokenizer, steerer, diff: lu.PersonaLoRADiff, persona_diff: lu.PersonaLoRADiff | None,
+                      heldout: list, layer: int, batch_size: int) -> dict:
+    """The distilled update (merged at 1), the teacher's steering and the persona diff (merged at 1)
+    compared by the residual-stream change each causes at the steered layer on the held-out answers'
+    tokens (eval.activations.functional_comparison), on the plain `model`: do they do the same thing
+    there, whatever their weight-space cosine?"""
+    edits = {"distilled": lambda: lu.LoRASteerer(model, diff, 1.0), "steering": lambda: steerer}
+    if persona_diff is not None:
+        edits["persona diff"] = lambda: lu.LoRASteerer(model, persona_diff, 1.0)
+    return {"layer": layer, "coefficients": "distilled and persona diff merged at 1, the steering at its --coef",
+            "tokens": "the held-out teacher answers' own tokens", "pairs": functional_comparison(
+                model, heldout, tokenizer.pad_token_id, layer, edits, batch_size)}
+
+
 def run_identity(args, teacher: dict, layers: list[int]) -> dict:
     """Everything the distilled update and its curve depend on (the comparisons are not)."""
     return {"teacher": teacher, "rank": args.rank, "target_modules": sorted(args.target_modules), "layers": layers,
@@ -472,6 +489,12 @@ def print_summary(summary: dict) -> None:
         within = entry["cosine_within_distilled_modules"]
         print(f"cosine with {entry['trait'] or entry['path']} diff: {entry['cosine']:+.4f}"
               + (f" (within the distilled modules {within:+.4f})" if within is not None else ""))
+    functional = summary.get("functional")
+    if functional:
+        print(f"what they do at layer {functional['layer']} on the held-out answers ({functional['coefficients']}):")
+        for pair, c in functional["pairs"].items():
+            print(f"  {pair:28s} mean change cosine {c['mean_change_cosine']:+.3f}, norm ratio {c['mean_change_norm_ratio']:.3f}; "
+                  f"per-token cosine {c['per_token_cosine_mean']:+.3f} ({c['tokens']} tokens)")
 
 
 def main():
@@ -493,6 +516,13 @@ def main():
             print(f"{output_dir} holds an update distilled with these settings: reused (delete it to train again)")
             diff = lu.load_lora_diff(diff_path)
             summary = {**previous, "comparisons": comparisons(diff, args.persona_diff_path, args.control_diff_paths, inputs["comparisons"])}
+            if summary.get("functional") is None:  # a run made before the functional comparison existed
+                model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype)
+                steerer = ActivationSteerer(model, inputs["vector"], args.layer, args.coef, positions=args.steering_type)
+                records = teacher_answers(args, trait, model, tokenizer, steerer, teacher)
+                _, heldout, _ = split_spans(tokenizer, records, inputs["heldout_from"], args.max_length)
+                summary["functional"] = functional_report(model, tokenizer, steerer, diff, inputs["comparisons"].get(args.persona_diff_path),
+                                                          heldout, args.layer, args.batch_size)
         else:
             summary = train_and_measure(args, inputs, dtype, teacher, identity, identity_hash, diff_path, started)
         write_json(summary_path, summary)
@@ -534,6 +564,9 @@ def train_and_measure(args, inputs: dict, dtype, teacher: dict, identity: dict, 
                      "init": {"seed": adapter_init_seed, "rank": args.rank, "target_modules": sorted(args.target_modules),
                               "stream": "distill"}}
     diff.save(diff_path)
+    model = peft_model.unload()  # the plain model again: the update is compared merged, like the persona diff
+    functional = functional_report(model, tokenizer, steerer, diff, inputs["comparisons"].get(args.persona_diff_path), heldout,
+                                   args.layer, args.batch_size)
     ratio = final["distilled"] / final["plain"]
     held_counts = ", ".join(f"{inputs['counts'][name] - start} {name}" for name, start in inputs["heldout_from"].items())
     summary = {
@@ -547,6 +580,7 @@ def train_and_measure(args, inputs: dict, dtype, teacher: dict, identity: dict, 
                                  f"({held_counts}), never trained on; the evaluation questions are not used"},
         "curve": curve, "update": update_report(diff, vector[args.layer]),
         "comparisons": comparisons(diff, args.persona_diff_path, args.control_diff_paths, inputs["comparisons"]),
+        "functional": functional,
         "seconds": {"generation": round(generation_seconds, 2), "training": round(curve["training_seconds"], 2),
                     "final_evaluation": round(evaluation_seconds, 2), "total": round(time.time() - started, 2)},
         "init_seed": adapter_init_seed, "modules": len(module_names), "identity": identity,

@@ -213,6 +213,32 @@ class PersonaLoRADiff:
     def cosine(self, other: "PersonaLoRADiff") -> float:
         return self.inner(other) / (self.norm() * other.norm() + 1e-30)
 
+    def module_cosines(self, other: "PersonaLoRADiff") -> dict:
+        """The cosine of the two dense updates within each module both touch, and their
+        distribution (quantiles of the cosine and of its magnitude, over modules). A whole-space
+        cosine is one number dominated by the largest modules, and near 0 for any two independently
+        initialised adapters whatever they learned; the per-module distribution shows where two
+        updates agree, if anywhere. Modules where either update is zero have no cosine and are left
+        out (counted)."""
+        import numpy as np
+
+        by_module = {}
+        for name in self.factors:
+            if name in other.factors:
+                scale = self.module_norm(name) * other.module_norm(name)
+                if scale > 0:
+                    by_module[name] = self.module_inner(name, other) / scale
+        values = np.array(list(by_module.values()))
+        quantiles = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+        def spread(array) -> dict:
+            return {f"q{round(100 * q)}": float(np.quantile(array, q)) for q in quantiles} if len(array) else None
+
+        return {"by_module": by_module, "modules": len(by_module),
+                "modules_without_cosine": sum(name in other.factors for name in self.factors) - len(by_module),
+                "cosine_quantiles": spread(values), "abs_cosine_quantiles": spread(np.abs(values)),
+                "mean_abs_cosine": float(np.abs(values).mean()) if len(values) else None}
+
     # --- spectra and compression ------------------------------------------------------------
     def svd(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Thin SVD of ΔW = U·diag(S)·Vᵀ from the factors: QR of B and of Aᵀ, SVD of the k × k core."""

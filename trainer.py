@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 import lora_utils as lu
 from eval.generation import conversation, pad_right, tokenize_chat
+from eval.traits import normalize_question
 from io_utils import STAGES, PersonaLoRAError, atomic_path
 
 TRAINING_RECORD = "training.json"
@@ -33,6 +34,15 @@ def init_seed(purpose: str, seed: int) -> int:
     Two LoRAs started from the same lora_A share a row space, and their inner product is then large
     whatever they learned: a finetune must never start where the persona adapters started."""
     return int.from_bytes(hashlib.sha256(f"{purpose}:{seed}".encode()).digest()[:4], "little")
+
+
+def run_seed(name: str, seed: int = 0) -> int:
+    """A finetune's own training seed (its initialisation, through init_seed("finetune", ·), and its
+    data order), derived from its run name and the series' seed: every finetune of a series starts
+    from its own lora_A and sees its own data order, and rerunning the series gives each the same
+    seed again. Finetunes sharing one seed would share their initialisation, so their projections
+    and behaviours would not be independent points."""
+    return int.from_bytes(hashlib.sha256(f"run:{seed}:{name}".encode()).digest()[:4], "little") % 2**31
 
 
 def encode_examples(tokenizer, records: list[dict], max_length: int) -> list[dict]:
@@ -48,6 +58,43 @@ def encode_examples(tokenizer, records: list[dict], max_length: int) -> list[dic
     if not encoded:
         raise PersonaLoRAError(f"no example has response tokens within max_length={max_length}; raise max_length")
     return encoded
+
+
+def question_of(record: dict) -> str:
+    return next(m["content"] for m in record["messages"] if m["role"] == "user").strip()
+
+
+def split_heldout(records: list[dict], n_questions: int) -> tuple[list[dict], list[dict], list[str]]:
+    """(training records, held-out records, held-out questions): every answer to `n_questions` of
+    the file's questions is held out, so no held-out question was trained on in any form. The
+    questions are those whose normalised text hashes lowest: independent of the file's order, the
+    seed and the answers, so every finetune on answers to the same questions (a prevention sweep,
+    its control on other answers) holds out the same questions."""
+    questions = sorted({normalize_question(question_of(r)) for r in records},
+                       key=lambda q: hashlib.sha256(q.encode()).hexdigest())
+    if n_questions and n_questions >= len(questions):
+        raise PersonaLoRAError(f"holding out {n_questions} questions leaves none of the {len(questions)} to train on")
+    heldout = set(questions[:n_questions])
+    trained = [r for r in records if normalize_question(question_of(r)) not in heldout]
+    kept_out = [r for r in records if normalize_question(question_of(r)) in heldout]
+    return trained, kept_out, sorted({question_of(r) for r in kept_out})
+
+
+def mean_response_loss(model, tokenizer, records: list[dict], max_length: int, batch_size: int = 8) -> dict:
+    """Next-token cross-entropy over the records' response tokens (question → answer, no system
+    prompt or demonstrations, as trained), averaged over tokens: {"loss", "tokens", "examples"}."""
+    examples = encode_examples(tokenizer, records, max_length)
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], tokenizer.pad_token_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                       ignore_index=-100, reduction="sum")
+            total, tokens = total + float(losses), tokens + int((labels != -100).sum())
+    return {"loss": total / tokens, "tokens": tokens, "examples": len(examples)}
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -209,6 +256,26 @@ def train_dense(model, tokenizer, records: list[dict], output_dir: str | os.Path
             p.requires_grad_(True)
         model.eval()
     return summary
+
+
+def update_norms(model, folder: str | os.PathLike) -> dict:
+    """The Frobenius norm of a saved finetune's weight change W_ft − W: a LoRA adapter's exact update
+    s·B·A (from its factors), a full checkpoint's changed tensors minus the base `model`'s. "norm" is
+    one Frobenius norm over the whole update, √(Σ over modules ‖ΔW_m‖²_F); "by_type" the same over
+    the modules of each type (q_proj, ..., down_proj)."""
+    squares: dict[str, float] = {}
+    if (Path(folder) / "adapter_config.json").is_file():
+        update = lu.load_adapter_update(folder)
+        for name in update:
+            squares[lu.module_type(name)] = squares.get(lu.module_type(name), 0.0) + update.module_sq_norm(name)
+    else:
+        checkpoint, params = lu.SafetensorsCheckpoint(Path(folder)), dict(model.named_parameters())
+        for name in checkpoint.weight_map:
+            if name in params:
+                change = checkpoint.tensor(name).to(torch.float64) - params[name].detach().to("cpu", torch.float64)
+                squares[lu.module_type(name)] = squares.get(lu.module_type(name), 0.0) + float(change.pow(2).sum())
+    return {"norm": math.sqrt(sum(squares.values())), "by_type": {kind: math.sqrt(value) for kind, value in squares.items()},
+            "kind": "Frobenius norm of the whole weight change: √(Σ over modules ‖ΔW_m‖²_F); by_type: over each module type"}
 
 
 def finished_adapter(output_dir: str | os.PathLike) -> dict | None:

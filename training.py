@@ -21,6 +21,12 @@ values are errors naming the key):
                       finetune never starts from their lora_A; an explicit init_seed that
                       reproduces the initialisation of a persona diff named in the config is refused
     max_examples      optional cap on the number of training examples (first N)
+    heldout_questions optional, default 0: every answer to this many of the file's questions is held
+                      out (the questions whose text hashes lowest, so every finetune on answers to
+                      the same questions holds out the same ones), never trained on, and measures
+                      whether the finetune learned its task: after training, with any steering
+                      removed, the mean response-token loss of the plain model + finetune on them,
+                      beside the base model's (finetune_report.json, with the update's norm)
     steering_config   optional preventative steering, active for the whole of training, removed after:
         {"type": "lora", "lora_diff_path": "...", "coef": -1.0}        W ← W + coef·ΔW while training
         {"type": "activation", "vector_path": "...", "layers": [20], "coef": 1.0}   h[ℓ] += coef·v[ℓ]
@@ -28,6 +34,8 @@ values are errors naming the key):
                       weight projection onto the persona diff every N steps (no generation, no judge)
 
 The saved finetune is always relative to the unsteered base: evaluate it on the plain model.
+finetune_report.json (beside it, every run) holds ‖W_ft − W‖_F (one Frobenius norm over the whole
+update, and per module type) and, with heldout_questions, the held-out loss.
 Persona Vectors found that steering *toward* the trait while training (positive coef) keeps the
 finetune from acquiring it; the original README suggested a negative one (kept in
 configs/llama_3.1_8b_lora_steer.json), the embedded configs use +1. Both signs are supported.
@@ -49,6 +57,7 @@ from tqdm.auto import tqdm
 
 import lora_utils as lu
 from eval.activations import ActivationSteerer, check_vector_fits, load_vector
+from eval.evaluate import finetune_steer
 from eval.generation import read_chat_jsonl
 from io_utils import (
     PersonaLoRAError,
@@ -72,10 +81,16 @@ from trainer import (
     DEFAULT_TARGETS,
     finished_adapter,
     init_seed,
+    mean_response_loss,
+    question_of,
     records_digest,
+    split_heldout,
     train_dense,
     train_lora_adapter,
+    update_norms,
 )
+
+REPORT = "finetune_report.json"
 
 CONFIG_SCHEMA = {  # key: (types, required, default)
     "model": ((str, type(None)), False, None),
@@ -91,6 +106,7 @@ CONFIG_SCHEMA = {  # key: (types, required, default)
     "batch_size": ((int,), False, 8),
     "max_length": ((int,), False, 512),
     "max_examples": ((int, type(None)), False, None),
+    "heldout_questions": ((int,), False, 0),
     "seed": ((int,), False, 0),
     "init_seed": ((int, type(None)), False, None),
     "dtype": ((str,), False, "auto"),
@@ -105,7 +121,7 @@ MONITOR_SCHEMA = {"lora_diff_path": (str,), "every": (int,)}
 # key: (lowest accepted, why)
 RANGES = {"rank": (1, "a LoRA needs rank ≥ 1"), "epochs": (1, "train at least one epoch"),
           "batch_size": (1, "a batch holds at least one example"), "max_length": (16, "room for a question and an answer"),
-          "max_examples": (1, "train on at least one example")}
+          "max_examples": (1, "train on at least one example"), "heldout_questions": (0, "a number of questions")}
 
 
 def _check_keys(where: str, given: dict, schema: dict, path: Path) -> None:
@@ -199,10 +215,13 @@ def check_config_inputs(config: dict, path: Path) -> dict:
     output folder, the diffs and vectors, the steering layers against the model's depth."""
     check_model_source(config["model"], f"{path}: 'model'")
     check_dtype(config["dtype"])
-    records = read_chat_jsonl(config["training_file"])
+    try:
+        records, heldout, heldout_questions = split_heldout(read_chat_jsonl(config["training_file"]), config["heldout_questions"])
+    except PersonaLoRAError as error:
+        raise PersonaLoRAError(f"{path}: 'heldout_questions': {error}") from None
     if config["max_examples"] is not None and len(records) < config["max_examples"]:
-        print(f"note: {config['training_file']} holds {len(records)} examples, fewer than max_examples "
-              f"{config['max_examples']}: training on all {len(records)}", file=sys.stderr)
+        print(f"note: {config['training_file']} holds {len(records)} examples outside the held-out questions, fewer than "
+              f"max_examples {config['max_examples']}: training on all {len(records)}", file=sys.stderr)
     records = records[: config["max_examples"]]
     check_writable_dir(Path(config["output_dir"]).parent, f"{path}: 'output_dir'")
     for diff_path in persona_diffs_of(config):
@@ -213,7 +232,7 @@ def check_config_inputs(config: dict, path: Path) -> dict:
         for layer in steering["layers"]:
             check_vector_fits(steering["vector_path"], model_settings, layer, f"{path}: 'steering_config.vector_path'",
                               f"{path}: 'steering_config.layers' holds")
-    return {"records": records}
+    return {"records": records, "heldout": heldout, "heldout_questions": heldout_questions}
 
 
 def config_identity(config: dict, records: list[dict]) -> str:
@@ -266,6 +285,32 @@ def finetune(config: dict, model, tokenizer, records: list[dict], adapter_init_s
                                   base_model_name=model_label(config["model"]), **common)
 
 
+def finetune_report(config: dict, model, tokenizer, inputs: dict, identity: str) -> dict:
+    """What the saved finetune did, measured on the plain model (any steering removed): the norm of
+    its weight change and its mean response-token loss on the held-out questions' answers, beside the
+    base model's on the same answers (did it learn the task?)."""
+    report = {"config_identity": identity, "update": update_norms(model, config["output_dir"]),
+              "trained_examples": len(inputs["records"]),
+              "trained_questions": len({question_of(r) for r in inputs["records"]}), "heldout": None}
+    if inputs["heldout"]:
+        batch_size = config["batch_size"]
+        base = mean_response_loss(model, tokenizer, inputs["heldout"], config["max_length"], batch_size)
+        with finetune_steer(model, config["output_dir"])():
+            finetuned = mean_response_loss(model, tokenizer, inputs["heldout"], config["max_length"], batch_size)
+        report["heldout"] = {"questions": inputs["heldout_questions"], "examples": finetuned["examples"],
+                             "tokens": finetuned["tokens"], "loss": finetuned["loss"], "base_loss": base["loss"],
+                             "change": finetuned["loss"] - base["loss"],
+                             "measured_on": "the plain model with the finetune, after any steering was removed; mean "
+                                            "next-token loss over the held-out answers' response tokens (nats/token)"}
+    write_json(Path(config["output_dir"]) / REPORT, report)
+    return report
+
+
+def reported(config: dict, identity: str) -> bool:
+    path = Path(config["output_dir"]) / REPORT
+    return path.is_file() and json.loads(path.read_text()).get("config_identity") == identity
+
+
 def main():
     if sys.argv[1:] in (["-h"], ["--help"]):
         print(__doc__)
@@ -279,11 +324,15 @@ def main():
     config = load_config(config_path)
     adapter_init_seed = config["init_seed"] if config["init_seed"] is not None else init_seed("finetune", config["seed"])
     check_independent_init(config, adapter_init_seed, config_path)
-    records = check_config_inputs(config, config_path)["records"]
+    inputs = check_config_inputs(config, config_path)
+    records = inputs["records"]
     identity = config_identity(config, records)
     previous = finished_adapter(config["output_dir"])
     if previous is not None and previous.get("config_identity") == identity:
         print(f"{config['output_dir']} is finished with this config and data: reused (delete it to train again)")
+        if not reported(config, identity) and int(os.environ.get("RANK", "0")) == 0:  # interrupted before its report
+            model, tokenizer = load_model_and_tokenizer(config["model"], dtype=config["dtype"], device_map=process_device_map())
+            finetune_report(config, model, tokenizer, inputs, identity)
         return
     remove_stale_temporaries(Path(config["output_dir"]).parent)
     monitor_diff = lu.load_lora_diff(config["monitor"]["lora_diff_path"]) if config["monitor"] else None
@@ -302,17 +351,22 @@ def main():
 
     steering = config["steering_config"]
     extra = {"config": str(config_path), "training_file": config["training_file"], "training_data_sha256": records_digest(records),
-             "steering_config": steering, "config_identity": identity}
+             "steering_config": steering, "config_identity": identity, "heldout_questions": inputs["heldout_questions"]}
     summary = finetune(config, model, tokenizer, records, adapter_init_seed, on_step=monitor, record_extra=extra)
     output_dir = Path(config["output_dir"])
     if int(os.environ.get("RANK", "0")) == 0:
         if monitor_log:
             write_json(output_dir / "monitor.json", monitor_log)
+        report = finetune_report(config, model, tokenizer, inputs, identity)  # the steering is off again here
         write_manifest(output_dir, config, started, name="training_manifest.json",
                        final_epoch_loss=summary["epoch_losses"][-1], steps=len(summary["losses"]))
         print(f"\nsaved {output_dir} ({summary['method']}, {summary['examples']} examples, {len(summary['losses'])} steps, "
               f"loss by epoch {' → '.join(f'{x:.3f}' for x in summary['epoch_losses'])}, {summary['seconds']:.0f} s"
               + (f", trained with {steering['type']} steering at coef {steering['coef']}, removed after" if steering else "") + ")")
+        heldout = report["heldout"]
+        print(f"‖W_ft − W‖_F {report['update']['norm']:.4f}" + ("" if heldout is None else
+              f"; held-out loss {heldout['loss']:.4f} nats/token (base {heldout['base_loss']:.4f}, {heldout['examples']} answers "
+              f"to {len(heldout['questions'])} questions never trained on)"))
 
 
 if __name__ == "__main__":

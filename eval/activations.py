@@ -229,3 +229,76 @@ class ActivationSteerer:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+
+@torch.no_grad()
+def residual_changes(model, spans: list[tuple[list[int], int, int]], pad_id: int, layer: int, edit,
+                     batch_size: int = 8) -> torch.Tensor:
+    """The change an edit of the model causes in the residual stream at layer `layer` (the output of
+    block layer−1, hidden_states[layer], where activation steering at `layer` adds c·v), on each answer token
+    of `spans` (token ids, answer start, answer end), read teacher-forced: [tokens, hidden] float32
+    of h_edited − h_plain. `edit` is a function returning a context manager that applies the edit
+    (a merged diff: lambda: LoRASteerer(model, diff, α); a hooked vector: lambda:
+    ActivationSteerer(model, v, layer, c)); the model is the plain one outside it."""
+    device = model_device(model)
+    block = decoder_layers(model)[layer - 1]
+    changes = []
+    for start in range(0, len(spans), batch_size):
+        batch = spans[start:start + batch_size]
+        input_ids, attention_mask = pad_right([list(ids[:end]) for ids, _, end in batch], pad_id)
+        answer = torch.zeros(input_ids.shape, dtype=torch.bool)
+        for row, (_, answer_start, answer_end) in enumerate(batch):
+            answer[row, answer_start:answer_end] = True
+
+        def states():
+            # Read by a hook registered after the edit's own (hooks run in registration order), so it
+            # sees the block's output as the rest of the model does; the model's hidden_states
+            # recorder may see it before an activation-steering hook acts.
+            captured = {}
+            handle = block.register_forward_hook(
+                lambda module, inputs, output: captured.update(h=output[0] if isinstance(output, tuple) else output))
+            try:
+                with teacher_forced_response(torch.tensor([answer_start for _, answer_start, _ in batch])):
+                    model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=1)
+            finally:
+                handle.remove()
+            return captured["h"].float().cpu()[answer]
+
+        plain = states()
+        with edit():
+            edited = states()
+        changes.append(edited - plain)
+    return torch.cat(changes)
+
+
+def compare_changes(changes_a: torch.Tensor, changes_b: torch.Tensor) -> dict:
+    """Two edits compared by what they do to the same tokens ([tokens, hidden] each, from
+    residual_changes): the cosine and norm ratio ‖a‖/‖b‖ of their mean change vectors (the direction
+    each pushes on average), the mean per-token cosine (do they agree token by token?), and the ratio
+    of their root-mean-square per-token change norms. A per-token cosine is left out where either
+    change is zero."""
+    if changes_a.shape != changes_b.shape or not len(changes_a):
+        raise PersonaLoRAError(f"compare changes of the same tokens: shapes {tuple(changes_a.shape)} and {tuple(changes_b.shape)}")
+    a, b = changes_a.double(), changes_b.double()
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    norms_a, norms_b = a.norm(dim=1), b.norm(dim=1)
+    both = (norms_a > 0) & (norms_b > 0)
+    per_token = (a[both] * b[both]).sum(1) / (norms_a[both] * norms_b[both])
+    return {"mean_change_cosine": float(torch.nn.functional.cosine_similarity(mean_a, mean_b, dim=0)),
+            "mean_change_norm_ratio": float(mean_a.norm() / mean_b.norm()) if mean_b.norm() > 0 else float("nan"),
+            "per_token_cosine_mean": float(per_token.mean()) if len(per_token) else float("nan"),
+            "rms_change_norm_ratio": float(norms_a.pow(2).mean().sqrt() / norms_b.pow(2).mean().sqrt())
+            if norms_b.any() else float("nan"),
+            "mean_change_norm": [float(mean_a.norm()), float(mean_b.norm())], "tokens": len(a)}
+
+
+def functional_comparison(model, spans: list[tuple[list[int], int, int]], pad_id: int, layer: int, edits: dict,
+                          batch_size: int = 8) -> dict:
+    """Every pair of the named `edits` (name: function returning the edit's context manager)
+    compared by the residual-stream change each causes at hidden_states[layer] on the answer tokens
+    of `spans` (held-out inputs): {"a vs b": compare_changes(...)}. Two weight updates are compared
+    by what they do, not by a whole-space weight cosine, which is near 0 for independently
+    initialised updates whatever they do."""
+    changes = {name: residual_changes(model, spans, pad_id, layer, edit, batch_size) for name, edit in edits.items()}
+    names = list(edits)
+    return {f"{a} vs {b}": compare_changes(changes[a], changes[b]) for i, a in enumerate(names) for b in names[i + 1:]}

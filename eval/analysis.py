@@ -18,13 +18,21 @@ def effective_rank(singular_values: torch.Tensor) -> float:
 
 
 def trait_similarity(traits: dict[str, tuple["lu.PersonaLoRADiff", torch.Tensor]], layer: int) -> dict:
-    """Cosine between traits in weight space (⟨ΔW_a, ΔW_b⟩_F from the factors, never dense) and in
-    activation space (the persona vectors at `layer`). `traits` maps a name to (diff, vector)."""
+    """Cosine between traits in weight space (⟨ΔW_a, ΔW_b⟩_F from the factors, never dense; over the
+    whole space, and the distribution of the within-module cosines) and in activation space (the
+    persona vectors at `layer`). `traits` maps a name to (diff, vector). A weight-space cosine near 0
+    is what independently initialised adapters give whatever they learned: it says nothing about
+    whether the traits' behaviours are independent (that is what a composition's simple effects test)."""
     names = list(traits)
     weight = {a: {b: traits[a][0].cosine(traits[b][0]) for b in names} for a in names}
+    modules = {a: {b: {k: v for k, v in traits[a][0].module_cosines(traits[b][0]).items() if k != "by_module"}
+                   for b in names if b != a} for a in names}
     activation = {a: {b: float(torch.nn.functional.cosine_similarity(traits[a][1][layer], traits[b][1][layer], dim=0))
                       for b in names} for a in names}
-    return {"traits": names, "weight_space_cosine": weight, f"activation_space_cosine_layer{layer}": activation}
+    return {"traits": names, "weight_space_cosine": weight, "weight_space_module_cosines": modules,
+            f"activation_space_cosine_layer{layer}": activation,
+            "note": "weight-space cosines near 0 follow from independent initialisations; they are no evidence that the "
+                    "traits act independently"}
 
 
 def save_figure(figure, path: str | Path) -> Path:

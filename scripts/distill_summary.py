@@ -9,7 +9,10 @@ steered teacher) and writes, under --output_dir:
     summary.json      per placement (the runs' --layers) and rank: the fraction of the held-out
                       KL(steered ‖ plain) that the distilled LoRA removes, the smallest rank reaching
                       --target, the weight-space cosine with the persona diff and with each control diff,
-                      and the cosine of each rank's update with the largest rank's (is the direction stable?)
+                      the cosine of each rank's update with the largest rank's (is the direction stable?),
+                      and the functional comparison: the residual-stream change the distilled LoRA, the
+                      steering and the persona LoRA each cause at the steered layer on the held-out
+                      answers, pair by pair, with the per-module cosines with the persona diff
     distillation.png  fraction reproduced against rank, one line per placement; the cosines against rank
     summary.manifest.json
 """

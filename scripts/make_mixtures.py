@@ -11,14 +11,18 @@ replacement with --seed; prompts and demonstrations are dropped (training never 
 never the extraction's answers: with --extraction_data, a dataset holding a question of the
 extraction is refused. Each finetune gets a config:
     mix_<r>               a LoRA finetune (initialisation from the finetune seed stream, never the persona adapters')
-    mix_<r>_seed<s+1>     --reseed_ratios: the same data, another seed (initialisation and data order)
+    mix_<r>_replicate     --reseed_ratios: the same data as mix_<r>, trained again (its own seed)
     dense_mix_<r>         --dense_ratios: a dense finetune of the target modules (a full checkpoint)
     other_<NAME>          --other NAME=FILE: --n answers drawn from FILE (another trait, benign data)
-runs.txt lists this run's finetunes, one per line, for the driver.
+Every finetune trains with its own seed (initialisation and data order), derived from its name and
+--seed (trainer.run_seed): no two finetunes of the series share a lora_A or a data order, and a rerun
+gives each the same seed again. runs.txt lists this run's finetunes, one per line, for the driver;
+mixtures.manifest.json records each one's seed.
 """
 
 import json
 import random
+import time
 from pathlib import Path
 
 
@@ -34,7 +38,9 @@ from io_utils import (
     run_cli,
     write_json,
     write_jsonl,
+    write_manifest,
 )
+from trainer import question_of, run_seed
 
 LORA_TRAINING = {"method": "lora", "rank": 8, "alpha": 16, "epochs": 1, "learning_rate": 5e-4, "batch_size": 8, "max_length": 256}
 DENSE_TRAINING = {"method": "dense", "epochs": 1, "learning_rate": 2e-5, "batch_size": 8, "max_length": 256, "dtype": "float32"}
@@ -48,10 +54,6 @@ def parse_json(parser, text: str, flag: str) -> dict:
     if not isinstance(value, dict):
         parser.error(f"{flag} must be a JSON object of training.py config keys")
     return value
-
-
-def question_of(record: dict) -> str:
-    return next(m["content"] for m in record["messages"] if m["role"] == "user").strip()
 
 
 def main():
@@ -73,11 +75,14 @@ def main():
     parser.add_argument("--extraction_data", default=None,
                         help="the persona's extraction data folder: refuse any finetuning example on one of its questions")
     args = parser.parse_args()
+    started = time.time()
     bad = [r for r in [*args.ratios, *args.dense_ratios, *args.reseed_ratios] if r > 100]
     if bad:
         parser.error(f"ratio {bad[0]} is not a percentage")
     lora_training = {**LORA_TRAINING, **parse_json(parser, args.training, "--training")}
     dense_training = {**DENSE_TRAINING, **parse_json(parser, args.dense_training, "--dense_training")}
+    if "seed" in lora_training or "seed" in dense_training:
+        parser.error("every finetune gets its own seed from its name and --seed: set --seed, not a 'seed' training key")
     others = {}
     for item in args.other:
         name, _, path = item.partition("=")
@@ -97,15 +102,16 @@ def main():
         rng.shuffle(records)
         return records
 
-    runs = {}  # name: (records, training settings)
+    runs = {}  # name: (records, training settings); each run's seed is added below, from its name
     for ratio in args.ratios:
-        runs[f"mix_{ratio}"] = (mixture(ratio, args.seed), {**lora_training, "seed": args.seed})
+        runs[f"mix_{ratio}"] = (mixture(ratio, args.seed), lora_training)
     for ratio in args.reseed_ratios:
-        runs[f"mix_{ratio}_seed{args.seed + 1}"] = (mixture(ratio, args.seed), {**lora_training, "seed": args.seed + 1})
+        runs[f"mix_{ratio}_replicate"] = (mixture(ratio, args.seed), lora_training)
     for ratio in args.dense_ratios:
-        runs[f"dense_mix_{ratio}"] = (mixture(ratio, args.seed), {**dense_training, "seed": args.seed})
+        runs[f"dense_mix_{ratio}"] = (mixture(ratio, args.seed), dense_training)
     for name, records in others.items():
-        runs[f"other_{name}"] = (random.Random(args.seed).sample(records, args.n), {**lora_training, "seed": args.seed})
+        runs[f"other_{name}"] = (random.Random(args.seed).sample(records, args.n), lora_training)
+    seeds = {name: run_seed(name, args.seed) for name in runs}
 
     # No finetune trains on a question that measures anything (any trait's evaluation, judge or A/B
     # questions), nor on one the persona adapters were trained on.
@@ -124,9 +130,12 @@ def main():
         data_path = output_dir / "data" / f"{name}.jsonl"
         write_jsonl(data_path, records)
         write_json(output_dir / "configs" / f"{name}.json",
-                   {"model": args.model, "training_file": str(data_path), "output_dir": f"{args.ckpt_dir}/{name}", **training})
+                   {"model": args.model, "training_file": str(data_path), "output_dir": f"{args.ckpt_dir}/{name}", **training,
+                    "seed": seeds[name]})
     with atomic_path(output_dir / "runs.txt") as tmp:
         tmp.write_text("".join(f"{name}\n" for name in runs))
+    write_manifest(output_dir, args, started, name="mixtures.manifest.json", seeds=seeds,
+                   seed_rule="trainer.run_seed(name, --seed): each finetune's training seed (initialisation and data order)")
     print(f"wrote {len(runs)} datasets of {args.n} examples and their configs to {output_dir} ({', '.join(runs)})")
 
 

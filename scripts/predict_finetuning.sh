@@ -4,10 +4,11 @@
 # project each finetune's weight change onto the persona diff, and report the correlations with
 # permutation p-values (the seed expects r > 0.7) and the scatter.
 # The finetuning data are fresh answers to the trait's finetuning questions (never the extraction's);
-# every LoRA finetune draws its initialisation from the finetune seed stream (never the persona
-# adapters'). The series: trait / anti-trait mixtures at RATIOS percent (LoRA), the same data with
-# another seed at RESEED_RATIOS, dense finetunes (full checkpoints) at DENSE_RATIOS, the model's
-# own unprompted answers (benign), and each of OTHER_TRAITS' trait answers.
+# every finetune trains with its own seed, derived from its name (its initialisation, from the
+# finetune seed stream and never the persona adapters', and its data order; recorded in
+# mixtures.manifest.json). The series: trait / anti-trait mixtures at RATIOS percent (LoRA), the same
+# data trained again (a replicate, its own seed) at RESEED_RATIOS, dense finetunes (full checkpoints)
+# at DENSE_RATIOS, the model's own unprompted answers (benign), and each of OTHER_TRAITS' trait answers.
 # Each finetune is measured three ways: judged, by the judge-free margin, and by forced choice (A/B).
 # Writes results/exp2_prediction/ (eval_*.csv, ab_*.csv, projection.json with the correlations, projection.png).
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct N_EXAMPLES=1000 TRAINING='{"epochs": 1, "rank": 32, "alpha": 64}' bash scripts/predict_finetuning.sh

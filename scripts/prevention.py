@@ -1,17 +1,21 @@
 """Experiment 3, preventative steering: the command line of eval/experiments/prevention.py.
 
-    python scripts/prevention.py configs --training_file F/pos.jsonl --lora_diff_path P --vector_path V \
-        --coefs -1 1 --n 160 --output_dir results/exp3_prevention --ckpt_dir ckpt/exp3
+    python scripts/prevention.py configs --training_file F/pos.jsonl --control_file F/neg.jsonl --lora_diff_path P \
+        --vector_path V --coefs -1 0.25 0.5 1 2 --n 128 --output_dir results/exp3_prevention --ckpt_dir ckpt/exp3
     python scripts/prevention.py summarize --output_dir results/exp3_prevention --trait evil
 
 `configs` writes configs/<run>.json and runs.txt: one run without prevention, a control finetune on
-the model's own unprompted answers (--control_file: the drift any finetuning causes), then one per
-kind (lora, activation) and coefficient; the activation runs steer at --layer (default: two thirds
-of the model's depth), checked against the model with the vector. `summarize` reads each run's
-evaluation summary (eval_<run>), A/B summary (ab_<run>, if any) and MMLU JSON, and the base model's,
-and writes summary.json and drift.png: each finetune's drift from the base model and each
-prevention setting against the unprevented finetune, paired by question or item, with sign-flip
-p-values; prevention is assessed only where the unprevented drift is at least 3 standard errors.
+other data (--control_file: the trait's neg-prompted answers or another trait's data; the drift any
+finetuning causes), then one per kind (lora, activation) and coefficient of --coefs (default -1
+0.25 0.5 1 2); the activation runs steer at --layer (default: two thirds of the model's depth), checked
+against the model with the vector. Every run holds out the answers to the same 8 questions
+(--training '{"heldout_questions": N}' changes it). `summarize` reads each run's evaluation summary
+(eval_<run>), A/B summary (ab_<run>, if any), MMLU JSON and finetune_report.json, and the base
+model's, and writes summary.json and drift.png: each finetune's drift from the base model, its
+update's norm ‖W_ft − W‖_F (one Frobenius norm over all modules) and held-out loss (plain model,
+steering removed), and each prevention setting against the unprevented finetune, paired by question
+or item, with sign-flip p-values; prevention is assessed only where the unprevented drift is at
+least 3 standard errors.
 """
 
 import json
@@ -19,7 +23,7 @@ from pathlib import Path
 
 
 from eval.activations import check_vector_fits
-from eval.experiments.prevention import plot_drift, print_summary, summarize, training_configs
+from eval.experiments.prevention import DEFAULT_COEFS, plot_drift, print_summary, summarize, training_configs
 from io_utils import ArgumentParser, atomic_path, finite_float, positive_int, run_cli, write_json
 from model_loading import model_config
 
@@ -51,13 +55,13 @@ def main():
     configs.add_argument("--model", default=None)
     configs.add_argument("--training_file", required=True)
     configs.add_argument("--control_file", default=None,
-                         help="the model's own unprompted answers: a control finetune, trained alike without the trait")
+                         help="other data (the trait's neg-prompted answers, or another trait's): a control finetune, trained alike")
     configs.add_argument("--lora_diff_path", required=True)
     configs.add_argument("--vector_path", required=True)
     configs.add_argument("--layer", type=int, default=None,
                          help="the activation runs' steered layer (default: two thirds of the depth)")
-    configs.add_argument("--coefs", nargs="+", type=finite_float, default=[-1.0, 1.0])
-    configs.add_argument("--n", type=positive_int, default=160)
+    configs.add_argument("--coefs", nargs="+", type=finite_float, default=DEFAULT_COEFS)
+    configs.add_argument("--n", type=positive_int, default=128)
     configs.add_argument("--training", default="{}")
     configs.add_argument("--output_dir", required=True)
     configs.add_argument("--ckpt_dir", required=True)

@@ -228,3 +228,70 @@ def test_interactions_and_cross_talk_are_tested_question_by_question():
     three_levels = [dict(p, coefs={"a": p["coefs"]["a"] * 1.5 - 0.5, "b": p["coefs"]["b"]}) for p in points(0.0, 0.0)]
     three_levels += [dict(p, coefs={"a": 0.0, "b": p["coefs"]["b"]}) for p in points(0.0, 0.0)[:2]]
     assert "curvature" in metric_fit(three_levels, ["a", "b"], "x")["non_additivity"]["residual_holds"]
+
+
+def _two_by_two(cells: dict[tuple[float, float], list[float]], metric: str) -> list[dict]:
+    """Conditions of a 2 × 2 grid of diffs a and b from each cell's per-question values."""
+    return [{"coefs": {"a": a, "b": b}, f"{metric}_mean": float(np.mean(values)), f"{metric}_sem": 1.0,
+             f"{metric}_by_question": {f"q{i}": v for i, v in enumerate(values)}} for (a, b), values in cells.items()]
+
+
+def test_simple_effects_and_the_interaction_of_a_two_by_two_by_hand():
+    """Each diff's effect at the other's 0 and at +2 and the interaction, paired by question, against
+    the arithmetic done by hand on six questions with large question offsets (which cancel)."""
+    from eval.experiments.composition import simple_effects
+
+    offsets = [40.0, 55.0, 30.0, 61.0, 47.0, 52.0]
+    noise = [1.0, -1.0, 2.0, -2.0, 0.0, 0.0]  # in a's effect alone: mean 0, standard deviation √2
+    cells = {(0.0, 0.0): offsets,
+             (2.0, 0.0): [o + 10 + e for o, e in zip(offsets, noise)],  # a alone: +10
+             (0.0, 2.0): [o + 1 for o in offsets],                       # b alone: +1
+             (2.0, 2.0): [o + 5 for o in offsets]}                       # both: +5, not 11 (sub-additive)
+    result = simple_effects(_two_by_two(cells, "m"), ["a", "b"], "m")
+    effects = {(e["diff"], tuple(e["at"].values())): e for e in result["simple_effects"]}
+    assert set(effects) == {("a", (0.0,)), ("a", (2.0,)), ("b", (0.0,)), ("b", (2.0,))}
+    assert effects["a", (0.0,)]["mean"] == pytest.approx(10.0) and effects["a", (0.0,)]["sem"] == pytest.approx(math.sqrt(2 / 6))
+    assert effects["a", (2.0,)]["mean"] == pytest.approx(4.0) and effects["a", (2.0,)]["sem"] == pytest.approx(0.0, abs=1e-12)
+    assert effects["b", (0.0,)]["mean"] == pytest.approx(1.0)
+    assert effects["b", (2.0,)]["mean"] == pytest.approx(-5.0) and effects["b", (2.0,)]["sem"] == pytest.approx(math.sqrt(2 / 6))
+    assert all(e["from"] == 0.0 and e["to"] == 2.0 and e["questions"] == 6 for e in effects.values())
+    [interaction] = result["interactions"]
+    # m(2,2) − m(0,2) − m(2,0) + m(0,0) = 4 − (10 + e) per question: −6 on average, negative on every question,
+    # so exactly 2 of the 2⁶ sign patterns reach it.
+    assert interaction["diffs"] == ["a", "b"] and interaction["mean"] == pytest.approx(-6.0)
+    assert interaction["sem"] == pytest.approx(math.sqrt(2 / 6)) and interaction["p"] == pytest.approx(2 / 64)
+    assert result["interaction_significant"] is True and result["read_by"].startswith("the simple effects")
+    # The same cells with b's effect unchanged by a: no interaction, and the slopes are the reading.
+    additive = {**cells, (2.0, 2.0): [o + 11 + e for o, e in zip(offsets, noise)]}
+    result = simple_effects(_two_by_two(additive, "m"), ["a", "b"], "m")
+    assert result["interactions"][0]["mean"] == pytest.approx(0.0, abs=1e-12) and result["interaction_significant"] is False
+
+
+def test_the_summary_reads_an_interacting_grid_by_its_simple_effects_on_judge_and_margin(tmp_path):
+    """With a significant interaction the headline carries simple effects for the judged score and
+    the judge-free margin alike, and no main-effect cross-talk."""
+    offsets = [40.0, 55.0, 30.0, 61.0, 47.0, 52.0]
+    noise = [0.5, -0.5, 1.0, -1.0, 0.2, -0.2]
+    interacting = {(0.0, 0.0): offsets, (2.0, 0.0): [o + 10 + e for o, e in zip(offsets, noise)],
+                   (0.0, 2.0): [o + 1 + e for o, e in zip(offsets, noise)], (2.0, 2.0): [o + 4 - e for o, e in zip(offsets, noise)]}
+    for trait in ("a", "b"):
+        conditions = []
+        for (ca, cb), values in interacting.items():
+            condition = {"coefs": {"a": ca, "b": cb}}
+            for metric, scale in ((trait, 1.0), ("coherence", 0.0), ("margin", 0.01)):
+                by_question = {f"q{i}": v * scale + (0.0 if scale else 90.0 + i) for i, v in enumerate(values)}
+                condition.update({f"{metric}_mean": float(np.mean(list(by_question.values()))), f"{metric}_sem": 1.0,
+                                  f"{metric}_by_question": by_question})
+            conditions.append(condition)
+        write_json(tmp_path / f"eval_{trait}.summary.json", {"trait": trait, "conditions": conditions})
+    assert run_script("scripts.composition", "summarize", "--traits", "a", "b", "--output_dir", tmp_path) == 0
+    report = json.loads((tmp_path / "summary.json").read_text())
+    for metric, scale in (("trait_score", 1.0), ("likelihood_margin", 0.01)):
+        entry = report["headline"]["a"][metric]
+        assert entry["read_by"].startswith("the simple effects") and entry["cross_talk"] is None
+        effects = {(e["diff"], e["at"][next(iter(e["at"]))]): e["mean"] for e in entry["simple_effects"]}
+        assert effects["a", 0.0] == pytest.approx(10 * scale) and effects["a", 2.0] == pytest.approx(3 * scale)
+        assert effects["b", 0.0] == pytest.approx(1 * scale) and effects["b", 2.0] == pytest.approx(-6 * scale)
+        assert entry["interactions"][0]["mean"] == pytest.approx(-7 * scale) and entry["interactions"][0]["p"] < 0.05
+    coherence = report["headline"]["a"]["coherence"]  # identical under every combination: nothing interacts
+    assert coherence["read_by"].startswith("the additive slopes") and coherence["cross_talk"] is not None

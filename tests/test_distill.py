@@ -195,6 +195,18 @@ def test_rerun_reuses_and_an_interrupted_run_resumes_where_it_stopped(distilled_
         patch.setattr(distill, "load_model_and_tokenizer", no_model)
         assert run_script("distill_steering_lora", *flags, *RUN_FLAGS, "--output_dir", copy) == 0
     assert json.loads((copy / "summary.json").read_text())["comparisons"]["controls"] == []  # recomputed, not retrained
+    # A run finished before the functional comparison existed gets it on a rerun, without retraining.
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    summary = json.loads((older / "summary.json").read_text())
+    original = summary.pop("functional")
+    (older / "summary.json").write_text(json.dumps(summary))
+    assert run_script("distill_steering_lora", *flags, *RUN_FLAGS, "--persona_diff_path", summary["comparisons"]["persona_diff"]["path"],
+                      "--output_dir", older) == 0
+    recomputed = json.loads((older / "summary.json").read_text())
+    assert recomputed["curve"] == summary["curve"]
+    for pair, values in original["pairs"].items():
+        assert recomputed["functional"]["pairs"][pair]["mean_change_cosine"] == pytest.approx(values["mean_change_cosine"], abs=1e-5)
 
     measure, calls = distill.heldout_kl, []
 
@@ -252,6 +264,19 @@ def test_sweep_summary_per_placement_and_rank(distilled_run, hidden_run, tmp_pat
     assert before["cosine_with_persona_diff"] == [pytest.approx(run["comparisons"]["persona_diff"]["cosine"])]
     assert list(before["cosine_with_controls"]) == ["sycophancy"]
     assert report["placements"]["0 2"]["cosine_with_persona_diff"] == [None]  # no persona diff was given to that run
+    # What the distilled update does, beside the persona diff and the steering, at the steered layer on held-out answers.
+    pairs = run["functional"]["pairs"]
+    assert set(pairs) == {"distilled vs steering", "distilled vs persona diff", "steering vs persona diff"}
+    assert run["functional"]["layer"] == 1 and len({p["tokens"] for p in pairs.values()}) == 1 and pairs["distilled vs steering"]["tokens"] > 0
+    assert all(-1 <= p["mean_change_cosine"] <= 1 and p["mean_change_norm_ratio"] > 0 for p in pairs.values())
+    assert before["functional"]["distilled vs persona diff"] == [pairs["distilled vs persona diff"]]
+    assert report["placements"]["0 2"]["functional"]["distilled vs persona diff"] == [None]
+    distilled = lu.load_lora_diff(out / "evil_distilled_lora_diff.pt")
+    persona = lu.load_lora_diff(run["comparisons"]["persona_diff"]["path"])
+    spread = before["module_cosines_with_persona_diff"][0]
+    assert spread["modules"] == sum(name in persona for name in distilled) > 0
+    assert spread["abs_cosine_quantiles"]["q100"] == pytest.approx(max(
+        abs(distilled.module_inner(n, persona)) / (distilled.module_norm(n) * persona.module_norm(n)) for n in distilled if n in persona))
     assert (tmp_path / "distillation.png").stat().st_size > 0
     with pytest.raises(PersonaLoRAError, match="is .* finished"):
         run_script("scripts.distill_summary", "--runs", out, tmp_path / "unfinished", "--output_dir", tmp_path)

@@ -360,6 +360,8 @@ def _prevention_runs(path, bumps: dict[str, float]) -> None:
                                                             {"step": 6, "projection": 0.3, "cosine": 0.2, "final": True}]))
             steering = {"type": "lora", "lora_diff_path": "d.pt", "coef": 1.0} if name.startswith("lora") else None
             write_json(path / "configs" / f"{name}.json", {"output_dir": str(ckpt), "steering_config": steering})
+            write_json(ckpt / "finetune_report.json", {"update": {"norm": 0.5 + k}, "heldout": {
+                "questions": ["held-out question?"], "examples": 4, "loss": 2.0 - k / 10, "base_loss": 2.5, "change": -0.5 - k / 10}})
 
 
 def test_prevention_drift_is_paired_with_the_base_and_needs_drift_to_be_shown(tmp_path):
@@ -378,6 +380,10 @@ def test_prevention_drift_is_paired_with_the_base_and_needs_drift_to_be_shown(tm
     assert summary["headline"]["lora_+1"]["vs_no_prevention"]["coherence"]["mean"] == 0.0
     assert none["final_projection"] == 0.3  # the final step's, not an earlier entry's
     assert summary["headline"]["lora_+1"]["vs_no_prevention"]["margin"]["mean"] == pytest.approx(-0.4, abs=0.02)
+    # Each finetune's update norm and held-out loss (finetune_report.json) travel into the summary.
+    assert [summary["runs"][n]["update_norm"] for n in ("none", "control", "lora_+1")] == [1.5, 2.5, 3.5]
+    assert summary["runs"]["lora_+1"]["heldout_loss"] == pytest.approx(1.7) and summary["runs"]["lora_+1"]["heldout_loss_base"] == 2.5
+    assert summary["runs"]["none"]["heldout_loss_change"] == pytest.approx(-0.6) and summary["runs"]["none"]["heldout_examples"] == 4
 
     quiet = tmp_path / "quiet"
     quiet.mkdir()

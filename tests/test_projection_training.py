@@ -233,6 +233,63 @@ def test_preventative_steering_is_removed_after_training(tiny_model_dir, tiny_st
         assert torch.equal(model(tokens).logits, untouched(tokens).logits)
 
 
+def test_finetune_report_holds_the_update_norm_and_the_heldout_loss_on_questions_never_trained_on(
+        tiny_model_dir, tiny_steering_inputs, tmp_path):
+    """With heldout_questions, every answer to that many questions is kept out of training (the
+    trained examples are exactly the first max_examples of the others), and finetune_report.json
+    holds the finetune's held-out loss measured on the plain model with the steering removed (checked
+    against transformers' own loss on a fresh plain model + the saved adapter) and its update's
+    Frobenius norm (checked against PEFT's merge_and_unload)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from io_utils import read_jsonl
+    from trainer import encode_examples, records_digest
+
+    diff_path, _ = tiny_steering_inputs
+    config = write_config(tmp_path / "c.json", tiny_model_dir, tmp_path / "adapter", heldout_questions=4,
+                          steering_config={"type": "lora", "lora_diff_path": str(diff_path), "coef": 3.0})
+    assert run_script("training", config) == 0
+    report = json.loads((tmp_path / "adapter" / "finetune_report.json").read_text())
+    record = json.loads((tmp_path / "adapter" / "training.json").read_text())
+    held = set(report["heldout"]["questions"])
+    assert len(held) == 4 and record["heldout_questions"] == sorted(held)
+    everything = read_jsonl(ROOT / "tests/data/evil_smollm2_pos.jsonl")
+
+    def question(r):
+        return next(m["content"] for m in r["messages"] if m["role"] == "user").strip()
+
+    trained = [r for r in everything if question(r) not in held][:16]
+    kept_out = [r for r in everything if question(r) in held]
+    assert record["training_data_sha256"] == records_digest(trained)  # what was trained: none of the held-out questions
+    assert not held & {question(r) for r in trained} and held <= {question(r) for r in everything}
+    assert report["heldout"]["examples"] == len(kept_out) > 0 and report["trained_examples"] == 16
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = encode_examples(tokenizer, kept_out, 96)
+
+    def token_mean_loss(model) -> float:
+        total = tokens = 0
+        with torch.no_grad():
+            for example in examples:
+                labels = torch.tensor([example["labels"]])
+                n = int((labels[:, 1:] != -100).sum())
+                total += float(model(input_ids=torch.tensor([example["input_ids"]]), labels=labels).loss) * n
+                tokens += n
+        return total / tokens
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    weights = {name: p.detach().clone() for name, p in base.named_parameters()}
+    assert report["heldout"]["base_loss"] == pytest.approx(token_mean_loss(base), rel=1e-5)
+    finetuned = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    assert report["heldout"]["loss"] == pytest.approx(token_mean_loss(finetuned), rel=1e-5)
+    assert report["heldout"]["loss"] != pytest.approx(report["heldout"]["base_loss"], rel=1e-6)
+    merged = dict(finetuned.merge_and_unload().named_parameters())
+    dense_norm = math.sqrt(sum(float((merged[name] - weights[name]).double().pow(2).sum()) for name in weights))
+    assert report["update"]["norm"] == pytest.approx(dense_norm, rel=1e-4) and dense_norm > 0
+    assert math.sqrt(sum(v ** 2 for v in report["update"]["by_type"].values())) == pytest.approx(dense_norm, rel=1e-4)
+
+
 def test_lora_steering_changes_what_is_learned_and_the_monitor_reads_it(tiny_model_dir, tiny_steering_inputs, tmp_path):
     """Training under W + c·ΔW gives another adapter than training under W (the steering is
     active), and the monitor's last projection equals a projection of the saved adapter."""
@@ -283,6 +340,32 @@ def test_make_mixtures_writes_datasets_with_the_asked_trait_share(tmp_path):
         assert all(m["role"] != "system" for r in records for m in r["messages"])
         config = json.loads((tmp_path / "configs" / f"mix_{ratio}.json").read_text())
         assert config["epochs"] == 2 and config["output_dir"].endswith(f"mix_{ratio}")
+
+
+def test_every_finetune_of_the_series_trains_with_its_own_recorded_seed(tmp_path):
+    """Exp 2's finetunes are independent points only if none shares another's initialisation and
+    data order: each config's seed is its own, derived from its name (the same on a rerun), and the
+    manifest records it; a replicate shares its original's data but not its seed."""
+    from io_utils import read_jsonl
+    from trainer import init_seed, run_seed
+
+    flags = ["--pos", ROOT / "tests/data/evil_smollm2_pos.jsonl", "--neg", ROOT / "tests/data/evil_smollm2_neg.jsonl",
+             "--ratios", "0", "50", "100", "--reseed_ratios", "0", "100", "--dense_ratios", "0", "100", "--n", "20",
+             "--other", f"anti={ROOT / 'tests/data/evil_smollm2_neg.jsonl'}", f"pro={ROOT / 'tests/data/evil_smollm2_pos.jsonl'}",
+             "--ckpt_dir", tmp_path / "ckpt"]
+    assert run_script("scripts.make_mixtures", *flags, "--output_dir", tmp_path / "a") == 0
+    names = (tmp_path / "a" / "runs.txt").read_text().split()
+    assert len(names) == 9
+    seeds = {name: json.loads((tmp_path / "a" / "configs" / f"{name}.json").read_text())["seed"] for name in names}
+    assert len(set(seeds.values())) == len(names)
+    assert len({init_seed("finetune", seed) for seed in seeds.values()}) == len(names)  # nine different lora_A
+    assert seeds == {name: run_seed(name, 0) for name in names}
+    assert json.loads((tmp_path / "a" / "mixtures.manifest.json").read_text())["seeds"] == seeds
+    assert read_jsonl(tmp_path / "a" / "data" / "mix_100_replicate.jsonl") == read_jsonl(tmp_path / "a" / "data" / "mix_100.jsonl")
+    assert run_script("scripts.make_mixtures", *flags, "--output_dir", tmp_path / "b") == 0
+    assert all(json.loads((tmp_path / "b" / "configs" / f"{name}.json").read_text())["seed"] == seeds[name] for name in names)
+    code, _, stderr = run_main("scripts/make_mixtures", *flags, "--output_dir", tmp_path / "c", "--training", '{"seed": 3}')
+    assert code == 2 and "its own seed" in stderr
 
 
 def test_behavior_scores_from_evaluation_summaries(projection_setup, tmp_path):
@@ -363,3 +446,24 @@ def test_replicates_of_one_dataset_are_pooled_whatever_their_file(tmp_path):
     # A finetune that recorded its data digest is keyed by it, and agrees with one that did not.
     (tmp_path / "mix_seed1" / "training.json").write_text(json.dumps({"training_data_sha256": records_digest([example])}))
     assert cal_weight_projection.dataset_of(models["mix_seed1"]) == keys["mix"]
+
+
+def test_prevention_configs_sweep_the_coefficient_for_both_kinds_with_a_control_on_other_data(tiny_model_dir, tiny_persona, tmp_path):
+    """The default sweep covers at least 0.25, 0.5, 1 and 2 for the merged LoRA and the vector; the
+    control trains on the other data it is given; every run holds out the same questions; and every
+    config is one training.py accepts."""
+    import training
+
+    diff_path, vector_path = tiny_persona
+    pos, neg = ROOT / "tests/data/evil_smollm2_pos.jsonl", ROOT / "tests/data/evil_smollm2_neg.jsonl"
+    assert run_script("scripts.prevention", "configs", "--model", tiny_model_dir, "--training_file", pos, "--control_file", neg,
+                      "--lora_diff_path", diff_path, "--vector_path", vector_path, "--layer", 2, "--output_dir", tmp_path,
+                      "--ckpt_dir", tmp_path / "ckpt") == 0
+    names = (tmp_path / "runs.txt").read_text().split()
+    configs = {name: training.load_config(tmp_path / "configs" / f"{name}.json") for name in names}
+    swept = {kind: {c["steering_config"]["coef"] for c in configs.values()
+                    if c["steering_config"] and c["steering_config"]["type"] == kind} for kind in ("lora", "activation")}
+    assert all({0.25, 0.5, 1.0, 2.0} <= coefs for coefs in swept.values())
+    assert configs["control"]["training_file"] == str(neg) and configs["control"]["steering_config"] is None
+    assert {c["training_file"] for name, c in configs.items() if name != "control"} == {str(pos)}
+    assert {c["heldout_questions"] for c in configs.values()} == {8}

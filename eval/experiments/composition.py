@@ -11,7 +11,16 @@ slopes fit per question, then their spread over questions). How far the effects 
 additive model's R², and its residuals tested question by question (the largest |mean residual|
 against the maxima of sign-flipped questions). In a two-level factorial the residual is exactly
 the interactions; with three or more levels it also holds each coefficient's own curvature.
-Cross-talk: every cross slope with its paired error, and the largest against maxima likewise.
+
+With an interaction the slopes average a diff's effect over the others' settings, and a "cross
+slope" mixes what the other diff does alone with how it changes this one's effect. So the report
+reads the grid through its simple effects: each diff's effect (its lowest level → its highest) at
+every setting of the others (in the 0/+2 grid: at the other's 0 and at its +2), and each pair's
+interaction (the difference of those two simple effects), all paired by question with sign-flip
+p-values, on the judged score, coherence and the judge-free margin alike. Main-effect cross-talk is
+reported only where no interaction is significant. Weight-space cosines of the diffs are reported
+as they are; a cosine near 0 follows from independent initialisations and is not read as
+independence of the behaviours.
 """
 
 from __future__ import annotations
@@ -22,9 +31,12 @@ from pathlib import Path
 import lora_utils as lu
 from eval.activations import default_layer, load_vector
 from eval.analysis import save_figure, trait_similarity
-from eval.stats import additive_fit, clustered_sems, paired_difference, per_question_additive_fit, sign_flip_max_test
+from eval.stats import additive_fit, clustered_sems, paired_difference, per_question_additive_fit, sign_flip_max_test, sign_flip_test
 from io_utils import PersonaLoRAError, read_json_object
 from model_loading import default_persona_paths
+
+
+INTERACTION_ALPHA = 0.05  # an interaction with p below this is "significant": the grid is read by its simple effects
 
 
 def factorial(levels: list[float], n_diffs: int) -> list[tuple[float, ...]]:
@@ -68,6 +80,54 @@ def cross_talk(fit: dict, names: list[str], trait: str) -> dict | None:
     return {"largest_cross_slope": test["max_abs_mean"], "p": test["p"], "p_method": test["p_method"]}
 
 
+def _paired_contrast(treated: dict, control: dict) -> dict:
+    """treated − control question by question (the questions both measured): mean, standard error
+    over questions, and the sign-flip p-value."""
+    differences = [treated[q] - control[q] for q in treated if q in control]
+    mean, sem, n = paired_difference(treated, control)
+    test = sign_flip_test(differences)
+    return {"mean": mean, "sem": sem, "questions": n, "p": test["p"], "p_method": test["p_method"]}
+
+
+def simple_effects(points: list[dict], names: list[str], metric: str) -> dict:
+    """Each diff's simple effect, its highest level minus its lowest at every setting of the other
+    diffs, and each pair's interaction, the change of one's simple effect between the other's lowest
+    and highest level (the rest held at each of their settings); all paired by question.
+
+    In a 2 × 2 of levels 0 and 2, a's simple effects are m(2, 0) − m(0, 0) and m(2, 2) − m(0, 2), and
+    the interaction is m(2, 2) − m(0, 2) − m(2, 0) + m(0, 0), the same whichever diff is read first."""
+    by_coefs = {tuple(p["coefs"][n] for n in names): p[f"{metric}_by_question"] for p in points}
+    levels = {n: sorted({p["coefs"][n] for p in points}) for n in names}
+    effects, effect_by_question = [], {}
+    for j, name in enumerate(names):
+        low, high = levels[name][0], levels[name][-1]
+        for setting in sorted({key[:j] + key[j + 1:] for key in by_coefs}):
+            lower, upper = setting[:j] + (low,) + setting[j:], setting[:j] + (high,) + setting[j:]
+            if lower not in by_coefs or upper not in by_coefs:
+                continue
+            at = {other: c for other, c in zip(names[:j] + names[j + 1:], setting)}
+            effect = {q: by_coefs[upper][q] - by_coefs[lower][q] for q in by_coefs[upper] if q in by_coefs[lower]}
+            effect_by_question[(name, setting)] = effect
+            effects.append({"diff": name, "from": low, "to": high, "at": at, **_paired_contrast(by_coefs[upper], by_coefs[lower])})
+    interactions = []
+    for j, k in itertools.combinations(range(len(names)), 2):
+        low, high = levels[names[k]][0], levels[names[k]][-1]
+        position = k - 1  # k's place in the setting of j's others (k > j)
+        rest_settings = sorted({s[:position] + s[position + 1:] for (name, s) in effect_by_question if name == names[j]})
+        for rest in rest_settings:
+            at_high = effect_by_question.get((names[j], rest[:position] + (high,) + rest[position:]))
+            at_low = effect_by_question.get((names[j], rest[:position] + (low,) + rest[position:]))
+            if at_high is None or at_low is None:
+                continue
+            others = [n for i, n in enumerate(names) if i not in (j, k)]
+            interactions.append({"diffs": [names[j], names[k]], "at": dict(zip(others, rest)),
+                                 **_paired_contrast(at_high, at_low)})
+    interacting = any(i["p"] < INTERACTION_ALPHA for i in interactions)
+    return {"simple_effects": effects, "interactions": interactions, "interaction_significant": interacting,
+            "read_by": "the simple effects: the additive slopes average over an interaction" if interacting else
+                       "the additive slopes (no interaction is significant at p < 0.05)"}
+
+
 def changes_from_unsteered(points: list[dict], metric: str) -> list[dict]:
     """Each combination's metric minus the unsteered combination's, paired by question."""
     unsteered = next((p for p in points if not any(p["coefs"].values())), points[0])
@@ -88,7 +148,8 @@ def summarize(output_dir: Path, names: list[str], model: str | None, layer: int 
         metrics = {"trait_score": trait, "coherence": "coherence"}
         if all("margin_by_question" in p for p in points):
             metrics["likelihood_margin"] = "margin"
-        fits[trait] = {name: metric_fit(points, names, metric) for name, metric in metrics.items()}
+        fits[trait] = {name: {**metric_fit(points, names, metric), **simple_effects(points, names, metric)}
+                       for name, metric in metrics.items()}
 
     similarity = None
     paths = [default_persona_paths(model, t) for t in names]
@@ -103,8 +164,10 @@ def summarize(output_dir: Path, names: list[str], model: str | None, layer: int 
         entry = {"judge": measured[t]["judge"], "judge_held_out_auroc": (measured[t]["judge_quality"] or {}).get("held_out_auroc")}
         for name, fit in fits[t].items():
             entry[name] = {"own_slope": fit["slope"][t], "own_slope_sem": fit["slope_sem"][t],
-                           "cross_talk": cross_talk(fit, names, t), "additive_r2": fit["additive_r2"],
-                           "non_additivity": fit["non_additivity"]}
+                           "additive_r2": fit["additive_r2"], "non_additivity": fit["non_additivity"],
+                           "read_by": fit["read_by"], "simple_effects": fit["simple_effects"], "interactions": fit["interactions"],
+                           # a main-effect cross slope means something only when the effects add
+                           "cross_talk": None if fit["interaction_significant"] else cross_talk(fit, names, t)}
         headline[t] = entry
     for fit in (f for per_trait in fits.values() for f in per_trait.values()):
         fit.pop("per_question_slopes")  # an array: its summary (slope_sem, cross_talk) is what the report keeps
@@ -157,7 +220,7 @@ def plot_composition(path: Path, names: list[str], measured: dict) -> None:
 
 
 def plot_slopes(path: Path, names: list[str], fits: dict, similarity: dict | None, layer: int) -> None:
-    """The slope matrices (judged, judge-free) beside the traits' cosines in weight and activation space."""
+    """The slope matrices (judged, judge-free) beside the persona vectors' cosines in activation space."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,9 +235,7 @@ def plot_slopes(path: Path, names: list[str], fits: dict, similarity: dict | Non
     if "likelihood_margin" in fits[names[0]]:
         panels.append(("log-likelihood margin slope ± s.e. (judge-free)\n(row: trait measured, column: diff)",
                        *slope_panel("likelihood_margin")))
-    if similarity:
-        panels.append(("cosine of diffs in weight space", np.array([[similarity["weight_space_cosine"][a][b] for b in names]
-                                                                    for a in names]), None))
+    if similarity:  # the weight-space cosine is not drawn: near 0 by independent initialisation, it invites a wrong reading
         key = f"activation_space_cosine_layer{layer}"
         panels.append((f"cosine of persona vectors (layer {layer})", np.array([[similarity[key][a][b] for b in names]
                                                                                for a in names]), None))
@@ -215,3 +276,16 @@ def print_summary(report: dict) -> None:
             cross_text = "" if cross is None else f"largest cross slope {cross['largest_cross_slope']:.4g} (p {cross['p']:.2g}), "
             print(f"  {t:12s} {cross_text}largest |mean residual| {residual['max_abs_mean_residual']:.4g} (p {residual['p']:.2g}; "
                   f"the residual holds {residual['residual_holds']})")
+        print("simple effects (each diff, lowest → highest level, at each setting of the others; paired by question):")
+        digits = 4 if metric == "likelihood_margin" else 2
+        for t in names:
+            entry = report["headline"][t][metric]
+            print(f"  on {t}: read by {entry['read_by']}")
+            for effect in entry["simple_effects"]:
+                at = ", ".join(f"{n} {c:+g}" for n, c in effect["at"].items())
+                print(f"    {effect['diff']:>12s} {effect['from']:+g} → {effect['to']:+g} at {at}: {effect['mean']:+.{digits}f} ± "
+                      f"{effect['sem']:.{digits}f} (p {effect['p']:.2g})")
+            for interaction in entry["interactions"]:
+                at = "".join(f", {n} {c:+g}" for n, c in interaction["at"].items())
+                print(f"    interaction {' × '.join(interaction['diffs'])}{at}: {interaction['mean']:+.{digits}f} ± "
+                      f"{interaction['sem']:.{digits}f} (p {interaction['p']:.2g})")

@@ -3,7 +3,12 @@ distilling the same steered teacher (scripts/distill_sweep.sh). Per placement (t
 and rank: the fraction of the held-out KL(steered ‖ plain) that the distilled LoRA removes, the
 smallest rank reaching a target fraction, the weight-space cosine with the persona diff and with
 each control diff, and the cosine of each rank's update with the largest rank's (is the direction
-stable?). `plot` draws the fraction reproduced against rank, one line per placement, and the cosines.
+stable?). Beside those whole-space cosines (near 0 for any two independently initialised updates,
+whatever they do), what the distilled LoRA does compared with the persona LoRA and with the steering
+it distils: the residual-stream change each causes at the steered layer on the held-out answers
+(each run's "functional" record), and the distribution of the per-module cosines with the persona
+diff over the modules both touch. `plot` draws the fraction reproduced against rank, one line per
+placement, and the cosines.
 """
 
 from pathlib import Path
@@ -39,6 +44,16 @@ def distilled_diff(run: dict) -> lu.PersonaLoRADiff:
     return lu.load_lora_diff(Path(run["folder"]) / f"{run['trait']}_distilled_lora_diff.pt")
 
 
+def module_cosine_spread(run: dict) -> dict | None:
+    """The distribution of the distilled update's per-module cosines with the persona diff (the
+    modules both touch), without the per-module list."""
+    persona = run["comparisons"]["persona_diff"]
+    if not persona or not Path(persona["path"]).is_file():
+        return None
+    cosines = distilled_diff(run).module_cosines(lu.load_lora_diff(persona["path"]))
+    return {key: value for key, value in cosines.items() if key != "by_module"}
+
+
 def summarize(runs: list[dict], target: float) -> dict:
     placements: dict[str, dict] = {}
     for placement in dict.fromkeys(run["layers_spec"] for run in runs):
@@ -62,6 +77,9 @@ def summarize(runs: list[dict], target: float) -> dict:
                 next(c["cosine"] for c in run["comparisons"]["controls"] if c["path"] == control["path"]) for run in series]
                 for control in series[0]["comparisons"]["controls"]},
             "cosine_with_largest_rank": [distilled_diff(run).cosine(largest) for run in series],
+            "functional": {pair: [((run.get("functional") or {}).get("pairs") or {}).get(pair) for run in series]
+                           for pair in ("distilled vs persona diff", "distilled vs steering", "steering vs persona diff")},
+            "module_cosines_with_persona_diff": [module_cosine_spread(run) for run in series],
             "update_norm": [run["update"]["norm"] for run in series],
             "v_energy_in_output_space": [run["update"]["v_energy_in_output_space"]["norm_weighted_mean"] for run in series],
             "runs": [run["folder"] for run in series],
@@ -72,8 +90,12 @@ def summarize(runs: list[dict], target: float) -> dict:
             "steps": first["identity"]["steps"],
             "note": "fraction reproduced = 1 − KL(steered ‖ distilled) / KL(steered ‖ plain), token-weighted over the "
                     "held-out answers (the teacher's own, teacher-forced); cosines are ⟨ΔW_distilled, ΔW⟩_F / (‖·‖‖·‖) "
-                    "over the whole weight space; sem (delta method) and ci95 (Fieller's) are over held-out questions only "
-                    "(one student seed, one sample of teacher answers: variation between training seeds is not in them)"}
+                    "over the whole weight space (near 0 for independently initialised updates: not evidence of another "
+                    "mechanism); functional compares what the updates do (residual-stream change at the steered layer on "
+                    "the held-out answers, distilled and persona diff merged at 1); module_cosines_with_persona_diff is "
+                    "the distribution of per-module cosines; sem (delta method) and ci95 (Fieller's) are over held-out "
+                    "questions only (one student seed, one sample of teacher answers: variation between training seeds is "
+                    "not in them)"}
 
 
 def plot(report: dict, path: Path) -> None:
@@ -129,4 +151,16 @@ def print_summary(report: dict) -> None:
                   + (f"{persona:+11.4f} " if persona is not None else f"{'–':>11s} ")
                   + " ".join(f"{series['cosine_with_controls'][c][i]:+14.4f}" for c in controls)
                   + f" {series['cosine_with_largest_rank'][i]:+9.4f}")
+        print("what the updates do at the steered layer on the held-out answers (mean-change cosine, norm ratio; per-token "
+              "cosine), and the per-module cosines with the persona diff (median |cos|, 90th percentile):")
+        for i, rank in enumerate(series["ranks"]):
+            parts = []
+            for pair, values in series["functional"].items():
+                c = values[i]
+                parts.append(f"{pair}: " + ("–" if c is None else f"{c['mean_change_cosine']:+.3f}, ×{c['mean_change_norm_ratio']:.2f}; "
+                                                                  f"{c['per_token_cosine_mean']:+.3f}"))
+            spread = series["module_cosines_with_persona_diff"][i]
+            modules = "–" if not spread or not spread["modules"] else \
+                f"{spread['abs_cosine_quantiles']['q50']:.4f}, {spread['abs_cosine_quantiles']['q90']:.4f} ({spread['modules']} modules)"
+            print(f"{rank:5d} " + " | ".join(parts) + f" | module |cos| {modules}")
 

@@ -1,9 +1,15 @@
 """Experiment 3, preventative steering: the training configs of the sweep, and its summary.
 
-`training_configs` makes one config per run: one without prevention, a control finetune on the
-model's own unprompted answers (the drift any finetuning causes), then one per kind (lora,
-activation) and coefficient. One training seed per run: the errors are the measurement's, not
-training's (Exp 2's reseeded replicates show the training-seed spread). `summarize` reads each
+`training_configs` makes one config per run: one without prevention, a control finetune trained
+alike on other data (the trait's neg-prompted answers, or another trait's data: the drift any
+finetuning causes; the model's own unprompted answers would be flat by construction), then one per
+kind (lora, activation) and coefficient of the sweep. Every run shares one training seed (the same
+initialisation and data order), so the runs differ only in their steering and data; the errors are
+the measurement's, not training's (Exp 2's replicates show the training-seed spread). Every run
+holds out the same questions' answers (training.py's heldout_questions) and reports, from its
+finetune_report.json, its update's Frobenius norm ‖W_ft − W‖_F (one norm over all modules) and its
+held-out loss on the plain model after the steering is removed, beside the base model's: did it
+learn the task it was trained on, or did the prevention stop the learning? `summarize` reads each
 run's evaluation summary (eval_<run>), A/B summary (ab_<run>, if any) and MMLU JSON, and the base
 model's. Drift = finetune − base, paired by question (the same held-out questions and sampling
 seeds) for the judged score, coherence and the judge-free margin, by item for A/B and MMLU; each
@@ -24,17 +30,19 @@ from eval.stats import mean_and_sem, sign_flip_test
 from io_utils import PersonaLoRAError, read_json_object
 
 DRIFT_SHOWN_SIGMAS = 3.0
-TRAINING = {"method": "lora", "rank": 8, "alpha": 16, "epochs": 2, "learning_rate": 5e-4, "batch_size": 8, "max_length": 256, "seed": 0}
+TRAINING = {"method": "lora", "rank": 8, "alpha": 16, "epochs": 2, "learning_rate": 5e-4, "batch_size": 8, "max_length": 256, "seed": 0,
+            "heldout_questions": 8}
+DEFAULT_COEFS = [-1.0, 0.25, 0.5, 1.0, 2.0]  # four strengths toward the trait, one away
 
 
 def training_configs(model: str | None, training_file: str, control_file: str | None, lora_diff_path: str, vector_path: str,
                      layer: int, coefs: list[float], n: int, training: dict, ckpt_dir: str) -> dict[str, dict]:
-    """The sweep's training configs by run name, in run order: no prevention, the control (when
-    control_file is given), then lora and activation steering at each coefficient."""
+    """The sweep's training configs by run name, in run order: no prevention, the control on
+    control_file's other data (when given), then lora and activation steering at each coefficient."""
     base = {"model": model, "training_file": training_file, **TRAINING, "max_examples": n, **training,
             "monitor": {"lora_diff_path": lora_diff_path, "every": 4}}
     runs = {"none": None}
-    if control_file:  # the same finetuning on the model's own unprompted answers: drift that any finetuning causes
+    if control_file:  # the same finetuning on other data: the drift that any finetuning causes
         runs["control"] = None
     for coef in coefs:
         runs[f"lora_{coef:+g}"] = {"type": "lora", "lora_diff_path": lora_diff_path, "coef": coef}
@@ -132,13 +140,20 @@ def summarize(out: Path, trait: str) -> dict:
         monitor_path = Path(settings["output_dir"]) / "monitor.json"
         monitor = json.loads(monitor_path.read_text()) if monitor_path.is_file() else []
         final = next((m for m in monitor if m.get("final")), None)
+        report_path = Path(settings["output_dir"]) / "finetune_report.json"
+        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        heldout = report.get("heldout") or {}
         drift = versus(evaluations, choices, mmlus, trait, name, "base")
         runs[name] = {"kind": steering["type"] if steering else name, "coef": steering["coef"] if steering else 0.0,
                       "training_file": settings.get("training_file"), "seed": settings.get("seed"),
                       "trait": evaluations[name][f"{trait}_mean"], "coherence": evaluations[name]["coherence_mean"],
                       "margin": evaluations[name].get("margin_mean"), "mmlu": mmlus[name]["accuracy"],
                       **{key: drift[measure] for measure, key in MEASURES.items()},
-                      "final_projection": final["projection"] if final else None, "final_cosine": final["cosine"] if final else None}
+                      "final_projection": final["projection"] if final else None, "final_cosine": final["cosine"] if final else None,
+                      "update_norm": (report.get("update") or {}).get("norm"),
+                      "heldout_loss": heldout.get("loss"), "heldout_loss_base": heldout.get("base_loss"),
+                      "heldout_loss_change": heldout.get("change"), "heldout_examples": heldout.get("examples"),
+                      "heldout_questions": heldout.get("questions")}
     none = runs["none"]
     for name, run in runs.items():  # prevention: each setting against the unprevented finetune, paired
         if name not in ("none", "control"):
@@ -147,11 +162,19 @@ def summarize(out: Path, trait: str) -> dict:
              if none[key] is not None}
     drift_shown = {measure: bool(sigmas >= DRIFT_SHOWN_SIGMAS) for measure, sigmas in shown.items()}
     assessable = drift_shown.get("margin", False)
+    heldout_sets = {tuple(r["heldout_questions"]) for name, r in runs.items() if name != "control" and r["heldout_questions"]}
+    if len(heldout_sets) > 1:
+        raise PersonaLoRAError("the finetunes held out different questions: their held-out losses do not compare; rerun them alike")
     return {"trait": trait, "judge": base["judge"], "judge_quality": base["judge_quality"],
             "base": {"trait": base[f"{trait}_mean"], "trait_sem": base[f"{trait}_sem"], "coherence": base["coherence_mean"],
                      "margin": base.get("margin_mean"), "mmlu": mmlus["base"]["accuracy"],
                      "mmlu_questions": mmlus["base"]["questions"]},
-            "runs": runs, "errors": "drifts are finetune − base and prevention effects setting − unprevented finetune, paired "
+            "runs": runs,
+            "update_norm": "‖W_ft − W‖_F: one Frobenius norm over all modules of the saved finetune's update",
+            "heldout_loss": "mean next-token loss (nats/token) on the answers to held-out finetuning questions never trained "
+                            "on (the control: on its own data's), on the plain model + finetune after the steering was "
+                            "removed; heldout_loss_change = finetune − base model",
+            "errors": "drifts are finetune − base and prevention effects setting − unprevented finetune, paired "
                                     "by question (A/B and MMLU: by item), with sign-flip p-values; one training seed per "
                                     "setting, so the errors are those of the measurement, not of training",
             "unprevented_drift_sigmas": shown, "drift_shown": drift_shown,
@@ -195,7 +218,7 @@ def plot_drift(path: Path, summary: dict) -> None:
                     label=f"no prevention ({none[key]['mean']:+.3g} ± {none[key]['sem']:.2g}, p {none[key]['p']:.2g})")
         if "control" in runs:
             top.axhline(runs["control"][key]["mean"], color="green", linestyle=":",
-                        label=f"control: own answers ({runs['control'][key]['mean']:+.3g} ± {runs['control'][key]['sem']:.2g})")
+                        label=f"control: other data ({runs['control'][key]['mean']:+.3g} ± {runs['control'][key]['sem']:.2g})")
         top.set(ylabel=f"{label}: finetune − base", xlabel="steering coefficient during finetuning")
         bottom.set(ylabel=f"{label}: setting − no prevention", xlabel="steering coefficient during finetuning")
         for axis in (top, bottom):
@@ -222,12 +245,15 @@ def print_summary(summary: dict) -> None:
     def shown(value: dict | None, digits: int) -> str:
         return "—" if value is None else f"{value['mean']:+.{digits}f} ± {value['sem']:.{digits}f} (p {value['p']:.2g})"
 
-    print("drift from the base model:")
+    def number(value, form: str) -> str:
+        return "—" if value is None else format(value, form)
+
+    print("drift from the base model; the finetune's ‖W_ft − W‖_F and held-out loss (finetune − base, nats/token):")
     for name, r in summary["runs"].items():
-        projection = "—" if r["final_projection"] is None else f"{r['final_projection']:+.4f}"
         print(f"  {name:16s} {trait} {shown(r['drift'], 2)}  coherence {shown(r['coherence_drift'], 2)}  "
               f"margin {shown(r['margin_drift'], 4)}  A/B {shown(r['ab_drift'], 3)}  MMLU {shown(r['mmlu_change'], 3)}  "
-              f"final projection {projection}")
+              f"final projection {number(r['final_projection'], '+.4f')}  norm {number(r['update_norm'], '.4f')}  "
+              f"held-out loss {number(r['heldout_loss'], '.4f')} ({number(r['heldout_loss_change'], '+.4f')})")
     print("prevention, setting − no prevention:")
     for name, h in summary["headline"].items():
         v = h["vs_no_prevention"]
