@@ -108,8 +108,9 @@ def parse_args():
     judging.add_argument("--judge_model", default=DEFAULT_OPENAI_JUDGE)
     public = parser.add_argument_group("a public A/B set as the source, instead of prompted answers")
     public.add_argument("--ab_source", default=None,
-                        help="an A/B file in the public format (e.g. dataset/external/caa/generate/sycophancy/generate_dataset.json): "
-                             "pos/neg adapters on its matching/non-matching answers, the vector at the answer letter")
+                        help="an A/B file in the public format (e.g. dataset/external/caa/generate/sycophancy/generate_dataset.json), "
+                             "or 'public' for the one the trait links (dataset/<trait>/public_ab.json): pos/neg adapters on its "
+                             "matching/non-matching answers, the vector at the answer letter")
     public.add_argument("--ab_eval_fraction", type=unit_interval, default=0.25,
                         help="the share of the file's questions held out for evaluation (written to ab_evaluation.jsonl)")
     public.add_argument("--ab_split_seed", type=non_negative_int, default=0,
@@ -201,6 +202,12 @@ def check_same_source(args) -> None:
 def ab_source_plan(args) -> dict:
     """The A/B file's items, the seeded split and the letter-balanced extraction items, checked
     before the model loads: no question on both sides, none that a trait of dataset/ measures."""
+    if args.ab_source == "public":
+        trait = load_trait(args.trait) if args.trait in available_traits() else None
+        if trait is None or trait.public_ab is None:
+            raise PersonaLoRAError(f"--ab_source public: '{args.trait}' links no public A/B set (dataset/{args.trait}/public_ab.json); "
+                                   "give the A/B file's path")
+        args.ab_source = str(trait.public_ab)
     items = load_ab_source(args.ab_source)
     split = split_ab_items(items, args.ab_eval_fraction, args.ab_split_seed)
     used = split.extraction[:args.ab_max_items] if args.ab_max_items else split.extraction

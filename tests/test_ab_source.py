@@ -11,7 +11,7 @@ from conftest import ROOT, run_main, run_script
 import lora_utils as lu
 from eval.ab import load_ab_items
 from eval.ab_source import ab_records, balance_letters, question_key, split_ab_items
-from io_utils import read_jsonl
+from io_utils import file_identity, read_jsonl
 
 CAA = ROOT / "dataset" / "external" / "caa" / "generate"
 SYCOPHANCY = CAA / "sycophancy" / "generate_dataset.json"
@@ -74,7 +74,7 @@ def test_writes_the_diff_the_vector_and_a_manifest_with_the_source_hash_and_spli
         assert (out / name).is_file(), name
     assert vector_path.is_file() and not (out / "data").exists() and not (out / "judge_data").exists()
     source = json.loads((out / "manifest.json").read_text())["source"]
-    assert source["ab_source"]["sha256"] == lu_sha256(small_source) and source["items"] == 24
+    assert source["ab_source"]["sha256"] == file_identity(small_source)["sha256"] and source["items"] == 24
     split = source["split"]
     assert len(split["evaluation_items"]) == 6 and len(split["extraction_items"]) == 18
     assert not set(split["evaluation_items"]) & set(split["extraction_items"])
@@ -88,12 +88,6 @@ def test_writes_the_diff_the_vector_and_a_manifest_with_the_source_hash_and_spli
     assert source["letter_balance"]["after"]["matching_first"] == 9
     diff = lu.load_lora_diff(out / "sycophancy_lora_diff.pt")
     assert diff.norm() > 0 and diff.metadata["source"]["kind"] == "ab"
-
-
-def lu_sha256(path):
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_vector_is_the_mean_difference_at_the_answer_letter(extracted, tiny_model_dir):
@@ -189,3 +183,17 @@ def test_an_ab_extraction_never_overwrites_a_prompt_derived_one(tiny_model_dir, 
     code, _, err = run_main("extract_persona_lora", "--model", tiny_model_dir, "--trait", "sycophancy", "--ab_source", small_source,
                             "--fewshot", "2", "--output_dir", tmp_path / "fresh", *FAST)
     assert code == 2 and "--ab_source trains on the file's own answers" in err
+
+
+def test_three_traits_link_their_public_counterpart_and_public_resolves_to_it(tiny_model_dir, tmp_path):
+    from eval.traits import load_trait
+
+    linked = {name: load_trait(name).public_ab for name in ("sycophancy", "hallucination", "corrigibility", "evil")}
+    assert linked == {"sycophancy": SYCOPHANCY, "hallucination": CAA / "hallucination" / "generate_dataset.json",
+                      "corrigibility": CAA / "corrigible-neutral-HHH" / "generate_dataset.json", "evil": None}
+    code, _, err = run_main("extract_persona_lora", "--model", tiny_model_dir, "--trait", "evil", "--ab_source", "public",
+                            "--output_dir", tmp_path / "x", *FAST)
+    assert code == 2 and "'evil' links no public A/B set" in err
+    code, _, err = run_main("extract_persona_lora", "--model", tiny_model_dir, "--trait", "sycophancy", "--ab_source", "public",
+                            "--ab_eval_fraction", "0.001", "--output_dir", tmp_path / "x", *FAST)
+    assert code == 2 and "leaves 0 of 400 questions for evaluation" in err and not (tmp_path / "x").exists()
