@@ -178,25 +178,36 @@ def extraction_source(args) -> dict:
     return {"kind": "ab", "ab_source": file_identity(args.ab_source)}
 
 
+def previous_summary(output_dir) -> dict | None:
+    """An earlier extraction's summary.json in output_dir, or None (also when unreadable: it then
+    records nothing to protect)."""
+    path = Path(output_dir) / "summary.json"
+    try:
+        return read_json_object(path, "extraction summary") if path.is_file() else None
+    except PersonaLoRAError:
+        return None
+
+
+def source_kind(summary: dict) -> str:
+    return (summary.get("source") or {"kind": "prompts"})["kind"]  # summaries before --ab_source record none
+
+
 def check_same_source(args) -> None:
     """Refuse to write an A/B-derived persona over a prompt-derived one (or the reverse): both
-    sources of one trait are meant to sit side by side, in two folders."""
-    summary_path = Path(args.output_dir) / "summary.json"
-    try:
-        previous = read_json_object(summary_path, "extraction summary") if summary_path.is_file() else None
-    except PersonaLoRAError:
-        previous = None  # an unreadable summary records nothing to protect
+    sources of one trait are meant to sit side by side, in two folders, with two vectors."""
     kind = extraction_source(args)["kind"]
-    if previous is not None and (previous.get("source") or {"kind": "prompts"})["kind"] != kind:
+    previous = previous_summary(args.output_dir)
+    if previous is not None and source_kind(previous) != kind:
         made = "prompted answers" if kind == "ab" else "an A/B file"
         raise PersonaLoRAError(f"--output_dir {args.output_dir} holds a persona extracted from {made}; give the "
                                f"{'--ab_source' if kind == 'ab' else 'prompt-derived'} extraction its own --output_dir "
                                "(and --vector_output_path)")
-    vector = Path(args.vector_output_path)
-    recorded = (previous or {}).get("activation_vector", {}).get("path")
-    if kind == "ab" and vector.is_file() and recorded != str(args.vector_output_path):
-        raise PersonaLoRAError(f"--vector_output_path {vector} exists and was not written by an --ab_source extraction into "
-                               f"{args.output_dir} (the prompt-derived vector?); give this one its own --vector_output_path")
+    prompted = previous_summary(default_persona_paths(args.model, args.trait)[0].parent)
+    prompted_vector = ((prompted or {}).get("activation_vector") or {}).get("path")
+    if (kind == "ab" and prompted is not None and source_kind(prompted) == "prompts" and prompted_vector
+            and Path(prompted_vector).resolve() == Path(args.vector_output_path).resolve()):
+        raise PersonaLoRAError(f"--vector_output_path {args.vector_output_path} is the prompt-derived vector of '{args.trait}'; "
+                               "give the --ab_source extraction its own --vector_output_path")
 
 
 def ab_source_plan(args) -> dict:

@@ -133,6 +133,16 @@ def test_held_out_items_score_under_coefficients(extracted, tiny_model_dir, tmp_
     assert "balanced_p_matching_both_orders_sem" in summary["conditions"][1]["change_vs_baseline"]
 
 
+def test_rerun_reuses_the_adapters_the_vector_and_the_diff(extracted, tiny_model_dir, small_source):
+    out, vector_path = extracted
+    diff_bytes = (out / "sycophancy_lora_diff.pt").read_bytes()
+    code, stdout, err = run_main("extract_persona_lora", "--model", tiny_model_dir, "--trait", "sycophancy", "--ab_source", small_source,
+                                 "--output_dir", out, "--vector_output_path", vector_path, *FAST)
+    assert code == 0, err
+    assert stdout.count("reusing") == 3 and "is unchanged (same adapters): kept" in stdout
+    assert (out / "sycophancy_lora_diff.pt").read_bytes() == diff_bytes
+
+
 def test_a_new_behaviour_name_needs_no_trait_folder(tiny_model_dir, small_source, tmp_path):
     out = tmp_path / "flattery"
     code, stdout, err = run_main("extract_persona_lora", "--model", tiny_model_dir, "--trait", "flattery", "--ab_source", small_source,
@@ -169,19 +179,20 @@ def test_bad_source_is_refused_before_a_model_loads(tiny_model_dir, tmp_path, mo
 
 
 def test_an_ab_extraction_never_overwrites_a_prompt_derived_one(tiny_model_dir, small_source, tmp_path):
-    prompted = tmp_path / "sycophancy"
-    prompted.mkdir()
-    (prompted / "summary.json").write_text(json.dumps({"trait": "sycophancy", "activation_vector": {"path": "v.pt"}}))
-    code, _, err = run_main("extract_persona_lora", "--model", tiny_model_dir, "--trait", "sycophancy", "--ab_source", small_source,
-                            "--output_dir", prompted, *FAST)
+    """Run from tmp_path, where the default persona_loras/<model>/sycophancy holds a prompt-derived extraction."""
+    prompted = tmp_path / "persona_loras" / tiny_model_dir.name / "sycophancy"
+    prompted.mkdir(parents=True)
+    vector = tmp_path / "persona_vectors" / tiny_model_dir.name / "sycophancy_response_avg_diff.pt"
+    vector.parent.mkdir(parents=True)
+    vector.write_bytes(b"the prompt-derived vector")
+    (prompted / "summary.json").write_text(json.dumps({"trait": "sycophancy", "activation_vector": {"path": str(vector)}}))
+    flags = ["--model", tiny_model_dir, "--trait", "sycophancy", "--ab_source", small_source, *FAST]
+    code, _, err = run_main("extract_persona_lora", *flags, cwd=tmp_path)
     assert code == 2 and "holds a persona extracted from prompted answers" in err
-    vector = tmp_path / "prompted_vector.pt"
-    vector.write_bytes(b"not ours")
-    code, _, err = run_main("extract_persona_lora", "--model", tiny_model_dir, "--trait", "sycophancy", "--ab_source", small_source,
-                            "--output_dir", tmp_path / "fresh", "--vector_output_path", vector, *FAST)
-    assert code == 2 and "was not written by an --ab_source extraction" in err and vector.read_bytes() == b"not ours"
-    code, _, err = run_main("extract_persona_lora", "--model", tiny_model_dir, "--trait", "sycophancy", "--ab_source", small_source,
-                            "--fewshot", "2", "--output_dir", tmp_path / "fresh", *FAST)
+    code, _, err = run_main("extract_persona_lora", *flags, "--output_dir", tmp_path / "public", cwd=tmp_path)
+    assert code == 2 and "is the prompt-derived vector of 'sycophancy'" in err
+    assert vector.read_bytes() == b"the prompt-derived vector" and not (tmp_path / "public").exists()
+    code, _, err = run_main("extract_persona_lora", *flags, "--fewshot", "2", "--output_dir", tmp_path / "public", cwd=tmp_path)
     assert code == 2 and "--ab_source trains on the file's own answers" in err
 
 
