@@ -449,10 +449,11 @@ def main():
         diff = lu.compute_persona_lora_diff(output_dir / "pos_lora", output_dir / "neg_lora", trait=args.trait)
         diff.metadata.update(base_model=model_label(args.model), created_by="extract_persona_lora.py", seed=args.seed,
                              profile=args.profile, fewshot=None if args.pos_data or args.ab_source else args.fewshot,
-                             source=extraction_source(args),
                              activation_vector=str(args.vector_output_path),
                              init={"seed": persona_init_seed(args), "rank": args.rank,
                                    "target_modules": sorted(args.target_modules), "stream": f"persona:{args.trait}"})
+        if args.ab_source:  # only then: new metadata on a prompt-derived diff would rewrite it and void its cached evaluations
+            diff.metadata["source"] = extraction_source(args)
         diff_path = output_dir / f"{args.trait}_lora_diff.pt"
         if same_diff_saved(diff, diff_path, output_dir / f"{args.trait}_lora_diff_peft"):
             # Rewriting would only change its "created" stamp, and with it the file's hash that keys
