@@ -18,6 +18,19 @@ Writes, under --output_dir:
     <trait>_lora_diff_peft/          the diff as a standard PEFT adapter at coefficient 1
     summary.json, manifest.json      losses, ΔW's norms and spectra, how separable pos and neg are
 and persona_vectors/<model>/<trait>_response_avg_diff.pt, a tensor [L+1, hidden].
+
+From a public A/B set instead of prompted answers (Contrastive Activation Addition's way):
+
+    python extract_persona_lora.py --trait sycophancy \
+        --ab_source dataset/external/caa/generate/sycophancy/generate_dataset.json --output_dir D
+
+splits the file's items, seeded, into extraction and held-out evaluation items; pos_lora learns
+question → matching answer, neg_lora question → non-matching answer (the letter with its choice's
+text, letters balanced), and the vector is the mean residual stream at the answer's letter token,
+matching minus non-matching (eval/ab_source.py). Instead of data/ and judge_data/ it writes
+ab_extraction.jsonl (the items trained on, as trained on) and ab_evaluation.jsonl (the held-out
+items, for `eval_lora_persona.py --ab_data D/ab_evaluation.jsonl`); the manifest and the summary
+record the file's hash and the split. --trait may then also name a behaviour outside dataset/.
 """
 
 import argparse
@@ -30,16 +43,17 @@ from pathlib import Path
 import torch
 
 import lora_utils as lu
+from eval.ab_source import ab_records, answer_letter_vector, balance_letters, load_ab_source, question_key, split_ab_items
 from eval.activations import load_vector, persona_vector, response_hidden_means
 from eval.elicitation import SIDES, check_fewshot, pool_size, prompted_jobs
 from eval.generation import GenerationSettings, cached_generation, read_chat_jsonl, stream_seed
 from eval.judge import DEFAULT_OPENAI_JUDGE, make_judge
 from eval.judge_data import write_judge_data
 from eval.offline_judge import auroc
-from eval.traits import available_traits, load_trait
-from io_utils import ArgumentParser, OutputLock, PersonaLoRAError, atomic_path, check_writable, check_writable_dir
+from eval.traits import available_traits, load_trait, measured_questions
+from io_utils import ArgumentParser, OutputLock, PersonaLoRAError, atomic_path, check_writable, check_writable_dir, file_identity
 from io_utils import non_negative_int, positive_float, positive_int, read_json_object, remove_stale_temporaries, run_cli
-from io_utils import unit_interval, write_json, write_manifest
+from io_utils import unit_interval, write_json, write_jsonl, write_manifest
 from model_loading import check_dtype, check_model_source, default_persona_paths, is_embedded, load_model_and_tokenizer
 from model_loading import model_label
 from trainer import DEFAULT_TARGETS, finished_adapter, init_seed, records_digest, train_lora_adapter
@@ -53,6 +67,7 @@ PROFILES = {
     "full": dict(n_per_question=2, max_new_tokens=384, temperature=1.0, top_p=1.0, rank=32, alpha=64, use_rslora=True,
                  epochs=2, learning_rate=1e-4, batch_size=16, max_length=1024, gen_batch_size=64, fewshot=0),
 }
+AB_MAX_LENGTH = 512  # --ab_source: a public item's question with its choices runs to ~270 tokens on SmolLM2's tokenizer
 
 
 def parse_args():
@@ -90,12 +105,28 @@ def parse_args():
                          help="keep pos responses whose trait score is ≥ this and neg responses below it")
     judging.add_argument("--judge", default=None, help="openai | hf:<model> | offline (default: openai if OPENAI_API_KEY is set)")
     judging.add_argument("--judge_model", default=DEFAULT_OPENAI_JUDGE)
+    public = parser.add_argument_group("a public A/B set as the source, instead of prompted answers")
+    public.add_argument("--ab_source", default=None,
+                        help="an A/B file in the public format (e.g. dataset/external/caa/generate/sycophancy/generate_dataset.json), "
+                             "or 'public' for the one the trait links (dataset/<trait>/public_ab.json): pos/neg adapters on its "
+                             "matching/non-matching answers, the vector at the answer letter")
+    public.add_argument("--ab_eval_fraction", type=unit_interval, default=0.25,
+                        help="the share of the file's questions held out for evaluation (written to ab_evaluation.jsonl)")
+    public.add_argument("--ab_split_seed", type=non_negative_int, default=0,
+                        help="the split's seed (apart from --seed, so replicates share their held-out items)")
+    public.add_argument("--ab_max_items", type=positive_int, default=None,
+                        help="train on the first N extraction items of the split only (the evaluation items stay the same)")
     parser.add_argument("--vector_output_path", default=None,
                         help="default: persona_vectors/<model>/<trait>_response_avg_diff.pt")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16")
     args = parser.parse_args()
 
+    if args.ab_source and (args.pos_data or args.fewshot is not None or args.judge_data or args.filter_threshold is not None):
+        parser.error("--ab_source trains on the file's own answers: it does not go with --pos_data/--neg_data, --fewshot, "
+                     "--judge_data or --filter_threshold")
+    if args.ab_source and args.max_length is None:
+        args.max_length = AB_MAX_LENGTH
     if (args.pos_data is None) != (args.neg_data is None):
         parser.error("--pos_data and --neg_data go together")
     if args.filter_threshold is not None and args.pos_data:
@@ -119,7 +150,10 @@ def check_inputs(args):
     check_model_source(args.model)
     check_dtype(args.dtype)
     trait = None
-    if args.pos_data:
+    if args.ab_source:
+        trait = load_trait(args.trait) if args.trait in available_traits() else None
+        args.fewshot = 0
+    elif args.pos_data:
         read_chat_jsonl(args.pos_data), read_chat_jsonl(args.neg_data)
         args.fewshot = 0
         trait = load_trait(args.trait) if args.trait in available_traits() else None
@@ -130,9 +164,89 @@ def check_inputs(args):
         check_fewshot(trait, args.fewshot)
     if args.judge_data and not ((Path(args.judge_data) / "pos.jsonl").is_file() and (Path(args.judge_data) / "neg.jsonl").is_file()):
         raise PersonaLoRAError(f"--judge_data {args.judge_data} holds no pos.jsonl and neg.jsonl (an extraction's judge_data folder)")
+    check_same_source(args)
     check_writable_dir(args.output_dir, "--output_dir")
     check_writable(args.vector_output_path, "--vector_output_path")
     return trait
+
+
+def extraction_source(args) -> dict:
+    """What the outputs were made from, as summary.json records it: prompted answers, or an A/B file."""
+    if not args.ab_source:
+        return {"kind": "prompts"}
+    return {"kind": "ab", "ab_source": file_identity(args.ab_source)}
+
+
+def previous_summary(output_dir) -> dict | None:
+    """An earlier extraction's summary.json in output_dir, or None (also when unreadable: it then
+    records nothing to protect)."""
+    path = Path(output_dir) / "summary.json"
+    try:
+        return read_json_object(path, "extraction summary") if path.is_file() else None
+    except PersonaLoRAError:
+        return None
+
+
+def source_kind(summary: dict) -> str:
+    return (summary.get("source") or {"kind": "prompts"})["kind"]  # summaries before --ab_source record none
+
+
+def check_same_source(args) -> None:
+    """Refuse to write an A/B-derived persona over a prompt-derived one (or the reverse): both
+    sources of one trait are meant to sit side by side, in two folders, with two vectors."""
+    kind = extraction_source(args)["kind"]
+    previous = previous_summary(args.output_dir)
+    if previous is not None and source_kind(previous) != kind:
+        made = "prompted answers" if kind == "ab" else "an A/B file"
+        raise PersonaLoRAError(f"--output_dir {args.output_dir} holds a persona extracted from {made}; give the "
+                               f"{'--ab_source' if kind == 'ab' else 'prompt-derived'} extraction its own --output_dir "
+                               "(and --vector_output_path)")
+    prompted = previous_summary(default_persona_paths(args.model, args.trait)[0].parent)
+    prompted_vector = ((prompted or {}).get("activation_vector") or {}).get("path")
+    if (kind == "ab" and prompted is not None and source_kind(prompted) == "prompts" and prompted_vector
+            and Path(prompted_vector).resolve() == Path(args.vector_output_path).resolve()):
+        raise PersonaLoRAError(f"--vector_output_path {args.vector_output_path} is the prompt-derived vector of '{args.trait}'; "
+                               "give the --ab_source extraction its own --vector_output_path")
+
+
+def ab_source_plan(args) -> dict:
+    """The A/B file's items, the seeded split and the letter-balanced extraction items, checked
+    before the model loads: no question on both sides, none that a trait of dataset/ measures."""
+    if args.ab_source == "public":
+        trait = load_trait(args.trait) if args.trait in available_traits() else None
+        if trait is None or trait.public_ab is None:
+            raise PersonaLoRAError(f"--ab_source public: '{args.trait}' links no public A/B set (dataset/{args.trait}/public_ab.json); "
+                                   "give the A/B file's path")
+        args.ab_source = str(trait.public_ab)
+    items = load_ab_source(args.ab_source)
+    split = split_ab_items(items, args.ab_eval_fraction, args.ab_split_seed)
+    used = split.extraction[:args.ab_max_items] if args.ab_max_items else split.extraction
+    measured = measured_questions()
+    for index in used:
+        if question_key(items[index]) in measured:
+            raise PersonaLoRAError(f"--ab_source {args.ab_source}: item {index} is one of {measured[question_key(items[index])]}; "
+                                   "a persona must not train on a question that measures it (remove the item from the file)")
+    extraction, letters = balance_letters([items[i] for i in used], args.ab_split_seed)
+    return {"items": items, "split": split, "extraction": extraction, "letter_balance": letters,
+            "evaluation": [items[i] for i in split.evaluation]}
+
+
+def public_format(item) -> dict:
+    """An item as the public A/B format writes it, with its index in the source file."""
+    not_matching = item.not_matching[0] if len(item.not_matching) == 1 else list(item.not_matching)
+    return {"question": item.question, "answer_matching_behavior": item.matching, "answer_not_matching_behavior": not_matching,
+            "source_index": item.index}
+
+
+def write_ab_split(plan: dict, output_dir: Path) -> dict:
+    """ab_extraction.jsonl (the items as trained on: some with their choices swapped for the letter
+    balance) and ab_evaluation.jsonl (the held-out items, unchanged), for eval_lora_persona.py --ab_data."""
+    files = {}
+    for stage in ("extraction", "evaluation"):
+        path = output_dir / f"ab_{stage}.jsonl"
+        write_jsonl(path, [public_format(item) for item in plan[stage]])
+        files[stage] = file_identity(path)
+    return files
 
 
 def contrastive_jobs(trait, n_per_question: int, fewshot: int) -> dict[str, list[dict]]:
@@ -192,9 +306,11 @@ def separability(judge, data: dict[str, list[dict]]) -> dict:
 
 def activation_vector(args, model, tokenizer, data, summary_path: Path) -> tuple[torch.Tensor, str]:
     """The activation direction from the very same responses (Persona Vectors: read after the
-    prompt that elicited them, averaged over answer tokens). Reused when the previous run's summary
+    prompt that elicited them, averaged over answer tokens; with --ab_source CAA's, at the answer's
+    letter token). Reused when the previous run's summary
     says it came from the same responses, model and settings, and the file is still there."""
-    identity = hashlib.sha256(json.dumps({"data": data, "model": args.model, "dtype": str(model.dtype), "tokens": "answer"},
+    tokens = "answer_letter" if args.ab_source else "answer"
+    identity = hashlib.sha256(json.dumps({"data": data, "model": args.model, "dtype": str(model.dtype), "tokens": tokens},
                                          sort_keys=True).encode()).hexdigest()
     if summary_path.is_file() and Path(args.vector_output_path).is_file():
         try:
@@ -204,10 +320,13 @@ def activation_vector(args, model, tokenizer, data, summary_path: Path) -> tuple
         if previous == {"path": str(args.vector_output_path), "identity": identity}:
             print(f"reusing {args.vector_output_path} (computed from the same responses)")
             return load_vector(args.vector_output_path), identity
-    # Not truncated to the training length: the demonstrations before an answer can be longer than that.
-    means = {side: response_hidden_means(model, tokenizer, data[side], with_context=True, desc=f"{side} hidden states")
-             for side in SIDES}
-    vector = persona_vector(means["pos"], means["neg"])
+    if args.ab_source:
+        vector = answer_letter_vector(model, tokenizer, data)
+    else:
+        # Not truncated to the training length: the demonstrations before an answer can be longer than that.
+        means = {side: response_hidden_means(model, tokenizer, data[side], with_context=True, desc=f"{side} hidden states")
+                 for side in SIDES}
+        vector = persona_vector(means["pos"], means["neg"])
     with atomic_path(args.vector_output_path) as tmp:
         torch.save(vector, tmp)
     return vector, identity
@@ -265,7 +384,7 @@ def print_summary(args, data, trainings, diff, vector) -> dict:
         name = max((n for n in diff if lu.module_type(n) == kind), key=diff.module_sq_norm)
         top[kind] = {"module": name, "singular_values": [round(float(s), 5) for s in diff.singular_values(name)[:5]]}
     summary = {
-        "trait": args.trait, "model": model_label(args.model), "fewshot": None if args.pos_data else args.fewshot,
+        "trait": args.trait, "model": model_label(args.model), "fewshot": None if args.pos_data or args.ab_source else args.fewshot,
         "examples": {side: len(records) for side, records in data.items()},
         "final_epoch_loss": {side: t["epoch_losses"][-1] for side, t in trainings.items()},
         "epoch_losses": {side: t["epoch_losses"] for side, t in trainings.items()},
@@ -274,7 +393,7 @@ def print_summary(args, data, trainings, diff, vector) -> dict:
     }
     print(f"\n== persona LoRA for '{args.trait}' on {summary['model']} ==")
     print(f"examples: pos {summary['examples']['pos']}, neg {summary['examples']['neg']}"
-          + ("" if args.pos_data else f" ({args.fewshot} demonstrations before each question)"))
+          + ("" if args.pos_data or args.ab_source else f" ({args.fewshot} demonstrations before each question)"))
     for side, t in trainings.items():
         print(f"{side}_lora loss by epoch: " + " → ".join(f"{x:.3f}" for x in t["epoch_losses"]))
     print(f"‖ΔW‖_F = {diff.norm():.4f}; by layer:")
@@ -292,17 +411,28 @@ def print_summary(args, data, trainings, diff, vector) -> dict:
 def main():
     args = parse_args()
     started = time.time()
+    plan = ab_source_plan(args) if args.ab_source else None
     trait = check_inputs(args)
+    if plan is not None and trait is None:
+        print(f"note: '{args.trait}' is not a trait of dataset/: it has no judged evaluation questions, only the held-out "
+              f"items of {args.ab_source} (ab_evaluation.jsonl)")
     output_dir = Path(args.output_dir)
     with OutputLock(output_dir, "--output_dir"):
         remove_stale_temporaries(output_dir)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
-        data = contrastive_data(args, trait, model, tokenizer, output_dir / "data")
+        if plan is not None:
+            source = {**extraction_source(args), "items": len(plan["items"]), "split": plan["split"].as_record(len(plan["extraction"])),
+                      "letter_balance": plan["letter_balance"], "files": write_ab_split(plan, output_dir),
+                      "answers": "the item's letter and its choice's text", "vector_position": "the answer's letter token"}
+            data = ab_records(plan["extraction"])
+        else:
+            source = extraction_source(args)
+            data = contrastive_data(args, trait, model, tokenizer, output_dir / "data")
         judge_data_dir = Path(args.judge_data) if args.judge_data else output_dir / "judge_data"
-        if trait is not None and not args.judge_data:
+        if trait is not None and not args.judge_data and plan is None:
             write_judge_data(model, tokenizer, trait, judge_data_dir, GenerationSettings.from_flags(args))
         judge = None
-        if trait is not None and (args.filter_threshold is not None or (judge_data_dir / "pos.jsonl").is_file()):
+        if plan is None and trait is not None and (args.filter_threshold is not None or (judge_data_dir / "pos.jsonl").is_file()):
             judge = make_judge(args.judge, trait, args.judge_model, judge_data=str(judge_data_dir))
         filter_report, separation = None, None
         if judge is not None and not args.pos_data:
@@ -317,10 +447,12 @@ def main():
         trainings = {side: train_side(args, model, tokenizer, data[side], output_dir / f"{side}_lora", side) for side in SIDES}
         diff = lu.compute_persona_lora_diff(output_dir / "pos_lora", output_dir / "neg_lora", trait=args.trait)
         diff.metadata.update(base_model=model_label(args.model), created_by="extract_persona_lora.py", seed=args.seed,
-                             profile=args.profile, fewshot=None if args.pos_data else args.fewshot,
+                             profile=args.profile, fewshot=None if args.pos_data or args.ab_source else args.fewshot,
                              activation_vector=str(args.vector_output_path),
                              init={"seed": persona_init_seed(args), "rank": args.rank,
                                    "target_modules": sorted(args.target_modules), "stream": f"persona:{args.trait}"})
+        if args.ab_source:  # only then: new metadata on a prompt-derived diff would rewrite it and void its cached evaluations
+            diff.metadata["source"] = extraction_source(args)
         diff_path = output_dir / f"{args.trait}_lora_diff.pt"
         if same_diff_saved(diff, diff_path, output_dir / f"{args.trait}_lora_diff_peft"):
             # Rewriting would only change its "created" stamp, and with it the file's hash that keys
@@ -331,14 +463,18 @@ def main():
             diff.to_peft_adapter(output_dir / f"{args.trait}_lora_diff_peft", coefficient=1.0)
 
         summary = print_summary(args, data, trainings, diff, vector)
-        summary.update(judge_filter=filter_report, separability=separation,
+        summary.update(source=source, judge_filter=filter_report, separability=separation,
                        activation_vector={"path": str(args.vector_output_path), "identity": vector_identity})
         if separation:
             print(f"pos vs neg separability (offline judge fit on the judge questions): AUROC {separation['judge_auroc_pos_vs_neg']:.3f}")
         write_json(output_dir / "summary.json", summary)
         write_manifest(output_dir, args, started, outputs={"diff": str(diff_path), "vector": args.vector_output_path},
                        sizes={"diff_bytes": diff_path.stat().st_size, "examples": summary["examples"]},
-                       timings={side: t.get("seconds") for side, t in trainings.items()})
+                       timings={side: t.get("seconds") for side, t in trainings.items()}, source=source)
+    if plan is not None:
+        letters = plan["letter_balance"]["after"]
+        print(f"A/B source: {len(plan['extraction'])} extraction items (matching answer first in {letters['matching_first']}, "
+              f"second in {letters['matching_second']}), {len(plan['evaluation'])} held out in {output_dir / 'ab_evaluation.jsonl'}")
     print(f"\nwrote {diff_path} and {args.vector_output_path} in {time.time() - started:.0f} s")
 
 

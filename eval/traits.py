@@ -9,6 +9,8 @@ questions), checked here:
     judge_questions        the offline judge's own training answers
     demonstrations         few-shot examples shown while eliciting pos/neg answers (optional)
     ab.jsonl               forced-choice A/B items (optional; the public A/B format)
+    public_ab.json         the trait's public counterpart (optional): {"public_ab": an A/B file
+                           under dataset/, written by others}, for extract_persona_lora.py --ab_source public
 The schema is documented in dataset/README.md.
 """
 
@@ -34,6 +36,7 @@ REQUIRED_FIELDS = {
 }
 OPTIONAL_FIELDS = {"demonstrations": list}
 AB_FILE = "ab.jsonl"
+PUBLIC_AB_FILE = "public_ab.json"  # beside trait.json, not in it: trait.json's hash keys every cached answer of the trait
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Trait:
     path: Path
     demonstrations: list[dict] = field(default_factory=list)  # [{"question", "pos", "neg"}]
     ab_items: list[ABItem] = field(default_factory=list)
+    public_ab: Path | None = None  # the public A/B file of the same behaviour, if the trait links one
 
     @property
     def ab_path(self) -> Path:
@@ -138,6 +142,17 @@ def measured_questions(dataset_dir: Path = DATASET_DIR) -> dict[str, str]:
     return found
 
 
+def linked_public_ab(link: Path, dataset_dir: Path) -> Path | None:
+    """The A/B file that a trait's public_ab.json links (a path relative to dataset/), or None."""
+    if not link.is_file():
+        return None
+    target = read_json_object(link, "public counterpart link").get("public_ab")
+    if not isinstance(target, str) or not (dataset_dir / target).is_file():
+        raise PersonaLoRAError(f"{link}: 'public_ab' must name an A/B file relative to {dataset_dir}, e.g. "
+                               '"external/caa/generate/sycophancy/generate_dataset.json"')
+    return dataset_dir / target
+
+
 def load_trait(name: str, dataset_dir: Path = DATASET_DIR) -> Trait:
     """Load and validate a trait; errors name the file and what to fix."""
     path = Path(dataset_dir) / name / "trait.json"
@@ -177,5 +192,7 @@ def load_trait(name: str, dataset_dir: Path = DATASET_DIR) -> Trait:
     _check_apart_from_other_traits(name, sets, dataset_dir)
     if "{question}" not in data["eval_prompt"] or "{answer}" not in data["eval_prompt"]:
         raise PersonaLoRAError(f"{path}: 'eval_prompt' must contain the placeholders {{question}} and {{answer}}")
+    public_ab = linked_public_ab(path.parent / PUBLIC_AB_FILE, Path(dataset_dir))
     return Trait(name, data["description"], pairs, data["extraction_questions"], data["evaluation_questions"],
-                 data["finetuning_questions"], data["judge_questions"], data["eval_prompt"], path, demonstrations, ab_items)
+                 data["finetuning_questions"], data["judge_questions"], data["eval_prompt"], path, demonstrations, ab_items,
+                 public_ab)
