@@ -164,7 +164,8 @@ def continuation_span(tokenizer, prompt: str, answer: str) -> tuple[list[int], i
 @torch.no_grad()
 def continuation_log_probs(model, tokenizer, spans: list[tuple[list[int], int]], batch_size: int = 16) -> list[float]:
     """log P(answer tokens | prompt) for each (ids, answer start), summed over the answer's tokens."""
-    scored = answer_token_log_probs(model, tokenizer.pad_token_id, [(ids, start, len(ids)) for ids, start in spans], batch_size)
+    scored = answer_token_log_probs(model, tokenizer.pad_token_id, [(ids, start, len(ids)) for ids, start in spans], batch_size,
+                                    desc="A/B items")
     return [float(values.sum()) for values in scored]
 
 

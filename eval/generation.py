@@ -149,7 +149,8 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 @torch.no_grad()
-def answer_token_log_probs(model, pad_id: int, spans: list[tuple[list[int], int, int]], batch_size: int = 8) -> list[torch.Tensor]:
+def answer_token_log_probs(model, pad_id: int, spans: list[tuple[list[int], int, int]], batch_size: int = 8,
+                           desc: str = "scoring answers") -> list[torch.Tensor]:
     """For each (token ids, answer start, answer end): the log-probability the model gives each of
     the answer's tokens given everything before it (teacher-forced, no sampling), in input order.
 
@@ -164,7 +165,8 @@ def answer_token_log_probs(model, pad_id: int, spans: list[tuple[list[int], int,
     device = model_device(model)
     results: list[torch.Tensor | None] = [None] * len(spans)
     order = sorted(range(len(spans)), key=lambda i: len(spans[i][0]))
-    for batch in (order[i:i + batch_size] for i in range(0, len(order), batch_size)):
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 4):
         input_ids, attention_mask = pad_right([spans[i][0] for i in batch], pad_id)
         starts, ends = [spans[i][1] for i in batch], [spans[i][2] for i in batch]
         # Position t predicts token t+1: from the earliest answer's first token to the latest's last.
