@@ -307,16 +307,23 @@ class StageClock:
 
     def __init__(self):
         self.stages: list[dict] = []
+        self._open: list[dict] = []
 
     @contextlib.contextmanager
     def stage(self, name: str, unit: str | None = None) -> Iterator[dict]:
-        """with STAGES.stage("generating pos", "tokens") as work: ... work["count"] += n"""
+        """with STAGES.stage("generating pos", "tokens") as work: ... work["count"] += n
+        A stage opened inside another (a judge's model loading while it scores) names it in
+        "within": its seconds are part of the outer stage's, not to be added to them."""
         work = {"stage": name, "seconds": 0.0, "unit": unit, "count": 0}
+        if self._open:
+            work["within"] = self._open[-1]["stage"]
+        self._open.append(work)
         started = time.perf_counter()
         try:
             yield work
         finally:
             work["seconds"] = round(time.perf_counter() - started, 3)
+            self._open.remove(work)
             self.stages.append(work)
 
 

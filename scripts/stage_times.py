@@ -18,6 +18,8 @@ def stage_rows(manifest: dict) -> list[tuple[str, float, str]]:
     covered (imports, checks, writing outputs)."""
     rows, quick, quick_seconds = [], 0, 0.0
     for stage in manifest.get("stages", []):
+        if stage.get("within"):
+            continue  # part of an outer stage's time (e.g. a judge loading its model while scoring)
         if stage["seconds"] < QUICK:
             quick, quick_seconds = quick + 1, quick_seconds + stage["seconds"]
             continue

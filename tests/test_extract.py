@@ -46,7 +46,7 @@ def test_writes_all_outputs(extracted):
         assert name in stages, sorted(stages)
     assert all(stages[name]["count"] > 0 and stages[name]["unit"] == "tokens"
                for name in ["generating pos", "training pos_lora", "pos hidden states"])
-    assert sum(s["seconds"] for s in manifest["stages"]) <= manifest["seconds"]
+    assert sum(s["seconds"] for s in manifest["stages"] if not s.get("within")) <= manifest["seconds"]
     code, stdout, _ = run_main("scripts.stage_times", out / "manifest.json")
     assert code == 0 and "generating pos" in stdout and "tokens/s" in stdout and "other (imports" in stdout
 

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -285,3 +286,21 @@ def test_independent_mergers_restore_in_any_order(adapter_pair):
     second.restore_original_weights()
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, original[n])]
     assert changed == [] and not first.touched_parameters()
+
+
+def test_stage_clock_records_nested_stages_within_their_outer_one():
+    """A stage opened inside another (a judge loading its model while scoring) is marked as within
+    it, so the breakdown does not count its seconds twice; stage_times skips it in the coverage."""
+    from io_utils import StageClock
+    from scripts.stage_times import stage_rows
+
+    clock = StageClock()
+    with clock.stage("judging", "answers") as outer:
+        outer["count"] = 10
+        with clock.stage("loading the model"):
+            time.sleep(0.6)
+    assert [s["stage"] for s in clock.stages] == ["loading the model", "judging"]
+    assert clock.stages[0]["within"] == "judging" and "within" not in clock.stages[1]
+    rows = stage_rows({"stages": clock.stages, "seconds": 1.0})
+    assert [name for name, _, _ in rows] == ["judging", "other (imports, checks, writing)"]
+    assert rows[1][1] == pytest.approx(1.0 - clock.stages[1]["seconds"])
