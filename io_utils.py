@@ -314,7 +314,7 @@ class StageClock:
         """with STAGES.stage("generating pos", "tokens") as work: ... work["count"] += n
         A stage opened inside another (a judge's model loading while it scores) names it in
         "within": its seconds are part of the outer stage's, not to be added to them."""
-        work = {"stage": name, "seconds": 0.0, "unit": unit, "count": 0}
+        work = {"stage": name, "seconds": 0.0, "unit": unit, "count": 0, "started": time.time()}
         if self._open:
             work["within"] = self._open[-1]["stage"]
         self._open.append(work)
@@ -346,7 +346,8 @@ def write_manifest(output_dir: str | os.PathLike, arguments, started_at: float, 
         },
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
         "seconds": round(time.time() - started_at, 2),
-        "stages": list(STAGES.stages),
+        # This run's stages only: a notebook or a test runs several stage scripts in one process.
+        "stages": [s for s in STAGES.stages if s["started"] >= started_at],
         **extra,
     }
     path = Path(output_dir) / name

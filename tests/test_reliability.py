@@ -304,3 +304,17 @@ def test_stage_clock_records_nested_stages_within_their_outer_one():
     rows = stage_rows({"stages": clock.stages, "seconds": 1.0})
     assert [name for name, _, _ in rows] == ["judging", "other (imports, checks, writing)"]
     assert rows[1][1] == pytest.approx(1.0 - clock.stages[1]["seconds"])
+
+
+def test_a_manifest_records_only_the_stages_of_its_own_run(tmp_path):
+    """Stage scripts run one after another in one process (a notebook, the test suite) share the
+    process's clock: each manifest keeps only the stages that started after its run did."""
+    from io_utils import STAGES, write_manifest
+
+    with STAGES.stage("an earlier run's stage"):
+        pass
+    started = time.time()
+    with STAGES.stage("this run's stage"):
+        pass
+    manifest = json.loads(write_manifest(tmp_path, {}, started).read_text())
+    assert [s["stage"] for s in manifest["stages"]] == ["this run's stage"]
