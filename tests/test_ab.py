@@ -536,7 +536,7 @@ def test_eval_persona_ab_end_to_end(tiny_model_dir, tiny_persona, tmp_path):
     summary = json.loads(output.with_suffix(".summary.json").read_text())
     # an A/B run costs what scoring its items costs: no reference answers are generated unless --margin asks
     assert summary["margin_slopes"] == {} and not any("margin_by_question" in c for c in summary["conditions"])
-    assert not list(tmp_path.rglob("*.references*")) and not list(tmp_path.rglob("*.jsonl.generation.json"))
+    assert not list(tmp_path.rglob("*.references*")) and not list(tmp_path.rglob("*.generation.json"))
 
 
 def test_malformed_ab_file_exits_before_the_model_loads(tiny_model_dir, tmp_path):
