@@ -90,10 +90,8 @@ def mean_response_loss(model, tokenizer, records: list[dict], max_length: int, b
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], tokenizer.pad_token_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                       ignore_index=-100, reduction="sum")
-            total, tokens = total + float(losses), tokens + int((labels != -100).sum())
+            total += float(response_loss(logits, batch["labels"], reduction="sum"))
+            tokens += int((batch["labels"][:, 1:] != -100).sum())
     return {"loss": total / tokens, "tokens": tokens, "examples": len(examples)}
 
 
@@ -103,12 +101,13 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over response tokens, in float32."""
+def response_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over response tokens, in float32: their mean (training) or sum
+    (mean_response_loss, which averages over every batch's tokens)."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     return torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                             ignore_index=-100)
+                                             ignore_index=-100, reduction=reduction)
 
 
 def _train_loop(accelerator, trainable_model, trainable, examples, pad_id: int, *, epochs: int, learning_rate: float,
