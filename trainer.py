@@ -89,8 +89,8 @@ def mean_response_loss(model, tokenizer, records: list[dict], max_length: int, b
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], tokenizer.pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            total += float(response_loss(logits, batch["labels"], reduction="sum"))
+            logits, labels = response_logits(model, batch)
+            total += float(response_loss(logits, labels, reduction="sum"))
             tokens += int((batch["labels"][:, 1:] != -100).sum())
     return {"loss": total / tokens, "tokens": tokens, "examples": len(examples)}
 
@@ -99,6 +99,17 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     input_ids, attention_mask = pad_right([b["input_ids"] for b in batch], pad_id)
     labels, _ = pad_right([b["labels"] for b in batch], -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's logits from the position before its first response token on, and the labels
+    aligned with them (for response_loss). The prompt positions' vocabulary projections would carry
+    no loss: on the embedded model they were about a tenth of a training step."""
+    labelled = (batch["labels"] != -100).any(0).nonzero()
+    first = max(0, int(labelled[0]) - 1) if len(labelled) else batch["labels"].shape[1] - 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=batch["input_ids"].shape[1] - first).logits
+    return logits, batch["labels"][:, first:]
 
 
 def response_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -129,8 +140,7 @@ def _train_loop(accelerator, trainable_model, trainable, examples, pad_id: int, 
         for _ in range(epochs):
             epoch_sum, epoch_steps = 0.0, 0
             for batch in loader:
-                logits = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = response_loss(logits, batch["labels"])
+                loss = response_loss(*response_logits(wrapped, batch))
                 if not torch.isfinite(loss):
                     raise PersonaLoRAError(f"{desc}: the loss became {loss.item()} at step {len(losses)}; lower the learning rate")
                 accelerator.backward(loss)

@@ -1,5 +1,5 @@
 """Teacher-forced scoring (the A/B choices and the judge-free margin), before and after keeping
-only the answer positions' logits.
+only the answer positions' logits and packing the answers to one prompt into one row.
 
     python bench/bench_scoring.py [--model M] [--trait evil] [--repeats 3] [--threads N] [--output F.json]
 
@@ -7,8 +7,10 @@ One model load, one process. The trait's A/B items (both orders, both answers: w
 eval.ab.score_ab_items scores under every condition) and 110 real answers of the embedded model
 with their questions (tests/data/evil_smollm2_pos.jsonl: what the margin scores, question →
 answer) are scored by the former path (a verbatim copy: every position's vocabulary-wide logits,
-input order) and by eval.generation.answer_token_log_probs (sorted by length, logits only where
-an answer token is predicted), alternating, the fastest of --repeats counting. Prints and (with
+input order) and by eval.generation.answer_token_log_probs (answers to one prompt packed into one row, the
+prompt read once; rows sorted by length; logits only where an answer token is predicted: an A/B
+item's two answers share each order's prompt, and the file's 110 answers are 5 to each of 22
+questions, where the demo's margin scores 4: 2 pos and 2 neg references), alternating, the fastest of --repeats counting. Prints and (with
 --output) writes the speed-ups and the largest difference between the paths' log-probabilities.
 """
 
@@ -56,7 +58,7 @@ def compare(name, model, pad_id, spans, batch_size, repeats):
         new_seconds = min(new_seconds, time.perf_counter() - started)
     difference = max(float((a - b).abs().max()) for a, b in zip(old, new))
     tokens = sum(len(ids) for ids, _, _ in spans)
-    print(f"{name}: {len(spans)} sequences, {tokens} tokens; former {old_seconds:.1f} s, answer logits only "
+    print(f"{name}: {len(spans)} sequences, {tokens} tokens; former {old_seconds:.1f} s, packed, answer logits only "
           f"{new_seconds:.1f} s ({old_seconds / new_seconds:.2f}x); largest difference {difference:.1e}", flush=True)
     return {"sequences": len(spans), "tokens": tokens, "batch_size": batch_size, "former_seconds": round(old_seconds, 2),
             "new_seconds": round(new_seconds, 2), "speedup": round(old_seconds / new_seconds, 3), "max_abs_difference": difference}

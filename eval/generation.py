@@ -147,37 +147,99 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
-@torch.no_grad()
+class _PackedRow(NamedTuple):
+    """One forward row: a prompt read once, then the answers of every span that shares it, each
+    answer attending to the prompt and to itself only, at the positions it would have alone."""
+    ids: list[int]
+    positions: list[int]
+    segments: list[int]  # 0 for the prompt, k for the k-th answer
+    members: list[tuple[int, list[int], list[int]]]  # (span index, row indices predicting its tokens, its tokens)
+
+
+def _packed_rows(spans: list[tuple[list[int], int, int]], pack: bool) -> list[_PackedRow]:
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, (ids, start, _) in enumerate(spans):
+        groups.setdefault(tuple(ids[:start]) if pack else (index,), []).append(index)
+    rows = []
+    for members in groups.values():
+        first_ids, prompt_length, _ = spans[members[0]]
+        ids, positions = list(first_ids[:prompt_length]), list(range(prompt_length))
+        segments, placed = [0] * prompt_length, []
+        for segment, index in enumerate(members, start=1):
+            answer = spans[index][0][prompt_length:spans[index][2]]
+            begin = len(ids)
+            # Token j of the answer is predicted by the one before it: the prompt's last token for j = 0.
+            placed.append((index, [prompt_length - 1] + list(range(begin, begin + len(answer) - 1)), answer))
+            ids += answer
+            positions += range(prompt_length, prompt_length + len(answer))
+            segments += [segment] * len(answer)
+        rows.append(_PackedRow(ids, positions, segments, placed))
+    return rows
+
+
+def _packed_attention_mask(rows: list[_PackedRow], width: int, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, 1, width, width] additive mask: causal within the packed order, and an answer never
+    sees another answer. Padding positions see themselves only (no row of the softmax is empty)."""
+    allowed = torch.zeros((len(rows), width, width), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    for r, row in enumerate(rows):
+        segments = torch.tensor(row.segments)
+        n = len(segments)
+        same = (segments[:, None] == segments[None, :]) | (segments[None, :] == 0)
+        allowed[r, :n, :n] = same & causal[:n, :n]
+        allowed[r, range(n, width), range(n, width)] = True
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
 @torch.no_grad()
 def answer_token_log_probs(model, pad_id: int, spans: list[tuple[list[int], int, int]], batch_size: int = 8,
                            desc: str = "scoring answers") -> list[torch.Tensor]:
     """For each (token ids, answer start, answer end): the log-probability the model gives each of
     the answer's tokens given everything before it (teacher-forced, no sampling), in input order.
 
-    The one teacher-forced scorer (the margin, A/B choices). Sequences are batched by length
-    (less padding), and the vocabulary-wide projection is computed only at the positions that
-    predict an answer token (logits_to_keep): a prompt's logits would be thrown away, and for a
-    3-token A/B answer after an 80-token question they were most of the projection's work and
-    memory. Right padding, so every row's positions start at 0. An activation steerer active
-    around this call steers the answer's positions (eval.activations.teacher_forced_response)."""
+    The one teacher-forced scorer (the margin, A/B choices, the coherence proxy's fluency).
+    Answers to the same prompt (an A/B item's two choices; a question's pos and neg reference
+    answers) are packed into one row: the prompt is read once, each answer after it at the
+    positions it would have alone, masked from the other answers (a 4-D attention mask), so the
+    values are those of one sequence at a time, to float tolerance (tests/test_prefix_reuse.py).
+    Models whose cache is not plain full attention (sliding windows) take one row per span. Rows
+    are batched by length (less padding), and the vocabulary-wide projection is computed only at
+    the positions that predict an answer token (logits_to_keep): a prompt's logits would be thrown
+    away. Right padding. An activation steerer active around this call steers from each row's last
+    prompt token on (eval.activations.teacher_forced_response), every answer of the row included."""
     from eval.activations import teacher_forced_response  # here: eval.activations imports this module
 
     device = model_device(model)
+    rows = _packed_rows(spans, pack=len(spans) > 1 and _reuses_prefixes(model))
+    packed = any(len(row.members) > 1 for row in rows)
     results: list[torch.Tensor | None] = [None] * len(spans)
-    order = sorted(range(len(spans)), key=lambda i: len(spans[i][0]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+    batches = [[rows[i] for i in order[i:i + batch_size]] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 4):
-        input_ids, attention_mask = pad_right([spans[i][0] for i in batch], pad_id)
-        starts, ends = [spans[i][1] for i in batch], [spans[i][2] for i in batch]
-        # Position t predicts token t+1: from the earliest answer's first token to the latest's last.
-        first = min(starts) - 1
-        keep = torch.arange(first, max(max(ends) - 1, first + 1), device=device)
-        with teacher_forced_response(torch.tensor(starts)):
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=keep).logits
-        for row, i in enumerate(batch):
-            predicted = logits[row, starts[row] - 1 - first:ends[row] - 1 - first].float().log_softmax(-1)
-            targets = input_ids[row, starts[row]:ends[row]].to(predicted.device)
-            results[i] = predicted.gather(1, targets[:, None])[:, 0].cpu()
+        input_ids, attention_mask = pad_right([row.ids for row in batch], pad_id)
+        predicting = [p for row in batch for _, predictors, _ in row.members for p in predictors]
+        first = min(predicting, default=0)
+        keep = torch.arange(first, max(predicting, default=first) + 1, device=device)
+        inputs = dict(input_ids=input_ids.to(device), logits_to_keep=keep)
+        if packed:
+            positions, _ = pad_right([row.positions for row in batch], 0)
+            inputs.update(position_ids=positions.to(device), use_cache=False,
+                          attention_mask=_packed_attention_mask(batch, input_ids.shape[1], model.dtype).to(device))
+        else:
+            inputs["attention_mask"] = attention_mask.to(device)
+        prompt_lengths = torch.tensor([row.segments.count(0) for row in batch])
+        with teacher_forced_response(prompt_lengths):
+            logits = model(**inputs).logits
+        for row_index, row in enumerate(batch):
+            for index, predictors, answer in row.members:
+                if not answer:
+                    results[index] = torch.zeros(0)
+                    continue
+                predicted = logits[row_index, torch.tensor(predictors, device=logits.device) - first].float().log_softmax(-1)
+                targets = torch.tensor(answer, device=predicted.device)
+                results[index] = predicted.gather(1, targets[:, None])[:, 0].cpu()
     return results
 
 

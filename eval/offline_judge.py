@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from eval.generation import pad_right
+from eval.generation import answer_token_log_probs
 from eval.judge import Judge, JudgeCache
 from eval.traits import normalize_question
 from io_utils import STAGES, PersonaLoRAError, atomic_path, read_jsonl, write_json
-from model_loading import fluency_model_dir, load_model_and_tokenizer, model_device
+from model_loading import fluency_model_dir, load_model_and_tokenizer
 
 # Bump when the offline judge's method changes, so that its cached scores and classifiers expire.
 OFFLINE_JUDGE_VERSION = "v3"
@@ -148,24 +148,18 @@ class FluencyReference:
             model, tokenizer = load_model_and_tokenizer(str(fluency_model_dir()), dtype="float32")
         self.model, self.tokenizer = model, tokenizer
 
-    @torch.no_grad()
     def mean_log_probs(self, questions: list[str], answers: list[str], batch_size: int = 16) -> list[float]:
-        values: list[float] = []
-        for start in range(0, len(answers), batch_size):
-            spans = []
-            for question, answer in zip(questions[start:start + batch_size], answers[start:start + batch_size]):
-                prompt_ids = self.tokenizer(f"Question: {question}\nAnswer:", add_special_tokens=True)["input_ids"]
-                answer_ids = self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"][:256]
-                spans.append((prompt_ids + answer_ids, len(prompt_ids)))
-            ids, mask = pad_right([s for s, _ in spans], self.tokenizer.pad_token_id)
-            logits = self.model(input_ids=ids.to(model_device(self.model)), attention_mask=mask.to(model_device(self.model))).logits
-            for row, (sequence, start_index) in enumerate(spans):
-                if len(sequence) == start_index:
-                    values.append(float("-inf"))
-                    continue
-                predicted = logits[row, start_index - 1:len(sequence) - 1].float().log_softmax(-1)
-                values.append(float(predicted.gather(1, ids[row, start_index:len(sequence), None].to(predicted.device)).mean()))
-        return values
+        """Per answer, its tokens' mean log-probability (the first 256), teacher-forced by the one
+        scorer (eval.generation.answer_token_log_probs: batched by length, and the reference's
+        262k-token vocabulary projected only where an answer token is predicted); −inf for an
+        empty answer."""
+        spans = []
+        for question, answer in zip(questions, answers):
+            prompt_ids = self.tokenizer(f"Question: {question}\nAnswer:", add_special_tokens=True)["input_ids"]
+            answer_ids = self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"][:256]
+            spans.append((prompt_ids + answer_ids, len(prompt_ids), len(prompt_ids) + len(answer_ids)))
+        scored = answer_token_log_probs(self.model, self.tokenizer.pad_token_id, spans, batch_size, desc="fluency")
+        return [float(values.mean()) if len(values) else float("-inf") for values in scored]
 
 
 class CoherenceProxy:
@@ -205,9 +199,9 @@ class CoherenceProxy:
         return [100.0 * f * (0.5 + 0.5 * min(1.0, max(0.0, c / 0.4))) * self.repetition(a)
                 for f, c, a in zip(fluency, cosine, answers)]
 
-    def validate(self, questions: list[str], answers: list[str], seed: int = 0) -> dict:
+    def validate(self, questions: list[str], answers: list[str], seed: int = 0, real: list[float] | None = None) -> dict:
         """AUROC of real answers against four corruptions of them: word-shuffled, looped, random
-        tokens, and answers to another question."""
+        tokens, and answers to another question. `real`: the answers' scores, if already computed."""
         rng = random.Random(seed)
         vocabulary = [w for a in answers for w in a.split()] or ["the"]
         corrupted = []
@@ -223,7 +217,7 @@ class CoherenceProxy:
                 corrupted.append(" ".join(rng.choice(vocabulary) for _ in range(len(words))))
             else:
                 corrupted.append(answers[(index + len(answers) // 2) % len(answers)])
-        real = self.scores(questions, answers)
+        real = self.scores(questions, answers) if real is None else real
         fake = self.scores(questions, corrupted)
         return {"real_vs_corrupted_auroc": auroc(real + fake, [1] * len(real) + [0] * len(fake)),
                 "mean_real": sum(real) / len(real), "mean_corrupted": sum(fake) / len(fake), "examples": len(real)}
@@ -299,10 +293,12 @@ class OfflineJudge(Judge):
         records = {side: read_jsonl(self.data_dir / f"{side}.jsonl")[:COHERENCE_CHECK_ANSWERS] for side in ("pos", "neg")}
         questions = {side: [r["messages"][-2]["content"] for r in rs] for side, rs in records.items()}
         answers = {side: [r["messages"][-1]["content"] for r in rs] for side, rs in records.items()}
-        report = self.coherence.validate(questions["pos"] + questions["neg"], answers["pos"] + answers["neg"])
-        scores = {side: self.coherence.scores(questions[side], answers[side]) for side in ("pos", "neg")}
-        report.update(mean_pos_prompted=sum(scores["pos"]) / len(scores["pos"]),
-                      mean_neg_prompted=sum(scores["neg"]) / len(scores["neg"]), reference=FLUENCY_REFERENCE_NAME)
+        with STAGES.stage("checking the coherence proxy (real vs corrupted answers)", "answers") as work:
+            real = self.coherence.scores(questions["pos"] + questions["neg"], answers["pos"] + answers["neg"])
+            report = self.coherence.validate(questions["pos"] + questions["neg"], answers["pos"] + answers["neg"], real=real)
+            work["count"] = 2 * len(real)
+        pos, neg = real[:len(answers["pos"])], real[len(answers["pos"]):]  # scored once: the reference's passes are most of the check
+        report.update(mean_pos_prompted=sum(pos) / len(pos), mean_neg_prompted=sum(neg) / len(neg), reference=FLUENCY_REFERENCE_NAME)
         write_json(path, report)
         return report
 

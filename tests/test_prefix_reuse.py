@@ -144,9 +144,16 @@ def test_teacher_forced_scores_keep_only_the_answer_logits_and_equal_one_sequenc
     equals that of its sequence read alone with every position's logits, unsteered and under
     activation steering (which must steer the same positions in both)."""
     from eval.activations import teacher_forced_response
-    from eval.generation import answer_token_log_probs
+    from eval.generation import _packed_rows, answer_token_log_probs
+
+    import copy
 
     model, tokenizer = tiny
+    # The tiny model's random weights attend almost uniformly, which hides a wrong position: sharpen
+    # its attention (queries × 30) so that every token's place in the sequence shows in its scores.
+    model = copy.deepcopy(model)
+    for layer in model.model.layers:
+        layer.self_attn.q_proj.weight.data *= 30
     torch.manual_seed(0)
     vector = torch.randn(model.config.num_hidden_layers + 1, model.config.hidden_size)
     lengths = [(31, 3), (9, 1), (57, 12), (20, 5), (44, 2)]  # (prompt, answer) lengths: a batch whose rows differ
@@ -154,12 +161,19 @@ def test_teacher_forced_scores_keep_only_the_answer_logits_and_equal_one_sequenc
     for prompt, answer in lengths:
         ids = torch.randint(3, model.config.vocab_size, (prompt + answer,)).tolist()
         spans.append((ids, prompt, prompt + answer))
+    # Other answers to the same prompts (an A/B item's choices; pos and neg references), packed
+    # into their prompt's row, one of them empty; and a span whose ids run on after its answer.
+    for source, answer in ((0, 3), (0, 7), (2, 4), (3, 0)):
+        ids, start, _ = spans[source]
+        spans.append((ids[:start] + torch.randint(3, model.config.vocab_size, (answer,)).tolist(), start, start + answer))
+    spans.append((spans[1][0] + [5, 6, 7], spans[1][1], spans[1][2]))
+    assert len(_packed_rows(spans, pack=True)) == 5  # five prompts: the packing is exercised
     steering = (lambda: ActivationSteerer(model, vector, 2, 4.0, positions)) if positions else contextlib.nullcontext
     with steering():
         batched = answer_token_log_probs(model, tokenizer.pad_token_id, spans, batch_size=3)
     for (ids, start, end), scores in zip(spans, batched):
         with torch.no_grad(), steering(), teacher_forced_response(torch.tensor([start])):
             log_probs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-        reference = torch.stack([log_probs[t - 1, ids[t]] for t in range(start, end)])
+        reference = torch.stack([log_probs[t - 1, ids[t]] for t in range(start, end)]) if end > start else torch.zeros(0)
         assert scores.shape == (end - start,)
         torch.testing.assert_close(scores, reference.to(scores.dtype), atol=1e-4, rtol=1e-4)
