@@ -156,12 +156,15 @@ class _PackedRow(NamedTuple):
     members: list[tuple[int, list[int], list[int]]]  # (span index, row indices predicting its tokens, its tokens)
 
 
-def _packed_rows(spans: list[tuple[list[int], int, int]], pack: bool) -> list[_PackedRow]:
+def _packed_rows(spans: list[tuple[list[int], int, int]], pack: bool, most: int) -> list[_PackedRow]:
+    """Rows of at most `most` answers each (a batch then holds no more answers, nor answer logits,
+    than it did one sequence a row: 20 samples of 384 tokens to one prompt stay several rows)."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, (ids, start, _) in enumerate(spans):
         groups.setdefault(tuple(ids[:start]) if pack else (index,), []).append(index)
+    chunks = [members[i:i + most] for members in groups.values() for i in range(0, len(members), most)]
     rows = []
-    for members in groups.values():
+    for members in chunks:
         first_ids, prompt_length, _ = spans[members[0]]
         ids, positions = list(first_ids[:prompt_length]), list(range(prompt_length))
         segments, placed = [0] * prompt_length, []
@@ -204,19 +207,25 @@ def answer_token_log_probs(model, pad_id: int, spans: list[tuple[list[int], int,
     answers) are packed into one row: the prompt is read once, each answer after it at the
     positions it would have alone, masked from the other answers (a 4-D attention mask), so the
     values are those of one sequence at a time, to float tolerance (tests/test_prefix_reuse.py).
-    Models whose cache is not plain full attention (sliding windows) take one row per span. Rows
-    are batched by length (less padding), and the vocabulary-wide projection is computed only at
+    Models whose cache is not plain full attention (sliding windows) take one row per span. A batch
+    holds batch_size answers (so no more answer logits than one sequence a row), its rows of
+    similar length (less padding), and the vocabulary-wide projection is computed only at
     the positions that predict an answer token (logits_to_keep): a prompt's logits would be thrown
     away. Right padding. An activation steerer active around this call steers from each row's last
     prompt token on (eval.activations.teacher_forced_response), every answer of the row included."""
     from eval.activations import teacher_forced_response  # here: eval.activations imports this module
 
     device = model_device(model)
-    rows = _packed_rows(spans, pack=len(spans) > 1 and _reuses_prefixes(model))
+    rows = _packed_rows(spans, pack=len(spans) > 1 and _reuses_prefixes(model), most=batch_size)
     packed = any(len(row.members) > 1 for row in rows)
     results: list[torch.Tensor | None] = [None] * len(spans)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
-    batches = [[rows[i] for i in order[i:i + batch_size]] for i in range(0, len(order), batch_size)]
+    batches, batch = [], []
+    for row in sorted(rows, key=lambda row: len(row.ids)):  # batch_size answers a batch, as many rows as hold them
+        if batch and sum(len(r.members) for r in batch) + len(row.members) > batch_size:
+            batches.append(batch)
+            batch = []
+        batch.append(row)
+    batches += [batch] if batch else []
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 4):
         input_ids, attention_mask = pad_right([row.ids for row in batch], pad_id)
         predicting = [p for row in batch for _, predictors, _ in row.members for p in predictors]

@@ -167,13 +167,17 @@ def test_teacher_forced_scores_keep_only_the_answer_logits_and_equal_one_sequenc
         ids, start, _ = spans[source]
         spans.append((ids[:start] + torch.randint(3, model.config.vocab_size, (answer,)).tolist(), start, start + answer))
     spans.append((spans[1][0] + [5, 6, 7], spans[1][1], spans[1][2]))
-    assert len(_packed_rows(spans, pack=True)) == 5  # five prompts: the packing is exercised
+    assert len(_packed_rows(spans, pack=True, most=3)) == 5  # five prompts: the packing is exercised
+    assert len(_packed_rows(spans, pack=True, most=2)) == 6  # prompt 0's three answers: two rows
     steering = (lambda: ActivationSteerer(model, vector, 2, 4.0, positions)) if positions else contextlib.nullcontext
-    with steering():
-        batched = answer_token_log_probs(model, tokenizer.pad_token_id, spans, batch_size=3)
-    for (ids, start, end), scores in zip(spans, batched):
+    references = []
+    for ids, start, end in spans:
         with torch.no_grad(), steering(), teacher_forced_response(torch.tensor([start])):
             log_probs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-        reference = torch.stack([log_probs[t - 1, ids[t]] for t in range(start, end)]) if end > start else torch.zeros(0)
-        assert scores.shape == (end - start,)
-        torch.testing.assert_close(scores, reference.to(scores.dtype), atol=1e-4, rtol=1e-4)
+        references.append(torch.stack([log_probs[t - 1, ids[t]] for t in range(start, end)]) if end > start else torch.zeros(0))
+    for batch_size in (2, 3):  # 2: prompt 0's three answers split over two rows
+        with steering():
+            batched = answer_token_log_probs(model, tokenizer.pad_token_id, spans, batch_size=batch_size)
+        for (_, start, end), scores, reference in zip(spans, batched, references):
+            assert scores.shape == (end - start,)
+            torch.testing.assert_close(scores, reference.to(scores.dtype), atol=1e-4, rtol=1e-4)
