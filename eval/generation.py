@@ -216,7 +216,12 @@ def answer_token_log_probs(model, pad_id: int, spans: list[tuple[list[int], int,
     from eval.activations import teacher_forced_response  # here: eval.activations imports this module
 
     device = model_device(model)
-    rows = _packed_rows(spans, pack=len(spans) > 1 and _reuses_prefixes(model), most=batch_size)
+    if any(start < 1 for _, start, _ in spans):
+        raise ValueError("answer_token_log_probs: every span needs a prompt before its answer (start ≥ 1)")
+    # The 4-D mask is read as written by sdpa and eager attention only (flash attention takes a padding mask).
+    pack = (len(spans) > 1 and _reuses_prefixes(model)
+            and getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
+    rows = _packed_rows(spans, pack=pack, most=batch_size)
     packed = any(len(row.members) > 1 for row in rows)
     results: list[torch.Tensor | None] = [None] * len(spans)
     batches, batch = [], []
@@ -228,10 +233,15 @@ def answer_token_log_probs(model, pad_id: int, spans: list[tuple[list[int], int,
     batches += [batch] if batch else []
     for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 4):
         input_ids, attention_mask = pad_right([row.ids for row in batch], pad_id)
-        predicting = [p for row in batch for _, predictors, _ in row.members for p in predictors]
-        first = min(predicting, default=0)
-        keep = torch.arange(first, max(predicting, default=first) + 1, device=device)
-        inputs = dict(input_ids=input_ids.to(device), logits_to_keep=keep)
+        # Exactly the positions that predict an answer token, per row (a boolean logits_to_keep: the
+        # logits come back flattened, [kept, vocabulary]); one range for the whole batch would give
+        # every short row the width of the longest packed one.
+        keep = torch.zeros(input_ids.shape, dtype=torch.bool)
+        for r, row in enumerate(batch):
+            for _, predictors, answer in row.members:
+                keep[r, predictors[:len(answer)]] = True
+        flat = (keep.flatten().cumsum(0) - 1).view(keep.shape)  # each kept position's row in the flattened logits
+        inputs = dict(input_ids=input_ids.to(device), logits_to_keep=keep.to(device))
         if packed:
             positions, _ = pad_right([row.positions for row in batch], 0)
             inputs.update(position_ids=positions.to(device), use_cache=False,
@@ -246,7 +256,7 @@ def answer_token_log_probs(model, pad_id: int, spans: list[tuple[list[int], int,
                 if not answer:
                     results[index] = torch.zeros(0)
                     continue
-                predicted = logits[row_index, torch.tensor(predictors, device=logits.device) - first].float().log_softmax(-1)
+                predicted = logits[flat[row_index, predictors].to(logits.device)].float().log_softmax(-1)
                 targets = torch.tensor(answer, device=predicted.device)
                 results[index] = predicted.gather(1, targets[:, None])[:, 0].cpu()
     return results

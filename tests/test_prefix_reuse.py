@@ -137,7 +137,7 @@ def test_steered_hidden_means_equal_without_reuse(tiny, records, positions):
     torch.testing.assert_close(reused, plain, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("positions", [None, "response", "all"])
+@pytest.mark.parametrize("positions", [None, "response", "prompt", "all"])
 def test_teacher_forced_scores_keep_only_the_answer_logits_and_equal_one_sequence_at_a_time(tiny, positions):
     """answer_token_log_probs (the margin's and the A/B scorer) sorts by length, pads, and projects
     onto the vocabulary only where an answer token is predicted: each answer token's log-probability
@@ -175,9 +175,16 @@ def test_teacher_forced_scores_keep_only_the_answer_logits_and_equal_one_sequenc
         with torch.no_grad(), steering(), teacher_forced_response(torch.tensor([start])):
             log_probs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
         references.append(torch.stack([log_probs[t - 1, ids[t]] for t in range(start, end)]) if end > start else torch.zeros(0))
+    # Rows the vocabulary projection reads: at most one per answer token, however rows are packed and
+    # batched (answers to one prompt share the prompt's last position, which predicts each first token).
+    projected = []
+    hook = model.lm_head.register_forward_hook(lambda module, inputs, output: projected.append(inputs[0].shape[:-1].numel()))
     for batch_size in (2, 3):  # 2: prompt 0's three answers split over two rows
         with steering():
             batched = answer_token_log_probs(model, tokenizer.pad_token_id, spans, batch_size=batch_size)
+        assert 0 < sum(projected) <= sum(end - start for _, start, end in spans)
+        projected.clear()
         for (_, start, end), scores, reference in zip(spans, batched, references):
             assert scores.shape == (end - start,)
             torch.testing.assert_close(scores, reference.to(scores.dtype), atol=1e-4, rtol=1e-4)
+    hook.remove()
