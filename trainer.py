@@ -103,8 +103,8 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's logits from the position before its first response token on, and the labels
-    aligned with them (for response_loss). The prompt positions' vocabulary projections would carry
-    no loss: on the embedded model they were about a tenth of a training step."""
+    aligned with them (for response_loss). The prompt positions carry no loss, so their vocabulary
+    projections are not computed."""
     labelled = (batch["labels"] != -100).any(0).nonzero()
     first = max(0, int(labelled[0]) - 1) if len(labelled) else batch["labels"].shape[1] - 1
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -7,11 +7,11 @@ One model load, one process. The trait's A/B items (both orders, both answers: w
 eval.ab.score_ab_items scores under every condition) and 110 real answers of the embedded model
 with their questions (tests/data/evil_smollm2_pos.jsonl: what the margin scores, question →
 answer) are scored by the former path (a verbatim copy: every position's vocabulary-wide logits,
-input order) and by eval.generation.answer_token_log_probs (answers to one prompt packed into one row, the
-prompt read once; rows sorted by length; logits only where an answer token is predicted: an A/B
-item's two answers share each order's prompt, and the file's 110 answers are 5 to each of 22
-questions, where the demo's margin scores 4: 2 pos and 2 neg references), alternating, the fastest of --repeats counting. Prints and (with
---output) writes the speed-ups and the largest difference between the paths' log-probabilities.
+input order) and by eval.generation.answer_token_log_probs (answers to one prompt packed into one
+row, the prompt read once; rows sorted by length; logits only where an answer token is predicted:
+an A/B item's two answers share each order's prompt, and the file's 110 answers are 5 to each of
+22 questions, where the demo's margin scores 4: 2 pos and 2 neg references), alternating, the
+fastest of --repeats counting. Prints and (with --output) writes the speed-ups and the largest difference between the paths' log-probabilities.
 """
 
 import argparse

@@ -331,11 +331,12 @@ def question_margins(model, tokenizer, references: dict[str, list[dict]]) -> dic
     the neg ones, teacher-forced without the prompt that elicited them. Steering toward the trait
     raises it; no sampling noise in the steered model, and no judge."""
     # One call for both sides: a question's pos and neg answers share its prompt, which the scorer then reads once.
-    records = [(side, r) for side, side_records in references.items() for r in side_records]
-    scores = response_log_likelihoods(model, tokenizer, [[r["messages"][0], r["messages"][-1]] for _, r in records])
-    per_side = {side: cluster_means([s for (k, _), s in zip(records, scores) if k == side],
-                                    [r["question_id"] for k, r in records if k == side])
-                for side in references}
+    scores = response_log_likelihoods(model, tokenizer, [[r["messages"][0], r["messages"][-1]]
+                                                         for records in references.values() for r in records])
+    per_side, offset = {}, 0
+    for side, records in references.items():
+        per_side[side] = cluster_means(scores[offset:offset + len(records)], [r["question_id"] for r in records])
+        offset += len(records)
     return {q: per_side["pos"][q] - per_side["neg"][q] for q in per_side["pos"] if q in per_side["neg"]}
 
 

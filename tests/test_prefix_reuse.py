@@ -3,6 +3,7 @@ response-averaged hidden states and steered generation equal the plain path's, o
 with the real tokenizer, in batches whose prompts differ in length."""
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -139,14 +140,13 @@ def test_steered_hidden_means_equal_without_reuse(tiny, records, positions):
 
 @pytest.mark.parametrize("positions", [None, "response", "prompt", "all"])
 def test_teacher_forced_scores_keep_only_the_answer_logits_and_equal_one_sequence_at_a_time(tiny, positions):
-    """answer_token_log_probs (the margin's and the A/B scorer) sorts by length, pads, and projects
-    onto the vocabulary only where an answer token is predicted: each answer token's log-probability
-    equals that of its sequence read alone with every position's logits, unsteered and under
-    activation steering (which must steer the same positions in both)."""
+    """answer_token_log_probs (the margin's, the A/B and the fluency scorer) packs the answers to one
+    prompt into one row, batches by length, and projects onto the vocabulary only where an answer
+    token is predicted: each answer token's log-probability equals that of its sequence read alone
+    with every position's logits, unsteered and under activation steering (which must steer the
+    same positions in both)."""
     from eval.activations import teacher_forced_response
     from eval.generation import _packed_rows, answer_token_log_probs
-
-    import copy
 
     model, tokenizer = tiny
     # The tiny model's random weights attend almost uniformly, which hides a wrong position: sharpen
@@ -175,14 +175,17 @@ def test_teacher_forced_scores_keep_only_the_answer_logits_and_equal_one_sequenc
         with torch.no_grad(), steering(), teacher_forced_response(torch.tensor([start])):
             log_probs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
         references.append(torch.stack([log_probs[t - 1, ids[t]] for t in range(start, end)]) if end > start else torch.zeros(0))
-    # Rows the vocabulary projection reads: at most one per answer token, however rows are packed and
-    # batched (answers to one prompt share the prompt's last position, which predicts each first token).
+    # Rows the vocabulary projection reads: one per answer token (38), less one for every further
+    # non-empty answer sharing a row, whose first token the prompt's last position predicts once for
+    # all: rows of at most 3 answers pack prompt 0's three (−2) and prompts 1's and 2's two each (−1,
+    # −1), so 34; rows of at most 2 split prompt 0's answers 2 + 1 (−1), so 35.
     projected = []
     hook = model.lm_head.register_forward_hook(lambda module, inputs, output: projected.append(inputs[0].shape[:-1].numel()))
-    for batch_size in (2, 3):  # 2: prompt 0's three answers split over two rows
+    assert sum(end - start for _, start, end in spans) == 38
+    for batch_size, expected in ((2, 35), (3, 34)):
         with steering():
             batched = answer_token_log_probs(model, tokenizer.pad_token_id, spans, batch_size=batch_size)
-        assert 0 < sum(projected) <= sum(end - start for _, start, end in spans)
+        assert sum(projected) == expected
         projected.clear()
         for (_, start, end), scores, reference in zip(spans, batched, references):
             assert scores.shape == (end - start,)
