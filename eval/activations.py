@@ -232,43 +232,47 @@ class ActivationSteerer:
 
 
 @torch.no_grad()
-def residual_changes(model, spans: list[tuple[list[int], int, int]], pad_id: int, layer: int, edit,
-                     batch_size: int = 8) -> torch.Tensor:
-    """The change an edit of the model causes in the residual stream at layer `layer` (the output of
-    block layer−1, hidden_states[layer], where activation steering at `layer` adds c·v), on each answer token
-    of `spans` (token ids, answer start, answer end), read teacher-forced: [tokens, hidden] float32
-    of h_edited − h_plain. `edit` is a function returning a context manager that applies the edit
-    (a merged diff: lambda: LoRASteerer(model, diff, α); a hooked vector: lambda:
-    ActivationSteerer(model, v, layer, c)); the model is the plain one outside it."""
+def residual_states(model, spans: list[tuple[list[int], int, int]], pad_id: int, layer: int, batch_size: int = 8) -> torch.Tensor:
+    """The residual stream at layer `layer` (the output of block layer−1, hidden_states[layer], where
+    activation steering at `layer` adds c·v) on each answer token of `spans` (token ids, answer
+    start, answer end), read teacher-forced: [tokens, hidden] float32, as the model is now (with
+    whatever edit is applied)."""
     device = model_device(model)
     block = decoder_layers(model)[layer - 1]
-    changes = []
+    states = []
     for start in range(0, len(spans), batch_size):
         batch = spans[start:start + batch_size]
         input_ids, attention_mask = pad_right([list(ids[:end]) for ids, _, end in batch], pad_id)
         answer = torch.zeros(input_ids.shape, dtype=torch.bool)
         for row, (_, answer_start, answer_end) in enumerate(batch):
             answer[row, answer_start:answer_end] = True
+        # Read by a hook registered after the edit's own (hooks run in registration order), so it
+        # sees the block's output as the rest of the model does; the model's hidden_states
+        # recorder may see it before an activation-steering hook acts.
+        captured = {}
+        handle = block.register_forward_hook(
+            lambda module, inputs, output: captured.update(h=output[0] if isinstance(output, tuple) else output))
+        try:
+            with teacher_forced_response(torch.tensor([answer_start for _, answer_start, _ in batch])):
+                model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=1)
+        finally:
+            handle.remove()
+        states.append(captured["h"].float().cpu()[answer])
+    return torch.cat(states)
 
-        def states():
-            # Read by a hook registered after the edit's own (hooks run in registration order), so it
-            # sees the block's output as the rest of the model does; the model's hidden_states
-            # recorder may see it before an activation-steering hook acts.
-            captured = {}
-            handle = block.register_forward_hook(
-                lambda module, inputs, output: captured.update(h=output[0] if isinstance(output, tuple) else output))
-            try:
-                with teacher_forced_response(torch.tensor([answer_start for _, answer_start, _ in batch])):
-                    model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=1)
-            finally:
-                handle.remove()
-            return captured["h"].float().cpu()[answer]
 
-        plain = states()
-        with edit():
-            edited = states()
-        changes.append(edited - plain)
-    return torch.cat(changes)
+def residual_changes(model, spans: list[tuple[list[int], int, int]], pad_id: int, layer: int, edit,
+                     batch_size: int = 8, plain: torch.Tensor | None = None) -> torch.Tensor:
+    """The change an edit of the model causes in the residual stream at layer `layer` on each answer
+    token of `spans` (residual_states): [tokens, hidden] float32 of h_edited − h_plain. `edit` is a
+    function returning a context manager that applies the edit (a merged diff: lambda:
+    LoRASteerer(model, diff, α); a hooked vector: lambda: ActivationSteerer(model, v, layer, c));
+    the model is the plain one outside it. `plain`: the plain model's states, if already read."""
+    if plain is None:
+        plain = residual_states(model, spans, pad_id, layer, batch_size)
+    with edit():
+        edited = residual_states(model, spans, pad_id, layer, batch_size)
+    return edited - plain
 
 
 def compare_changes(changes_a: torch.Tensor, changes_b: torch.Tensor) -> dict:
@@ -299,6 +303,7 @@ def functional_comparison(model, spans: list[tuple[list[int], int, int]], pad_id
     of `spans` (held-out inputs): {"a vs b": compare_changes(...)}. Two weight updates are compared
     by what they do, not by a whole-space weight cosine, which is near 0 for independently
     initialised updates whatever they do."""
-    changes = {name: residual_changes(model, spans, pad_id, layer, edit, batch_size) for name, edit in edits.items()}
+    plain = residual_states(model, spans, pad_id, layer, batch_size)  # once, shared by every edit
+    changes = {name: residual_changes(model, spans, pad_id, layer, edit, batch_size, plain) for name, edit in edits.items()}
     names = list(edits)
     return {f"{a} vs {b}": compare_changes(changes[a], changes[b]) for i, a in enumerate(names) for b in names[i + 1:]}
