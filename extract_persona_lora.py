@@ -332,11 +332,16 @@ def activation_vector(args, model, tokenizer, data, summary_path: Path) -> tuple
     return vector, identity
 
 
+def persona_init_stream(args) -> str:
+    """The pos and neg adapters' shared initialisation stream: one per trait and source, so that two
+    diffs compared with each other do not share a row space (their cosine, their cross-talk when
+    merged together and their data-weighted agreement would then be about the shared start, not the
+    traits): a trait's prompt-derived and A/B-derived diffs are compared in scripts/cross_source.py."""
+    return f"persona:{args.trait}" + (":ab" if args.ab_source else "")
+
+
 def persona_init_seed(args) -> int:
-    """The pos and neg adapters' shared initialisation: one stream per trait, so that two traits'
-    diffs do not share a row space (their cosine and their cross-talk when merged together would
-    then be about the shared start, not the traits)."""
-    return init_seed(f"persona:{args.trait}", args.seed)
+    return init_seed(persona_init_stream(args), args.seed)
 
 
 def train_side(args, model, tokenizer, records, adapter_dir: Path, side: str) -> dict:
@@ -450,7 +455,7 @@ def main():
                              profile=args.profile, fewshot=None if args.pos_data or args.ab_source else args.fewshot,
                              activation_vector=str(args.vector_output_path),
                              init={"seed": persona_init_seed(args), "rank": args.rank,
-                                   "target_modules": sorted(args.target_modules), "stream": f"persona:{args.trait}"})
+                                   "target_modules": sorted(args.target_modules), "stream": persona_init_stream(args)})
         if args.ab_source:  # only then: new metadata on a prompt-derived diff would rewrite it and void its cached evaluations
             diff.metadata["source"] = extraction_source(args)
         diff_path = output_dir / f"{args.trait}_lora_diff.pt"

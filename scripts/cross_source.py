@@ -28,7 +28,7 @@ def read_unsteered_answers(path, limit: int) -> list[dict]:
     import pandas as pd
 
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, keep_default_na=False)  # an empty answer stays an empty string
     except (OSError, ValueError) as error:
         raise PersonaLoRAError(f"--answers {path}: cannot read it as a CSV ({error.__class__.__name__}); pass the judged "
                                "run's CSV (eval_lora_persona.py --output_path)") from None
@@ -39,6 +39,29 @@ def read_unsteered_answers(path, limit: int) -> list[dict]:
     if unsteered.empty:
         raise PersonaLoRAError(f"--answers {path} holds no unsteered answers (every coefficient 0)")
     return unsteered.head(limit)[["question", "answer"]].to_dict("records")
+
+
+def check_pair(prompt_path, ab_path, diffs: dict, ab_items) -> None:
+    """Refuse, in one line, a pair that is not a trait's prompt-derived and A/B-derived diffs from
+    independent initialisations, or held-out items that are not the A/B diff's own held-out file."""
+    from pathlib import Path
+
+    from io_utils import file_identity
+
+    if Path(prompt_path).resolve() == Path(ab_path).resolve():
+        raise PersonaLoRAError("--prompt_diff and --ab_diff are the same file: pass the trait's two sources' diffs")
+    kinds = {name: (diffs[name].metadata.get("source") or {}).get("kind", "prompts") for name in ("prompt", "ab")}
+    if kinds["ab"] != "ab" or kinds["prompt"] == "ab":
+        raise PersonaLoRAError(f"--prompt_diff is {kinds['prompt']}-derived and --ab_diff {kinds['ab']}-derived: pass the "
+                               "prompt-derived diff and the one from extract_persona_lora.py --ab_source, in that order")
+    seeds = [(diffs[name].metadata.get("init") or {}).get("seed") for name in ("prompt", "ab")]
+    if seeds[0] is not None and seeds[0] == seeds[1]:
+        raise PersonaLoRAError(f"--prompt_diff and --ab_diff start from the same initialisation (seed {seeds[0]}): their "
+                               "agreement would be the shared start's; re-extract the A/B diff (it now has its own stream)")
+    own = Path(ab_path).parent / "ab_evaluation.jsonl"
+    if not own.is_file() or file_identity(ab_items)["sha256"] != file_identity(own)["sha256"]:
+        raise PersonaLoRAError(f"--ab_items {ab_items} is not the A/B diff's held-out file {own}: only its items are held out "
+                               "from the A/B diff's training")
 
 
 def similarity(args) -> None:
@@ -52,26 +75,34 @@ def similarity(args) -> None:
     started = time.time()
     output = check_writable(args.output, "--output")
     paths = {"prompt": args.prompt_diff, "ab": args.ab_diff}
-    for path in args.comparators:
-        paths[lu.load_lora_diff(path).metadata.get("trait") or path] = path
     diffs = {name: lu.load_lora_diff(path) for name, path in paths.items()}
-    check_coefficients(args.model, args.dtype, list(diffs.values()), [[1.0]] * len(diffs), "--prompt_diff/--ab_diff/--comparators")
+    for path in args.comparators:
+        diff = lu.load_lora_diff(path)
+        name = f"other:{diff.metadata.get('trait') or path}"
+        if name in diffs:
+            raise PersonaLoRAError(f"--comparators: two diffs are both {name}; pass one per trait")
+        paths[name], diffs[name] = path, diff
     items = load_ab_source(args.ab_items, "--ab_items")[:args.max_items]
+    check_pair(args.prompt_diff, args.ab_diff, diffs, args.ab_items)
+    check_coefficients(args.model, args.dtype, list(diffs.values()), [[1.0]] * len(diffs), "--prompt_diff/--ab_diff/--comparators")
     answers = read_unsteered_answers(args.answers, args.max_answers)
     num_layers = model_config(args.model).num_hidden_layers
     layer = default_layer(num_layers) if args.layer is None else args.layer
     check_steering_layer(layer, num_layers)
 
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
-    spans = heldout_spans(tokenizer, items, answers)
-    report = functional_similarity(model, tokenizer, spans, diffs, layer, args.null_draws, args.seed, args.batch_size)
+    span_sets = heldout_spans(tokenizer, items, answers)
+    report = functional_similarity(model, tokenizer, span_sets, diffs, layer, args.null_draws, args.seed, args.batch_size,
+                                   label=args.trait)
     report.update(trait=args.trait, model=model_label(args.model), diffs={k: str(v) for k, v in paths.items()},
                   inputs={"ab_items": str(args.ab_items), "items": len(items), "answers": str(args.answers),
                           "unsteered_answers": len(answers)})
     write_json(output, report)
     write_manifest(output.parent, args, started, name=f"{output.stem}.manifest.json", outputs={"similarity": str(output)})
-    print(f"{args.trait}: data-weighted cosine {report['weighted_cosine']:+.4f} over {report['tokens']} held-out answer tokens; "
-          + "; ".join(f"{k}: z {v['z']:+.1f}" for k, v in report["null_random"].items()) + f"; wrote {output}")
+    per_input = ", ".join(f"{name} {entry['weighted_cosine']:+.4f}" for name, entry in report["by_input"].items())
+    nulls = "; ".join(f"{name}: z {test['z']:+.1f}" for name, test in report["null_random"].items())
+    print(f"{args.trait}: data-weighted cosine {report['weighted_cosine']:+.4f} over {report['tokens']} held-out answer tokens "
+          f"({per_input}); {nulls}; wrote {output}")
 
 
 def summarize(args) -> None:

@@ -88,6 +88,11 @@ def test_writes_the_diff_the_vector_and_a_manifest_with_the_source_hash_and_spli
     assert source["letter_balance"]["after"]["matching_first"] == 9
     diff = lu.load_lora_diff(out / "sycophancy_lora_diff.pt")
     assert diff.norm() > 0 and diff.metadata["source"]["kind"] == "ab"
+    # its own initialisation stream: the trait's prompt-derived diff, which it is compared with, starts elsewhere
+    from trainer import init_seed
+
+    assert diff.metadata["init"]["stream"] == "persona:sycophancy:ab"
+    assert diff.metadata["init"]["seed"] == init_seed("persona:sycophancy:ab", 0) != init_seed("persona:sycophancy", 0)
 
 
 def test_vector_is_the_mean_difference_at_the_answer_letter(extracted, tiny_model_dir):

@@ -3,27 +3,35 @@ answering under the trait's pos/neg system prompts) and from its public A/B set 
 written by others), cross-evaluated and compared by what they do.
 
 Behaviour. Both diffs are merged at +1 and at 0 in one run per test set, so every contrast pairs:
-- the public set's held-out items (balanced p_matching, both orders; no item was trained on by the
-  A/B diff, none seen by the prompt diff) — the one measure independent of the prompt source;
+- the public set's held-out items (balanced p_matching, both orders): no item the A/B diff trained
+  on (the split groups identical questions), none the prompt diff saw — the one measure
+  independent of the prompt source. Held out by question, not by template: public sets reuse
+  templates (CAA's sycophancy items pair a few claims with many biographies), so a held-out item
+  can share its claim with a training item; these items are the A/B diff's home ground as the
+  judged questions are the prompt diff's;
 - the trait's own A/B items (written here: a second source, not the extraction's);
 - the trait's evaluation questions: the judged score and the judge-free margin (the prompt
-  source's instruments).
+  source's instruments: the margin's references are the base model under the trait's prompts).
 Per test set: each diff's change against the unsteered model, and prompt − A/B (their +1
-conditions against each other), paired by item or question with sign-flip p-values, Holm over
-every test of the table.
+conditions against each other: a contrast at each diff's own scale, not in calibrated units),
+paired by item or question with sign-flip p-values; Holm over every test of the table (the
+contrasts and the similarity's null tests).
 
-Function. Two independently initialised LoRA diffs have a whole-space weight cosine of ~0 whatever
-they learned, so they are compared by what they do on held-out inputs:
+Function. Two LoRA diffs from independent initialisations (each source has its own stream) have a
+whole-space weight cosine of ~0 whatever they learned, so they are compared by what they do on
+held-out inputs:
 - the data-weighted inner product ⟨ΔW₁, ΔW₂⟩_Σ = Σ_m tr(ΔW₁,m Σ_m ΔW₂,mᵀ), Σ_m the second moment of
   module m's inputs over held-out answer tokens, i.e. the mean over those tokens of Σ_m ⟨ΔW₁x, ΔW₂x⟩:
-  do the two updates write the same outputs for the inputs they meet? Its cosine is set against a
-  null of random low-rank diffs with the other diff's per-module ranks and Frobenius norms (z-score
-  and the share of draws reaching it), and beside other traits' diffs (a stronger null: every
-  persona LoRA also learns the answers' style);
+  do the two updates write the same outputs for the inputs they meet? Per input set (the public
+  items' answers; the unsteered model's answers to the evaluation questions) and pooled. Its cosine
+  is set against a null of random low-rank diffs with the other diff's per-module ranks, each
+  module scaled to that diff's data-weighted norm (z-score and the two-sided share of draws at
+  least as far from 0), and beside other traits' diffs (a stronger null: every persona LoRA also
+  learns the answers' style);
 - the residual-stream change each causes at the steered layer on the same tokens
   (eval.activations.functional_comparison).
-Everything is computed from the factors (Σ_m is never formed: each diff's A·x is accumulated), so
-the memory is that of the low-rank factors whatever the model's width.
+Σ_m is never formed: each diff's (and each draw's) A·x is accumulated, so the memory is the
+factors' and the draws' down factors (draws × rank × in per module).
 """
 
 from __future__ import annotations
@@ -60,20 +68,19 @@ TEST_SETS = {
 # ---------------------------------------------------------------------------------------------
 
 
-def heldout_spans(tokenizer, ab_items: list[ABItem], answers: list[dict], max_length: int = 512) -> list[tuple]:
-    """(token ids, answer start, answer end) of held-out inputs: each public held-out item with its
-    matching and its non-matching answer (letter and choice text), and each (question, answer) of
-    `answers` (the unsteered model's answers to the evaluation questions), in the chat template
-    without a system prompt."""
-    spans = []
-    for item in ab_items:
-        for answer in (item.matching, item.not_matching[0]):
-            messages = [{"role": "user", "content": item.question}, {"role": "assistant", "content": choice_text(item, answer)}]
-            spans.append(tuple(tokenize_chat(tokenizer, messages, max_length)))
-    for row in answers:
-        messages = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
-        spans.append(tuple(tokenize_chat(tokenizer, messages, max_length)))
-    return [span for span in spans if span[2] > span[1]]
+def heldout_spans(tokenizer, ab_items: list[ABItem], answers: list[dict], max_length: int = 512) -> dict[str, list[tuple]]:
+    """(token ids, answer start, answer end) of held-out inputs in the chat template without a
+    system prompt, in two sets: "public_items", each public held-out item with its matching and its
+    non-matching answer (letter and choice text), and "evaluation_answers", each (question, answer)
+    of `answers` (the unsteered model's answers to the evaluation questions)."""
+    def span(question: str, answer: str) -> tuple:
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return tuple(tokenize_chat(tokenizer, messages, max_length))
+
+    sets = {"public_items": [span(item.question, choice_text(item, answer)) for item in ab_items
+                             for answer in (item.matching, item.not_matching[0])],
+            "evaluation_answers": [span(row["question"], row["answer"]) for row in answers]}
+    return {name: [s for s in spans if s[2] > s[1]] for name, spans in sets.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,102 +110,115 @@ def null_scales(up: torch.Tensor, down: torch.Tensor, norm: float) -> torch.Tens
 
 
 @torch.no_grad()
-def weighted_geometry(model, spans: list[tuple], pad_id: int, diffs: dict[str, lu.PersonaLoRADiff],
-                      null_like: dict[str, str] | None = None, draws: int = 100, seed: int = 0, batch_size: int = 8) -> dict:
+def weighted_geometry(model, span_sets: dict[str, list[tuple]], pad_id: int, diffs: dict[str, lu.PersonaLoRADiff],
+                      null_like: dict[str, str] | None = None, draws: int = 100, seed: int = 0, batch_size: int = 8,
+                      label: str = "") -> dict:
     """The data-weighted inner products ⟨ΔW_a, ΔW_b⟩_Σ for every pair of the named `diffs` (and
-    each with itself), Σ the second moment of each module's inputs over the answer tokens of `spans`.
+    each with itself), Σ_m the second moment of module m's inputs over the answer tokens of a set of
+    spans; for each named set of `span_sets` and for all of them pooled (token-weighted).
 
-    null_like: {against: like}: `draws` random diffs with `like`'s per-module ranks and Frobenius
-    norms, each paired with `against` (the cosine of `against` with each draw is the null of
-    cos(against, like)). Returns {"inner": {(a, b): value}, "null": {against: [cosines]}, "tokens": n}.
+    null_like: {against: like}: `draws` random diffs with `like`'s per-module ranks, each module
+    scaled to `like`'s data-weighted norm there (the statistic is data-weighted, so the null has the
+    diff's size where it is measured), each paired with `against`: the cosine of `against` with
+    each draw is the null of cos(against, like). Draws come from seeded generators per module
+    (null_down/null_up, stream `label`/like). Returns {set: {"inner": {(a, b): value}, "null":
+    {against: [cosines]}, "tokens": n}} with the pooled one under "all".
 
     Per module and batch, only the projections P = X·Aᵀ of the tokens' inputs X onto every diff's
-    down factor are formed, and their Grams accumulated; ⟨B_a A_a, B_b A_b⟩_Σ = sum((B_aᵀB_b) ⊙
-    (P_aᵀP_b)) / n at the end."""
+    down factor (and every draw's) are formed, and their Grams accumulated; ⟨B_a A_a, B_b A_b⟩_Σ =
+    sum((B_aᵀB_b) ⊙ (P_aᵀP_b)) / n at the end. Memory: the diffs' factors plus the draws' down
+    factors (draws × rank × in per module and null)."""
     null_like = null_like or {}
     for against, like in null_like.items():
         if against not in diffs or like not in diffs:
             raise PersonaLoRAError(f"a null of {against} against draws like {like}: both must be among the diffs")
-    names = list(diffs)
+    names, sets = list(diffs), list(span_sets)
     modules = sorted({m for d in diffs.values() for m in d.module_names})
     device = model_device(model)
-    state: dict = {"mask": None}
-    grams, null_grams, handles = {}, {}, []
+    state: dict = {"mask": None, "set": None}
+    grams, handles = {}, []
 
     for module in modules:
         owners = [n for n in names if module in diffs[n]]
-        downs = torch.cat([diffs[n].factors[module][1].float() for n in owners]).to(device)
         offsets, at = {}, 0
         for n in owners:
             offsets[n] = (at, at + diffs[n].rank(module))
             at += diffs[n].rank(module)
-        groups = []
-        for against, like in null_like.items():
-            if module in diffs[like]:  # its norm counts even where `against` is absent (no cross term there)
-                down = null_down(diffs[like].shape(module), diffs[like].rank(module), draws, seed, module, like)
-                groups.append({"against": against, "like": like, "down": down.flatten(0, 1).to(device),
-                               "rank": diffs[like].rank(module), "cross": 0.0, "self": 0.0})
-        grams[module] = {"owners": owners, "offsets": offsets, "downs": downs, "gram": 0.0}
-        null_grams[module] = groups
+        groups = [{"against": against, "like": like, "rank": diffs[like].rank(module),
+                   "down": null_down(diffs[like].shape(module), diffs[like].rank(module), draws, seed, module,
+                                     f"{label}/{like}").flatten(0, 1).to(device),
+                   "cross": dict.fromkeys(sets, 0.0), "self": dict.fromkeys(sets, 0.0)}
+                  for against, like in null_like.items() if module in diffs[like] and against in owners]
+        grams[module] = {"owners": owners, "offsets": offsets, "gram": dict.fromkeys(sets, 0.0), "nulls": groups,
+                         "downs": torch.cat([diffs[n].factors[module][1].float() for n in owners]).to(device)}
 
         def read(layer_module, inputs, module=module):
             x = inputs[0][state["mask"]].float()
             if not len(x):
                 return
-            entry = grams[module]
-            projected = x @ entry["downs"].T
-            entry["gram"] = entry["gram"] + (projected.T.double() @ projected.double())
-            for group in null_grams[module]:
+            entry, name = grams[module], state["set"]
+            projected = (x @ entry["downs"].T).double()
+            entry["gram"][name] = entry["gram"][name] + projected.T @ projected
+            for group in entry["nulls"]:
                 drawn = (x @ group["down"].T).double()  # [n, draws·rank]
-                if group["against"] in entry["offsets"]:
-                    lo, hi = entry["offsets"][group["against"]]
-                    group["cross"] = group["cross"] + projected[:, lo:hi].T.double() @ drawn
+                lo, hi = entry["offsets"][group["against"]]
+                group["cross"][name] = group["cross"][name] + projected[:, lo:hi].T @ drawn
                 per_draw = drawn.view(len(x), -1, group["rank"])
-                group["self"] = group["self"] + torch.einsum("ndr,nds->drs", per_draw, per_draw)
+                group["self"][name] = group["self"][name] + torch.einsum("ndr,nds->drs", per_draw, per_draw)
 
         handles.append(model.get_submodule(module.removesuffix(".weight")).register_forward_pre_hook(read))
 
-    tokens = 0
+    tokens = dict.fromkeys(sets, 0)
     try:
-        for start in tqdm(range(0, len(spans), batch_size), desc="data-weighted inner products", leave=False):
-            batch = spans[start:start + batch_size]
-            input_ids, attention_mask = pad_right([list(ids[:end]) for ids, _, end in batch], pad_id)
-            mask = torch.zeros(input_ids.shape, dtype=torch.bool)
-            for row, (_, answer_start, answer_end) in enumerate(batch):
-                mask[row, answer_start:answer_end] = True
-            state["mask"] = mask.to(device)
-            tokens += int(mask.sum())
-            model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=1)
+        for name, spans in span_sets.items():
+            state["set"] = name
+            for start in tqdm(range(0, len(spans), batch_size), desc=f"data-weighted inner products ({name})", leave=False):
+                batch = spans[start:start + batch_size]
+                input_ids, attention_mask = pad_right([list(ids[:end]) for ids, _, end in batch], pad_id)
+                mask = torch.zeros(input_ids.shape, dtype=torch.bool)
+                for row, (_, answer_start, answer_end) in enumerate(batch):
+                    mask[row, answer_start:answer_end] = True
+                state["mask"] = mask.to(device)
+                tokens[name] += int(mask.sum())
+                model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=1)
     finally:
         for handle in handles:
             handle.remove()
-    if not tokens:
-        raise PersonaLoRAError("the held-out inputs hold no answer tokens to weigh the diffs with")
+    empty = [name for name in sets if not tokens[name]]
+    if empty:
+        raise PersonaLoRAError(f"the held-out inputs {', '.join(empty)} hold no answer tokens to weigh the diffs with")
 
-    inner = {(a, b): 0.0 for i, a in enumerate(names) for b in names[i:]}
-    null_inner = {against: torch.zeros(draws, dtype=torch.float64) for against in null_like}
-    null_self = {against: torch.zeros(draws, dtype=torch.float64) for against in null_like}
-    for module in modules:
-        entry = grams[module]
-        ups = {n: diffs[n].factors[module][0].double() for n in entry["owners"]}
-        for (a, b) in inner:
-            if a in ups and b in ups:
-                (la, ha), (lb, hb) = entry["offsets"][a], entry["offsets"][b]
-                inner[(a, b)] += float(((ups[a].T @ ups[b]) * entry["gram"][la:ha, lb:hb].cpu()).sum()) / tokens
-        for group in null_grams[module]:
-            like, against = group["like"], group["against"]
-            up = null_up(diffs[like].shape(module), group["rank"], draws, seed, module, like)
-            scale = null_scales(up, group["down"].cpu().view(draws, group["rank"], -1), diffs[like].module_norm(module))
-            up = up.double()
-            if against in ups:
-                cross = group["cross"].cpu().view(len(ups[against].T), draws, group["rank"])  # [r_against, draws, r]
-                null_inner[against] += scale * torch.einsum("or,dos,rds->d", ups[against], up, cross) / tokens
-            null_self[against] += scale ** 2 * torch.einsum("dor,dos,drs->d", up, up, group["self"].cpu()) / tokens
-    nulls = {}
-    for against in null_like:
-        own = inner[(against, against)]
-        nulls[against] = (null_inner[against] / (math.sqrt(max(own, 0.0)) * null_self[against].clamp_min(1e-300).sqrt())).tolist()
-    return {"inner": inner, "null": nulls, "tokens": tokens}
+    def pooled(per_set: dict):  # token-weighted: the sums over all sets' tokens
+        return sum(per_set.values())
+
+    results = {}
+    for name in [*sets, "all"]:
+        n = sum(tokens.values()) if name == "all" else tokens[name]
+        pick = pooled if name == "all" else (lambda per_set, name=name: per_set[name])
+        inner = {(a, b): 0.0 for i, a in enumerate(names) for b in names[i:]}
+        null_inner = {against: torch.zeros(draws, dtype=torch.float64) for against in null_like}
+        for module in modules:
+            entry = grams[module]
+            gram = pick(entry["gram"]).cpu()
+            ups = {o: diffs[o].factors[module][0].double() for o in entry["owners"]}
+            own = {}
+            for (a, b) in inner:
+                if a in ups and b in ups:
+                    (la, ha), (lb, hb) = entry["offsets"][a], entry["offsets"][b]
+                    own[(a, b)] = float(((ups[a].T @ ups[b]) * gram[la:ha, lb:hb]).sum()) / n
+                    inner[(a, b)] += own[(a, b)]
+            for group in entry["nulls"]:
+                like, against = group["like"], group["against"]
+                up = null_up(diffs[like].shape(module), group["rank"], draws, seed, module, f"{label}/{like}").double()
+                self_norms = torch.einsum("dor,dos,drs->d", up, up, pick(group["self"]).cpu()) / n
+                scale = (max(own[tuple(sorted((like, like)))], 0.0) / self_norms.clamp_min(1e-300)).sqrt()
+                cross = pick(group["cross"]).cpu().view(len(ups[against].T), draws, group["rank"])  # [r_against, draws, r]
+                null_inner[against] += scale * torch.einsum("or,dos,rds->d", ups[against], up, cross) / n
+        # each draw has `like`'s data-weighted norm in every module, so its whole norm is `like`'s
+        nulls = {against: (null_inner[against] / math.sqrt(max(inner[(against, against)], 0.0) * max(inner[(like, like)], 0.0))
+                           ).tolist() for against, like in null_like.items()}
+        results[name] = {"inner": inner, "null": nulls, "tokens": n}
+    return results
 
 
 def weighted_cosine(inner: dict, a: str, b: str) -> float:
@@ -207,44 +227,55 @@ def weighted_cosine(inner: dict, a: str, b: str) -> float:
 
 
 def against_null(observed: float, null: list[float]) -> dict:
-    """An observed cosine against its null draws: their mean, spread and maximum, the z-score, and
-    the one-sided share of draws reaching it (the observed counted: (1 + k)/(1 + N), never 0)."""
+    """An observed cosine against its null draws: their mean, spread and largest magnitude, the
+    z-score, and the two-sided share of draws at least as far from 0 (|cos| ≥ |observed|, the
+    observed counted: (1 + k)/(1 + N), so never below 1/(N + 1))."""
     values = torch.tensor(null, dtype=torch.float64)
     mean, sd = float(values.mean()), float(values.std())
-    reaching = int((values >= observed).sum())
-    return {"draws": len(null), "null_mean": mean, "null_sd": sd, "null_max": float(values.max()),
-            "z": (observed - mean) / sd if sd > 0 else float("nan"), "p": (1 + reaching) / (1 + len(null))}
+    reaching = int((values.abs() >= abs(observed)).sum())
+    return {"draws": len(null), "null_mean": mean, "null_sd": sd, "null_max_abs": float(values.abs().max()),
+            "z": (observed - mean) / sd if sd > 0 else float("nan"), "p": (1 + reaching) / (1 + len(null)),
+            "p_method": "two-sided: share of draws with |cosine| ≥ |observed|, the observed counted"}
 
 
-def functional_similarity(model, tokenizer, spans: list[tuple], diffs: dict[str, lu.PersonaLoRADiff], layer: int,
-                          draws: int = 100, seed: int = 0, batch_size: int = 8) -> dict:
+def functional_similarity(model, tokenizer, span_sets: dict[str, list[tuple]], diffs: dict[str, lu.PersonaLoRADiff], layer: int,
+                          draws: int = 100, seed: int = 0, batch_size: int = 8, label: str = "") -> dict:
     """The prompt and the A/B diff (the first two of `diffs`, in SOURCES order; the rest are other
-    traits' diffs) compared on held-out inputs: their data-weighted cosine against random matched
-    draws (both ways) and against the other traits' diffs, and the residual-stream change each
-    causes at `layer` (every diff merged at +1)."""
+    traits' diffs) compared on held-out inputs, per input set and pooled: their data-weighted
+    cosine against random draws matched to each (both ways) and beside the other traits' diffs;
+    and, on all inputs, the residual-stream change each causes at `layer` (every diff merged at +1,
+    so only the blocks below `layer` act on it)."""
     prompt, ab = SOURCES
     if list(diffs)[:2] != [prompt, ab]:
         raise PersonaLoRAError("functional_similarity: the diffs must start with 'prompt' and 'ab'")
-    geometry = weighted_geometry(model, spans, tokenizer.pad_token_id, diffs, {prompt: ab, ab: prompt}, draws, seed, batch_size)
-    inner = geometry["inner"]
-    observed = weighted_cosine(inner, prompt, ab)
+    geometry = weighted_geometry(model, span_sets, tokenizer.pad_token_id, diffs, {prompt: ab, ab: prompt}, draws, seed,
+                                 batch_size, label)
     comparators = [n for n in diffs if n not in SOURCES]
+
+    def report(result: dict) -> dict:
+        inner = result["inner"]
+        return {"tokens": result["tokens"], "weighted_cosine": weighted_cosine(inner, prompt, ab),
+                "null_random": {f"{a} vs draws like {b}": against_null(weighted_cosine(inner, a, b), result["null"][a])
+                                for a, b in ((prompt, ab), (ab, prompt))},
+                "comparators": {name: {"cosine_with_prompt": weighted_cosine(inner, prompt, name),
+                                       "cosine_with_ab": weighted_cosine(inner, ab, name)} for name in comparators},
+                "weighted_norms": {name: math.sqrt(max(inner[(name, name)], 0.0)) for name in diffs}}
+
     def merged(diff):
         return lambda: lu.LoRASteerer(model, diff, 1.0)
 
-    residual = functional_comparison(model, spans, tokenizer.pad_token_id, layer, {n: merged(d) for n, d in diffs.items()}, batch_size)
+    every_span = [span for spans in span_sets.values() for span in spans]
+    residual = functional_comparison(model, every_span, tokenizer.pad_token_id, layer, {n: merged(d) for n, d in diffs.items()},
+                                     batch_size)
     return {
-        "tokens": geometry["tokens"], "spans": len(spans),
-        "weighted_cosine": observed,
-        "null_random": {f"{a} vs draws like {b}": against_null(weighted_cosine(inner, a, b), geometry["null"][a])
-                        for a, b in ((prompt, ab), (ab, prompt))},
-        "null_description": f"{draws} random low-rank diffs with the other diff's per-module ranks and Frobenius norms "
-                            f"(Gaussian factors, stream {NULL_STREAM!r}, seed {seed}), each set against one source's diff",
-        "comparators": {name: {"cosine_with_prompt": weighted_cosine(inner, prompt, name), "cosine_with_ab": weighted_cosine(inner, ab, name)}
-                        for name in comparators},
+        **report(geometry["all"]), "spans": {name: len(spans) for name, spans in span_sets.items()},
+        "by_input": {name: report(geometry[name]) for name in span_sets},
+        "null_description": f"{draws} random low-rank diffs with the other diff's per-module ranks, each module scaled to that "
+                            f"diff's data-weighted norm there (Gaussian factors, stream {NULL_STREAM!r}/{label}, seed {seed}), "
+                            "each set against one source's diff",
         "weight_cosine": diffs[prompt].cosine(diffs[ab]),
-        "weighted_norms": {name: math.sqrt(max(inner[(name, name)], 0.0)) for name in diffs},
-        "residual_stream": {"layer": layer, "coefficients": "every diff merged at +1", "pairs": residual},
+        "residual_stream": {"layer": layer, "coefficients": "every diff merged at +1 (the blocks below the layer act on it)",
+                            "pairs": residual},
     }
 
 
@@ -281,9 +312,32 @@ def _paired(treated: dict, control: dict, matching_first: dict | None = None) ->
     return {"mean": mean, "sem": sem, "items": n, "p": test["p"], "p_method": test["p_method"]}
 
 
-def trait_contrasts(output_dir: Path, trait: str) -> dict:
+SIMILARITY_KEYS = ("weighted_cosine", "null_random", "comparators", "weight_cosine", "residual_stream", "by_input", "diffs")
+
+
+def read_similarity(path: Path) -> dict:
+    report = read_json_object(path, "similarity report")
+    missing = [key for key in SIMILARITY_KEYS if key not in report]
+    if missing:
+        raise PersonaLoRAError(f"{path} lacks {', '.join(missing)}: rerun scripts/cross_source.py similarity with this version")
+    return report
+
+
+def check_same_diffs(path: Path, diffs: dict) -> None:
+    """A run's manifest must name the similarity report's two diffs, prompt-derived first: the
+    table's columns are read by position."""
+    manifest = read_json_object(path.with_name(path.name.replace(".summary.json", ".manifest.json")), "run manifest")
+    used = (manifest.get("arguments") or {}).get("lora_diff_path") or []
+    wanted = [diffs["prompt"], diffs["ab"]]
+    if [str(Path(p)) for p in used] != [str(Path(p)) for p in wanted]:
+        raise PersonaLoRAError(f"{path} was run with --lora_diff_path {' '.join(map(str, used))}, not the prompt-derived and "
+                               f"A/B-derived diffs of the similarity report ({' '.join(wanted)}), in that order")
+
+
+def trait_contrasts(output_dir: Path, trait: str, diffs: dict | None = None) -> dict:
     """One trait's three contrasts (prompt diff vs unsteered, A/B diff vs unsteered, prompt vs A/B)
-    on each test set, from the run summaries the driver writes."""
+    on each test set, from the run summaries the driver writes; with `diffs` ({"prompt": path,
+    "ab": path}), each run's manifest must name them in that order."""
     rows = {}
     for test_set, (file, by, positions) in {
         "public_ab": (f"public_ab_{trait}.summary.json", "both_orders_by_item", True),
@@ -293,16 +347,22 @@ def trait_contrasts(output_dir: Path, trait: str) -> dict:
     }.items():
         path = output_dir / file
         summary = read_json_object(path, "evaluation summary")
+        if diffs is not None:
+            check_same_diffs(path, diffs)
         found = _conditions_by_source(summary, path)
-        if by not in found["unsteered"]:
-            raise PersonaLoRAError(f"{path} has no {by} per condition; rerun it with this version of eval_lora_persona.py")
-        first = found["unsteered"].get("matching_first_by_item") if positions else None
+        needed = [by, "matching_first_by_item"] if positions else [by]
+        lacking = [key for key in needed if key not in found["unsteered"]]
+        if lacking:
+            raise PersonaLoRAError(f"{path} has no {', '.join(lacking)} per condition; rerun it with this version of "
+                                   "eval_lora_persona.py")
+        first = found["unsteered"]["matching_first_by_item"] if positions else None
         values = {name: found[name][by] for name in CONDITIONS}
+        unsteered = (found["unsteered"]["balanced_p_matching_both_orders"] if positions
+                     else sum(values["unsteered"].values()) / len(values["unsteered"]))
         rows[test_set] = {"prompt_vs_unsteered": _paired(values["prompt"], values["unsteered"], first),
                           "ab_vs_unsteered": _paired(values["ab"], values["unsteered"], first),
                           "prompt_vs_ab": _paired(values["prompt"], values["ab"], first),
-                          "unsteered_mean": sum(values["unsteered"].values()) / len(values["unsteered"]),
-                          "measure": TEST_SETS[test_set]}
+                          "unsteered_mean": unsteered, "measure": TEST_SETS[test_set]}
         if test_set == "judged":
             rows[test_set]["judge"] = summary.get("judge_description")
             rows[test_set]["judge_quality"] = summary.get("judge_quality")
@@ -313,13 +373,15 @@ def summarize(output_dir: Path, traits: list[str]) -> dict:
     """Every trait's contrasts and functional similarity, Holm-adjusted over every contrast of the table."""
     report = {"traits": {}, "design": __doc__.split("\n\n")[1:3]}
     for trait in traits:
-        report["traits"][trait] = {"contrasts": trait_contrasts(output_dir, trait),
-                                   "similarity": read_json_object(output_dir / f"similarity_{trait}.json", "similarity report")}
+        similarity = read_similarity(output_dir / f"similarity_{trait}.json")
+        report["traits"][trait] = {"contrasts": trait_contrasts(output_dir, trait, similarity["diffs"]), "similarity": similarity}
     family = [contrast for t in report["traits"].values() for row in t["contrasts"].values()
               for key, contrast in row.items() if key.endswith(("_unsteered", "_vs_ab"))]
-    for contrast, adjusted in zip(family, holm([c["p"] for c in family])):
-        contrast["p_holm"] = adjusted
-    report["multiplicity"] = f"Holm over the table's {len(family)} contrasts"
+    family += [test for t in report["traits"].values() for test in t["similarity"]["null_random"].values()]
+    for test, adjusted in zip(family, holm([c["p"] for c in family])):
+        test["p_holm"] = adjusted
+    report["multiplicity"] = (f"Holm over the table's {len(family)} tests: every contrast and each trait's two random-null "
+                              "tests of the pooled data-weighted cosine")
     return report
 
 
@@ -332,10 +394,12 @@ def print_report(report: dict) -> None:
                      for k in ("prompt_vs_unsteered", "ab_vs_unsteered", "prompt_vs_ab")]
             print(f"{test_set:10s} {row['unsteered_mean']:10.4f} " + " ".join(f"{c:>24s}" for c in cells))
         similarity = entry["similarity"]
-        nulls = "; ".join(f"{k}: z {v['z']:+.1f}, max {v['null_max']:+.4f}" for k, v in similarity["null_random"].items())
+        nulls = "; ".join(f"{k}: z {v['z']:+.1f}, max |cos| {v['null_max_abs']:.4f}, Holm p {v['p_holm']:.2g}"
+                          for k, v in similarity["null_random"].items())
         others = ", ".join(f"{k} {v['cosine_with_prompt']:+.4f}/{v['cosine_with_ab']:+.4f}" for k, v in similarity["comparators"].items())
         residual = similarity["residual_stream"]["pairs"].get("prompt vs ab", {})
-        print(f"data-weighted cosine {similarity['weighted_cosine']:+.4f} (weight cosine {similarity['weight_cosine']:+.4f}); "
+        per_input = ", ".join(f"{k} {v['weighted_cosine']:+.4f}" for k, v in similarity["by_input"].items())
+        print(f"data-weighted cosine {similarity['weighted_cosine']:+.4f} ({per_input}; weight cosine {similarity['weight_cosine']:+.4f}); "
               f"null: {nulls}; other traits (with prompt/with A/B): {others or 'none'}; "
               f"layer {similarity['residual_stream']['layer']} mean-change cosine {residual.get('mean_change_cosine', float('nan')):+.3f}, "
               f"per token {residual.get('per_token_cosine_mean', float('nan')):+.3f}")
