@@ -67,8 +67,8 @@ def test_weighted_inner_products_and_their_null_match_dense_computations():
             factors = {}
             for module in diffs[like].module_names:
                 shape, rank = diffs[like].shape(module), diffs[like].rank(module)
-                up, down = cs.null_up(shape, rank, 4, 7, module, like), cs.null_down(shape, rank, 4, 7, module, like)
-                scale = cs.null_scales(up, down, diffs[like].module_norm(module))[draw]
+                up, down = lu.null_up(shape, rank, 4, 7, module, like, cs.NULL_STREAM), lu.null_down(shape, rank, 4, 7, module, like, cs.NULL_STREAM)
+                scale = lu.null_scales(up, down, diffs[like].module_norm(module))[draw]
                 factors[module] = (up[draw].double() * scale, down[draw].double())
             drawn = lu.PersonaLoRADiff(factors)
             for module in drawn.module_names:
@@ -82,7 +82,7 @@ def test_weighted_inner_products_and_their_null_match_dense_computations():
 
 
 def test_against_null_counts_the_observed_and_scales_by_the_spread():
-    report = cs.against_null(0.5, [0.0, 0.1, -0.1, 0.6])
+    report = lu.against_null(0.5, [0.0, 0.1, -0.1, 0.6])
     assert report["p"] == pytest.approx(2 / 5) and report["null_max"] == 0.6
     spread = torch.tensor([0.0, 0.1, -0.1, 0.6], dtype=torch.float64)
     assert report["z"] == pytest.approx((0.5 - float(spread.mean())) / float(spread.std()))

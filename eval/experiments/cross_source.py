@@ -29,7 +29,6 @@ the memory is that of the low-rank factors whatever the model's width.
 from __future__ import annotations
 
 import math
-import zlib
 from pathlib import Path
 
 import torch
@@ -44,7 +43,7 @@ from eval.stats import holm, paired_difference, sign_flip_test
 from io_utils import PersonaLoRAError, read_json_object
 from model_loading import model_device
 
-NULL_STREAM = "cross-source-null"
+NULL_STREAM = "cross-source-null"  # the random draws' stream (lora_utils.null_down / null_up)
 SOURCES = ("prompt", "ab")  # the order of the diffs in every run: prompt-derived first
 CONDITIONS = {"unsteered": (0.0, 0.0), "prompt": (1.0, 0.0), "ab": (0.0, 1.0)}
 TEST_SETS = {
@@ -81,27 +80,6 @@ def heldout_spans(tokenizer, ab_items: list[ABItem], answers: list[dict], max_le
 # ---------------------------------------------------------------------------------------------
 
 
-def _null_generator(seed: int, module: str, like: str, factor: str) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(f"{NULL_STREAM}:{seed}:{like}:{module}:{factor}".encode()))
-
-
-def null_down(shape: tuple[int, int], rank: int, draws: int, seed: int, module: str, like: str) -> torch.Tensor:
-    """The down factors A [draws, rank, in] of `draws` random rank-`rank` updates of a [out, in]
-    weight (Gaussian), from their own seeded generator: read while the inputs pass."""
-    return torch.randn(draws, rank, shape[1], generator=_null_generator(seed, module, like, "A"))
-
-
-def null_up(shape: tuple[int, int], rank: int, draws: int, seed: int, module: str, like: str) -> torch.Tensor:
-    """Their up factors B [draws, out, rank] (Gaussian, own generator): only needed at the end."""
-    return torch.randn(draws, shape[0], rank, generator=_null_generator(seed, module, like, "B"))
-
-
-def null_scales(up: torch.Tensor, down: torch.Tensor, norm: float) -> torch.Tensor:
-    """Per draw, the factor that brings ‖B·A‖_F to `norm` (the matched diff's module norm)."""
-    squares = ((up.transpose(1, 2) @ up) * (down @ down.transpose(1, 2))).sum((1, 2)).double()
-    return norm / squares.clamp_min(1e-300).sqrt()
-
-
 @torch.no_grad()
 def weighted_geometry(model, spans: list[tuple], pad_id: int, diffs: dict[str, lu.PersonaLoRADiff],
                       null_like: dict[str, str] | None = None, draws: int = 100, seed: int = 0, batch_size: int = 8) -> dict:
@@ -135,7 +113,7 @@ def weighted_geometry(model, spans: list[tuple], pad_id: int, diffs: dict[str, l
         groups = []
         for against, like in null_like.items():
             if module in diffs[like]:  # its norm counts even where `against` is absent (no cross term there)
-                down = null_down(diffs[like].shape(module), diffs[like].rank(module), draws, seed, module, like)
+                down = lu.null_down(diffs[like].shape(module), diffs[like].rank(module), draws, seed, module, like, NULL_STREAM)
                 groups.append({"against": against, "like": like, "down": down.flatten(0, 1).to(device),
                                "rank": diffs[like].rank(module), "cross": 0.0, "self": 0.0})
         grams[module] = {"owners": owners, "offsets": offsets, "downs": downs, "gram": 0.0}
@@ -187,8 +165,8 @@ def weighted_geometry(model, spans: list[tuple], pad_id: int, diffs: dict[str, l
                 inner[(a, b)] += float(((ups[a].T @ ups[b]) * entry["gram"][la:ha, lb:hb].cpu()).sum()) / tokens
         for group in null_grams[module]:
             like, against = group["like"], group["against"]
-            up = null_up(diffs[like].shape(module), group["rank"], draws, seed, module, like)
-            scale = null_scales(up, group["down"].cpu().view(draws, group["rank"], -1), diffs[like].module_norm(module))
+            up = lu.null_up(diffs[like].shape(module), group["rank"], draws, seed, module, like, NULL_STREAM)
+            scale = lu.null_scales(up, group["down"].cpu().view(draws, group["rank"], -1), diffs[like].module_norm(module))
             up = up.double()
             if against in ups:
                 cross = group["cross"].cpu().view(len(ups[against].T), draws, group["rank"])  # [r_against, draws, r]
@@ -204,16 +182,6 @@ def weighted_geometry(model, spans: list[tuple], pad_id: int, diffs: dict[str, l
 def weighted_cosine(inner: dict, a: str, b: str) -> float:
     value = inner[(a, b)] if (a, b) in inner else inner[(b, a)]
     return value / math.sqrt(max(inner[(a, a)], 0.0) * max(inner[(b, b)], 0.0) + 1e-300)
-
-
-def against_null(observed: float, null: list[float]) -> dict:
-    """An observed cosine against its null draws: their mean, spread and maximum, the z-score, and
-    the one-sided share of draws reaching it (the observed counted: (1 + k)/(1 + N), never 0)."""
-    values = torch.tensor(null, dtype=torch.float64)
-    mean, sd = float(values.mean()), float(values.std())
-    reaching = int((values >= observed).sum())
-    return {"draws": len(null), "null_mean": mean, "null_sd": sd, "null_max": float(values.max()),
-            "z": (observed - mean) / sd if sd > 0 else float("nan"), "p": (1 + reaching) / (1 + len(null))}
 
 
 def functional_similarity(model, tokenizer, spans: list[tuple], diffs: dict[str, lu.PersonaLoRADiff], layer: int,
@@ -236,7 +204,7 @@ def functional_similarity(model, tokenizer, spans: list[tuple], diffs: dict[str,
     return {
         "tokens": geometry["tokens"], "spans": len(spans),
         "weighted_cosine": observed,
-        "null_random": {f"{a} vs draws like {b}": against_null(weighted_cosine(inner, a, b), geometry["null"][a])
+        "null_random": {f"{a} vs draws like {b}": lu.against_null(weighted_cosine(inner, a, b), geometry["null"][a])
                         for a, b in ((prompt, ab), (ab, prompt))},
         "null_description": f"{draws} random low-rank diffs with the other diff's per-module ranks and Frobenius norms "
                             f"(Gaussian factors, stream {NULL_STREAM!r}, seed {seed}), each set against one source's diff",
