@@ -30,9 +30,25 @@ score; margin: the judge-free margin; ab: the A/B p_matching), each over all fin
 LoRA finetunes with replicates of one dataset averaged, and over the dense ones apart, with
 permutation p-values (exact for n ≤ 8); "measured_by" names the judge, settings and reference
 answers every summary shared (summaries measured differently are refused).
+
+Several --lora_diff_path (e.g. a trait's prompt-derived and A/B-derived diffs) are reported side
+by side: the first keeps every field above, and each model gets "by_diff" {label: its projection
+and cosine on every diff}, with "correlations_by_diff" beside. The mixture series (finetunes named
+mix_<r>, mix_<r>_replicate, dense_mix_<r> by scripts/make_mixtures.py) also gets, per diff and
+measure, the partial correlation of behaviour with projection given the mixing fraction r/100
+("partial_correlation_given_fraction", eval.stats.partial_correlation: does the projection predict
+behaviour beyond what the data's mixture already says?).
+
+--null_draws N (100 when given bare) and --null_diffs P...: each finetune is also projected onto N
+random low-rank directions with each persona diff's per-module ranks and Frobenius norms (the same
+draws for every finetune, seeded by --null_seed and the diff's label) and onto other traits' diffs
+(lora_utils.project_finetune_null; the finetune is read once more for all of them): per model
+and diff, "null" holds its z-score against the random draws, the share of draws reaching it, and
+the projection onto each null diff with how many of them reach it.
 """
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -42,9 +58,11 @@ import lora_utils as lu
 from eval.analysis import save_figure
 from eval.evaluate import measurement_identity, require_same_measurement
 from eval.generation import read_chat_jsonl
-from eval.stats import correlations
+from eval.stats import correlations, partial_correlation
 from io_utils import (
     ArgumentParser,
+    non_negative_int,
+    positive_int,
     OutputLock,
     PersonaLoRAError,
     check_writable,
@@ -64,12 +82,19 @@ def parse_args():
     parser.add_argument("--original_model", default=None, help="hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--finetuned_model", nargs="*", default=[], help="checkpoint or PEFT adapter folder(s)")
     parser.add_argument("--finetuned_models_dir", default=None, help="project every model or adapter folder below this one")
-    parser.add_argument("--lora_diff_path", required=True)
+    parser.add_argument("--lora_diff_path", nargs="+", required=True,
+                        help="the persona diff; several (e.g. prompt-derived and A/B-derived) are reported side by side, the first as before")
     parser.add_argument("--output_path", required=True)
     parser.add_argument("--behavior_scores", nargs="+", default=None,
                         help="CSV with columns model (folder path or name), score and optionally sem, or eval_lora_persona.py "
                              ".summary.json files of runs with --adapter (the finetune, its trait mean and its margin)")
+    parser.add_argument("--null_draws", type=positive_int, nargs="?", const=100, default=None,
+                        help="project every finetune onto N random low-rank directions matched to each diff (100 when given bare)")
+    parser.add_argument("--null_diffs", nargs="*", default=[], help="other traits' persona diffs, as a second null")
+    parser.add_argument("--null_seed", type=non_negative_int, default=0)
     args = parser.parse_args()
+    if args.null_diffs and args.null_draws is None:
+        args.null_draws = 100  # the other traits' diffs come with the random null: one report, both nulls
     if not args.finetuned_model and not args.finetuned_models_dir:
         parser.error("give --finetuned_model or --finetuned_models_dir")
     return args
@@ -197,6 +222,45 @@ def correlate(models: list[dict], scores_paths: list[str]) -> dict:
     return result
 
 
+MIXTURE_NAME = re.compile(r"^(?:dense_)?mix_(?P<ratio>\d+)(?:_replicate)?$")
+
+
+def mixing_fraction(model: dict) -> float | None:
+    """A finetune's share of trait data, from the name scripts/make_mixtures.py gives it."""
+    match = MIXTURE_NAME.match(model["name"])
+    return int(match["ratio"]) / 100 if match else None
+
+
+def correlate_by_diff(models: list[dict], labels: list[str]) -> dict:
+    """Per diff and behaviour measure: Pearson and Spearman over every scored finetune, and over the
+    mixture series the partial correlation of behaviour with projection given the mixing fraction."""
+    result = {}
+    for label in labels:
+        entry = {}
+        for measure in MEASURES:
+            scored = [m for m in models if m.get(measure) is not None]
+            if len(scored) < 3:
+                continue
+            stats = {"all_finetunes": correlations([m["by_diff"][label]["projection"] for m in scored], [m[measure] for m in scored])}
+            series = [m for m in scored if mixing_fraction(m) is not None]
+            if len(series) >= 4:
+                stats["partial_correlation_given_fraction"] = partial_correlation(
+                    [m["by_diff"][label]["projection"] for m in series], [m[measure] for m in series], [mixing_fraction(m) for m in series])
+            entry[measure] = stats
+        result[label] = entry
+    return result
+
+
+def diff_labels(paths: list[str]) -> list[str]:
+    """A name per diff that tells two diffs of one trait apart (their files share a name):
+    '<folder>/<file stem>', numbered if still equal."""
+    labels = []
+    for path in paths:
+        label = f"{Path(path).parent.name}/{Path(path).stem}"
+        labels.append(label if label not in labels else f"{label}#{len(labels)}")
+    return labels
+
+
 def plot_scatter(models: list[dict], correlation: dict, diff: lu.PersonaLoRADiff, path: Path) -> Path:
     """Each behaviour measure against the projection, one panel each (LoRA and dense finetunes
     marked apart), titled with the correlation over every finetune."""
@@ -240,30 +304,66 @@ def main():
     args = parse_args()
     started = time.time()
     output_path = check_writable(args.output_path, "--output_path")
-    diff = lu.load_lora_diff(args.lora_diff_path)
+    diffs = [lu.load_lora_diff(path) for path in args.lora_diff_path]
+    labels = diff_labels(args.lora_diff_path)
+    null_diffs = dict(zip(diff_labels(args.null_diffs), (lu.load_lora_diff(path) for path in args.null_diffs)))
     original = lu.SafetensorsCheckpoint(resolve_model_folder(args.original_model))
-    lu.check_diff_fits(diff, original)
+    for each in [*diffs, *null_diffs.values()]:
+        lu.check_diff_fits(each, original)
+    diff = diffs[0]
     folders = model_folders(args)
     with OutputLock(output_path, "--output_path"):
-        models = [lu.project_finetune(original, folder, diff) for folder in tqdm(folders, desc="models", disable=len(folders) < 2)]
+        models = []
+        for folder in tqdm(folders, desc="models", disable=len(folders) < 2):
+            model = lu.project_finetune(original, folder, diff)
+            if len(diffs) > 1:
+                model["by_diff"] = {labels[0]: {"projection": model["projection"], "cosine": model["cosine"]}}
+                for label, other in zip(labels[1:], diffs[1:]):
+                    projected = lu.project_finetune(original, folder, other)
+                    model["by_diff"][label] = {"projection": projected["projection"], "cosine": projected["cosine"]}
+            if args.null_draws:
+                model["null"] = lu.project_finetune_null(original, folder, dict(zip(labels, diffs)), null_diffs,
+                                                         args.null_draws, args.null_seed)
+            models.append(model)
         output = models[0] if len(models) == 1 and not args.behavior_scores else {"models": models}
         if args.behavior_scores:
             output.update(correlate(models, args.behavior_scores))
+            for model in models:
+                model.setdefault("by_diff", {labels[0]: {"projection": model["projection"], "cosine": model["cosine"]}})
+            output["correlations_by_diff"] = correlate_by_diff(models, labels)
             output["plot"] = str(plot_scatter(models, output, diff, output_path.with_suffix(".png")))
         output["inputs"] = {"original_model": model_label(args.original_model), "original_bytes": original.nbytes(),
-                            "lora_diff_path": args.lora_diff_path, "diff_trait": diff.metadata.get("trait"),
+                            "lora_diff_path": args.lora_diff_path[0], "diff_trait": diff.metadata.get("trait"),
                             "diff_norm": diff.norm(), "diff_modules": len(diff)}
+        if len(diffs) > 1 or args.null_draws:
+            output["inputs"]["diffs"] = {label: {"path": path, "trait": d.metadata.get("trait"), "norm": d.norm()}
+                                         for label, path, d in zip(labels, args.lora_diff_path, diffs)}
+        if args.null_draws:
+            output["null_design"] = {"draws": args.null_draws, "seed": args.null_seed, "stream": lu.PROJECTION_NULL_STREAM,
+                                     "null_diffs": {label: path for label, path in zip(null_diffs, args.null_diffs)},
+                                     "draws_are": "Gaussian low-rank factors with each persona diff's per-module ranks, scaled to "
+                                                  "its per-module Frobenius norms; the same draws for every finetune"}
         write_json(output_path, output)
         write_manifest(output_path.parent, args, started, name=f"{output_path.stem}.manifest.json")
     print(f"{'model':40s} {'kind':10s} {'projection':>11s} {'cosine':>8s} {'shared init':>11s}")
     for model in models:
         shared = f"{model['shared_row_space']:11.3f}" if "shared_row_space" in model else f"{'—':>11s}"
         print(f"{model['name'][:40]:40s} {model['kind']:10s} {model['projection']:11.5f} {model['cosine']:8.4f} {shared}")
+        for label, null in model.get("null", {}).items():
+            print(f"  {label}: projection {null['projection']:+.5f}, z {null['null']['z']:+.2f} against {null['null']['draws']} random "
+                  f"draws (two-sided p {null['null']['p_two_sided']:.3g}); {null['null_diffs_reaching']} of {len(null['null_diffs'])} "
+                  "other traits' diffs reach it")
     for measure, label in MEASURES.items():
         for group, c in output.get(f"correlation_{measure}", {}).items():
             if isinstance(c, dict):
                 print(f"{label} vs projection, {group.replace('_', ' ')} (n = {c['n']}): Pearson r = {c['pearson_r']:.3f} "
                       f"(p = {c['pearson_p']:.3g}), Spearman ρ = {c['spearman_rho']:.3f} (p = {c['spearman_p']:.3g})")
+    for diff_label, by_measure in output.get("correlations_by_diff", {}).items():
+        for measure, stats in by_measure.items():
+            partial = stats.get("partial_correlation_given_fraction")
+            if partial:
+                print(f"{diff_label}, {MEASURES[measure]}: partial r given the mixing fraction = {partial['statistic']:.3f} "
+                      f"(p = {partial['p']:.3g}, n = {partial['n']})")
     print(f"wrote {output_path}")
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 import lora_utils as lu
-from eval.ab_source import ab_records, answer_letter_vector, balance_letters, load_ab_source, question_key, split_ab_items
+from eval.ab_source import ab_records, answer_letter_vector, balance_letters, load_ab_source, measured_items, split_ab_items
 from eval.activations import load_vector, persona_vector, response_hidden_means
 from eval.elicitation import SIDES, check_fewshot, pool_size, prompted_jobs
 from eval.generation import GenerationSettings, cached_generation, read_chat_jsonl, stream_seed
@@ -221,11 +221,9 @@ def ab_source_plan(args) -> dict:
     items = load_ab_source(args.ab_source)
     split = split_ab_items(items, args.ab_eval_fraction, args.ab_split_seed)
     used = split.extraction[:args.ab_max_items] if args.ab_max_items else split.extraction
-    measured = measured_questions()
-    for index in used:
-        if question_key(items[index]) in measured:
-            raise PersonaLoRAError(f"--ab_source {args.ab_source}: item {index} is one of {measured[question_key(items[index])]}; "
-                                   "a persona must not train on a question that measures it (remove the item from the file)")
+    for index, where in measured_items(items, used, measured_questions())[:1]:
+        raise PersonaLoRAError(f"--ab_source {args.ab_source}: item {index} is one of {where}; "
+                               "a persona must not train on a question that measures it (remove the item from the file)")
     extraction, letters = balance_letters([items[i] for i in used], args.ab_split_seed)
     return {"items": items, "split": split, "extraction": extraction, "letter_balance": letters,
             "evaluation": [items[i] for i in split.evaluation]}

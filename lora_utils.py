@@ -24,6 +24,7 @@ import re
 import sys
 import time
 import weakref
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
@@ -1096,6 +1097,126 @@ def project_finetune(original, finetune, lora_diff) -> dict:
             "diff_norm": result["diff_norm"], "kind": result["kind"], "bytes": result["bytes"],
             **({key: result[key] for key in ("shared_row_space", "shared_row_space_chance") if key in result}),
             "modules_projected": len(modules), "layers": result["layers"], "modules": modules}
+
+
+# ---------------------------------------------------------------------------------------------
+# Random low-rank nulls matched to a diff, and a finetune's projection against them
+# ---------------------------------------------------------------------------------------------
+
+PROJECTION_NULL_STREAM = "projection-null"
+
+
+def _null_generator(seed: int, module: str, like: str, factor: str, stream: str) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(f"{stream}:{seed}:{like}:{module}:{factor}".encode()))
+
+
+def null_down(shape: tuple[int, int], rank: int, draws: int, seed: int, module: str, like: str, stream: str) -> torch.Tensor:
+    """The down factors A [draws, rank, in] of `draws` random rank-`rank` updates of a [out, in]
+    weight (Gaussian), from their own generator, seeded by (stream, seed, like, module): the same
+    draws whenever the same diff (`like`) is matched, whatever else is computed beside them."""
+    return torch.randn(draws, rank, shape[1], generator=_null_generator(seed, module, like, "A", stream))
+
+
+def null_up(shape: tuple[int, int], rank: int, draws: int, seed: int, module: str, like: str, stream: str) -> torch.Tensor:
+    """Their up factors B [draws, out, rank] (Gaussian, own generator)."""
+    return torch.randn(draws, shape[0], rank, generator=_null_generator(seed, module, like, "B", stream))
+
+
+def null_scales(up: torch.Tensor, down: torch.Tensor, norm: float) -> torch.Tensor:
+    """Per draw, the factor that brings ‖B·A‖_F to `norm` (the matched diff's module norm)."""
+    squares = ((up.transpose(1, 2) @ up) * (down @ down.transpose(1, 2))).sum((1, 2)).double()
+    return norm / squares.clamp_min(1e-300).sqrt()
+
+
+def against_null(observed: float, null: list[float]) -> dict:
+    """An observed value against its null draws: their mean, spread and maximum, the z-score, the
+    one-sided share of draws reaching it (the observed counted: (1 + k)/(1 + N), never 0) and the
+    two-sided share reaching its size."""
+    values = torch.tensor(null, dtype=torch.float64)
+    mean, sd = float(values.mean()), float(values.std())
+    reaching = int((values >= observed).sum())
+    as_large = int((values.abs() >= abs(observed)).sum())
+    return {"draws": len(null), "null_mean": mean, "null_sd": sd, "null_max": float(values.max()),
+            "null_max_abs": float(values.abs().max()),
+            "z": (observed - mean) / sd if sd > 0 else float("nan"), "p": (1 + reaching) / (1 + len(null)),
+            "p_two_sided": (1 + as_large) / (1 + len(null))}
+
+
+def _draws_inner(delta, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """⟨D, B_d·A_d⟩_F for every draw d [draws] without forming any B_d·A_d: for a dense D, one
+    matmul (B_dᵀ·D for all draws at once) then a product with A_d; for a low-rank D = B·A,
+    sum((Bᵀ·B_d) ⊙ (A·A_dᵀ))."""
+    draws, out_features, rank = up.shape
+    if isinstance(delta, torch.Tensor):
+        projected = up.transpose(1, 2).reshape(draws * rank, out_features) @ delta.to(up.dtype)  # [draws·rank, in]
+        return (projected.view(draws, rank, -1).double() * down.double()).sum((1, 2))
+    b, a = (t.to(up.dtype) for t in delta)
+    return ((b.T @ up).double() * (a @ down.transpose(1, 2)).double()).sum((1, 2))
+
+
+def _finetune_changes(original: SafetensorsCheckpoint, folder: Path, modules: set[str]) -> tuple[str, Iterator]:
+    """(kind, the finetune's change per module of `modules`): an adapter's own factors (B, A), or
+    a checkpoint's W_ft − W_orig read one tensor at a time."""
+    from tqdm.auto import tqdm
+
+    if (folder / "adapter_config.json").is_file():
+        update = load_adapter_update(folder)
+        return "adapter", ((name, update.factors[name]) for name in update if name in modules)
+    finetuned = SafetensorsCheckpoint(folder)
+    check_same_architecture(original, finetuned)
+    names = [name for name in finetuned.weight_map if name in modules and name in original]
+
+    def changes():
+        for name in tqdm(names, desc=f"null projections of {folder.name}", leave=False):
+            yield name, finetuned.tensor(name).to(torch.float32) - original.tensor(name).to(torch.float32)
+    return "checkpoint", changes()
+
+
+def project_finetune_null(original, finetune, diffs: Mapping[str, PersonaLoRADiff], null_diffs: Mapping[str, PersonaLoRADiff] | None = None,
+                          draws: int = 100, seed: int = 0, stream: str = PROJECTION_NULL_STREAM) -> dict:
+    """A finetune's projection onto each persona diff of `diffs` ({label: diff}) against two nulls:
+    `draws` random low-rank directions with that diff's per-module ranks and Frobenius norms
+    (Gaussian factors from null_down / null_up, matched by null_scales; the same draws for every
+    finetune, keyed by the label), and the other traits' diffs of `null_diffs`.
+
+    The finetune is read once: an adapter from its factors (no B·A formed), a checkpoint one tensor
+    at a time, and each tensor is projected onto every draw and every diff before the next is read.
+    A draw R has ‖R‖_F = ‖ΔW‖_F (every module matched), so its projection ⟨D, R⟩_F / ‖R‖_F is on
+    the persona projection's own scale. Returns {label: {"projection", "null": against_null(...),
+    "null_draws": [...], "null_diffs": {name: projection}, "null_diffs_reaching": k}}."""
+    if not isinstance(original, SafetensorsCheckpoint):
+        from model_loading import resolve_model_folder
+
+        original = SafetensorsCheckpoint(resolve_model_folder(original))
+    folder, null_diffs = Path(finetune), dict(null_diffs or {})
+    if not folder.is_dir():
+        raise PersonaLoRAError(f"finetuned model not found: {folder}")
+    modules = {m for d in [*diffs.values(), *null_diffs.values()] for m in d.module_names}
+    inner = {label: 0.0 for label in diffs}
+    drawn = {label: torch.zeros(draws, dtype=torch.float64) for label in diffs}
+    null_inner = {name: 0.0 for name in null_diffs}
+    kind, changes = _finetune_changes(original, folder, modules)
+    for name, delta in changes:
+        for label, diff in diffs.items():
+            if name not in diff:
+                continue
+            shape, rank = diff.shape(name), diff.rank(name)
+            up, down = null_up(shape, rank, draws, seed, name, label, stream), null_down(shape, rank, draws, seed, name, label, stream)
+            drawn[label] += null_scales(up, down, diff.module_norm(name)) * _draws_inner(delta, up, down)
+            inner[label] += dense_lowrank_inner(delta, *diff.factors[name]) if isinstance(delta, torch.Tensor) \
+                else lowrank_inner(*delta, *diff.factors[name])
+        for other, diff in null_diffs.items():
+            if name in diff:
+                null_inner[other] += dense_lowrank_inner(delta, *diff.factors[name]) if isinstance(delta, torch.Tensor) \
+                    else lowrank_inner(*delta, *diff.factors[name])
+    others = {other: null_inner[other] / diff.norm() for other, diff in null_diffs.items()}
+    report = {}
+    for label, diff in diffs.items():
+        projection, null = inner[label] / diff.norm(), (drawn[label] / diff.norm()).tolist()
+        report[label] = {"projection": projection, "null": against_null(projection, null), "null_draws": null,
+                         "null_diffs": others, "null_diffs_reaching": sum(v >= projection for v in others.values()),
+                         "kind": kind}
+    return report
 
 
 def _projection_stats(inner: float, delta_sq: float, diff_sq: float) -> dict:

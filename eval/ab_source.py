@@ -82,6 +82,13 @@ def split_ab_items(items: list[ABItem], evaluation_fraction: float, seed: int) -
     return split
 
 
+def measured_items(items: list[ABItem], indices, measured: dict[str, str]) -> list[tuple[int, str]]:
+    """(index, where it is measured) for every item among `indices` whose question a trait of
+    dataset/ measures (eval.traits.measured_questions): no persona and no finetune may train on one."""
+    by_index = {item.index: item for item in items}
+    return [(i, measured[question_key(by_index[i])]) for i in indices if question_key(by_index[i]) in measured]
+
+
 def check_split_disjoint(items: list[ABItem], split: ABSplit) -> None:
     by_index = {item.index: item for item in items}
     shared = {question_key(by_index[i]) for i in split.extraction} & {question_key(by_index[i]) for i in split.evaluation}

@@ -72,8 +72,8 @@ def test_weighted_inner_products_and_their_null_match_dense_computations():
             factors = {}
             for module in diffs[like].module_names:
                 shape, rank = diffs[like].shape(module), diffs[like].rank(module)
-                up = cs.null_up(shape, rank, 4, 7, module, f"t/{like}")[draw].double()
-                down = cs.null_down(shape, rank, 4, 7, module, f"t/{like}")[draw].double()
+                up = lu.null_up(shape, rank, 4, 7, module, f"t/{like}", cs.NULL_STREAM)[draw].double()
+                down = lu.null_down(shape, rank, 4, 7, module, f"t/{like}", cs.NULL_STREAM)[draw].double()
                 single = {module: inputs[module]}
                 scale = (dense_inner(diffs[like], diffs[like], single)
                          / dense_inner(*[lu.PersonaLoRADiff({module: (up, down)})] * 2, single)) ** 0.5
@@ -88,10 +88,10 @@ def test_weighted_inner_products_and_their_null_match_dense_computations():
     assert cs.weighted_cosine(again, "a", "b") == pytest.approx(-1.0) and cs.weighted_cosine(again, "a", "c") == pytest.approx(1.0)
 
 
-def test_against_null_is_two_sided_counts_the_observed_and_scales_by_the_spread():
-    report = cs.against_null(0.5, [0.0, 0.1, -0.6, 0.4])
-    assert report["p"] == pytest.approx(2 / 5) and report["null_max_abs"] == 0.6
-    assert cs.against_null(-0.5, [0.0, 0.1, -0.6, 0.4])["p"] == pytest.approx(2 / 5)  # a large negative cosine counts too
+def test_against_null_counts_the_observed_both_ways_and_scales_by_the_spread():
+    report = lu.against_null(0.5, [0.0, 0.1, -0.6, 0.4])
+    assert report["p_two_sided"] == pytest.approx(2 / 5) and report["null_max_abs"] == 0.6
+    assert lu.against_null(-0.5, [0.0, 0.1, -0.6, 0.4])["p_two_sided"] == pytest.approx(2 / 5)  # a large negative counts too
     spread = torch.tensor([0.0, 0.1, -0.6, 0.4], dtype=torch.float64)
     assert report["z"] == pytest.approx((0.5 - float(spread.mean())) / float(spread.std()))
 
@@ -113,7 +113,7 @@ def write_run(folder, name, trait, by, values, matching_first=None, diffs=("prom
 
 
 def similarity_report(p_values=(0.01, 0.5)):
-    test = lambda p: {"p": p, "z": 1.0, "null_max_abs": 0.1}  # noqa: E731
+    test = lambda p: {"p_two_sided": p, "z": 1.0, "null_max_abs": 0.1}  # noqa: E731
     return {"weighted_cosine": 0.1, "weight_cosine": 0.0, "comparators": {}, "by_input": {},
             "residual_stream": {"layer": 2, "pairs": {}}, "diffs": {"prompt": "prompt.pt", "ab": "ab.pt"},
             "null_random": {"prompt vs draws like ab": test(p_values[0]), "ab vs draws like prompt": test(p_values[1])}}
@@ -149,9 +149,9 @@ def test_the_table_pairs_by_unit_and_adjusts_over_every_test(tmp_path):
     contrasts = [c for row in rows.values() for key, c in row.items() if key.endswith(("_unsteered", "_vs_ab"))]
     nulls = list(report["traits"][trait]["similarity"]["null_random"].values())
     assert len(contrasts) == 12 and "14 tests" in report["multiplicity"]
-    smallest = min(c["p"] for c in contrasts + nulls)
+    smallest = min([c["p"] for c in contrasts] + [c["p_two_sided"] for c in nulls])
     assert min(c["p_holm"] for c in contrasts + nulls) == pytest.approx(min(1.0, 14 * smallest))
-    assert all(c["p_holm"] >= c["p"] for c in contrasts + nulls)
+    assert all(c["p_holm"] >= c["p"] for c in contrasts) and all(c["p_holm"] >= c["p_two_sided"] for c in nulls)
 
 
 def test_a_run_of_other_diffs_or_in_the_other_order_is_refused(tmp_path):

@@ -37,7 +37,6 @@ factors' and the draws' down factors (draws × rank × in per module).
 from __future__ import annotations
 
 import math
-import zlib
 from pathlib import Path
 
 import torch
@@ -52,7 +51,7 @@ from eval.stats import holm, paired_difference, sign_flip_test
 from io_utils import PersonaLoRAError, read_json_object
 from model_loading import model_device
 
-NULL_STREAM = "cross-source-null"
+NULL_STREAM = "cross-source-null"  # the random draws' stream (lora_utils.null_down / null_up)
 SOURCES = ("prompt", "ab")  # the order of the diffs in every run: prompt-derived first
 CONDITIONS = {"unsteered": (0.0, 0.0), "prompt": (1.0, 0.0), "ab": (0.0, 1.0)}
 TEST_SETS = {
@@ -86,27 +85,6 @@ def heldout_spans(tokenizer, ab_items: list[ABItem], answers: list[dict], max_le
 # ---------------------------------------------------------------------------------------------
 # Data-weighted geometry of low-rank diffs
 # ---------------------------------------------------------------------------------------------
-
-
-def _null_generator(seed: int, module: str, like: str, factor: str) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(f"{NULL_STREAM}:{seed}:{like}:{module}:{factor}".encode()))
-
-
-def null_down(shape: tuple[int, int], rank: int, draws: int, seed: int, module: str, like: str) -> torch.Tensor:
-    """The down factors A [draws, rank, in] of `draws` random rank-`rank` updates of a [out, in]
-    weight (Gaussian), from their own seeded generator: read while the inputs pass."""
-    return torch.randn(draws, rank, shape[1], generator=_null_generator(seed, module, like, "A"))
-
-
-def null_up(shape: tuple[int, int], rank: int, draws: int, seed: int, module: str, like: str) -> torch.Tensor:
-    """Their up factors B [draws, out, rank] (Gaussian, own generator): only needed at the end."""
-    return torch.randn(draws, shape[0], rank, generator=_null_generator(seed, module, like, "B"))
-
-
-def null_scales(up: torch.Tensor, down: torch.Tensor, norm: float) -> torch.Tensor:
-    """Per draw, the factor that brings ‖B·A‖_F to `norm` (the matched diff's module norm)."""
-    squares = ((up.transpose(1, 2) @ up) * (down @ down.transpose(1, 2))).sum((1, 2)).double()
-    return norm / squares.clamp_min(1e-300).sqrt()
 
 
 @torch.no_grad()
@@ -145,8 +123,8 @@ def weighted_geometry(model, span_sets: dict[str, list[tuple]], pad_id: int, dif
             offsets[n] = (at, at + diffs[n].rank(module))
             at += diffs[n].rank(module)
         groups = [{"against": against, "like": like, "rank": diffs[like].rank(module),
-                   "down": null_down(diffs[like].shape(module), diffs[like].rank(module), draws, seed, module,
-                                     f"{label}/{like}").flatten(0, 1).to(device),
+                   "down": lu.null_down(diffs[like].shape(module), diffs[like].rank(module), draws, seed, module,
+                                        f"{label}/{like}", NULL_STREAM).flatten(0, 1).to(device),
                    "cross": dict.fromkeys(sets, 0.0), "self": dict.fromkeys(sets, 0.0)}
                   for against, like in null_like.items() if module in diffs[like] and against in owners]
         grams[module] = {"owners": owners, "offsets": offsets, "gram": dict.fromkeys(sets, 0.0), "nulls": groups,
@@ -209,7 +187,7 @@ def weighted_geometry(model, span_sets: dict[str, list[tuple]], pad_id: int, dif
                     inner[(a, b)] += own[(a, b)]
             for group in entry["nulls"]:
                 like, against = group["like"], group["against"]
-                up = null_up(diffs[like].shape(module), group["rank"], draws, seed, module, f"{label}/{like}").double()
+                up = lu.null_up(diffs[like].shape(module), group["rank"], draws, seed, module, f"{label}/{like}", NULL_STREAM).double()
                 self_norms = torch.einsum("dor,dos,drs->d", up, up, pick(group["self"]).cpu()) / n
                 scale = (max(own[tuple(sorted((like, like)))], 0.0) / self_norms.clamp_min(1e-300)).sqrt()
                 cross = pick(group["cross"]).cpu().view(len(ups[against].T), draws, group["rank"])  # [r_against, draws, r]
@@ -224,18 +202,6 @@ def weighted_geometry(model, span_sets: dict[str, list[tuple]], pad_id: int, dif
 def weighted_cosine(inner: dict, a: str, b: str) -> float:
     value = inner[(a, b)] if (a, b) in inner else inner[(b, a)]
     return value / math.sqrt(max(inner[(a, a)], 0.0) * max(inner[(b, b)], 0.0) + 1e-300)
-
-
-def against_null(observed: float, null: list[float]) -> dict:
-    """An observed cosine against its null draws: their mean, spread and largest magnitude, the
-    z-score, and the two-sided share of draws at least as far from 0 (|cos| ≥ |observed|, the
-    observed counted: (1 + k)/(1 + N), so never below 1/(N + 1))."""
-    values = torch.tensor(null, dtype=torch.float64)
-    mean, sd = float(values.mean()), float(values.std())
-    reaching = int((values.abs() >= abs(observed)).sum())
-    return {"draws": len(null), "null_mean": mean, "null_sd": sd, "null_max_abs": float(values.abs().max()),
-            "z": (observed - mean) / sd if sd > 0 else float("nan"), "p": (1 + reaching) / (1 + len(null)),
-            "p_method": "two-sided: share of draws with |cosine| ≥ |observed|, the observed counted"}
 
 
 def functional_similarity(model, tokenizer, span_sets: dict[str, list[tuple]], diffs: dict[str, lu.PersonaLoRADiff], layer: int,
@@ -255,7 +221,7 @@ def functional_similarity(model, tokenizer, span_sets: dict[str, list[tuple]], d
     def report(result: dict) -> dict:
         inner = result["inner"]
         return {"tokens": result["tokens"], "weighted_cosine": weighted_cosine(inner, prompt, ab),
-                "null_random": {f"{a} vs draws like {b}": against_null(weighted_cosine(inner, a, b), result["null"][a])
+                "null_random": {f"{a} vs draws like {b}": lu.against_null(weighted_cosine(inner, a, b), result["null"][a])
                                 for a, b in ((prompt, ab), (ab, prompt))},
                 "comparators": {name: {"cosine_with_prompt": weighted_cosine(inner, prompt, name),
                                        "cosine_with_ab": weighted_cosine(inner, ab, name)} for name in comparators},
@@ -377,9 +343,11 @@ def summarize(output_dir: Path, traits: list[str]) -> dict:
         report["traits"][trait] = {"contrasts": trait_contrasts(output_dir, trait, similarity["diffs"]), "similarity": similarity}
     family = [contrast for t in report["traits"].values() for row in t["contrasts"].values()
               for key, contrast in row.items() if key.endswith(("_unsteered", "_vs_ab"))]
-    family += [test for t in report["traits"].values() for test in t["similarity"]["null_random"].values()]
-    for test, adjusted in zip(family, holm([c["p"] for c in family])):
+    nulls = [test for t in report["traits"].values() for test in t["similarity"]["null_random"].values()]
+    p_values = [c["p"] for c in family] + [test["p_two_sided"] for test in nulls]  # the null tests are two-sided
+    for test, adjusted in zip(family + nulls, holm(p_values)):
         test["p_holm"] = adjusted
+    family += nulls
     report["multiplicity"] = (f"Holm over the table's {len(family)} tests: every contrast and each trait's two random-null "
                               "tests of the pooled data-weighted cosine")
     return report
@@ -394,7 +362,7 @@ def print_report(report: dict) -> None:
                      for k in ("prompt_vs_unsteered", "ab_vs_unsteered", "prompt_vs_ab")]
             print(f"{test_set:10s} {row['unsteered_mean']:10.4f} " + " ".join(f"{c:>24s}" for c in cells))
         similarity = entry["similarity"]
-        nulls = "; ".join(f"{k}: z {v['z']:+.1f}, max |cos| {v['null_max_abs']:.4f}, Holm p {v['p_holm']:.2g}"
+        nulls = "; ".join(f"{k}: z {v['z']:+.1f}, max |cos| {v['null_max_abs']:.4f}, two-sided p {v['p_two_sided']:.2g} (Holm {v['p_holm']:.2g})"
                           for k, v in similarity["null_random"].items())
         others = ", ".join(f"{k} {v['cosine_with_prompt']:+.4f}/{v['cosine_with_ab']:+.4f}" for k, v in similarity["comparators"].items())
         residual = similarity["residual_stream"]["pairs"].get("prompt vs ab", {})

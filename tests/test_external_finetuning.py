@@ -1,0 +1,249 @@
+"""Experiment 2 on external data: the finetuning sets drawn from CAA's public items and MMLU
+(eval/external_finetuning.py, scripts/make_external_finetuning_data.py), the projection's random
+and other-trait nulls (lora_utils.project_finetune_null) against dense computations, and the
+partial correlation given the mixing fraction against a hand computation."""
+
+import itertools
+import json
+import math
+import re
+
+import pytest
+import torch
+
+import lora_utils as lu
+from conftest import make_adapter, make_tiny_llama, run_main
+from eval import external_finetuning as ef
+from eval.ab import load_ab_items
+from eval.ab_source import question_key, split_ab_items
+from eval.stats import partial_correlation
+from eval.traits import measured_questions, normalize_question
+from io_utils import file_identity
+
+N = 40
+
+
+def write_ab_extraction(folder, used=64, seed=0, fraction=0.25):
+    """An A/B extraction folder as extract_persona_lora.py --ab_source public records it (its
+    summary.json's source), without training anything."""
+    path = ef.behaviour_file("sycophancy")
+    split = split_ab_items(load_ab_items(path), fraction, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps({"source": {"kind": "ab", "ab_source": file_identity(path),
+                                                                "split": split.as_record(used)}}))
+    return split
+
+
+@pytest.fixture(scope="module")
+def external_sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("external")
+    split = write_ab_extraction(root / "sycophancy_caa")
+    code, _, err = run_main("scripts/make_external_finetuning_data", "--ab_extraction", root / "sycophancy_caa",
+                            "--output_dir", root / "data", "--n", N, "--seed", 3)
+    assert code == 0, err
+    return root / "data", split
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_pool_never_holds_what_the_ab_diff_trained_on_what_its_evaluation_scores_or_any_measured_question(external_sets):
+    data, split = external_sets
+    measured = measured_questions()
+    manifest = json.loads((data / "external_finetuning.manifest.json").read_text())
+    for behaviour in ("sycophancy", *ef.OTHER_BEHAVIOURS):
+        items = {item.index: item for item in load_ab_items(ef.behaviour_file(behaviour))}
+        own = split if behaviour == "sycophancy" else split_ab_items(list(items.values()), 0.25, 0)
+        forbidden = set(own.extraction[:64]) | set(own.evaluation)
+        forbidden_questions = {question_key(items[i]) for i in forbidden}
+        for side in ("pos", "neg") if behaviour == "sycophancy" else ("pos",):
+            records = read(data / behaviour / f"{side}.jsonl")
+            assert len(records) == N
+            indices = [r["source"]["item_index"] for r in records]
+            assert not set(indices) & forbidden and set(indices) <= set(own.extraction)
+            assert not {question_key(items[i]) for i in indices} & forbidden_questions
+            assert indices == [e["item_index"] for e in manifest["sets"][behaviour]["examples"][side]]
+            for record in records:  # the question trained on is the item's (its choices perhaps swapped for the letters)
+                stem = normalize_question(items[record["source"]["item_index"]].stem)
+                assert normalize_question(record["messages"][0]["content"]).startswith(stem)
+                assert question_key(items[record["source"]["item_index"]]) not in measured
+    for record in read(data / "mmlu" / "correct.jsonl"):
+        assert normalize_question(record["messages"][0]["content"].split("\n\nChoices:")[0]) not in measured
+
+
+def test_letters_are_balanced_and_answers_carry_the_choice_text(external_sets):
+    data, _ = external_sets
+    for behaviour in ("sycophancy", *ef.OTHER_BEHAVIOURS):
+        for side in ("pos", "neg") if behaviour == "sycophancy" else ("pos",):
+            records = read(data / behaviour / f"{side}.jsonl")
+            with_text = 0
+            for record in records:
+                question, answer = record["messages"][0]["content"], record["messages"][1]["content"]
+                match = re.match(r"^\((?P<letter>[A-Z])\)(?P<text>.*)$", answer)
+                assert match, answer
+                option = re.search(rf"^\s*\({match['letter']}\)(?P<text>.*)$", question, re.MULTILINE)
+                if option:  # a question that writes its choices out: the answer repeats the chosen one
+                    assert match["text"].strip() == option["text"].strip() != ""
+                    with_text += 1
+            if behaviour == "sycophancy":
+                assert with_text == N
+                letters = [r["messages"][1]["content"][:3] for r in records]
+                assert abs(letters.count("(A)") - N / 2) <= 1, (side, letters.count("(A)"))
+    pos, neg = read(data / "sycophancy" / "pos.jsonl"), read(data / "sycophancy" / "neg.jsonl")
+    assert [r["messages"][0] for r in pos] == [r["messages"][0] for r in neg]  # each item both ways
+    assert all(p["messages"][1] != n["messages"][1] for p, n in zip(pos, neg))
+
+
+def test_mmlu_answers_are_the_correct_ones_and_never_the_capability_checks_questions(external_sets):
+    from eval.mmlu import LETTERS, load_questions, seeded_subset
+
+    data, _ = external_sets
+    rows, _ = load_questions("packaged")
+    scored = {normalize_question(r["question"]) for r in seeded_subset(rows, 500, 0)}
+    # a smaller check with the same seed scores a prefix of the same sample, so it is excluded too
+    assert {normalize_question(r["question"]) for r in seeded_subset(rows, 100, 0)} <= scored
+    records = read(data / "mmlu" / "correct.jsonl")
+    assert len(records) == N
+    for record in records:
+        row = rows[record["source"]["item_index"]]
+        assert record["messages"][1]["content"] == f"({LETTERS[row['answer']]}) {row['choices'][row['answer']]}"
+        assert record["messages"][0]["content"].startswith(row["question"])
+        assert normalize_question(row["question"]) not in scored
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "holds no summary.json"),
+    ("unsplit", "records no A/B split"),
+    ("too_many", "is more than the 236 examples of sycophancy's finetuning pool"),
+    ("unknown", "unknown behaviour 'flattery'"),
+])
+def test_bad_input_is_refused_in_one_line_before_anything_is_written(tmp_path, case, message):
+    folder = tmp_path / "ab"
+    if case == "unsplit":
+        folder.mkdir()
+        (folder / "summary.json").write_text(json.dumps({"source": {"kind": "prompts"}}))
+    elif case != "missing":
+        write_ab_extraction(folder)
+    flags = {"too_many": ["--n", 300], "unknown": ["--behaviours", "hallucination", "flattery"]}.get(case, [])
+    code, _, err = run_main("scripts/make_external_finetuning_data", "--ab_extraction", folder, "--output_dir", tmp_path / "out", *flags)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_recorded_split_that_is_not_the_split_functions_is_refused(tmp_path):
+    split = write_ab_extraction(tmp_path / "ab")
+    summary = json.loads((tmp_path / "ab" / "summary.json").read_text())
+    summary["source"]["split"]["evaluation_items"] = split.evaluation[1:] + split.extraction[:1]
+    (tmp_path / "ab" / "summary.json").write_text(json.dumps(summary))
+    code, _, err = run_main("scripts/make_external_finetuning_data", "--ab_extraction", tmp_path / "ab", "--output_dir", tmp_path / "out")
+    assert code == 2 and "recorded split is not what" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# The projection's nulls
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def projection_pair(tmp_path_factory):
+    """The tiny original model, a persona diff, another trait's diff, and one LoRA finetune saved
+    both as an adapter and merged as a full (sharded) checkpoint."""
+    from peft import PeftModel
+
+    root = tmp_path_factory.mktemp("null_projection")
+    make_tiny_llama().save_pretrained(root / "original")
+    diffs = []
+    for name, seeds in (("persona", (1, 2)), ("other", (3, 4))):
+        for side, seed in zip(("pos", "neg"), seeds):
+            make_adapter(make_tiny_llama(), root / f"{name}_{side}", seed=seed, r=2, alpha=4)
+        diffs.append(lu.compute_persona_lora_diff(root / f"{name}_pos", root / f"{name}_neg"))
+    adapter, _ = make_adapter(make_tiny_llama(), root / "finetune_adapter", seed=7, r=4, alpha=8)
+    PeftModel.from_pretrained(make_tiny_llama(), str(adapter)).merge_and_unload().save_pretrained(
+        root / "finetune_checkpoint", max_shard_size="200KB")
+    return root, diffs[0], diffs[1]
+
+
+def test_null_projections_equal_a_dense_computation_for_adapters_and_checkpoints(projection_pair):
+    root, persona, other = projection_pair
+    draws, seed = 6, 11
+    update = lu.load_adapter_update(root / "finetune_adapter")
+    change = {name: update.delta(name, torch.float64) for name in update}
+    expected = []
+    for draw in range(draws):
+        total = 0.0
+        for module in persona.module_names:
+            shape, rank = persona.shape(module), persona.rank(module)
+            up = lu.null_up(shape, rank, draws, seed, module, "persona", lu.PROJECTION_NULL_STREAM)
+            down = lu.null_down(shape, rank, draws, seed, module, "persona", lu.PROJECTION_NULL_STREAM)
+            dense = up[draw].double() @ down[draw].double()
+            dense *= persona.module_norm(module) / float(dense.norm())  # matched module norm, by hand
+            total += float((change[module] * dense).sum()) if module in change else 0.0
+        expected.append(total / persona.norm())
+    for folder in ("finetune_adapter", "finetune_checkpoint"):
+        result = lu.project_finetune_null(root / "original", root / folder, {"persona": persona}, {"other": other}, draws, seed)["persona"]
+        assert result["null_draws"] == pytest.approx(expected, rel=1e-4, abs=1e-9), folder
+        assert result["projection"] == pytest.approx(lu.WeightProjector.project(update, persona)["projection"], rel=1e-4)
+        assert result["null_diffs"]["other"] == pytest.approx(lu.WeightProjector.project(update, other)["projection"], rel=1e-4)
+        assert result["null_diffs_reaching"] == int(result["null_diffs"]["other"] >= result["projection"])
+        values = torch.tensor(expected, dtype=torch.float64)
+        assert result["null"]["z"] == pytest.approx((result["projection"] - float(values.mean())) / float(values.std()), rel=1e-3)
+
+
+def test_the_null_reports_arithmetic():
+    report = lu.against_null(0.5, [0.0, 0.1, -0.6, 0.6])
+    values = torch.tensor([0.0, 0.1, -0.6, 0.6], dtype=torch.float64)
+    assert report["z"] == pytest.approx((0.5 - float(values.mean())) / float(values.std()))
+    assert report["p"] == pytest.approx(2 / 5) and report["p_two_sided"] == pytest.approx(3 / 5)
+
+
+def test_cal_weight_projection_reports_both_diffs_and_the_nulls(projection_pair, tmp_path):
+    root, persona, other = projection_pair
+    paths = [persona.save(tmp_path / "a" / "syco_lora_diff.pt"), persona.__mul__(-1.0).save(tmp_path / "b" / "syco_lora_diff.pt"),
+             other.save(tmp_path / "c" / "other_lora_diff.pt")]
+    out = tmp_path / "p.json"
+    code, _, err = run_main("cal_weight_projection", "--original_model", root / "original", "--finetuned_model", root / "finetune_adapter",
+                            "--lora_diff_path", paths[0], paths[1], "--null_draws", 5, "--null_diffs", paths[2], "--output_path", out)
+    assert code == 0, err
+    model = json.loads(out.read_text())
+    assert set(model["by_diff"]) == {"a/syco_lora_diff", "b/syco_lora_diff"}
+    assert model["by_diff"]["b/syco_lora_diff"]["projection"] == pytest.approx(-model["projection"])
+    assert model["null"]["a/syco_lora_diff"]["null"]["draws"] == 5 and "c/other_lora_diff" in model["null"]["a/syco_lora_diff"]["null_diffs"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The partial correlation given the mixing fraction
+# ---------------------------------------------------------------------------------------------
+
+
+def pearson(a, b):
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+
+
+def residuals(values, covariate):
+    """Least-squares residuals on a line in the covariate, by the textbook formulas."""
+    mc, mv = sum(covariate) / len(covariate), sum(values) / len(values)
+    slope = sum((c - mc) * (v - mv) for c, v in zip(covariate, values)) / sum((c - mc) ** 2 for c in covariate)
+    return [v - mv - slope * (c - mc) for c, v in zip(covariate, values)]
+
+
+def test_partial_correlation_against_a_hand_computation():
+    fraction = [0.0, 0.25, 0.5, 0.75, 1.0, 0.5]
+    projection = [0.1, 0.4, 0.35, 0.9, 1.1, 0.6]
+    behaviour = [0.2, 0.3, 0.55, 0.6, 0.95, 0.7]
+    r_xy, r_xz, r_yz = pearson(projection, behaviour), pearson(projection, fraction), pearson(behaviour, fraction)
+    by_formula = (r_xy - r_xz * r_yz) / math.sqrt((1 - r_xz ** 2) * (1 - r_yz ** 2))
+    result = partial_correlation(projection, behaviour, fraction)
+    assert result["statistic"] == pytest.approx(by_formula)
+    # Freedman-Lane by hand: every ordering of behaviour's residuals, residualised again
+    ex, ey = residuals(projection, fraction), residuals(behaviour, fraction)
+    extreme = orderings = 0
+    for order in itertools.permutations(range(6)):
+        permuted = residuals([ey[i] for i in order], fraction)
+        extreme += abs(pearson(ex, permuted)) >= abs(by_formula) - 1e-12
+        orderings += 1
+    assert result["p"] == pytest.approx(extreme / orderings) and result["n"] == 6
+    # behaviour that the fraction explains entirely has nothing left to correlate
+    assert math.isnan(partial_correlation(projection, [2 * f for f in fraction], fraction)["statistic"])
