@@ -19,12 +19,15 @@ import lora_utils as lu
 # export stays at that level (measured ≤ 1.5× it), a wrong one is thousands of times above.
 EXACT_TOLERANCE = 10.0
 # On the 4-bit GGUF a right export differs from transformers by about the base model's own gap
-# between the runtimes; TOLERANCE × it. Not 1.2×: steering moves the model to where the 4-bit
-# arithmetic weighs more, and the synthetic diff at α = 2 measures 1.9× the gap (1.8–2.0× on each
-# of 14 other conversations) while the same export is exact on the float32 copy. The trained evil
-# persona stays within 1.2× (1.12× at α = 1, 0.92× at 2; RESULTS.md), but a fresh machine has no
-# trained persona, and the 1.2× describes the diff, not the export: float32 exactness does that.
+# between the runtimes. For a random diff, GAP_TOLERANCE × it, not 1.2×: a random steering moves the
+# model to where the 4-bit arithmetic weighs more (the synthetic diff at α = 2 measures 1.9× the gap,
+# 1.8–2.0× on each of 14 other conversations) while the same export is exact on the float32 copy;
+# the 1.2× bound describes trained personas, and is checked on one below.
 GAP_TOLERANCE = 2.5
+# The issue's bound, on a trained persona: the demo's evil diff cut to its top 2 singular directions
+# per module (1.3 MB, shipped in tests/data with its provenance) and its vector. Measured 1.02×
+# (α = 1) and 0.92× (α = 2); the full-rank diff 1.12× and 0.92×, its vector 0.94× and 0.96× (RESULTS.md).
+PERSONA_GAP_TOLERANCE = 1.2
 SYNTHETIC_DIFF_NORM = 0.03  # ‖ΔW‖ = 0.03·‖W‖ per module: steering KL ~20× (α = 1) and ~80× (α = 2) the gap
 SYNTHETIC_VECTOR_NORM = 0.25  # ‖v[ℓ]‖ = 0.25 × the median norm of hidden_states[ℓ]
 
@@ -241,3 +244,35 @@ def test_control_vector_in_llama_cpp_matches_activation_steering(runtimes, tmp_p
     report(results)
     check(results, "float32", "float32, one block late", EXACT_TOLERANCE)
     check(results, "Q4_1", "Q4_1, one block late", GAP_TOLERANCE)
+
+
+@pytest.mark.embedded
+def test_a_trained_persona_in_llama_cpp_stays_within_the_quantisation_gap(runtimes, tmp_path):
+    """The issue's check on a trained persona: KL(transformers with α·ΔW merged ‖ llama.cpp with the
+    exported LoRA at scale α) ≤ 1.2 × the runtimes' own gap at α = 1 and 2 on the 4-bit GGUF, and
+    the same for the persona vector as a control vector against activation steering at layer 20."""
+    from conftest import ROOT
+    from eval import llama_cpp_runtime as rt
+
+    model, quantized, exact, sequences = runtimes
+    path = ROOT / "tests/data/evil_persona_rank2.safetensors"
+    shipped = lu.load_lora_diff(path)
+    assert shipped.metadata["trait"] == "evil" and "485e276" in shipped.metadata["provenance"]
+    assert run_script("export_persona", "--lora_diff_path", path, "--format", "gguf", "--output", tmp_path / "evil.gguf") == 0
+    diff = lu.PersonaLoRADiff({name: (up.float(), down.float()) for name, (up, down) in shipped.factors.items()}, shipped.metadata)
+    vector_path = ROOT / "tests/data/evil_response_avg_diff.pt"
+    assert run_script("export_persona", "--vector_path", vector_path, "--layer", 20, "--format", "gguf_control_vector",
+                      "--output", tmp_path / "evil_vector.gguf") == 0
+    results = {**rt.lora_export_agreement(model, sequences, diff, {"LoRA, Q4_1": (quantized, tmp_path / "evil.gguf"),
+                                                                   "LoRA, float32": (exact, tmp_path / "evil.gguf")}, (1.0, 2.0)),
+               **rt.control_vector_agreement(model, sequences, torch.load(vector_path, weights_only=True), 20, {
+                   "vector, Q4_1": (quantized, tmp_path / "evil_vector.gguf"),
+                   "vector, float32": (exact, tmp_path / "evil_vector.gguf")}, (1.0, 2.0))}
+    report(results)
+    for label, tolerance in (("LoRA, Q4_1", PERSONA_GAP_TOLERANCE), ("vector, Q4_1", PERSONA_GAP_TOLERANCE),
+                             ("LoRA, float32", EXACT_TOLERANCE), ("vector, float32", EXACT_TOLERANCE)):
+        gap = results[label]["quantisation_gap"]
+        for coefficient, values in results[label]["coefficients"].items():
+            assert values["steering_kl"] > 10 * gap, (label, coefficient, values)
+            assert values["kl"] <= tolerance * gap, (label, coefficient, values, gap)
+            assert values["correlation"] > 0.9, (label, coefficient, values)
