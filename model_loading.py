@@ -107,11 +107,30 @@ def model_config(model_name_or_path: str | None):
     """The model's config (layer count, hidden size) without loading its weights."""
     from transformers import AutoConfig
 
-    source = str(embedded_model_dir()) if is_embedded(model_name_or_path) else str(model_name_or_path)
     try:
-        return AutoConfig.from_pretrained(source)
+        if is_embedded(model_name_or_path):
+            return _embedded_config()
+        return AutoConfig.from_pretrained(str(model_name_or_path))
     except (OSError, ValueError) as error:
         raise PersonaLoRAError(f"cannot read the config of model '{model_name_or_path}': {str(error).splitlines()[0][:200]}") from None
+
+
+def _embedded_config():
+    """The embedded default's config: from its converted folder once that exists, otherwise from the
+    GGUF file's metadata, so that checking an input (a refusal, a fit check) never waits minutes for
+    the one-time conversion. The GGUF carries no architectures entry; it gets the class the
+    conversion instantiates (AutoModelForCausalLM's for the model type), which the folder records."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    converted = cache_dir() / EMBEDDED_MODEL_NAME
+    if (converted / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(converted))
+    source = embedded_gguf_file()
+    config = AutoConfig.from_pretrained(str(source.parent), gguf_file=source.name)
+    if not getattr(config, "architectures", None):
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    return config
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,20 @@ def test_embedded_model_loads_offline_with_chat_template(embedded):
     assert (cache_dir() / EMBEDDED_MODEL_NAME / "config.json").is_file()
 
 
+def test_config_before_conversion_equals_the_converted_one(embedded, tmp_path, monkeypatch):
+    """Input checks read the embedded config from the GGUF while no converted folder exists (a fresh
+    machine), so a refusal never waits for the conversion: it must be the config the conversion writes."""
+    from model_loading import model_config
+
+    converted = model_config(None).to_dict()
+    monkeypatch.setenv("PERSONA_LORAS_CACHE", str(tmp_path / "empty"))
+    fresh = model_config(None).to_dict()
+    assert not (tmp_path / "empty").exists()  # nothing converted, nothing written
+    differing = {k for k in set(converted) | set(fresh) if converted.get(k) != fresh.get(k)}
+    assert differing <= {"_name_or_path", "dtype"}, {k: (converted.get(k), fresh.get(k)) for k in differing}
+    assert fresh["architectures"] == ["LlamaForCausalLM"]
+
+
 def test_merge_generate_restore_on_embedded_model(embedded, tmp_path):
     model, tokenizer = embedded
     base = [load_model_and_tokenizer(None, dtype="float32")[0]]  # a fresh copy for adapter creation

@@ -48,14 +48,16 @@ def export(*args):
 
 
 @pytest.fixture
-def no_model_loads(monkeypatch):
-    """Fail the test if anything loads model weights (only configs may be read)."""
+def no_model_loads(monkeypatch, tmp_path):
+    """Fail the test if anything loads model weights (only configs may be read), on an empty model
+    cache as on a fresh machine: the embedded default is not converted yet, and a refusal must not convert it."""
     import transformers
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setenv("PERSONA_LORAS_CACHE", str(tmp_path / "empty_model_cache"))
 
 
 def leftovers(folder):
