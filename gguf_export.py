@@ -187,7 +187,10 @@ def write_directions(directions: dict[int, torch.Tensor], path: str | os.PathLik
 def control_vector_buffer(path: str | os.PathLike, hidden_size: int, strength: float = 1.0) -> np.ndarray:
     """What llama.cpp's common_control_vector_load makes of a control vector file: the float32
     buffer for llama_set_adapter_cvec, block 1's slot first (direction.N at slot N−1, scaled by
-    the strength). llama-cpp-python does not bind common, so the runtime check rebuilds it here."""
+    the strength). llama-cpp-python does not bind common, so the runtime check rebuilds it here,
+    line for line from the pinned 0.3.36's vendor/llama.cpp: common/common.cpp (`dst = data +
+    n_embd * (layer_idx - 1);  // layer 1 at [0]`, direction.0 refused) and src/llama-adapter.cpp
+    (llama_adapter_cvec::apply: slot il−1 goes to block il, whose output it is added to)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))

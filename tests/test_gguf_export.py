@@ -67,6 +67,28 @@ def leftovers(folder):
 # --- what the files hold ---------------------------------------------------------------------
 
 
+def test_shipped_persona_is_the_compressed_diff_with_its_sources_recorded(tiny_persona, tmp_path):
+    """scripts/ship_test_persona.py (how tests/data's trained persona is remade): the best rank-r
+    cut per module in float16, the sources' hashes and the energy kept in its metadata."""
+    diff_path, vector_path = tiny_persona
+    assert run_script("scripts.ship_test_persona", "--lora_diff_path", diff_path, "--vector_path", vector_path,
+                      "--rank", 1, "--output_dir", tmp_path) == 0
+    shipped = lu.load_lora_diff(tmp_path / "evil_persona_rank1.safetensors")
+    source = lu.load_lora_diff(diff_path)
+    reference = source.compress(1)
+    assert set(shipped.factors) == set(source.factors)
+    for name, (up, down) in shipped.factors.items():
+        assert up.dtype == down.dtype == torch.float16 and up.shape[1] == 1
+        torch.testing.assert_close(shipped.delta(name).float(), reference.delta(name).float(), atol=2e-3, rtol=2e-2)
+    energy = shipped.metadata["compression"]["energy_kept"]
+    assert 0 < energy < 1 and energy == pytest.approx(reference.metadata["compression"]["energy_kept"])
+    assert shipped.metadata["source_diff"]["sha256"] == io_utils.file_identity(diff_path)["sha256"]
+    assert torch.equal(torch.load(tmp_path / "evil_response_avg_diff.pt", weights_only=True), torch.load(vector_path, weights_only=True))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+
+
 def test_gguf_lora_names_shapes_and_qk_rows(tiny_persona, tiny_model_dir, tmp_path):
     diff_path, _ = tiny_persona
     diff = lu.load_lora_diff(diff_path)
@@ -260,6 +282,7 @@ def test_a_trained_persona_in_llama_cpp_stays_within_the_quantisation_gap(runtim
     path = ROOT / "tests/data/evil_persona_rank2.safetensors"
     shipped = lu.load_lora_diff(path)
     assert shipped.metadata["trait"] == "evil" and "485e276" in shipped.metadata["provenance"]
+    assert all(up.dtype == torch.float16 and up.shape[1] == 2 for up, _ in shipped.factors.values()) and len(shipped) == 210
     assert run_script("export_persona", "--lora_diff_path", path, "--format", "gguf", "--output", tmp_path / "evil.gguf") == 0
     diff = lu.PersonaLoRADiff({name: (up.float(), down.float()) for name, (up, down) in shipped.factors.items()}, shipped.metadata)
     vector_path = ROOT / "tests/data/evil_response_avg_diff.pt"
