@@ -21,12 +21,13 @@ EXACT_TOLERANCE = 10.0
 # On the 4-bit GGUF a right export differs from transformers by about the base model's own gap
 # between the runtimes. For a random diff, GAP_TOLERANCE × it, not 1.2×: a random steering moves the
 # model to where the 4-bit arithmetic weighs more (the synthetic diff at α = 2 measures 1.9× the gap,
-# 1.8–2.0× on each of 14 other conversations) while the same export is exact on the float32 copy;
-# the 1.2× bound describes trained personas, and is checked on one below.
+# 1.8–2.0× on each of 14 other conversations) while the same export is exact on the float32 copy.
 GAP_TOLERANCE = 2.5
-# The bound, on a trained persona: the demo's evil diff cut to its top 2 singular directions
-# per module (1.3 MB, shipped in tests/data with its provenance) and its vector. Measured 1.02×
-# (α = 1) and 0.92× (α = 2); the full-rank diff 1.12× and 0.92×, its vector 0.94× and 0.96× (RESULTS.md).
+# The bound, on a trained persona where it held: the demo's evil diff cut to its top 2
+# singular directions per module (1.3 MB, tests/data/README.md) and its vector. Measured 1.02×
+# (α = 1) and 0.92× (α = 2); the full-rank diff 1.12× and 0.92×, its vector 0.94× and 0.96×. Not
+# every right export meets it on the 4-bit file (the hallucination LoRA: 2.2× and 3.0×, exact on
+# float32; RESULTS.md), so this guards a regression; the float32 check tells right from wrong.
 PERSONA_GAP_TOLERANCE = 1.2
 SYNTHETIC_DIFF_NORM = 0.03  # ‖ΔW‖ = 0.03·‖W‖ per module: steering KL ~20× (α = 1) and ~80× (α = 2) the gap
 SYNTHETIC_VECTOR_NORM = 0.25  # ‖v[ℓ]‖ = 0.25 × the median norm of hidden_states[ℓ]
