@@ -363,6 +363,18 @@ def train_side(args, model, tokenizer, records, adapter_dir: Path, side: str) ->
                               record_extra={"examples_sha256": identity["examples_sha256"]}, **settings)
 
 
+def made_by_record(manifest_path: Path) -> dict | None:
+    """The record of the run that made a diff a rerun keeps: the earlier manifest's own record (or
+    the one it carried), so reusing an extraction does not erase how long it took and how it ran."""
+    try:
+        previous = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if previous.get("made_by"):
+        return previous["made_by"]
+    return {key: previous.get(key) for key in ("command", "versions", "machine", "started", "seconds", "stages", "timings")}
+
+
 def same_diff_saved(diff, diff_path: Path, peft_dir: Path) -> bool:
     """Whether diff_path (and its twin and PEFT export) already hold this diff: the same factors and
     the same metadata but for the time it was created."""
@@ -457,10 +469,12 @@ def main():
         if args.ab_source:  # only then: new metadata on a prompt-derived diff would rewrite it and void its cached evaluations
             diff.metadata["source"] = extraction_source(args)
         diff_path = output_dir / f"{args.trait}_lora_diff.pt"
+        made_by = None  # the run that made the kept diff, when this one only reuses it
         if same_diff_saved(diff, diff_path, output_dir / f"{args.trait}_lora_diff_peft"):
             # Rewriting would only change its "created" stamp, and with it the file's hash that keys
             # every cached evaluation of this diff: keep the file, so reruns of the drivers reuse them.
             print(f"{diff_path} is unchanged (same adapters): kept")
+            made_by = made_by_record(output_dir / "manifest.json")
         else:
             diff.save(diff_path)
             diff.to_peft_adapter(output_dir / f"{args.trait}_lora_diff_peft", coefficient=1.0)
@@ -473,7 +487,8 @@ def main():
         write_json(output_dir / "summary.json", summary)
         write_manifest(output_dir, args, started, outputs={"diff": str(diff_path), "vector": args.vector_output_path},
                        sizes={"diff_bytes": diff_path.stat().st_size, "examples": summary["examples"]},
-                       timings={side: t.get("seconds") for side, t in trainings.items()}, source=source)
+                       timings={side: t.get("seconds") for side, t in trainings.items()}, source=source,
+                       **({"made_by": made_by} if made_by else {}))
     if plan is not None:
         letters = plan["letter_balance"]["after"]
         print(f"A/B source: {len(plan['extraction'])} extraction items (matching answer first in {letters['matching_first']}, "

@@ -160,7 +160,13 @@ def test_rerun_reuses_the_activation_vector_and_keeps_an_unchanged_diff(extracte
     monkeypatch.setattr(extract_persona_lora, "response_hidden_means", no_recomputation)
     # The same adapters give the same diff: the file is kept as it is (cached evaluations key on its hash).
     monkeypatch.setattr(lu.PersonaLoRADiff, "save", no_rewrite)
+    first = json.loads((copy / "manifest.json").read_text())
     assert run_script("extract_persona_lora", *flags) == 0  # same responses, model, settings: reused
+    # The rerun's manifest keeps the record of the run that made the kept diff (its time and stages).
+    made_by = json.loads((copy / "manifest.json").read_text())["made_by"]
+    assert (made_by["started"], made_by["seconds"], made_by["stages"]) == (first["started"], first["seconds"], first["stages"])
+    assert run_script("extract_persona_lora", *flags) == 0  # and a third run still carries the first's
+    assert json.loads((copy / "manifest.json").read_text())["made_by"]["seconds"] == first["seconds"]
     summary = json.loads((copy / "summary.json").read_text())
     summary["activation_vector"]["identity"] = "made from other responses"
     (copy / "summary.json").write_text(json.dumps(summary))
