@@ -131,7 +131,8 @@ def main():
     sim.add_argument("--max_items", type=positive_int, default=16, help="held-out public items read (each with both answers)")
     sim.add_argument("--max_answers", type=positive_int, default=32, help="unsteered answers read (one per question)")
     sim.add_argument("--output", required=True, help="the report (.json); its manifest is written beside it")
-    sim.add_argument("--null_draws", type=positive_int, default=100, help="random matched diffs per direction")
+    sim.add_argument("--null_draws", type=positive_int, default=1000,
+                     help="random matched diffs per direction (the Monte Carlo p is at least 1/(N+1): enough to survive Holm)")
     sim.add_argument("--layer", type=int, default=None, help="the residual stream's layer (default: two thirds of the depth)")
     sim.add_argument("--model", default=None)
     sim.add_argument("--dtype", default="auto")

@@ -7,12 +7,15 @@
 # random matched diffs and other traits' diffs; residual-stream change at the steered layer).
 # Writes results/cross_source/ (public_ab_T, own_ab_T, judged_T runs, similarity_T.json,
 # summary.json, cross_source.png).
-#   TRAITS="sycophancy" AB_MAX_ITEMS=64 N_PER_QUESTION=2 NULL_DRAWS=100 COMPARATORS="evil" bash scripts/cross_source.sh
+#   TRAITS="sycophancy" AB_MAX_ITEMS=64 N_PER_QUESTION=2 NULL_DRAWS=1000 COMPARATORS="evil" bash scripts/cross_source.sh
+# The comparators default to the linked traits themselves (each trait's diffs set beside the others').
+# 1,000 null draws: a Monte Carlo p is at least 1/(N + 1), and Holm multiplies the smallest of the
+# table's ~30 tests by ~30, so 100 draws (floor 0.0099 → 0.3) could never show a null test significant.
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
 source "$(dirname "$0")/experiment_env.sh" results/cross_source
 read -r -a traits <<< "${TRAITS:-sycophancy hallucination corrigibility}"
-read -r -a comparator_traits <<< "${COMPARATORS:-evil}"
+read -r -a comparator_traits <<< "${COMPARATORS:-${traits[*]}}"
 mkdir -p "$out"
 extract_diffs "${comparator_traits[@]}"
 comparator_diffs=("${extracted_diffs[@]}")
@@ -34,7 +37,7 @@ for t in "${traits[@]}"; do
   for c in "${comparator_diffs[@]}"; do [ "$c" != "$prompt_diff" ] && others+=("$c"); done
   python scripts/cross_source.py similarity "${model_flag[@]}" "${layer_flag[@]}" --trait "$t" --prompt_diff "$prompt_diff" \
       --ab_diff "$ab_diff" --comparators "${others[@]}" --ab_items "$ab_persona_dir/ab_evaluation.jsonl" \
-      --answers "$out/judged_$t.csv" --null_draws "${NULL_DRAWS:-100}" --output "$out/similarity_$t.json"
+      --answers "$out/judged_$t.csv" --null_draws "${NULL_DRAWS:-1000}" --output "$out/similarity_$t.json"
 done
 python scripts/cross_source.py summarize --output_dir "$out" --traits "${traits[@]}"
 echo "cross-source finished in $(( $(date +%s) - started )) s: $out/summary.json, $out/cross_source.png"

@@ -104,8 +104,8 @@ def weighted_geometry(model, span_sets: dict[str, list[tuple]], pad_id: int, dif
 
     Per module and batch, only the projections P = X·Aᵀ of the tokens' inputs X onto every diff's
     down factor (and every draw's) are formed, and their Grams accumulated; ⟨B_a A_a, B_b A_b⟩_Σ =
-    sum((B_aᵀB_b) ⊙ (P_aᵀP_b)) / n at the end. Memory: the diffs' factors plus the draws' down
-    factors (draws × rank × in per module and null)."""
+    sum((B_aᵀB_b) ⊙ (P_aᵀP_b)) / n at the end. Memory: the diffs' factors, the Grams, and one
+    module's draws at a time (regenerated per batch from their generators)."""
     null_like = null_like or {}
     for against, like in null_like.items():
         if against not in diffs or like not in diffs:
@@ -123,8 +123,6 @@ def weighted_geometry(model, span_sets: dict[str, list[tuple]], pad_id: int, dif
             offsets[n] = (at, at + diffs[n].rank(module))
             at += diffs[n].rank(module)
         groups = [{"against": against, "like": like, "rank": diffs[like].rank(module),
-                   "down": lu.null_down(diffs[like].shape(module), diffs[like].rank(module), draws, seed, module,
-                                        f"{label}/{like}", NULL_STREAM).flatten(0, 1).to(device),
                    "cross": dict.fromkeys(sets, 0.0), "self": dict.fromkeys(sets, 0.0)}
                   for against, like in null_like.items() if module in diffs[like] and against in owners]
         grams[module] = {"owners": owners, "offsets": offsets, "gram": dict.fromkeys(sets, 0.0), "nulls": groups,
@@ -138,7 +136,12 @@ def weighted_geometry(model, span_sets: dict[str, list[tuple]], pad_id: int, dif
             projected = (x @ entry["downs"].T).double()
             entry["gram"][name] = entry["gram"][name] + projected.T @ projected
             for group in entry["nulls"]:
-                drawn = (x @ group["down"].T).double()  # [n, draws·rank]
+                # The draws' down factors are regenerated from their seeded generator at each batch
+                # rather than kept: kept for every module they take draws × rank × in floats per
+                # module and null (~19 GB for 1,000 draws of rank 16 over 210 modules).
+                down = lu.null_down(diffs[group["like"]].shape(module), group["rank"], draws, seed, module,
+                                    f"{label}/{group['like']}", NULL_STREAM).flatten(0, 1).to(x.device)
+                drawn = (x @ down.T).double()  # [n, draws·rank]
                 lo, hi = entry["offsets"][group["against"]]
                 group["cross"][name] = group["cross"][name] + projected[:, lo:hi].T @ drawn
                 per_draw = drawn.view(len(x), -1, group["rank"])
@@ -376,6 +379,8 @@ def print_report(report: dict) -> None:
 def plot_report(report: dict, path) -> None:
     """One panel per test set: each trait's change under the prompt diff and under the A/B diff
     (+1 against unsteered), with paired standard errors."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -392,7 +397,7 @@ def plot_report(report: dict, path) -> None:
                      yerr=[r["sem"] for r in rows], capsize=3, label=name)
         axis.axhline(0, color="black", linewidth=0.6)
         axis.set_xticks(range(len(traits)), traits)
-        axis.set_title(label, fontsize=8, wrap=True)
+        axis.set_title(textwrap.fill(label, 42), fontsize=8)  # four panels side by side: long titles would overlap
     axes[0].set_ylabel("change at +1 vs unsteered (± paired s.e.)")
     axes[0].legend(fontsize=8)
     save_figure(figure, path)
