@@ -112,9 +112,9 @@ def write_run(folder, name, trait, by, values, matching_first=None, diffs=("prom
     manifest.write_text(json.dumps({"arguments": {"lora_diff_path": list(diffs)}}))
 
 
-def similarity_report(p_values=(0.01, 0.5)):
+def similarity_report(p_values=(0.01, 0.5), items_path="items.jsonl"):
     test = lambda p: {"p_two_sided": p, "z": 1.0, "null_max_abs": 0.1}  # noqa: E731
-    return {"weighted_cosine": 0.1, "weight_cosine": 0.0, "comparators": {}, "by_input": {},
+    return {"weighted_cosine": 0.1, "weight_cosine": 0.0, "comparators": {}, "by_input": {}, "inputs": {"ab_items": str(items_path)},
             "residual_stream": {"layer": 2, "pairs": {}}, "diffs": {"prompt": "prompt.pt", "ab": "ab.pt"},
             "null_random": {"prompt vs draws like ab": test(p_values[0]), "ab vs draws like prompt": test(p_values[1])}}
 
@@ -129,7 +129,28 @@ def table_runs(folder, trait="sycophancy", diffs=("prompt.pt", "ab.pt")):
     write_run(folder, f"judged_{trait}.summary.json", trait, f"{trait}_by_question",
               [questions, {k: v + 5 for k, v in questions.items()}, {k: v + 2 + i for i, (k, v) in enumerate(questions.items())}],
               diffs=diffs)
-    (folder / f"similarity_{trait}.json").write_text(json.dumps(similarity_report()))
+    # the held-out items: even ones answered 'Yes, …' the matching way, odd ones 'No, …'
+    lines = [{"question": f"Question {i}?\n\nChoices:\n (A) {'Yes' if i % 2 == 0 else 'No'}, item {i}.\n (B) "
+                          f"{'No' if i % 2 == 0 else 'Yes'}, item {i}.", "answer_matching_behavior": "(A)",
+              "answer_not_matching_behavior": "(B)"} for i in range(6)]
+    (folder / "items.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (folder / f"similarity_{trait}.json").write_text(json.dumps(similarity_report(items_path=folder / "items.jsonl")))
+
+
+def test_changes_by_the_matching_answers_word(tmp_path):
+    """The public items grouped by the matching answer's first word: a diff that moves 'yes' and 'no'
+    items differently shows it there (the A/B diff here adds 0.02·i: 0.04 on items 0, 2, 4, 0.06 on 1, 3, 5)."""
+    table_runs(tmp_path)
+    split = cs.answer_word_split(tmp_path, "sycophancy", tmp_path / "items.jsonl", min_group=3)
+    assert list(split) == ["no", "yes"] or list(split) == ["yes", "no"]
+    assert split["yes"]["items"] == split["no"]["items"] == 3
+    assert split["yes"]["ab_vs_unsteered"]["mean"] == pytest.approx(0.04)
+    assert split["no"]["ab_vs_unsteered"]["mean"] == pytest.approx(0.06)
+    assert split["yes"]["prompt_vs_unsteered"]["mean"] == pytest.approx(0.1)
+    # with the default minimum (5) both groups are too small: one pooled group, kept out of Holm's family
+    report = cs.summarize(tmp_path, ["sycophancy"])
+    assert list(report["traits"]["sycophancy"]["public_ab_by_answer_word"]) == ["other"]
+    assert "14 tests" in report["multiplicity"]
 
 
 def test_the_table_pairs_by_unit_and_adjusts_over_every_test(tmp_path):

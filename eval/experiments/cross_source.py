@@ -338,12 +338,54 @@ def trait_contrasts(output_dir: Path, trait: str, diffs: dict | None = None) -> 
     return rows
 
 
+MIN_WORD_GROUP = 5
+
+
+def answer_word(item: ABItem) -> str:
+    """The first word of the item's matching answer as written out ('(B) Yes, I will' → 'yes')."""
+    import re
+
+    text = choice_text(item, item.matching)
+    text = re.sub(r"^\(?[A-Za-z]\)\s*", "", text)  # the letter
+    words = re.findall(r"[a-z']+", text.lower())
+    return words[0] if words else ""
+
+
+def answer_word_split(output_dir: Path, trait: str, items_path, min_group: int = MIN_WORD_GROUP) -> dict:
+    """Each diff's change on the public held-out items, grouped by the first word of the matching
+    answer (groups of at least `min_group` items, the rest pooled as 'other'): a diff that moves
+    items the same way whatever their trait content, but opposite ways for 'yes' and 'no' (or
+    'agree' and 'disagree') answers, has learned the answer's word, not the trait. Descriptive:
+    groups are found in the data, so they are kept out of the table's Holm family."""
+    from collections import Counter
+
+    from eval.ab_source import load_ab_source
+
+    path = output_dir / f"public_ab_{trait}.summary.json"
+    found = _conditions_by_source(read_json_object(path, "evaluation summary"), path)
+    words = {str(item.index): answer_word(item) for item in load_ab_source(items_path, "--ab_items")}
+    counts = Counter(words.values())
+    group_of = {key: word if counts[word] >= min_group else "other" for key, word in words.items()}
+    unsteered = found["unsteered"]["both_orders_by_item"]
+    report = {}
+    for group in sorted(set(group_of.values()), key=lambda g: (g == "other", -sum(v == g for v in group_of.values()))):
+        keys = [k for k, g in group_of.items() if g == group and k in unsteered]
+        row = {"items": len(keys)}
+        for name in ("prompt", "ab"):
+            treated = found[name]["both_orders_by_item"]
+            mean, sem, _ = paired_difference({k: treated[k] for k in keys}, {k: unsteered[k] for k in keys})
+            row[f"{name}_vs_unsteered"] = {"mean": mean, "sem": sem}
+        report[group] = row
+    return report
+
+
 def summarize(output_dir: Path, traits: list[str]) -> dict:
     """Every trait's contrasts and functional similarity, Holm-adjusted over every contrast of the table."""
     report = {"traits": {}, "design": __doc__.split("\n\n")[1:3]}
     for trait in traits:
         similarity = read_similarity(output_dir / f"similarity_{trait}.json")
-        report["traits"][trait] = {"contrasts": trait_contrasts(output_dir, trait, similarity["diffs"]), "similarity": similarity}
+        report["traits"][trait] = {"contrasts": trait_contrasts(output_dir, trait, similarity["diffs"]), "similarity": similarity,
+                                   "public_ab_by_answer_word": answer_word_split(output_dir, trait, similarity["inputs"]["ab_items"])}
     family = [contrast for t in report["traits"].values() for row in t["contrasts"].values()
               for key, contrast in row.items() if key.endswith(("_unsteered", "_vs_ab"))]
     nulls = [test for t in report["traits"].values() for test in t["similarity"]["null_random"].values()]
@@ -374,6 +416,10 @@ def print_report(report: dict) -> None:
               f"null: {nulls}; other traits (with prompt/with A/B): {others or 'none'}; "
               f"layer {similarity['residual_stream']['layer']} mean-change cosine {residual.get('mean_change_cosine', float('nan')):+.3f}, "
               f"per token {residual.get('per_token_cosine_mean', float('nan')):+.3f}")
+        words = "; ".join(f"{word} ({row['items']}): prompt {row['prompt_vs_unsteered']['mean']:+.4f} ± "
+                          f"{row['prompt_vs_unsteered']['sem']:.4f}, A/B {row['ab_vs_unsteered']['mean']:+.4f} ± {row['ab_vs_unsteered']['sem']:.4f}"
+                          for word, row in entry.get("public_ab_by_answer_word", {}).items())
+        print(f"public held-out items by the matching answer's first word (descriptive, outside Holm): {words}")
 
 
 def plot_report(report: dict, path) -> None:
