@@ -22,10 +22,7 @@ comparator_diffs=("${extracted_diffs[@]}")
 for t in "${traits[@]}"; do
   extract_diffs "$t"
   prompt_diff="${extracted_diffs[0]}"
-  eval "$(python scripts/persona_paths.py "${model_flag[@]}" --trait "${t}_caa" --prefix ab_)"
-  python extract_persona_lora.py "${model_flag[@]}" --trait "$t" --ab_source public --ab_max_items "${AB_MAX_ITEMS:-64}" \
-      --output_dir "$ab_persona_dir" --vector_output_path "$ab_vector_path"
-  ab_diff="$ab_persona_dir/${t}_lora_diff.pt"
+  extract_ab_diff "$t"
   both=(--lora_diff_path "$prompt_diff" "$ab_diff" --lora_coef 0 0 1 0 0 1)
   python eval_lora_persona.py "${model_flag[@]}" --trait "$t" --ab_data "$ab_persona_dir/ab_evaluation.jsonl" "${both[@]}" \
       --output_path "$out/public_ab_$t.csv"

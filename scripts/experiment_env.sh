@@ -26,6 +26,16 @@ extract_diffs() {
   done
 }
 
+# extract_ab_diff TRAIT: extract TRAIT's persona diff from its public A/B set (dataset/TRAIT/public_ab.json;
+# AB_MAX_ITEMS items, 64 by default) into persona_loras/<model>/TRAIT_caa/ (a finished one is reused), and
+# set $ab_persona_dir (its held-out items: $ab_persona_dir/ab_evaluation.jsonl) and $ab_diff.
+extract_ab_diff() {
+  eval "$(python scripts/persona_paths.py "${model_flag[@]}" --trait "${1}_caa" --prefix ab_)"
+  python extract_persona_lora.py "${model_flag[@]}" --trait "$1" --ab_source public --ab_max_items "${AB_MAX_ITEMS:-64}" \
+      --output_dir "$ab_persona_dir" --vector_output_path "$ab_vector_path"
+  ab_diff="$ab_persona_dir/${1}_lora_diff.pt"
+}
+
 # evaluate_model NAME [ADAPTER]: the base model (or the finetune ADAPTER) on the trait's held-out
 # questions, judged with the judge-free margin ($out/eval_NAME.csv), and on its A/B set
 # ($out/ab_NAME.csv).

@@ -31,10 +31,7 @@ n_examples="${N_EXAMPLES:-64}"
 
 extract_diffs "$trait"
 prompt_diff="${extracted_diffs[0]}"
-eval "$(python scripts/persona_paths.py "${model_flag[@]}" --trait "${trait}_caa" --prefix ab_)"
-python extract_persona_lora.py "${model_flag[@]}" --trait "$trait" --ab_source public --ab_max_items "${AB_MAX_ITEMS:-64}" \
-    --output_dir "$ab_persona_dir" --vector_output_path "$ab_vector_path"
-ab_diff="$ab_persona_dir/${trait}_lora_diff.pt"
+extract_ab_diff "$trait"
 null_diffs=()
 if [ "${#null_traits[@]}" -gt 0 ]; then extract_diffs "${null_traits[@]}"; null_diffs=("${extracted_diffs[@]}"); fi
 
