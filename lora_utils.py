@@ -1016,24 +1016,27 @@ def check_same_architecture(original: SafetensorsCheckpoint, finetuned: Safetens
 def project_checkpoint(original: SafetensorsCheckpoint, folder: Path, diff: PersonaLoRADiff) -> dict:
     """Stream W_ft − W_orig one tensor at a time: memory stays at a couple of tensors. Every tensor
     is read, those outside the diff for outside_diff_change_norm."""
-    from tqdm.auto import tqdm
-
     finetuned = SafetensorsCheckpoint(folder)
     check_same_architecture(original, finetuned)
     missing = [name for name in diff.module_names if name not in finetuned]
     if missing:
         raise PersonaLoRAError(f"{folder} has no tensor {missing[0]}: a checkpoint of another architecture?")
 
-    def changes():
-        for name in tqdm(list(finetuned.weight_map), desc=f"projecting {folder.name}", leave=False):
-            if name not in original:
-                continue
-            if finetuned.shape(name) != original.shape(name):
-                raise PersonaLoRAError(f"{folder}: {name} is {finetuned.shape(name)} but {original.shape(name)} in the original model")
-            yield name, finetuned.tensor(name).to(torch.float32) - original.tensor(name).to(torch.float32)
-
-    result = WeightProjector.project(changes(), diff)
+    result = WeightProjector.project(checkpoint_changes(original, finetuned, list(finetuned.weight_map), f"projecting {folder.name}"), diff)
     return {**result, "kind": "checkpoint", "bytes": finetuned.nbytes()}
+
+
+def checkpoint_changes(original: SafetensorsCheckpoint, finetuned: SafetensorsCheckpoint, names: list[str], desc: str) -> Iterator:
+    """(name, W_ft − W_orig in float32) for each of `names` the original also holds, read one tensor
+    at a time (a tqdm bar named `desc`); a tensor of another shape is refused in one line."""
+    from tqdm.auto import tqdm
+
+    for name in tqdm(names, desc=desc, leave=False):
+        if name not in original:
+            continue
+        if finetuned.shape(name) != original.shape(name):
+            raise PersonaLoRAError(f"{finetuned.folder}: {name} is {finetuned.shape(name)} but {original.shape(name)} in the original model")
+        yield name, finetuned.tensor(name).to(torch.float32) - original.tensor(name).to(torch.float32)
 
 
 def shared_row_space(update: PersonaLoRADiff, diff: PersonaLoRADiff) -> tuple[float, float]:
@@ -1157,19 +1160,13 @@ def _draws_inner(delta, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
 def _finetune_changes(original: SafetensorsCheckpoint, folder: Path, modules: set[str]) -> tuple[str, Iterator]:
     """(kind, the finetune's change per module of `modules`): an adapter's own factors (B, A), or
     a checkpoint's W_ft − W_orig read one tensor at a time."""
-    from tqdm.auto import tqdm
-
     if (folder / "adapter_config.json").is_file():
         update = load_adapter_update(folder)
         return "adapter", ((name, update.factors[name]) for name in update if name in modules)
     finetuned = SafetensorsCheckpoint(folder)
     check_same_architecture(original, finetuned)
-    names = [name for name in finetuned.weight_map if name in modules and name in original]
-
-    def changes():
-        for name in tqdm(names, desc=f"null projections of {folder.name}", leave=False):
-            yield name, finetuned.tensor(name).to(torch.float32) - original.tensor(name).to(torch.float32)
-    return "checkpoint", changes()
+    names = [name for name in finetuned.weight_map if name in modules]
+    return "checkpoint", checkpoint_changes(original, finetuned, names, f"null projections of {folder.name}")
 
 
 def project_finetune_null(original, finetune, diffs: Mapping[str, PersonaLoRADiff], null_diffs: Mapping[str, PersonaLoRADiff] | None = None,

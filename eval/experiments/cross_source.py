@@ -138,7 +138,7 @@ def weighted_geometry(model, span_sets: dict[str, list[tuple]], pad_id: int, dif
             for group in entry["nulls"]:
                 # The draws' down factors are regenerated from their seeded generator at each batch
                 # rather than kept: kept for every module they take draws × rank × in floats per
-                # module and null (~19 GB for 1,000 draws of rank 16 over 210 modules).
+                # module and null (by arithmetic, ~19 GB for 1,000 draws of rank 16 over the embedded model's 210 modules).
                 down = lu.null_down(diffs[group["like"]].shape(module), group["rank"], draws, seed, module,
                                     f"{label}/{group['like']}", NULL_STREAM).flatten(0, 1).to(x.device)
                 drawn = (x @ down.T).double()  # [n, draws·rank]
