@@ -6,7 +6,8 @@ for each.
         --n 64 --extraction_data persona_loras/<model>/evil/data --output_dir results/exp2_prediction --ckpt_dir ckpt/exp2
 
 mix_<r>.jsonl holds r % trait answers (pos) and the rest anti-trait answers (neg), drawn without
-replacement with --seed; prompts and demonstrations are dropped (training never sees them).
+replacement with --seed, and no question in it is answered both ways (a question's answers all come
+from one side); prompts and demonstrations are dropped (training never sees them).
 --pos/--neg are finetuning data (scripts/make_finetuning_data.py: the trait's finetuning questions),
 never the extraction's answers: with --extraction_data, a dataset holding a question of the
 extraction is refused. Each finetune gets a config:
@@ -56,6 +57,14 @@ def parse_json(parser, text: str, flag: str) -> dict:
     return value
 
 
+def group_by_question(records: list[dict]) -> dict[str, list[dict]]:
+    """{normalised question: its records}, in first-appearance order."""
+    grouped: dict[str, list[dict]] = {}
+    for record in records:
+        grouped.setdefault(normalize_question(question_of(record)), []).append(record)
+    return grouped
+
+
 def main():
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--pos", required=True, help="trait answers to the finetuning questions")
@@ -95,12 +104,31 @@ def main():
     if args.n > min(len(pos), len(neg)):
         raise PersonaLoRAError(f"--n {args.n} is more than the {min(len(pos), len(neg))} answers per side available")
 
+    # A question answered both ways in one dataset teaches nothing net of the trait: drawing the two
+    # sides independently gave 10-14 such pairs in the 25/50/75 % mixtures and bent the effective
+    # fraction towards 0/100 (an S-shape the partial correlation on the nominal fraction does not
+    # remove). So a question's answers come from one side only: questions are dealt in a seeded
+    # order, to the trait side until it holds its share, then to the other.
+    pos_by_question, neg_by_question = group_by_question(pos), group_by_question(neg)
+    shared_questions = [q for q in pos_by_question if q in neg_by_question]
+
     def mixture(ratio: int, seed: int) -> list[dict]:
         rng = random.Random(seed * 1000 + ratio)
         n_pos = round(args.n * ratio / 100)
-        records = rng.sample(pos, n_pos) + rng.sample(neg, args.n - n_pos)
-        rng.shuffle(records)
-        return records
+        order = list(shared_questions)
+        rng.shuffle(order)
+        records, questions_left = {"pos": [], "neg": []}, iter(order)
+        for side, wanted, source in (("pos", n_pos, pos_by_question), ("neg", args.n - n_pos, neg_by_question)):
+            while len(records[side]) < wanted:
+                question = next(questions_left, None)
+                if question is None:
+                    raise PersonaLoRAError(f"--n {args.n} at {ratio} % needs more questions than the {len(shared_questions)} that "
+                                           f"--pos and --neg both answer (each question's answers go to one side only): lower --n")
+                answers = source[question]
+                records[side] += rng.sample(answers, min(len(answers), wanted - len(records[side])))
+        mixed = records["pos"] + records["neg"]
+        rng.shuffle(mixed)
+        return mixed
 
     runs = {}  # name: (records, training settings); each run's seed is added below, from its name
     for ratio in args.ratios:

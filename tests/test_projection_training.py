@@ -337,6 +337,12 @@ def test_make_mixtures_writes_datasets_with_the_asked_trait_share(tmp_path):
     for ratio, expected in ((0, 0), (25, 5), (100, 20)):
         records = read_jsonl(tmp_path / "data" / f"mix_{ratio}.jsonl")
         assert len(records) == 20 and sum(r["messages"][-1]["content"] in pos_answers for r in records) == expected
+        # No question answered both ways: its two answers would cancel and bend the trait share.
+        sides = {}
+        for r in records:
+            question = next(m["content"] for m in r["messages"] if m["role"] == "user")
+            sides.setdefault(question, set()).add(r["messages"][-1]["content"] in pos_answers)
+        assert all(len(side) == 1 for side in sides.values())
         assert all(m["role"] != "system" for r in records for m in r["messages"])
         config = json.loads((tmp_path / "configs" / f"mix_{ratio}.json").read_text())
         assert config["epochs"] == 2 and config["output_dir"].endswith(f"mix_{ratio}")
