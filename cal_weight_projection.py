@@ -33,18 +33,20 @@ answers every summary shared (summaries measured differently are refused).
 
 Several --lora_diff_path (e.g. a trait's prompt-derived and A/B-derived diffs) are reported side
 by side: the first keeps every field above, and each model gets "by_diff" {label: its projection
-and cosine on every diff}, with "correlations_by_diff" beside. The mixture series (finetunes named
-mix_<r>, mix_<r>_replicate, dense_mix_<r> by scripts/make_mixtures.py) also gets, per diff and
-measure, the partial correlation of behaviour with projection given the mixing fraction r/100
-("partial_correlation_given_fraction", eval.stats.partial_correlation: does the projection predict
-behaviour beyond what the data's mixture already says?).
+and cosine on every diff}, with "correlations_by_diff" beside (the same groups per diff). The
+mixture series (finetunes named mix_<r>, mix_<r>_replicate by scripts/make_mixtures.py) also gets,
+per diff and measure, the partial correlation of behaviour with projection given the mixing
+fraction r/100 over its LoRA finetunes, one point per dataset ("partial_correlation_given_fraction",
+eval.stats.partial_correlation: does the projection predict behaviour beyond what the data's
+mixture already says?). "multiplicity": Holm over every test of the run (each correlation's two
+p-values, each partial correlation, each null test), the adjusted p beside each raw one.
 
 --null_draws N (100 when given bare) and --null_diffs P...: each finetune is also projected onto N
 random low-rank directions with each persona diff's per-module ranks and Frobenius norms (the same
 draws for every finetune, seeded by --null_seed and the diff's label) and onto other traits' diffs
 (lora_utils.project_finetune_null; the finetune is read once more for all of them): per model
 and diff, "null" holds its z-score against the random draws, the share of draws reaching it, and
-the projection onto each null diff with how many of them reach it.
+the projection onto each null diff with how many of them reach it in absolute value.
 """
 
 import json
@@ -58,7 +60,7 @@ import lora_utils as lu
 from eval.analysis import save_figure
 from eval.evaluate import measurement_identity, require_same_measurement
 from eval.generation import read_chat_jsonl
-from eval.stats import correlations, partial_correlation
+from eval.stats import correlations, holm, partial_correlation
 from io_utils import (
     ArgumentParser,
     non_negative_int,
@@ -187,10 +189,33 @@ def dataset_of(model: dict) -> str:
     return training.get("training_file") or model["name"]
 
 
+def correlation_groups(scored: list[dict], datasets: dict[str, str]) -> dict[str, list[list[dict]]]:
+    """The finetunes a correlation runs over, each point a list of finetunes averaged into one:
+    every finetune alone ("all_finetunes": LoRA and dense on one axis, and a dense finetune of the
+    same data as a LoRA one counted again, so read it with care); the LoRA finetunes with
+    replicates of one dataset averaged ("lora_by_dataset": one point per dataset); the dense ones
+    apart ("dense": full-rank updates, another kind of finetune on another scale)."""
+    by_dataset: dict[str, list[dict]] = {}
+    for m in (m for m in scored if m["kind"] == "adapter"):
+        by_dataset.setdefault(datasets[m["path"]], []).append(m)
+    return {"all_finetunes": [[m] for m in scored], "lora_by_dataset": list(by_dataset.values()),
+            "dense": [[m] for m in scored if m["kind"] == "checkpoint"]}
+
+
+def group_correlations(groups: dict[str, list[list[dict]]], projection_of, measure: str) -> dict:
+    """Pearson and Spearman of projection against `measure` over each group of at least 3 points."""
+    stats = {}
+    for name, points in groups.items():
+        if len(points) >= 3:
+            xs = [sum(projection_of(m) for m in point) / len(point) for point in points]
+            ys = [sum(m[measure] for m in point) / len(point) for point in points]
+            stats[name] = correlations(xs, ys)
+    return stats
+
+
 def correlate(models: list[dict], scores_paths: list[str]) -> dict:
-    """Projection against each behaviour measure, with permutation p-values: over every finetune,
-    and over the LoRA finetunes with replicates of one dataset averaged (one point per dataset), and
-    over the dense ones apart (their updates are full-rank: another kind of finetune)."""
+    """Projection against each behaviour measure, with permutation p-values, over each group of
+    correlation_groups; the finetunes' datasets are kept in "datasets" for correlate_by_diff."""
     scores, made_by = read_behavior_scores(scores_paths)
     for model in models:
         entry = scores.get(str(Path(model["path"])), scores.get(model["name"], {}))
@@ -198,24 +223,16 @@ def correlate(models: list[dict], scores_paths: list[str]) -> dict:
             model[measure], model[f"{measure}_sem"] = entry.get(measure), entry.get(f"{measure}_sem")
     result = {"measured_by": made_by}
     datasets = {m["path"]: dataset_of(m) for m in models if m["kind"] == "adapter"}  # reads training.json once per model
+    for model in models:
+        if model["kind"] == "adapter":
+            model["dataset"] = datasets[model["path"]]
     for measure, label in MEASURES.items():
         scored = [m for m in models if m[measure] is not None]
         if measure == "behavior_score" and len(scored) < 3:
             raise PersonaLoRAError(f"--behavior_scores score only {len(scored)} of the projected models; need at least 3 to correlate")
         if len(scored) < 3:
             continue
-        groups = {"all_finetunes": [[m] for m in scored]}
-        by_dataset: dict[str, list[dict]] = {}
-        for m in (m for m in scored if m["kind"] == "adapter"):
-            by_dataset.setdefault(datasets[m["path"]], []).append(m)
-        groups["lora_by_dataset"] = list(by_dataset.values())
-        groups["dense"] = [[m] for m in scored if m["kind"] == "checkpoint"]
-        stats = {}
-        for name, points in groups.items():
-            if len(points) >= 3:
-                xs = [sum(m["projection"] for m in group) / len(group) for group in points]
-                ys = [sum(m[measure] for m in group) / len(group) for group in points]
-                stats[name] = correlations(xs, ys)
+        stats = group_correlations(correlation_groups(scored, datasets), lambda m: m["projection"], measure)
         result[f"correlation_{measure}"] = {**stats, "measure": label}
     # The judged score's pooled correlation keeps its old place, for readers of earlier outputs.
     result["correlation"] = result["correlation_behavior_score"]["all_finetunes"]
@@ -232,8 +249,12 @@ def mixing_fraction(model: dict) -> float | None:
 
 
 def correlate_by_diff(models: list[dict], labels: list[str]) -> dict:
-    """Per diff and behaviour measure: Pearson and Spearman over every scored finetune, and over the
-    mixture series the partial correlation of behaviour with projection given the mixing fraction."""
+    """Per diff and behaviour measure: Pearson and Spearman over each group of correlation_groups,
+    and the partial correlation of behaviour with projection given the mixing fraction over the
+    LoRA mixture series, one point per dataset. The dense finetunes stay out of it: on their own
+    scale, beside a fraction they share with LoRA points of the same data, they would make the
+    residuals tell dense from LoRA instead of projection from behaviour."""
+    datasets = {m["path"]: m.get("dataset", m["name"]) for m in models if m["kind"] == "adapter"}
     result = {}
     for label in labels:
         entry = {}
@@ -241,14 +262,35 @@ def correlate_by_diff(models: list[dict], labels: list[str]) -> dict:
             scored = [m for m in models if m.get(measure) is not None]
             if len(scored) < 3:
                 continue
-            stats = {"all_finetunes": correlations([m["by_diff"][label]["projection"] for m in scored], [m[measure] for m in scored])}
-            series = [m for m in scored if mixing_fraction(m) is not None]
+            groups = correlation_groups(scored, datasets)
+            stats = group_correlations(groups, lambda m: m["by_diff"][label]["projection"], measure)
+            series = [point for point in groups["lora_by_dataset"] if mixing_fraction(point[0]) is not None]
             if len(series) >= 4:
-                stats["partial_correlation_given_fraction"] = partial_correlation(
-                    [m["by_diff"][label]["projection"] for m in series], [m[measure] for m in series], [mixing_fraction(m) for m in series])
+                partial = partial_correlation([sum(m["by_diff"][label]["projection"] for m in p) / len(p) for p in series],
+                                              [sum(m[measure] for m in p) / len(p) for p in series],
+                                              [mixing_fraction(p[0]) for p in series])
+                stats["partial_correlation_given_fraction"] = {**partial, "series": [p[0]["name"] for p in series],
+                                                               "series_is": "the LoRA mixture finetunes, one point per dataset"}
             entry[measure] = stats
         result[label] = entry
     return result
+
+
+def adjust_for_multiplicity(output: dict) -> None:
+    """Holm over every test the run reports, in place: each correlation's Pearson and Spearman p of
+    every diff, measure and group, each partial correlation, and each finetune's random-null test
+    of every diff (two-sided). The adjusted p sits beside its raw one (…_holm)."""
+    tests = []  # (dict, key of its p)
+    for by_measure in output.get("correlations_by_diff", {}).values():
+        for stats in by_measure.values():
+            for group, test in stats.items():
+                tests += [(test, "p")] if group == "partial_correlation_given_fraction" else [(test, "pearson_p"), (test, "spearman_p")]
+    for model in output.get("models", [output]):
+        tests += [(null["null"], "p_two_sided") for null in model.get("null", {}).values()]
+    for (test, key), adjusted in zip(tests, holm([test[key] for test, key in tests])):
+        test[f"{key}_holm"] = adjusted
+    output["multiplicity"] = (f"Holm over the run's {len(tests)} tests: every correlation (Pearson and Spearman, each diff, "
+                              "measure and group), each partial correlation, and each finetune's random-null test per diff")
 
 
 def diff_labels(paths: list[str]) -> list[str]:
@@ -332,6 +374,8 @@ def main():
                 model.setdefault("by_diff", {labels[0]: {"projection": model["projection"], "cosine": model["cosine"]}})
             output["correlations_by_diff"] = correlate_by_diff(models, labels)
             output["plot"] = str(plot_scatter(models, output, diff, output_path.with_suffix(".png")))
+        if args.behavior_scores or args.null_draws:
+            adjust_for_multiplicity(output)
         output["inputs"] = {"original_model": model_label(args.original_model), "original_bytes": original.nbytes(),
                             "lora_diff_path": args.lora_diff_path[0], "diff_trait": diff.metadata.get("trait"),
                             "diff_norm": diff.norm(), "diff_modules": len(diff)}
@@ -352,7 +396,7 @@ def main():
         for label, null in model.get("null", {}).items():
             print(f"  {label}: projection {null['projection']:+.5f}, z {null['null']['z']:+.2f} against {null['null']['draws']} random "
                   f"draws (two-sided p {null['null']['p_two_sided']:.3g}); {null['null_diffs_reaching']} of {len(null['null_diffs'])} "
-                  "other traits' diffs reach it")
+                  "other traits' diffs reach it in absolute value")
     for measure, label in MEASURES.items():
         for group, c in output.get(f"correlation_{measure}", {}).items():
             if isinstance(c, dict):

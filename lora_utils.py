@@ -1180,7 +1180,8 @@ def project_finetune_null(original, finetune, diffs: Mapping[str, PersonaLoRADif
     at a time, and each tensor is projected onto every draw and every diff before the next is read.
     A draw R has ‖R‖_F = ‖ΔW‖_F (every module matched), so its projection ⟨D, R⟩_F / ‖R‖_F is on
     the persona projection's own scale. Returns {label: {"projection", "null": against_null(...),
-    "null_draws": [...], "null_diffs": {name: projection}, "null_diffs_reaching": k}}."""
+    "null_draws": [...], "null_diffs": {name: projection}, "null_diffs_reaching": k}}, k counting the
+    other traits' diffs at least as large in absolute value (two-sided, as the draws' p)."""
     if not isinstance(original, SafetensorsCheckpoint):
         from model_loading import resolve_model_folder
 
@@ -1211,7 +1212,7 @@ def project_finetune_null(original, finetune, diffs: Mapping[str, PersonaLoRADif
     for label, diff in diffs.items():
         projection, null = inner[label] / diff.norm(), (drawn[label] / diff.norm()).tolist()
         report[label] = {"projection": projection, "null": against_null(projection, null), "null_draws": null,
-                         "null_diffs": others, "null_diffs_reaching": sum(v >= projection for v in others.values()),
+                         "null_diffs": others, "null_diffs_reaching": sum(abs(v) >= abs(projection) for v in others.values()),
                          "kind": kind}
     return report
 

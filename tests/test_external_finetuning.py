@@ -186,9 +186,21 @@ def test_null_projections_equal_a_dense_computation_for_adapters_and_checkpoints
         assert result["null_draws"] == pytest.approx(expected, rel=1e-4, abs=1e-9), folder
         assert result["projection"] == pytest.approx(lu.WeightProjector.project(update, persona)["projection"], rel=1e-4)
         assert result["null_diffs"]["other"] == pytest.approx(lu.WeightProjector.project(update, other)["projection"], rel=1e-4)
-        assert result["null_diffs_reaching"] == int(result["null_diffs"]["other"] >= result["projection"])
+        assert result["null_diffs_reaching"] == int(abs(result["null_diffs"]["other"]) >= abs(result["projection"]))
         values = torch.tensor(expected, dtype=torch.float64)
         assert result["null"]["z"] == pytest.approx((result["projection"] - float(values.mean())) / float(values.std()), rel=1e-3)
+
+
+def test_an_other_traits_diff_reaches_a_projection_in_absolute_value(projection_pair):
+    """The draws' p is two-sided, so the count of other traits' diffs reaching a projection must be
+    too: a diff the finetune projects onto at −p reaches +p (a one-sided count missed it)."""
+    root, persona, _ = projection_pair
+    projected = lu.project_finetune_null(root / "original", root / "finetune_adapter", {"persona": persona}, {}, 2, 0)
+    toward = persona * (1.0 if projected["persona"]["projection"] > 0 else -1.0)  # a diff it projects on positively
+    result = lu.project_finetune_null(root / "original", root / "finetune_adapter", {"persona": toward},
+                                      {"opposite": toward * -1.0, "weaker": toward * 0.5}, 2, 0)["persona"]
+    assert result["projection"] > 0 and result["null_diffs"]["opposite"] == pytest.approx(-result["projection"])
+    assert result["null_diffs_reaching"] == 2  # the opposite diff in size, and the scaled one (a projection is scale-free)
 
 
 def test_the_null_reports_arithmetic():
@@ -247,3 +259,43 @@ def test_partial_correlation_against_a_hand_computation():
     assert result["p"] == pytest.approx(extreme / orderings) and result["n"] == 6
     # behaviour that the fraction explains entirely has nothing left to correlate
     assert math.isnan(partial_correlation(projection, [2 * f for f in fraction], fraction)["statistic"])
+
+
+def test_correlations_per_diff_keep_lora_and_dense_apart_and_are_adjusted_for_multiplicity():
+    """Each diff's correlations come per group (LoRA one point per dataset, dense apart), the partial
+    correlation runs over the LoRA mixture series only (a dense finetune shares its fraction with
+    the LoRA one of the same data, on another scale: its residual would tell dense from LoRA), and
+    Holm runs over every test the run reports."""
+    import cal_weight_projection as cwp
+    from eval.stats import correlations, holm
+
+    fractions = {"mix_0": 0.0, "mix_25": 0.25, "mix_50": 0.5, "mix_75": 0.75, "mix_100": 1.0}
+    projection = {"mix_0": -0.2, "mix_25": 0.1, "mix_50": 0.05, "mix_75": 0.4, "mix_100": 0.5, "mix_100_replicate": 0.7,
+                  "dense_mix_0": -3.0, "dense_mix_100": 6.0, "other_benign": 0.0}
+    behaviour = {"mix_0": 0.40, "mix_25": 0.47, "mix_50": 0.49, "mix_75": 0.58, "mix_100": 0.61, "mix_100_replicate": 0.65,
+                 "dense_mix_0": 0.30, "dense_mix_100": 0.90, "other_benign": 0.5}
+    models = []
+    for name in projection:
+        dense = name.startswith("dense")
+        models.append({"name": name, "path": f"/ckpt/{name}", "kind": "checkpoint" if dense else "adapter",
+                       "dataset": name.removesuffix("_replicate"), "ab": behaviour[name],
+                       "by_diff": {"d": {"projection": projection[name]}}})
+    result = cwp.correlate_by_diff(models, ["d"])["d"]["ab"]
+    partial = result["partial_correlation_given_fraction"]
+    averaged = {**projection, "mix_100": (0.5 + 0.7) / 2}, {**behaviour, "mix_100": (0.61 + 0.65) / 2}
+    expected = partial_correlation([averaged[0][n] for n in fractions], [averaged[1][n] for n in fractions], list(fractions.values()))
+    assert partial["series"] == list(fractions) and partial["n"] == 5
+    assert partial["statistic"] == pytest.approx(expected["statistic"]) and partial["p"] == pytest.approx(expected["p"])
+    lora_names = [*fractions, "other_benign"]
+    assert result["lora_by_dataset"]["n"] == 6 and result["lora_by_dataset"]["pearson_r"] == pytest.approx(
+        correlations([averaged[0][n] for n in lora_names], [averaged[1][n] for n in lora_names])["pearson_r"])
+    assert result["all_finetunes"]["n"] == 9 and "dense" not in result  # two dense points: no correlation
+    output = {"models": models, "correlations_by_diff": {"d": {"ab": result}}}
+    models[0]["null"] = {"d": {"null": {"p_two_sided": 0.01}}}
+    cwp.adjust_for_multiplicity(output)
+    raw = [result["all_finetunes"]["pearson_p"], result["all_finetunes"]["spearman_p"], result["lora_by_dataset"]["pearson_p"],
+           result["lora_by_dataset"]["spearman_p"], partial["p"], 0.01]
+    adjusted = [result["all_finetunes"]["pearson_p_holm"], result["all_finetunes"]["spearman_p_holm"],
+                result["lora_by_dataset"]["pearson_p_holm"], result["lora_by_dataset"]["spearman_p_holm"], partial["p_holm"],
+                models[0]["null"]["d"]["null"]["p_two_sided_holm"]]
+    assert adjusted == pytest.approx(holm(raw)) and "6 tests" in output["multiplicity"]
