@@ -299,3 +299,112 @@ def test_correlations_per_diff_keep_lora_and_dense_apart_and_are_adjusted_for_mu
                 result["lora_by_dataset"]["pearson_p_holm"], result["lora_by_dataset"]["spearman_p_holm"], partial["p_holm"],
                 models[0]["null"]["d"]["null"]["p_two_sided_holm"]]
     assert adjusted == pytest.approx(holm(raw)) and "6 tests" in output["multiplicity"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment's summary (eval/experiments/external_prediction.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stems_cluster_the_public_sycophancy_items_by_the_claim_they_ask_about():
+    """CAA's sycophancy set asks three NLP-survey claims of 260 users: each claim is one cluster,
+    and every other item (asked of one user) its own."""
+    from eval.experiments.external_prediction import item_groups, stem_clusters
+
+    items = load_ab_items(ef.behaviour_file("sycophancy"))
+    clusters = stem_clusters(items)
+    claims = {str(item.index): m.group(1) for item in items if (m := re.search(r"as of 2022\?\s*(.*?)\s*\n", item.question))}
+    assert len(set(claims.values())) == 3
+    for claim in set(claims.values()):
+        assert len({clusters[k] for k, c in claims.items() if c == claim}) == 1
+    assert len(set(clusters.values())) == 3 + len(items) - len(claims)
+    assert sum(g == "asked of several users" for g in item_groups(items)["stem"].values()) == len(claims)
+
+
+def write_summary(path, by_item, sha="abc", ab_data=None):
+    path.write_text(json.dumps({"mode": "ab", "ab_data": str(ab_data), "ab_data_sha256": sha,
+                                "conditions": [{"both_orders_by_item": {str(k): v for k, v in by_item.items()}}]}))
+
+
+def test_the_heldout_change_is_a_mean_over_stems_with_the_stems_error(tmp_path):
+    from eval.experiments.external_prediction import MIN_SHARED_STEM, heldout_changes
+    from eval.stats import mean_and_sem
+
+    claim = " Do you agree with this claim: " + "x" * MIN_SHARED_STEM + "?\n (A) Agree\n (B) Disagree"
+    questions = [f"I am user {i}, I think so." + claim for i in range(3)] + [f"Lone question {i}? " + "y" * i + "\n (A) Yes\n (B) No"
+                                                                         for i in range(3)]
+    items = [{"question": q, "answer_matching_behavior": "(A)", "answer_not_matching_behavior": "(B)"} for q in questions]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    base = {i: 0.5 for i in range(6)}
+    finetune = {0: 0.9, 1: 0.8, 2: 0.7, 3: 0.6, 4: 0.4, 5: 0.5}
+    write_summary(tmp_path / "public_ab_base.summary.json", base, ab_data=tmp_path / "items.jsonl")
+    write_summary(tmp_path / "public_ab_ft.summary.json", finetune, ab_data=tmp_path / "items.jsonl")
+    report = heldout_changes(tmp_path, ["ft"])
+    assert report["stems"] == 4 and report["items"] == 6
+    mean, sem, _ = mean_and_sem([0.3, 0.1, -0.1, 0.0])  # the claim's three items count once, as their mean
+    row = report["finetunes"]["ft"]
+    assert row["all"]["mean"] == pytest.approx(mean) and row["all"]["sem"] == pytest.approx(sem) and row["all"]["stems"] == 4
+    assert row["stem: asked of several users"]["items"] == 3 and row["stem: asked of one user"]["mean"] == pytest.approx(0.0)
+    write_summary(tmp_path / "public_ab_other.summary.json", finetune, sha="another file", ab_data=tmp_path / "items.jsonl")
+    with pytest.raises(Exception, match="other items"):
+        heldout_changes(tmp_path, ["other"])
+
+
+def test_the_experiments_family_counts_each_test_once():
+    """The judged score and margin are the same in both projection runs: one family holds them
+    once, both runs' A/B correlations, and every finetune's null tests; Holm over all of it. The
+    pooled LoRA+dense correlations stay out (descriptive)."""
+    from eval.experiments.external_prediction import experiment_tests
+    from eval.stats import holm
+
+    def run(ab_p):
+        stats = {"lora_by_dataset": {"n": 5, "pearson_r": 0.5, "pearson_p": ab_p, "spearman_rho": 0.4, "spearman_p": ab_p},
+                 "all_finetunes": {"n": 7, "pearson_r": 0.9, "pearson_p": 0.001, "spearman_rho": 0.9, "spearman_p": 0.001}}
+        judged = {"lora_by_dataset": {"n": 5, "pearson_r": 0.1, "pearson_p": 0.5, "spearman_rho": 0.1, "spearman_p": 0.6},
+                  "partial_correlation_given_fraction": {"statistic": 0.2, "p": 0.7, "n": 5}}
+        return {"correlations_by_diff": {"d": {"ab": stats, "behavior_score": judged}},
+                "models": [{"name": "mix_0", "null": {"d": {"null": {"z": 3.0, "draws": 100, "p_two_sided": 0.0099}}}}]}
+    tests = experiment_tests(run(0.01), run(0.02))
+    assert len(tests) == 2 + 3 + 2 + 1  # public A/B, judged (once, with its partial), own A/B, one null test; pooled: out
+    assert [t["p_holm"] for t in tests] == pytest.approx(holm([t["p"] for t in tests]))
+    assert sum("own A/B" in t["test"] for t in tests) == 2 and sum("evaluation questions" in t["test"] for t in tests) == 3
+
+
+def test_the_summary_reads_both_projection_runs_into_one_row_per_finetune(tmp_path):
+    """scripts/external_prediction.py end to end on the files the driver writes (made by hand
+    here): one row per finetune with its projections, null z and measures, the figure, and the
+    refusal of a projection run without null tests."""
+    from eval.experiments.external_prediction import MIN_SHARED_STEM
+
+    questions = [f"User {i} thinks so. Do you agree: " + "c" * MIN_SHARED_STEM + "?\n (A) Agree\n (B) Disagree" for i in range(3)]
+    questions += [f"Alone {i}? " + "q" * i + "\n (A) Yes\n (B) No" for i in range(3)]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps({"question": q, "answer_matching_behavior": "(A)",
+                                                              "answer_not_matching_behavior": "(B)"}) + "\n" for q in questions))
+    names = ["mix_0", "mix_50", "mix_100", "other_benign", "dense_mix_100"]
+    write_summary(tmp_path / "public_ab_base.summary.json", {i: 0.5 for i in range(6)}, ab_data=tmp_path / "items.jsonl")
+    models = []
+    for rank, name in enumerate(names):
+        write_summary(tmp_path / f"public_ab_{name}.summary.json", {i: 0.5 + 0.01 * rank * (i % 2) for i in range(6)},
+                      ab_data=tmp_path / "items.jsonl")
+        null = {"projection": 0.1 * rank, "null": {"z": rank - 2.0, "draws": 10, "p_two_sided": 0.5},
+                "null_diffs": {"other": 0.0}, "null_diffs_reaching": 0}
+        models.append({"name": name, "path": str(tmp_path / name), "kind": "checkpoint" if "dense" in name else "adapter",
+                       "behavior_score": 10.0 + rank, "margin": 0.01 * rank, "ab": 0.5 + 0.01 * rank,
+                       "null": {"prompt/d": null, "ab/d": {**null, "projection": -0.1 * rank}}})
+    public = {"models": models, "inputs": {"lora_diff_path": "d"}, "correlations_by_diff": {}}
+    own = {"models": [{**m, "ab": 0.4} for m in models], "correlations_by_diff": {}}
+    (tmp_path / "projection_public.json").write_text(json.dumps(public))
+    (tmp_path / "projection.json").write_text(json.dumps(own))
+    code, out, err = run_main("scripts/external_prediction", "--output_dir", tmp_path)
+    assert code == 0, err
+    report = json.loads((tmp_path / "summary.json").read_text())
+    assert [row["name"] for row in report["finetunes"]] == names and (tmp_path / "summary.png").stat().st_size > 0
+    row = report["finetunes"][2]
+    assert row["by_diff"]["ab/d"]["projection"] == pytest.approx(-0.2) and row["by_diff"]["prompt/d"]["z"] == 0.0
+    assert row["own_ab"] == 0.4 and row["public_ab"] == pytest.approx(0.52) and row["judged"] == 12.0
+    assert row["public_ab_change"]["all"]["stems"] == 4 and len(report["tests"]) == 2 * len(names)  # the null tests only
+    assert set(report["heldout_change_by_group_vs_projection"]["prompt/d"]) >= {"all", "stem: asked of one user"}
+    (tmp_path / "projection_public.json").write_text(json.dumps({**public, "models": [{k: v for k, v in m.items() if k != "null"}
+                                                                                      for m in models]}))
+    code, _, err = run_main("scripts/external_prediction", "--output_dir", tmp_path)
+    assert code == 2 and "no null tests" in err and len(err.strip().splitlines()) == 1

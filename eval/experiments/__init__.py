@@ -6,4 +6,6 @@ figures). The command lines in scripts/ parse flags, call these and write or pri
     prevention    Exp 3, preventative steering: the training configs and the drift summary
     distillation  Exp 5, distilling activation steering into a LoRA: the rank sweep's summary
     ab_fewshot    judge-free A/B choices and the few-shot extraction setting they depend on
+    cross_source  a trait's prompt-derived and public-derived persona diffs, cross-evaluated and compared
+    external_prediction  Exp 2 on public finetuning data: the two projection runs' summary, Holm over them
 """
