@@ -321,9 +321,10 @@ def test_stems_cluster_the_public_sycophancy_items_by_the_claim_they_ask_about()
     assert sum(g == "asked of several users" for g in item_groups(items)["stem"].values()) == len(claims)
 
 
-def write_summary(path, by_item, sha="abc", ab_data=None):
+def write_summary(path, by_item, sha="abc", ab_data=None, log_mass=-1.0):
     path.write_text(json.dumps({"mode": "ab", "ab_data": str(ab_data), "ab_data_sha256": sha,
-                                "conditions": [{"both_orders_by_item": {str(k): v for k, v in by_item.items()}}]}))
+                                "conditions": [{"both_orders_by_item": {str(k): v for k, v in by_item.items()},
+                                                "choice_log_mass": log_mass}]}))
 
 
 def test_the_heldout_change_is_a_mean_over_stems_with_the_stems_error(tmp_path):
@@ -342,7 +343,7 @@ def test_the_heldout_change_is_a_mean_over_stems_with_the_stems_error(tmp_path):
     report = heldout_changes(tmp_path, ["ft"])
     assert report["stems"] == 4 and report["items"] == 6
     mean, sem, _ = mean_and_sem([0.3, 0.1, -0.1, 0.0])  # the claim's three items count once, as their mean
-    row = report["finetunes"]["ft"]
+    row = report["finetunes"]["ft"]["changes"]
     assert row["all"]["mean"] == pytest.approx(mean) and row["all"]["sem"] == pytest.approx(sem) and row["all"]["stems"] == 4
     assert row["stem: asked of several users"]["items"] == 3 and row["stem: asked of one user"]["mean"] == pytest.approx(0.0)
     write_summary(tmp_path / "public_ab_other.summary.json", finetune, sha="another file", ab_data=tmp_path / "items.jsonl")
@@ -385,7 +386,7 @@ def test_the_summary_reads_both_projection_runs_into_one_row_per_finetune(tmp_pa
     models = []
     for rank, name in enumerate(names):
         write_summary(tmp_path / f"public_ab_{name}.summary.json", {i: 0.5 + 0.01 * rank * (i % 2) for i in range(6)},
-                      ab_data=tmp_path / "items.jsonl")
+                      ab_data=tmp_path / "items.jsonl", log_mass=-0.1 * rank)
         null = {"projection": 0.1 * rank, "null": {"z": rank - 2.0, "draws": 10, "p_two_sided": 0.5},
                 "null_diffs": {"other": 0.0}, "null_diffs_reaching": 0}
         models.append({"name": name, "path": str(tmp_path / name), "kind": "checkpoint" if "dense" in name else "adapter",
@@ -402,6 +403,7 @@ def test_the_summary_reads_both_projection_runs_into_one_row_per_finetune(tmp_pa
     row = report["finetunes"][2]
     assert row["by_diff"]["ab/d"]["projection"] == pytest.approx(-0.2) and row["by_diff"]["prompt/d"]["z"] == 0.0
     assert row["own_ab"] == 0.4 and row["public_ab"] == pytest.approx(0.52) and row["judged"] == 12.0
+    assert row["public_log_mass"] == pytest.approx(-0.2) and row["base_public_log_mass"] == pytest.approx(-1.0)
     assert row["public_ab_change"]["all"]["stems"] == 4 and len(report["tests"]) == 2 * len(names)  # the null tests only
     assert set(report["heldout_change_by_group_vs_projection"]["prompt/d"]) >= {"all", "stem: asked of one user"}
     (tmp_path / "projection_public.json").write_text(json.dumps({**public, "models": [{k: v for k, v in m.items() if k != "null"}

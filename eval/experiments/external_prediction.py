@@ -86,13 +86,13 @@ def _by_item(path: Path) -> tuple[dict[str, float], dict]:
 def heldout_changes(output_dir: Path, names: list[str]) -> dict:
     """Each finetune's change on the public held-out items against the base model (both orders per
     item), over all items and per group of item_groups, each as a mean over stem clusters with its
-    clustered error."""
+    clustered error; and its log(P(m) + P(n)) on them beside the base model's."""
     from eval.ab_source import load_ab_source
 
     base, base_summary = _by_item(output_dir / "public_ab_base.summary.json")
     items = [item for item in load_ab_source(base_summary["ab_data"], "the held-out items") if str(item.index) in base]
     clusters, groups = stem_clusters(items), item_groups(items)
-    report = {"items": len(items), "stems": len(set(clusters.values())),
+    report = {"items": len(items), "stems": len(set(clusters.values())), "base_log_mass": base_summary["conditions"][0].get("choice_log_mass"),
               "groups": {grouping: dict(Counter(by_item.values())) for grouping, by_item in groups.items()}, "finetunes": {}}
     for name in names:
         treated, summary = _by_item(output_dir / f"public_ab_{name}.summary.json")
@@ -106,7 +106,7 @@ def heldout_changes(output_dir: Path, names: list[str]) -> dict:
                 mean, sem, n_clusters = clustered_mean_and_sem([treated[k] - base[k] for k in chosen], [clusters[k] for k in chosen])
                 row[group if grouping == "all" else f"{grouping}: {group}"] = {"mean": mean, "sem": sem, "stems": n_clusters,
                                                                               "items": len(chosen)}
-        report["finetunes"][name] = row
+        report["finetunes"][name] = {"changes": row, "log_mass": summary["conditions"][0].get("choice_log_mass")}
     return report
 
 
@@ -147,13 +147,17 @@ def finetune_rows(public: dict, own: dict, heldout: dict) -> list[dict]:
         record = Path(model["path"]) / "training.json"
         training = read_json_object(record, "training record") if record.is_file() else {}
         rows.append({"name": model["name"], "kind": model["kind"], "change_norm": model.get("change_norm"),
-                     "shared_row_space": model.get("shared_row_space"), "final_epoch_loss": training.get("final_epoch_loss"),
-                     "steps": training.get("steps"),
+                     "shared_row_space": model.get("shared_row_space"), "steps": len(training.get("losses") or []) or None,
+                     "first_step_loss": (training.get("losses") or [None])[0],
+                     "final_epoch_loss": (training.get("epoch_losses") or [None])[-1],
                      "by_diff": {diff: {"projection": null["projection"], "z": null["null"]["z"],
                                         "null_diffs": null["null_diffs"], "null_diffs_reaching": null["null_diffs_reaching"]}
                                  for diff, null in model.get("null", {}).items()},
                      "judged": model.get("behavior_score"), "margin": model.get("margin"), "public_ab": model.get("ab"),
-                     "own_ab": own_ab.get(model["name"]), "public_ab_change": heldout["finetunes"][model["name"]]})
+                     "own_ab": own_ab.get(model["name"]),
+                     # log(P(m) + P(n)) on the public held-out items: did the finetune learn to answer them with a letter?
+                     "public_log_mass": heldout["finetunes"][model["name"]]["log_mass"], "base_public_log_mass": heldout["base_log_mass"],
+                     "public_ab_change": heldout["finetunes"][model["name"]]["changes"]})
     return rows
 
 
@@ -183,7 +187,8 @@ def summarize(output_dir: Path) -> dict:
     tests = experiment_tests(public, own)
     return {"design": __doc__.split("\n\n")[1:3], "inputs": {"public": public["inputs"], "null_design": public.get("null_design"),
                                                              "measured_by": public.get("measured_by")},
-            "heldout_items": {k: heldout[k] for k in ("items", "stems", "groups")}, "finetunes": rows, "tests": tests,
+            "heldout_items": {k: heldout[k] for k in ("items", "stems", "groups")}, "base_public_log_mass": heldout["base_log_mass"],
+            "finetunes": rows, "tests": tests,
             "multiplicity": f"Holm over the experiment's {len(tests)} tests: the LoRA finetunes' correlations (one point per "
                             "dataset) and partial correlations, each measured once, and every finetune's random-draw null test "
                             "per diff; the pooled LoRA+dense correlations of the projection runs are descriptive",
@@ -193,19 +198,23 @@ def summarize(output_dir: Path) -> dict:
 
 def print_report(report: dict) -> None:
     diffs = list(report["finetunes"][0]["by_diff"])
+    if report["base_public_log_mass"] is not None:
+        print(f"base model's log(P(m) + P(n)) on the held-out public items: {report['base_public_log_mass']:+.2f}")
     print(f"held-out public items: {report['heldout_items']['items']} in {report['heldout_items']['stems']} stems; "
           + "; ".join(f"{grouping}: " + ", ".join(f"{g} {n}" for g, n in groups.items())
                       for grouping, groups in report["heldout_items"]["groups"].items()))
     header = " ".join(f"{d[:24]:>26s}" for d in diffs)
-    print(f"{'finetune':26s} {'kind':10s} {header} {'public Δ (by stem)':>20s} {'own A/B':>8s} {'judged':>7s} {'margin':>7s}")
+    print(f"{'finetune':26s} {'kind':10s} {header} {'public Δ (by stem)':>20s} {'log-mass':>8s} {'own A/B':>8s} {'judged':>7s} "
+          f"{'margin':>7s}")
     for row in report["finetunes"]:
         projections = " ".join(f"{row['by_diff'][d]['projection']:+12.5f} z {row['by_diff'][d]['z']:+7.2f}  " for d in diffs)
         change = row["public_ab_change"]["all"]
         judged = "—" if row["judged"] is None else f"{row['judged']:.1f}"
         margin = "—" if row["margin"] is None else f"{row['margin']:+.3f}"
         own_ab = "—" if row["own_ab"] is None else f"{row['own_ab']:.3f}"
-        print(f"{row['name'][:26]:26s} {row['kind']:10s} {projections} {change['mean']:+9.4f} ± {change['sem']:.4f} {own_ab:>8s} "
-              f"{judged:>7s} {margin:>7s}")
+        mass = "—" if row["public_log_mass"] is None else f"{row['public_log_mass']:+.2f}"
+        print(f"{row['name'][:26]:26s} {row['kind']:10s} {projections} {change['mean']:+9.4f} ± {change['sem']:.4f} {mass:>8s} "
+              f"{own_ab:>8s} {judged:>7s} {margin:>7s}")
     print(report["multiplicity"] + "; the correlations:")
     for test in report["tests"]:
         if "null" not in test["test"]:
