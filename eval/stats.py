@@ -245,8 +245,8 @@ def partial_correlation(xs: Sequence[float], ys: Sequence[float], covariate: Seq
     the null that behaviour depends on the fraction alone, y's residuals on the fraction are
     (approximately) exchangeable, and permuting them keeps the fraction's part intact. Permuting
     within levels of the fraction would be exact, but a series with one finetune per level has no
-    such permutation but the identity. Exact (every ordering) for n ≤ 8, else 100,000 seeded ones
-    (the observed ordering counted, so p ≥ 1/100,001)."""
+    such permutation but the identity. Every ordering for n ≤ 8 (exhaustive, but the test stays
+    approximate), else 100,000 seeded ones (the observed ordering counted, so p ≥ 1/100,001)."""
     import numpy as np
 
     x, y, z = (np.asarray(list(map(float, v)), dtype=np.float64) for v in (xs, ys, covariate))
@@ -270,7 +270,8 @@ def partial_correlation(xs: Sequence[float], ys: Sequence[float], covariate: Seq
         orderings = np.array(list(itertools.permutations(range(n))))
         extreme = int((np.abs(statistics(orderings)) >= threshold).sum())
         return {"statistic": observed, "p": extreme / len(orderings), "n": n,
-                "p_method": f"exact Freedman-Lane permutation of the residuals on the covariate, all {len(orderings)} orderings"}
+                "p_method": f"Freedman-Lane permutation of the residuals on the covariate, all {len(orderings)} orderings "
+                          "(exhaustive; the test is approximate, the residuals being only nearly exchangeable)"}
     rng, extreme = np.random.default_rng(seed), 1
     for start in range(0, RANDOM_PERMUTATIONS, 10_000):
         orderings = np.argsort(rng.random((min(10_000, RANDOM_PERMUTATIONS - start), n)), axis=1)
