@@ -78,9 +78,10 @@ def similarity(args) -> None:
     diffs = {name: lu.load_lora_diff(path) for name, path in paths.items()}
     for path in args.comparators:
         diff = lu.load_lora_diff(path)
-        name = f"other:{diff.metadata.get('trait') or path}"
+        from_ab = (diff.metadata.get("source") or {}).get("kind") == "ab"  # a trait may come twice: from prompts and from A/B
+        name = f"other:{diff.metadata.get('trait') or path}{' (A/B)' if from_ab else ''}"
         if name in diffs:
-            raise PersonaLoRAError(f"--comparators: two diffs are both {name}; pass one per trait")
+            raise PersonaLoRAError(f"--comparators: two diffs are both {name}; pass one per trait and source")
         paths[name], diffs[name] = path, diff
     items = load_ab_source(args.ab_items, "--ab_items")[:args.max_items]
     check_pair(args.prompt_diff, args.ab_diff, diffs, args.ab_items)

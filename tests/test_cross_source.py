@@ -251,3 +251,21 @@ def test_a_pair_that_cannot_be_compared_is_refused_before_a_model_loads(pair, tm
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_comparators_of_one_trait_from_both_sources_are_told_apart(pair, tmp_path, monkeypatch):
+    """Another trait's prompt-derived and A/B-derived diffs may both be comparators (the A/B one
+    is the null for the answer format the A/B-derived diff learns); two of one trait and source are
+    refused. Checked up to the next refusal (held-out items of another file), before any model loads."""
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("a model was loaded")))
+    prompt, ab, make = pair
+    by_prompts, by_ab, again = make("prompts", 5, "c1"), make("ab", 6, "c2"), make("ab", 7, "c3")
+    flags = ["similarity", "--trait", "sycophancy", "--prompt_diff", prompt, "--ab_diff", ab, "--ab_items", tmp_path / "other.jsonl",
+             "--answers", tmp_path / "answers.csv", "--output", tmp_path / "out.json"]
+    code, _, err = run_main("scripts/cross_source", *flags, "--comparators", by_prompts, by_ab)
+    assert code == 2 and "is not the A/B diff's held-out file" in err, err
+    code, _, err = run_main("scripts/cross_source", *flags, "--comparators", by_ab, again)
+    assert code == 2 and "two diffs are both other:sycophancy (A/B)" in err, err
