@@ -44,8 +44,8 @@ p-values, each partial correlation, each null test), the adjusted p beside each 
 --null_draws N (100 when given bare) and --null_diffs P...: each finetune is also projected onto N
 random low-rank directions with each persona diff's per-module ranks and Frobenius norms (the same
 draws for every finetune, seeded by --null_seed and the diff's label) and onto other traits' diffs
-(lora_utils.project_finetune_null; the finetune is read once more for all of them): per model
-and diff, "null" holds its z-score against the random draws, the share of draws reaching it, and
+(lora_utils.project_finetunes_null: each module's draws are generated once for all finetunes, and
+each finetune is read once more): per model and diff, "null" holds its z-score against the random draws, the share of draws reaching it, and
 the projection onto each null diff with how many of them reach it in absolute value.
 """
 
@@ -363,10 +363,11 @@ def main():
                 for label, other in zip(labels[1:], diffs[1:]):
                     projected = lu.project_finetune(original, folder, other)
                     model["by_diff"][label] = {"projection": projected["projection"], "cosine": projected["cosine"]}
-            if args.null_draws:
-                model["null"] = lu.project_finetune_null(original, folder, dict(zip(labels, diffs)), null_diffs,
-                                                         args.null_draws, args.null_seed)
             models.append(model)
+        if args.null_draws:  # all finetunes at once: each module's draws are generated once
+            nulls = lu.project_finetunes_null(original, folders, dict(zip(labels, diffs)), null_diffs, args.null_draws, args.null_seed)
+            for model, null in zip(models, nulls):
+                model["null"] = null
         output = models[0] if len(models) == 1 and not args.behavior_scores else {"models": models}
         if args.behavior_scores:
             output.update(correlate(models, args.behavior_scores))

@@ -1032,11 +1032,15 @@ def checkpoint_changes(original: SafetensorsCheckpoint, finetuned: SafetensorsCh
     from tqdm.auto import tqdm
 
     for name in tqdm(names, desc=desc, leave=False):
-        if name not in original:
-            continue
-        if finetuned.shape(name) != original.shape(name):
-            raise PersonaLoRAError(f"{finetuned.folder}: {name} is {finetuned.shape(name)} but {original.shape(name)} in the original model")
-        yield name, finetuned.tensor(name).to(torch.float32) - original.tensor(name).to(torch.float32)
+        if name in original:
+            yield name, checkpoint_change(original, finetuned, name)
+
+
+def checkpoint_change(original: SafetensorsCheckpoint, finetuned: SafetensorsCheckpoint, name: str) -> torch.Tensor:
+    """W_ft − W_orig of one tensor in float32; a tensor of another shape is refused in one line."""
+    if finetuned.shape(name) != original.shape(name):
+        raise PersonaLoRAError(f"{finetuned.folder}: {name} is {finetuned.shape(name)} but {original.shape(name)} in the original model")
+    return finetuned.tensor(name).to(torch.float32) - original.tensor(name).to(torch.float32)
 
 
 def shared_row_space(update: PersonaLoRADiff, diff: PersonaLoRADiff) -> tuple[float, float]:
@@ -1157,16 +1161,17 @@ def _draws_inner(delta, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return ((b.T @ up).double() * (a @ down.transpose(1, 2)).double()).sum((1, 2))
 
 
-def _finetune_changes(original: SafetensorsCheckpoint, folder: Path, modules: set[str]) -> tuple[str, Iterator]:
-    """(kind, the finetune's change per module of `modules`): an adapter's own factors (B, A), or
-    a checkpoint's W_ft − W_orig read one tensor at a time."""
+def _finetune_source(original: SafetensorsCheckpoint, folder: Path):
+    """(kind, change_of): change_of(name) is the finetune's change of one module, an adapter's own
+    factors (B, A) or a checkpoint's W_ft − W_orig read when asked, None where it has none."""
+    if not folder.is_dir():
+        raise PersonaLoRAError(f"finetuned model not found: {folder}")
     if (folder / "adapter_config.json").is_file():
         update = load_adapter_update(folder)
-        return "adapter", ((name, update.factors[name]) for name in update if name in modules)
+        return "adapter", lambda name: update.factors.get(name)
     finetuned = SafetensorsCheckpoint(folder)
     check_same_architecture(original, finetuned)
-    names = [name for name in finetuned.weight_map if name in modules]
-    return "checkpoint", checkpoint_changes(original, finetuned, names, f"null projections of {folder.name}")
+    return "checkpoint", lambda name: checkpoint_change(original, finetuned, name) if name in finetuned and name in original else None
 
 
 def project_finetune_null(original, finetune, diffs: Mapping[str, PersonaLoRADiff], null_diffs: Mapping[str, PersonaLoRADiff] | None = None,
@@ -1176,45 +1181,63 @@ def project_finetune_null(original, finetune, diffs: Mapping[str, PersonaLoRADif
     (Gaussian factors from null_down / null_up, matched by null_scales; the same draws for every
     finetune, keyed by the label), and the other traits' diffs of `null_diffs`.
 
-    The finetune is read once: an adapter from its factors (no B·A formed), a checkpoint one tensor
-    at a time, and each tensor is projected onto every draw and every diff before the next is read.
     A draw R has ‖R‖_F = ‖ΔW‖_F (every module matched), so its projection ⟨D, R⟩_F / ‖R‖_F is on
     the persona projection's own scale. Returns {label: {"projection", "null": against_null(...),
     "null_draws": [...], "null_diffs": {name: projection}, "null_diffs_reaching": k}}, k counting the
     other traits' diffs at least as large in absolute value (two-sided, as the draws' p)."""
+    return project_finetunes_null(original, [finetune], diffs, null_diffs, draws, seed, stream)[0]
+
+
+def project_finetunes_null(original, finetunes, diffs: Mapping[str, PersonaLoRADiff], null_diffs: Mapping[str, PersonaLoRADiff] | None = None,
+                           draws: int = 100, seed: int = 0, stream: str = PROJECTION_NULL_STREAM) -> list[dict]:
+    """project_finetune_null for several finetunes at once, one report each: every module's draws
+    are generated once and projected on by every finetune (generating them is most of the cost, and
+    they are the same draws for every finetune). Each finetune is read once, one module at a time:
+    an adapter from its factors (no B·A formed), a checkpoint one tensor at a time."""
+    from tqdm.auto import tqdm
+
     if not isinstance(original, SafetensorsCheckpoint):
         from model_loading import resolve_model_folder
 
         original = SafetensorsCheckpoint(resolve_model_folder(original))
-    folder, null_diffs = Path(finetune), dict(null_diffs or {})
-    if not folder.is_dir():
-        raise PersonaLoRAError(f"finetuned model not found: {folder}")
-    modules = {m for d in [*diffs.values(), *null_diffs.values()] for m in d.module_names}
-    inner = {label: 0.0 for label in diffs}
-    drawn = {label: torch.zeros(draws, dtype=torch.float64) for label in diffs}
-    null_inner = {name: 0.0 for name in null_diffs}
-    kind, changes = _finetune_changes(original, folder, modules)
-    for name, delta in changes:
+    null_diffs = dict(null_diffs or {})
+    sources = [_finetune_source(original, Path(finetune)) for finetune in finetunes]
+    modules = list(dict.fromkeys(m for d in [*diffs.values(), *null_diffs.values()] for m in d.module_names))
+    inner = [{label: 0.0 for label in diffs} for _ in sources]
+    drawn = [{label: torch.zeros(draws, dtype=torch.float64) for label in diffs} for _ in sources]
+    null_inner = [{name: 0.0 for name in null_diffs} for _ in sources]
+
+    def inner_with(delta, factors) -> float:
+        return dense_lowrank_inner(delta, *factors) if isinstance(delta, torch.Tensor) else lowrank_inner(*delta, *factors)
+
+    for name in tqdm(modules, desc=f"null projections of {len(sources)} finetune(s)", leave=False):
+        module_draws = {}
         for label, diff in diffs.items():
-            if name not in diff:
-                continue
-            shape, rank = diff.shape(name), diff.rank(name)
-            up, down = null_up(shape, rank, draws, seed, name, label, stream), null_down(shape, rank, draws, seed, name, label, stream)
-            drawn[label] += null_scales(up, down, diff.module_norm(name)) * _draws_inner(delta, up, down)
-            inner[label] += dense_lowrank_inner(delta, *diff.factors[name]) if isinstance(delta, torch.Tensor) \
-                else lowrank_inner(*delta, *diff.factors[name])
-        for other, diff in null_diffs.items():
             if name in diff:
-                null_inner[other] += dense_lowrank_inner(delta, *diff.factors[name]) if isinstance(delta, torch.Tensor) \
-                    else lowrank_inner(*delta, *diff.factors[name])
-    others = {other: null_inner[other] / diff.norm() for other, diff in null_diffs.items()}
-    report = {}
-    for label, diff in diffs.items():
-        projection, null = inner[label] / diff.norm(), (drawn[label] / diff.norm()).tolist()
-        report[label] = {"projection": projection, "null": against_null(projection, null), "null_draws": null,
-                         "null_diffs": others, "null_diffs_reaching": sum(abs(v) >= abs(projection) for v in others.values()),
-                         "kind": kind}
-    return report
+                shape, rank = diff.shape(name), diff.rank(name)
+                up, down = null_up(shape, rank, draws, seed, name, label, stream), null_down(shape, rank, draws, seed, name, label, stream)
+                module_draws[label] = (up, down, null_scales(up, down, diff.module_norm(name)))
+        for index, (_, change_of) in enumerate(sources):
+            delta = change_of(name)
+            if delta is None:
+                continue
+            for label, (up, down, scales) in module_draws.items():
+                drawn[index][label] += scales * _draws_inner(delta, up, down)
+                inner[index][label] += inner_with(delta, diffs[label].factors[name])
+            for other, diff in null_diffs.items():
+                if name in diff:
+                    null_inner[index][other] += inner_with(delta, diff.factors[name])
+    reports = []
+    for index, (kind, _) in enumerate(sources):
+        others = {other: null_inner[index][other] / diff.norm() for other, diff in null_diffs.items()}
+        report = {}
+        for label, diff in diffs.items():
+            projection, null = inner[index][label] / diff.norm(), (drawn[index][label] / diff.norm()).tolist()
+            report[label] = {"projection": projection, "null": against_null(projection, null), "null_draws": null,
+                             "null_diffs": others, "null_diffs_reaching": sum(abs(v) >= abs(projection) for v in others.values()),
+                             "kind": kind}
+        reports.append(report)
+    return reports
 
 
 def _projection_stats(inner: float, delta_sq: float, diff_sq: float) -> dict:

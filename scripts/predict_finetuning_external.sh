@@ -17,8 +17,9 @@
 # 14 finetunes with their three measurements fit an overnight run); every pool holds 236 items, so
 # N_EXAMPLES may go up to 236 on a GPU.
 # Writes results/exp2_external/ (finetune_data/, data/, configs/, eval_*, ab_*, public_ab_*,
-# projection_public.json/.png: against the public held-out items; projection.json/.png: against the
-# trait's own A/B items; both with the judged score and margin, the nulls and the partial correlations).
+# projection_public.json/.png: against the public held-out items, with the nulls; projection.json/.png:
+# against the trait's own A/B items; both with the judged score and margin and the partial
+# correlations; summary.json/.png: scripts/external_prediction.py over both).
 #   MODEL=meta-llama/Llama-3.1-8B-Instruct N_EXAMPLES=236 TRAINING='{"epochs": 1, "rank": 32, "alpha": 64}' bash scripts/predict_finetuning_external.sh
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
@@ -31,9 +32,14 @@ n_examples="${N_EXAMPLES:-64}"
 
 extract_diffs "$trait"
 prompt_diff="${extracted_diffs[0]}"
-extract_ab_diff "$trait"
+# The null's other traits: each one's prompt-derived diff, and its A/B-derived one where it has a
+# public set (a null for the A/B-derived sycophancy diff made the same way).
 null_diffs=()
 if [ "${#null_traits[@]}" -gt 0 ]; then extract_diffs "${null_traits[@]}"; null_diffs=("${extracted_diffs[@]}"); fi
+for null_trait in "${null_traits[@]}"; do
+  if [ -f "dataset/$null_trait/public_ab.json" ]; then extract_ab_diff "$null_trait"; null_diffs+=("$ab_diff"); fi
+done
+extract_ab_diff "$trait"   # last: it sets $ab_persona_dir and $ab_diff for the rest of the run
 
 data="$out/finetune_data"
 python scripts/make_external_finetuning_data.py --ab_extraction "$ab_persona_dir" --output_dir "$data" --n "$n_examples"
@@ -64,13 +70,17 @@ for name in "${names[@]}"; do
   finetunes+=("$ckpt/$name") judged+=("$out/eval_$name.summary.json")
   own_ab+=("$out/ab_$name.summary.json") public_ab+=("$out/public_ab_$name.summary.json")
 done
-# One projection per A/B test set: a projection run pools the A/B summaries of one file only.
-null_flags=(--null_draws "${NULL_DRAWS:-100}")
+# One projection per A/B test set: a projection run pools the A/B summaries of one file only. The
+# nulls are the same for both (same finetunes, diffs and draws), so the public run computes them:
+# NULL_DRAWS random matched directions (2,000: a Monte Carlo p is at least 1/(N+1), and the
+# summary's Holm family holds ~50 tests) and NULL_TRAITS' diffs.
+null_flags=(--null_draws "${NULL_DRAWS:-2000}")
 [ "${#null_diffs[@]}" -gt 0 ] && null_flags+=(--null_diffs "${null_diffs[@]}")
-for test_set in public own; do
-  if [ "$test_set" = public ]; then scores=("${judged[@]}" "${public_ab[@]}") target="$out/projection_public.json"
-  else scores=("${judged[@]}" "${own_ab[@]}") target="$out/projection.json"; fi
-  python cal_weight_projection.py "${model_flag[@]/--model/--original_model}" --finetuned_model "${finetunes[@]}" \
-      --lora_diff_path "$prompt_diff" "$ab_diff" "${null_flags[@]}" --behavior_scores "${scores[@]}" --output_path "$target"
-done
-echo "experiment 2 on external data finished in $(( $(date +%s) - started )) s: $out/projection_public.json, $out/projection.json"
+python cal_weight_projection.py "${model_flag[@]/--model/--original_model}" --finetuned_model "${finetunes[@]}" \
+    --lora_diff_path "$prompt_diff" "$ab_diff" "${null_flags[@]}" --behavior_scores "${judged[@]}" "${public_ab[@]}" \
+    --output_path "$out/projection_public.json"
+python cal_weight_projection.py "${model_flag[@]/--model/--original_model}" --finetuned_model "${finetunes[@]}" \
+    --lora_diff_path "$prompt_diff" "$ab_diff" --behavior_scores "${judged[@]}" "${own_ab[@]}" --output_path "$out/projection.json"
+# One table and one Holm family over both runs, the held-out change clustered by question stem.
+python scripts/external_prediction.py --output_dir "$out"
+echo "experiment 2 on external data finished in $(( $(date +%s) - started )) s: $out/summary.json, $out/summary.png"

@@ -191,6 +191,21 @@ def test_null_projections_equal_a_dense_computation_for_adapters_and_checkpoints
         assert result["null"]["z"] == pytest.approx((result["projection"] - float(values.mean())) / float(values.std()), rel=1e-3)
 
 
+def test_the_null_of_several_finetunes_at_once_equals_each_alone(projection_pair):
+    """project_finetunes_null generates each module's draws once for every finetune: an adapter and a
+    checkpoint projected together get the reports each gets alone."""
+    root, persona, other = projection_pair
+    folders = [root / "finetune_adapter", root / "finetune_checkpoint"]
+    together = lu.project_finetunes_null(root / "original", folders, {"persona": persona}, {"other": other}, 5, 3)
+    for folder, report in zip(folders, together):
+        alone = lu.project_finetune_null(root / "original", folder, {"persona": persona}, {"other": other}, 5, 3)["persona"]
+        assert report["persona"]["null_draws"] == pytest.approx(alone["null_draws"], rel=1e-6)
+        assert report["persona"]["projection"] == pytest.approx(alone["projection"], rel=1e-6)
+        assert report["persona"]["null_diffs"] == pytest.approx(alone["null_diffs"], rel=1e-6)
+    assert [r["persona"]["kind"] for r in together] == ["adapter", "checkpoint"]
+    assert together[0]["persona"]["null_draws"] == pytest.approx(together[1]["persona"]["null_draws"], rel=1e-3, abs=1e-9)  # one update, two forms
+
+
 def test_an_other_traits_diff_reaches_a_projection_in_absolute_value(projection_pair):
     """The draws' p is two-sided, so the count of other traits' diffs reaching a projection must be
     too: a diff the finetune projects onto at −p reaches +p (a one-sided count missed it)."""
