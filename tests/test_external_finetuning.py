@@ -411,14 +411,18 @@ def test_the_summary_reads_both_projection_runs_into_one_row_per_finetune(tmp_pa
     own = {"models": [{**m, "ab": 0.4} for m in models], "correlations_by_diff": {}}
     (tmp_path / "projection_public.json").write_text(json.dumps(public))
     (tmp_path / "projection.json").write_text(json.dumps(own))
+    (tmp_path / "eval_base.summary.json").write_text(json.dumps({"judge_description": "OFFLINE PROXY judge",
+                                                                 "judge_quality": {"held_out_auroc": 0.9}}))
     code, out, err = run_main("scripts/external_prediction", "--output_dir", tmp_path)
     assert code == 0, err
+    assert "judge: OFFLINE PROXY judge" in out
     report = json.loads((tmp_path / "summary.json").read_text())
     assert [row["name"] for row in report["finetunes"]] == names and (tmp_path / "summary.png").stat().st_size > 0
     row = report["finetunes"][2]
     assert row["by_diff"]["ab/d"]["projection"] == pytest.approx(-0.2) and row["by_diff"]["prompt/d"]["z"] == 0.0
     assert row["own_ab"] == 0.4 and row["public_ab"] == pytest.approx(0.52) and row["judged"] == 12.0
     assert row["public_log_mass"] == pytest.approx(-0.2) and row["base_public_log_mass"] == pytest.approx(-1.0)
+    assert report["judge_quality"]["held_out_auroc"] == 0.9
     assert row["public_ab_change"]["all"]["stems"] == 4 and len(report["tests"]) == 2 * len(names)  # the null tests only
     assert set(report["heldout_change_by_group_vs_projection"]["prompt/d"]) >= {"all", "stem: asked of one user"}
     (tmp_path / "projection_public.json").write_text(json.dumps({**public, "models": [{k: v for k, v in m.items() if k != "null"}

@@ -185,7 +185,10 @@ def summarize(output_dir: Path) -> dict:
     heldout = heldout_changes(output_dir, names)
     rows = finetune_rows(public, own, heldout)
     tests = experiment_tests(public, own)
-    return {"design": __doc__.split("\n\n")[1:3], "inputs": {"public": public["inputs"], "null_design": public.get("null_design"),
+    judged_base = output_dir / "eval_base.summary.json"  # the unfinetuned model's judged run names the judge and its quality
+    judge = read_json_object(judged_base, "evaluation summary") if judged_base.is_file() else {}
+    return {"judge": judge.get("judge_description"), "judge_quality": judge.get("judge_quality"),
+            "design": __doc__.split("\n\n")[1:3], "inputs": {"public": public["inputs"], "null_design": public.get("null_design"),
                                                              "measured_by": public.get("measured_by")},
             "heldout_items": {k: heldout[k] for k in ("items", "stems", "groups")}, "base_public_log_mass": heldout["base_log_mass"],
             "finetunes": rows, "tests": tests,
@@ -198,6 +201,8 @@ def summarize(output_dir: Path) -> dict:
 
 def print_report(report: dict) -> None:
     diffs = list(report["finetunes"][0]["by_diff"])
+    if report.get("judge"):
+        print(f"judge: {report['judge']}")
     if report["base_public_log_mass"] is not None:
         print(f"base model's log(P(m) + P(n)) on the held-out public items: {report['base_public_log_mass']:+.2f}")
     print(f"held-out public items: {report['heldout_items']['items']} in {report['heldout_items']['stems']} stems; "
