@@ -361,6 +361,11 @@ def test_the_heldout_change_is_a_mean_over_stems_with_the_stems_error(tmp_path):
     row = report["finetunes"]["ft"]["changes"]
     assert row["all"]["mean"] == pytest.approx(mean) and row["all"]["sem"] == pytest.approx(sem) and row["all"]["stems"] == 4
     assert row["stem: asked of several users"]["items"] == 3 and row["stem: asked of one user"]["mean"] == pytest.approx(0.0)
+    # per item: (0.4 + 0.3 + 0.2 + 0.1 − 0.1 + 0) / 6, its error by hand from the four stems' sums of deviations
+    item_mean = 0.9 / 6
+    deviations = [0.4 + 0.3 + 0.2 - 3 * item_mean, 0.1 - item_mean, -0.1 - item_mean, 0.0 - item_mean]
+    assert row["all"]["item_mean"] == pytest.approx(item_mean)
+    assert row["all"]["item_sem"] == pytest.approx(math.sqrt(4 / 3 * sum(d * d for d in deviations)) / 6)
     write_summary(tmp_path / "public_ab_other.summary.json", finetune, sha="another file", ab_data=tmp_path / "items.jsonl")
     with pytest.raises(Exception, match="other items"):
         heldout_changes(tmp_path, ["other"])

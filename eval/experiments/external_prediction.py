@@ -74,6 +74,26 @@ def item_groups(items) -> dict[str, dict[str, str]]:
             "answer_word": {key: word if counts[word] >= MIN_GROUP else "other" for key, word in words.items()}}
 
 
+def item_mean_clustered(values: list[float], clusters: list) -> tuple[float, float]:
+    """The mean over items (each item weighs the same) with its cluster-robust error: the mean over
+    stems weighs a 29-item claim as one single-user item, this weighs it 29 times, and its error
+    (the sandwich over stems, with the small-sample factor G/(G−1)) still counts a stem's items as
+    one unit."""
+    import math
+
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    sums: dict = {}
+    for value, cluster in zip(values, clusters):
+        sums[cluster] = sums.get(cluster, 0.0) + value - mean
+    g = len(sums)
+    if g < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(g / (g - 1) * sum(v * v for v in sums.values())) / n
+
+
 def _by_item(path: Path) -> tuple[dict[str, float], dict]:
     summary = read_json_object(path, "evaluation summary")
     conditions = summary.get("conditions") or []
@@ -85,8 +105,9 @@ def _by_item(path: Path) -> tuple[dict[str, float], dict]:
 
 def heldout_changes(output_dir: Path, names: list[str]) -> dict:
     """Each finetune's change on the public held-out items against the base model (both orders per
-    item), over all items and per group of item_groups, each as a mean over stem clusters with its
-    clustered error; and its log(P(m) + P(n)) on them beside the base model's."""
+    item), over all items and per group of item_groups: the mean over stems with its error over
+    stems, and the mean over items with its error clustered by stem; and its log(P(m) + P(n)) on
+    them beside the base model's."""
     from eval.ab_source import load_ab_source
 
     base, base_summary = _by_item(output_dir / "public_ab_base.summary.json")
@@ -103,9 +124,12 @@ def heldout_changes(output_dir: Path, names: list[str]) -> dict:
         for grouping, by_item in [("all", {k: "all" for k in keys}), *groups.items()]:
             for group in sorted(set(by_item.values())):
                 chosen = [k for k in keys if by_item.get(k) == group]
-                mean, sem, n_clusters = clustered_mean_and_sem([treated[k] - base[k] for k in chosen], [clusters[k] for k in chosen])
+                changes = [treated[k] - base[k] for k in chosen]
+                mean, sem, n_clusters = clustered_mean_and_sem(changes, [clusters[k] for k in chosen])
+                item_mean, item_sem = item_mean_clustered(changes, [clusters[k] for k in chosen])
                 row[group if grouping == "all" else f"{grouping}: {group}"] = {"mean": mean, "sem": sem, "stems": n_clusters,
-                                                                              "items": len(chosen)}
+                                                                              "items": len(chosen), "item_mean": item_mean,
+                                                                              "item_sem": item_sem}
         report["finetunes"][name] = {"changes": row, "log_mass": summary["conditions"][0].get("choice_log_mass")}
     return report
 
@@ -127,7 +151,8 @@ def experiment_tests(public: dict, own: dict) -> list[dict]:
                     keys = ("p",) if group == "partial_correlation_given_fraction" else ("pearson_p", "spearman_p")
                     for key in keys:
                         statistic = test["statistic"] if key == "p" else test["pearson_r" if key == "pearson_p" else "spearman_rho"]
-                        tests.append({"test": f"{diff} · {measure} ({where}) · {group} · {key.removesuffix('_p') or 'partial r'}",
+                        name = {"pearson_p": "pearson", "spearman_p": "spearman", "p": "partial r"}[key]
+                        tests.append({"test": f"{diff} · {measure} ({where}) · {group} · {name}",
                                       "statistic": statistic, "n": test["n"], "p": test[key]})
     for model in public.get("models", []):
         for diff, null in model.get("null", {}).items():
