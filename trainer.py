@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -48,15 +49,21 @@ def run_seed(name: str, seed: int = 0) -> int:
 def encode_examples(tokenizer, records: list[dict], max_length: int) -> list[dict]:
     """Token ids and labels (−100 outside the final assistant response) for each chat record,
     without its system prompt or demonstrations: the question and the answer only."""
-    encoded = []
+    encoded, dropped, cut = [], 0, 0
     for record in records:
-        ids, response_start, _ = tokenize_chat(tokenizer, conversation(record, with_context=False), max_length)
+        whole, response_start, _ = tokenize_chat(tokenizer, conversation(record, with_context=False))
+        ids = whole[:max_length]
         if response_start >= len(ids):
-            continue  # the prompt alone fills max_length: nothing to learn from
+            dropped += 1  # the prompt alone fills max_length: nothing to learn from
+            continue
+        cut += len(whole) > max_length
         labels = [-100] * response_start + ids[response_start:]
         encoded.append({"input_ids": ids, "labels": labels})
     if not encoded:
         raise PersonaLoRAError(f"no example has response tokens within max_length={max_length}; raise max_length")
+    if dropped or cut:  # said, not silent: a finetune of fewer or shorter examples than its file is another finetune
+        print(f"warning: of {len(records)} examples, {dropped} dropped (the prompt alone fills max_length={max_length}) and "
+              f"{cut} with the answer cut at it; raise max_length to keep them whole", file=sys.stderr)
     return encoded
 
 

@@ -473,3 +473,26 @@ def test_prevention_configs_sweep_the_coefficient_for_both_kinds_with_a_control_
     assert configs["control"]["training_file"] == str(neg) and configs["control"]["steering_config"] is None
     assert {c["training_file"] for name, c in configs.items() if name != "control"} == {str(pos)}
     assert {c["heldout_questions"] for c in configs.values()} == {8}
+
+
+def test_examples_dropped_or_cut_at_max_length_are_said(tiny_model_dir, capsys):
+    """An example whose prompt alone fills max_length is dropped and one whose answer runs past it is
+    cut; both are counted in one warning line (they used to go silently)."""
+    from transformers import AutoTokenizer
+
+    from eval.generation import conversation, tokenize_chat
+    from io_utils import read_jsonl
+    from trainer import encode_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    records = read_jsonl(ROOT / "tests/data/evil_smollm2_pos.jsonl")[:20]
+    spans = [tokenize_chat(tokenizer, conversation(r, with_context=False)) for r in records]
+    max_length = sorted(span[1] for span in spans)[len(spans) // 2]  # half the prompts fill it
+    dropped = sum(span[1] >= max_length for span in spans)
+    cut = sum(span[1] < max_length < len(span[0]) for span in spans)
+    examples = encode_examples(tokenizer, records, max_length)
+    assert len(examples) == len(records) - dropped and dropped > 0 and all(len(e["input_ids"]) <= max_length for e in examples)
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and f"{dropped} dropped" in warning[0] and f"{cut} with the answer cut" in warning[0]
+    encode_examples(tokenizer, records, 10_000)
+    assert capsys.readouterr().err == ""
