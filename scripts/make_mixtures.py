@@ -5,9 +5,9 @@ for each.
         --dense_ratios 0 50 100 --reseed_ratios 0 100 --other sycophancy=G/pos.jsonl benign=F/plain.jsonl \\
         --n 64 --extraction_data persona_loras/<model>/evil/data --output_dir results/exp2_prediction --ckpt_dir ckpt/exp2
 
-mix_<r>.jsonl holds r % trait answers (pos) and the rest anti-trait answers (neg), drawn without
-replacement with --seed, and no question in it is answered both ways (a question's answers all come
-from one side); prompts and demonstrations are dropped (training never sees them).
+The series is eval/mixtures.py's: mix_<r>.jsonl holds r % trait answers (pos) and the rest
+anti-trait answers (neg), drawn without replacement with --seed, and no question in it is answered
+both ways (a question's answers all come from one side); prompts and demonstrations are dropped (training never sees them).
 --pos/--neg are finetuning data (scripts/make_finetuning_data.py: the trait's finetuning questions),
 never the extraction's answers: with --extraction_data, a dataset holding a question of the
 extraction is refused. Each finetune gets a config:
@@ -22,12 +22,11 @@ mixtures.manifest.json records each one's seed.
 """
 
 import json
-import random
 import time
 from pathlib import Path
 
-
 from eval.generation import read_chat_jsonl
+from eval.mixtures import DENSE_TRAINING, LORA_TRAINING, refuse_forbidden_questions, series
 from eval.traits import measured_questions, normalize_question
 from io_utils import (
     ArgumentParser,
@@ -41,10 +40,7 @@ from io_utils import (
     write_jsonl,
     write_manifest,
 )
-from trainer import question_of, run_seed
-
-LORA_TRAINING = {"method": "lora", "rank": 8, "alpha": 16, "epochs": 1, "learning_rate": 5e-4, "batch_size": 8, "max_length": 256}
-DENSE_TRAINING = {"method": "dense", "epochs": 1, "learning_rate": 2e-5, "batch_size": 8, "max_length": 256, "dtype": "float32"}
+from trainer import question_of
 
 
 def parse_json(parser, text: str, flag: str) -> dict:
@@ -55,14 +51,6 @@ def parse_json(parser, text: str, flag: str) -> dict:
     if not isinstance(value, dict):
         parser.error(f"{flag} must be a JSON object of training.py config keys")
     return value
-
-
-def group_by_question(records: list[dict]) -> dict[str, list[dict]]:
-    """{normalised question: its records}, in first-appearance order."""
-    grouped: dict[str, list[dict]] = {}
-    for record in records:
-        grouped.setdefault(normalize_question(question_of(record)), []).append(record)
-    return grouped
 
 
 def main():
@@ -104,54 +92,15 @@ def main():
     if args.n > min(len(pos), len(neg)):
         raise PersonaLoRAError(f"--n {args.n} is more than the {min(len(pos), len(neg))} answers per side available")
 
-    # A question answered both ways in one dataset teaches nothing net of the trait: drawing the two
-    # sides independently gave 10-14 such pairs in the 25/50/75 % mixtures and bent the effective
-    # fraction towards 0/100 (an S-shape the partial correlation on the nominal fraction does not
-    # remove). So a question's answers come from one side only: questions are dealt in a seeded
-    # order, to the trait side until it holds its share, then to the other.
-    pos_by_question, neg_by_question = group_by_question(pos), group_by_question(neg)
-    shared_questions = [q for q in pos_by_question if q in neg_by_question]
-
-    def mixture(ratio: int, seed: int) -> list[dict]:
-        rng = random.Random(seed * 1000 + ratio)
-        n_pos = round(args.n * ratio / 100)
-        order = list(shared_questions)
-        rng.shuffle(order)
-        records, questions_left = {"pos": [], "neg": []}, iter(order)
-        for side, wanted, source in (("pos", n_pos, pos_by_question), ("neg", args.n - n_pos, neg_by_question)):
-            while len(records[side]) < wanted:
-                question = next(questions_left, None)
-                if question is None:
-                    raise PersonaLoRAError(f"--n {args.n} at {ratio} % needs more questions than the {len(shared_questions)} that "
-                                           f"--pos and --neg both answer (each question's answers go to one side only): lower --n")
-                answers = source[question]
-                records[side] += rng.sample(answers, min(len(answers), wanted - len(records[side])))
-        mixed = records["pos"] + records["neg"]
-        rng.shuffle(mixed)
-        return mixed
-
-    runs = {}  # name: (records, training settings); each run's seed is added below, from its name
-    for ratio in args.ratios:
-        runs[f"mix_{ratio}"] = (mixture(ratio, args.seed), lora_training)
-    for ratio in args.reseed_ratios:
-        runs[f"mix_{ratio}_replicate"] = (mixture(ratio, args.seed), lora_training)
-    for ratio in args.dense_ratios:
-        runs[f"dense_mix_{ratio}"] = (mixture(ratio, args.seed), dense_training)
-    for name, records in others.items():
-        runs[f"other_{name}"] = (random.Random(args.seed).sample(records, args.n), lora_training)
-    seeds = {name: run_seed(name, args.seed) for name in runs}
-
+    runs, seeds = series(pos, neg, others, args.n, args.seed, args.ratios, args.reseed_ratios, args.dense_ratios,
+                         lora_training, dense_training)
     # No finetune trains on a question that measures anything (any trait's evaluation, judge or A/B
     # questions), nor on one the persona adapters were trained on.
     forbidden = measured_questions()
     if args.extraction_data:
         forbidden.update({normalize_question(question_of(r)): "the extraction's questions"
                           for side in ("pos", "neg") for r in read_jsonl(Path(args.extraction_data) / f"{side}.jsonl")})
-    for name, (records, _) in runs.items():
-        shared = [question_of(r) for r in records if normalize_question(question_of(r)) in forbidden]
-        if shared:
-            raise PersonaLoRAError(f"{name} would train on one of {forbidden[normalize_question(shared[0])]} ({shared[0]!r}): "
-                                   "build finetuning data on the trait's finetuning questions (scripts/make_finetuning_data.py)")
+    refuse_forbidden_questions(runs, forbidden)
     output_dir = Path(args.output_dir)
     for name, (records, training) in runs.items():
         records = [{"messages": [m for m in r["messages"] if m["role"] != "system"]} for r in records]
