@@ -56,6 +56,24 @@ def clustered_mean_and_sem(values: Iterable, clusters: Iterable[Hashable]) -> tu
     return mean_and_sem(cluster_means(values, clusters).values())
 
 
+def item_mean_clustered(values: list[float], clusters: list) -> tuple[float, float]:
+    """The mean over items (each item weighs the same) with its cluster-robust error (the sandwich
+    over clusters, with the small-sample factor G/(G−1)): clustered_mean_and_sem weighs a 29-item
+    cluster as one item, this weighs it 29 times, and its error still counts a cluster's items as
+    one unit. Returns (mean, sem)."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    sums: dict = {}
+    for value, cluster in zip(values, clusters):
+        sums[cluster] = sums.get(cluster, 0.0) + value - mean
+    g = len(sums)
+    if g < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(g / (g - 1) * sum(v * v for v in sums.values())) / n
+
+
 def paired_difference(treated: dict[Hashable, float], control: dict[Hashable, float]) -> tuple[float, float, int]:
     """Mean and standard error of treated − control over the clusters both measured."""
     shared = [key for key in treated if key in control]

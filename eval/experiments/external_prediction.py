@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 from eval.experiments.cross_source import answer_word
-from eval.stats import clustered_mean_and_sem, correlations, holm
+from eval.stats import clustered_mean_and_sem, correlations, holm, item_mean_clustered
 from io_utils import PersonaLoRAError, read_json_object
 
 MIN_SHARED_STEM = 80
@@ -72,26 +72,6 @@ def item_groups(items) -> dict[str, dict[str, str]]:
     counts = Counter(words.values())
     return {"stem": {key: "asked of several users" if sizes[c] > 1 else "asked of one user" for key, c in clusters.items()},
             "answer_word": {key: word if counts[word] >= MIN_GROUP else "other" for key, word in words.items()}}
-
-
-def item_mean_clustered(values: list[float], clusters: list) -> tuple[float, float]:
-    """The mean over items (each item weighs the same) with its cluster-robust error: the mean over
-    stems weighs a 29-item claim as one single-user item, this weighs it 29 times, and its error
-    (the sandwich over stems, with the small-sample factor G/(G−1)) still counts a stem's items as
-    one unit."""
-    import math
-
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = sum(values) / n
-    sums: dict = {}
-    for value, cluster in zip(values, clusters):
-        sums[cluster] = sums.get(cluster, 0.0) + value - mean
-    g = len(sums)
-    if g < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(g / (g - 1) * sum(v * v for v in sums.values())) / n
 
 
 def _by_item(path: Path) -> tuple[dict[str, float], dict]:
