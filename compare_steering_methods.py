@@ -30,7 +30,7 @@ from eval.activations import ActivationSteerer, check_vector_fits, decoder_layer
 from eval.analysis import effective_rank, plot_ab_sweep, plot_sweep, save_figure, trait_similarity
 from eval.evaluate import Condition, add_eval_args, check_coefficients, load_eval_model, on_finetune, prepare_evaluation
 from eval.evaluate import run_evaluation
-from eval.stats import linear_fit, paired_difference, paired_slope
+from eval.stats import calibrated_contrast, cluster_slopes, linear_fit, paired_difference, paired_slope
 from eval.traits import load_trait
 from io_utils import ArgumentParser, file_identity, finite_float, positive_int, run_cli, write_json
 from io_utils import write_manifest
@@ -124,6 +124,26 @@ def method_contrasts(summary: dict, trait: str) -> dict:
                 entry.update({metric: mean, f"{metric}_sem": sem, "questions": n})
         contrasts[f"{lora['coef']:g}"] = entry
     return contrasts
+
+
+def calibrated_methods(summary: dict, trait: str, ab: dict | None) -> dict | None:
+    """The two methods in calibrated units. Their coefficients are not (α scales ΔW, c scales v), so
+    each method's judged trait slope, and its A/B slope, is read per nat of its own margin slope, the
+    judge-free measure both move: what a method buys at an equal change of the margin. LoRA minus
+    activation with its error paired by question and item (calibrated_contrast). None without a
+    margin in every condition."""
+    def per_unit_slopes(conditions: list[dict], key: str) -> dict[str, dict]:
+        series = by_method(conditions)
+        return {m: cluster_slopes([p["coef"] for p in series[m]], [p[key] for p in series[m]]) for m in ("lora", "activation")}
+
+    if not all(c.get("margin_by_question") for c in summary["conditions"]):
+        return None
+    margins = per_unit_slopes(summary["conditions"], "margin_by_question")
+    result = {"per": "nat of margin slope (the margin's change per unit coefficient)",
+              "trait": calibrated_contrast(per_unit_slopes(summary["conditions"], f"{trait}_by_question"), margins, same_units=True)}
+    if ab is not None:
+        result["ab"] = calibrated_contrast(per_unit_slopes(ab["conditions"], "both_orders_by_item"), margins, same_units=False)
+    return result
 
 
 def behaviour_results(args, summary: dict, trait: str) -> dict:
@@ -347,12 +367,14 @@ def main():
                   "fits_note": "slope per unit coefficient, fit per question and averaged (s.e. paired by question); r2 of the "
                                "condition means; the two coefficients are in different units (α scales ΔW, c scales v)",
                   "lora_minus_activation": method_contrasts(summary, args.trait)}
+    ab = None
     if ab_run is not None:
         ab = run_evaluation(ab_run, conditions, model, tokenizer).summary
         comparison["ab"] = {"slopes": ab["slopes"], "ab_data": args.ab_data,
                             "balanced_p_matching": {c["condition"]: c["balanced_p_matching_both_orders"] for c in ab["conditions"]}}
         plot_ab_sweep(by_method(ab["conditions"]), output_dir / "ab.png",
                       f"{args.trait} A/B on {summary['model']} ({ab['items']} items, no judge): balanced p_matching")
+    comparison["calibrated"] = calibrated_methods(summary, args.trait, ab)
     strongest = max(args.coefficients, key=abs) or 1.0
     if args.test_latency:
         comparison["latency"] = test_latency(args, model, tokenizer, judged_run.trait, vector, diff, strongest)
@@ -371,6 +393,15 @@ def main():
     if ab_run is not None:
         for method, slope in comparison["ab"]["slopes"].items():
             print(f"  A/B {method:6s} balanced p_matching {slope['slope']:+.4f} ± {slope['slope_sem']:.4f} per unit (paired by item)")
+    if comparison["calibrated"]:
+        print(f"== in calibrated units: per {comparison['calibrated']['per']} ==")
+        for measure in ("trait", "ab"):
+            if measure in comparison["calibrated"]:
+                c = comparison["calibrated"][measure]
+                d = c["difference"]
+                print(f"  {args.trait if measure == 'trait' else 'A/B p_matching':14s} " + ", ".join(
+                    f"{m} {c[m]['ratio']:+.4f} ± {c[m]['sem']:.4f}" for m in ("lora", "activation"))
+                    + f"; LoRA − activation {d['mean']:+.4f} ± {d['sem']:.4f} (p {d['p']:.2g}, {d['p_method']})")
     if args.test_latency:
         latency = comparison["latency"]
         print("== generation throughput vs unsteered (median ratio over rounds, [min, max]) ==  " + ", ".join(

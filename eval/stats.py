@@ -376,3 +376,68 @@ def ratio_interval(numerators: Sequence[float], denominators: Sequence[float], c
         ci = [-math.inf, math.inf]
     return {"ratio": ratio, "sem": sem, "ci": ci, "units": n,
             "method": f"Fieller's {confidence:.0%} interval over {n} units (t, {n - 1} df)"}
+
+
+def mean_covariance(a: dict[Hashable, float], b: dict[Hashable, float]) -> float:
+    """Cov(ā, b̄) of two means over units: ā over a's units, b̄ over b's. Units both measured (the
+    same question, the same item) carry the covariance; estimates on disjoint units are independent
+    (0). With the same units it is the sample covariance / n, so a = b gives the squared s.e."""
+    shared = [key for key in a if key in b]
+    if len(shared) < 2:
+        return 0.0
+    mean_a, mean_b = sum(a.values()) / len(a), sum(b.values()) / len(b)
+    covariance = sum((a[k] - mean_a) * (b[k] - mean_b) for k in shared) / (len(shared) - 1)
+    return covariance * len(shared) / (len(a) * len(b))
+
+
+def calibrated_contrast(numerators: dict[str, dict[Hashable, float]], denominators: dict[str, dict[Hashable, float]],
+                        same_units: bool, confidence: float = 0.95) -> dict:
+    """Two methods compared in calibrated units: each method's effect on one measure per unit of its
+    effect on another (numerator mean / denominator mean, e.g. the A/B slope per nat of margin
+    slope: what a method buys at an equal change of the calibrating measure), and their difference.
+    `numerators` and `denominators` map each of the two methods to per-unit values (per-item or
+    per-question slopes); the methods share units, so their estimates are paired. same_units: the
+    numerators and denominators are measured on the same units (judged and margin slopes per
+    question), so they are paired too; otherwise (A/B items against margin questions) they are
+    independent whatever their keys. Errors by the delta method over the four means' covariance;
+    each ratio also gets Fieller's interval (normal quantile), unbounded when its denominator is not
+    distinguishable from 0, and then the difference is left undefined (p NaN) rather than read off a
+    linearisation that does not hold."""
+    from statistics import NormalDist
+
+    methods = list(numerators)
+    if len(methods) != 2 or set(methods) != set(denominators):
+        raise PersonaLoRAError(f"calibrated_contrast compares two methods with a numerator and a denominator each, got {methods}")
+    series = [numerators[m] for m in methods] + [denominators[m] for m in methods]
+    series = [{k: float(v) for k, v in s.items() if v is not None and math.isfinite(v)} for s in series]
+    means = [sum(s.values()) / len(s) if s else float("nan") for s in series]
+    cov = [[mean_covariance(x, y) if same_units or (i < 2) == (j < 2) else 0.0 for j, y in enumerate(series)]
+           for i, x in enumerate(series)]
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    result, bounded = {}, True
+    for i, method in enumerate(methods):
+        a, m = means[i], means[2 + i]
+        v_aa, v_am, v_mm = cov[i][i], cov[i][2 + i], cov[2 + i][2 + i]
+        ratio = a / m if m else float("nan")
+        sem = math.sqrt(max(v_aa - 2 * ratio * v_am + ratio ** 2 * v_mm, 0.0)) / abs(m) if m else float("nan")
+        # (a − R·m)² ≤ z²·(v_aa − 2R·v_am + R²·v_mm), a quadratic in R.
+        qa, qb, qc = m * m - z * z * v_mm, -2 * (a * m - z * z * v_am), a * a - z * z * v_aa
+        discriminant = qb * qb - 4 * qa * qc
+        if qa > 0 and discriminant >= 0:
+            ci = sorted([(-qb - math.sqrt(discriminant)) / (2 * qa), (-qb + math.sqrt(discriminant)) / (2 * qa)])
+        else:
+            ci, bounded = [-math.inf, math.inf], False
+        result[method] = {"ratio": ratio, "sem": sem, "ci": ci, "numerator": a, "denominator": m,
+                          "units": [len(series[i]), len(series[2 + i])]}
+    first, second = (result[m]["ratio"] for m in methods)
+    gradient = [1 / means[2], -1 / means[3], -first / means[2], second / means[3]]
+    variance = sum(gradient[i] * cov[i][j] * gradient[j] for i in range(4) for j in range(4))
+    difference = first - second
+    sem = math.sqrt(max(variance, 0.0))
+    p = 2 * (1 - NormalDist().cdf(abs(difference) / sem)) if bounded and sem > 0 else float("nan")
+    result["difference"] = {"contrast": f"{methods[0]} − {methods[1]}", "mean": difference, "sem": sem, "p": p,
+                            "p_method": ("delta method, normal two-sided" if bounded else
+                                         "undefined: a denominator is not distinguishable from 0 (Fieller interval unbounded)")}
+    result["method"] = (f"ratio of means with delta-method errors over the paired units; Fieller's {confidence:.0%} interval "
+                        "per ratio (normal quantile)")
+    return result

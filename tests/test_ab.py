@@ -589,9 +589,10 @@ def test_shipped_ab_sets(trait):
 # ------------------------------------------------------------------------------------------------
 
 
-def _sweep_summary(trait, slopes_by_item, sha="h"):
+def _sweep_summary(trait, slopes_by_item, sha="h", margin_slopes_by_question=None):
     """An A/B summary as eval_lora_persona.py writes it, for items whose both-orders p_matching
-    moves by slopes_by_item[item] per unit coefficient (matching answer first on even items)."""
+    moves by slopes_by_item[item] per unit coefficient (matching answer first on even items), and
+    with --margin, questions whose margin moves by margin_slopes_by_question[question]."""
     coefs = [-2, 0, 2]
     items = [str(i) for i in range(len(slopes_by_item))]
     conditions = []
@@ -603,6 +604,8 @@ def _sweep_summary(trait, slopes_by_item, sha="h"):
                            "change_vs_baseline": {"balanced_p_matching_both_orders": mean - 0.5,
                                                   "balanced_p_matching_both_orders_sem": 0.01,
                                                   "choice_log_mass": -0.1 * c, "choice_log_mass_sem": 0.01}})
+        if margin_slopes_by_question is not None:  # keyed like the items on purpose: they must not be paired
+            conditions[-1]["margin_by_question"] = {str(q): -0.2 + m * c for q, m in enumerate(margin_slopes_by_question)}
     slope = sum(slopes_by_item) / len(slopes_by_item)
     return {"trait": trait, "mode": "ab", "model": "SmolLM2-135M-Instruct", "ab_data": f"dataset/{trait}/ab.jsonl",
             "ab_data_sha256": sha, "items": len(items), "conditions": conditions,
@@ -649,3 +652,32 @@ def test_ab_summary_pairs_the_settings_by_item_and_refuses_runs_that_do_not_belo
     # the settings given in the wrong order: each extraction's K is checked, not assumed
     code, _, stderr = run_main("scripts/ab_summary", "--traits", "evil", "--fewshot", "0", "4", "--output_dir", out, cwd=tmp_path)
     assert code == 2 and "--fewshot" in stderr
+
+
+def test_ab_summary_compares_the_methods_per_nat_of_margin(tmp_path):
+    """Raw coefficients do not compare across methods; the A/B slope per nat of margin slope does.
+    The LoRA moves A/B by 0.016 and the margin by 0.2 per unit α (0.08 per nat), the vector 0.004 and
+    0.1 per unit c (0.04 per nat): the table reports each ratio and the difference 0.04 with its
+    p, in the Holm family; a vector whose margin does not move leaves the difference undefined."""
+    rng = np.random.default_rng(2)
+    out = tmp_path / "results"
+    out.mkdir()
+    item_effects, question_effects = rng.normal(0, 0.004, 40), rng.normal(0, 0.03, 22)
+    for k in (4, 0):
+        folder = tmp_path / "persona_loras" / "SmolLM2-135M-Instruct" / ("evil" if k == 4 else "evil_k0")
+        folder.mkdir(parents=True)
+        write_json(folder / "summary.json", {"fewshot": k, "separability": {"judge_auroc_pos_vs_neg": 0.8, "judge": "offline-test"}})
+        for method, (ab, margin) in {"lora": (0.016, 0.2), "vector": (0.004, 0.1 if k == 4 else 0.0)}.items():
+            write_json(out / f"evil_k{k}_{method}.summary.json", _sweep_summary(
+                "evil", list(ab + item_effects + rng.normal(0, 0.001, 40)),
+                margin_slopes_by_question=list(margin + question_effects + rng.normal(0, 0.01, 22))))
+    code, stdout, stderr = run_main("scripts/ab_summary", "--traits", "evil", "--fewshot", "4", "0", "--output_dir", out, cwd=tmp_path)
+    assert code == 0, stderr
+    report = json.loads((out / "summary.json").read_text())["evil"]
+    calibrated = report["k4"]["calibrated"]
+    assert calibrated["lora"]["ratio"] == pytest.approx(0.08, rel=0.1) and calibrated["vector"]["ratio"] == pytest.approx(0.04, rel=0.1)
+    assert calibrated["difference"]["mean"] == pytest.approx(0.04, rel=0.2) and calibrated["difference"]["p"] < 0.001
+    assert calibrated["difference"]["p_holm"] >= calibrated["difference"]["p"]
+    assert math.isnan(report["k0"]["calibrated"]["difference"]["p"])  # the K = 0 vector's margin is flat
+    table = (out / "table.md").read_text()
+    assert "calibrated units" in table and "(11 tests)" in table  # 4 A/B + 4 margin slopes + 2 differences + 1 calibrated

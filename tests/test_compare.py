@@ -44,6 +44,12 @@ def test_compare_writes_behaviour_latency_and_spaces(tiny_model_dir, tiny_person
                         for q in points[0]["evil_by_question"]]
         assert fit["trait"]["slope"] == pytest.approx(sum(per_question) / len(per_question))
         assert set(fit) == {"trait", "coherence", "margin"}
+        # In calibrated units: the trait slope per nat of the same method's margin slope.
+        calibrated = comparison["calibrated"]["trait"][method]
+        assert calibrated["ratio"] == pytest.approx(fit["trait"]["slope"] / fit["margin"]["slope"])
+    difference = comparison["calibrated"]["trait"]["difference"]
+    assert difference["mean"] == pytest.approx(comparison["calibrated"]["trait"]["lora"]["ratio"]
+                                               - comparison["calibrated"]["trait"]["activation"]["ratio"])
     latency = json.loads((out / "latency.json").read_text())
     assert set(latency["tokens_per_second"]) == {"unsteered", "activation_hook", "merged_lora", "unmerged_peft_adapter"}
     assert latency["ratios_vs_unsteered"]["unsteered"] == 1.0 and len(latency["rounds"]) == 2

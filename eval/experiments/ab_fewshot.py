@@ -16,7 +16,7 @@ from pathlib import Path
 from eval.ab import balanced_paired_test
 from eval.analysis import save_figure
 from eval.evaluate import measurement_identity, require_same_measurement
-from eval.stats import cluster_slopes, holm, paired_slope
+from eval.stats import calibrated_contrast, cluster_slopes, holm, paired_slope
 from io_utils import PersonaLoRAError, read_json_object
 from model_loading import persona_dir
 
@@ -40,6 +40,25 @@ def item_slopes(summary: dict) -> dict[str, float]:
     return cluster_slopes([c["coef"] for c in summary["conditions"]], [c["both_orders_by_item"] for c in summary["conditions"]])
 
 
+def question_margin_slopes(summary: dict) -> dict[str, float]:
+    """Each question's slope of its judge-free margin per unit coefficient ({} without a margin)."""
+    measured = [c for c in summary["conditions"] if c.get("margin_by_question")]
+    if len({c["coef"] for c in measured}) < 2:
+        return {}
+    return cluster_slopes([c["coef"] for c in measured], [c["margin_by_question"] for c in measured])
+
+
+def calibrated_methods(lora: dict, vector: dict) -> dict | None:
+    """The two methods in calibrated units: each one's A/B slope per nat of its margin slope (the
+    forced-choice change it buys at an equal change of the margin), and the persona LoRA's minus the
+    vector's, paired by item and by question (calibrated_contrast). Raw coefficients do not compare
+    (α scales ΔW, c scales v); this does. None without margins."""
+    margins = {"lora": question_margin_slopes(lora), "vector": question_margin_slopes(vector)}
+    if not all(margins.values()):
+        return None
+    return calibrated_contrast({"lora": item_slopes(lora), "vector": item_slopes(vector)}, margins, same_units=False)
+
+
 def sweep_slopes(summary: dict) -> tuple[dict, dict | None]:
     """The sweep's A/B slope and judge-free margin slope, each with the sign-flip p of its per-item
     (per-question) slopes, recomputed from the per-item values the summary keeps, so summaries
@@ -54,18 +73,22 @@ def sweep_slopes(summary: dict) -> tuple[dict, dict | None]:
 
 def multiplicity_family(report: dict) -> list[tuple[dict, str]]:
     """Every p the report's table shows, as (the dict holding it, its key): each trait's, setting's
-    and method's A/B and margin slopes, and the settings' slope differences."""
+    and method's A/B and margin slopes, the methods' calibrated difference, and the settings' slope
+    differences."""
     family = []
     for entries in report.values():
         for entry in settings_of(entries).values():
             for method in METHODS:
                 family += [(entry[method], key) for key in ("ab_slope_p", "margin_slope_p") if entry[method][key] is not None]
+            if entry.get("calibrated"):
+                family.append((entry["calibrated"]["difference"], "p"))
         family += [(difference, "p") for difference in entries.get("slope_difference", {}).values()]
     return family
 
 
 def family_size(report: dict) -> int:
-    return len(multiplicity_family(report))
+    """The tests Holm counts (an undefined p, NaN, is not one)."""
+    return sum(not math.isnan(holder[key]) for holder, key in multiplicity_family(report))
 
 
 def adjust_for_multiplicity(report: dict) -> None:
@@ -116,6 +139,7 @@ def collect(output_dir: Path, traits: list[str], fewshot: list[int], model: str 
                     "margin_slope": margin["slope"] if margin else None, "margin_slope_sem": margin["slope_sem"] if margin else None,
                     "margin_slope_p": margin["p"] if margin else None,
                     "items": summary["items"], "ab_data": summary["ab_data"], "model": summary["model"]}
+            entry["calibrated"] = calibrated_methods(summaries[(k, "lora")], summaries[(k, "vector")])
             report[trait][f"k{k}"] = entry
         if len(fewshot) == 2:
             first, second = fewshot
@@ -192,6 +216,18 @@ def table(report: dict, coefficients: list[float]) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {trait} | {METHODS[method]} ({d['contrast']}) | {d['mean']:+.4f} | {d['sem']:.4f} | {p_text(d['p'])} "
                   f"| {p_text(d['p_holm'])} |" for trait, method, d in differences]
+    calibrated = [(trait, setting, e["calibrated"]) for trait, entries in report.items()
+                  for setting, e in settings_of(entries).items() if e.get("calibrated")]
+    if calibrated:
+        lines += ["", "Methods in calibrated units: the A/B slope per nat of the same sweep's margin slope (the forced-choice change "
+                  "a method buys at an equal change of the margin) ± delta-method s.e. [Fieller 95 %]; the difference paired by "
+                  "item and question, normal p (undefined where a margin slope is not distinguishable from 0).", "",
+                  "| trait | K | persona LoRA | activation vector | LoRA − vector | p | Holm |", "|---|---|---|---|---|---|---|"]
+        for trait, setting, c in calibrated:
+            d = c["difference"]
+            cells = [f"{c[m]['ratio']:+.4f} ± {c[m]['sem']:.4f} [{c[m]['ci'][0]:+.3g}, {c[m]['ci'][1]:+.3g}]" for m in METHODS]
+            tests = "— | —" if math.isnan(d["p"]) else f"{p_text(d['p'])} | {p_text(d['p_holm'])}"
+            lines.append(f"| {trait} | {setting[1:]} | {cells[0]} | {cells[1]} | {d['mean']:+.4f} ± {d['sem']:.4f} | {tests} |")
     return "\n".join(lines) + "\n"
 
 
