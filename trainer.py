@@ -58,7 +58,7 @@ def encode_examples(tokenizer, records: list[dict], max_length: int) -> list[dic
             continue
         cut += len(whole) > max_length
         labels = [-100] * response_start + ids[response_start:]
-        encoded.append({"input_ids": ids, "labels": labels})
+        encoded.append({"input_ids": ids, "labels": labels, "question": question_of(record)})
     if not encoded:
         raise PersonaLoRAError(f"no example has response tokens within max_length={max_length}; raise max_length")
     if dropped or cut:  # said, not silent: a finetune of fewer or shorter examples than its file is another finetune
@@ -89,17 +89,26 @@ def split_heldout(records: list[dict], n_questions: int) -> tuple[list[dict], li
 
 def mean_response_loss(model, tokenizer, records: list[dict], max_length: int, batch_size: int = 8) -> dict:
     """Next-token cross-entropy over the records' response tokens (question → answer, no system
-    prompt or demonstrations, as trained), averaged over tokens: {"loss", "tokens", "examples"}."""
+    prompt or demonstrations, as trained), averaged over tokens: {"loss", "tokens", "examples",
+    "by_question"}; by_question averages each question's own answers' tokens, the unit a paired
+    comparison of two models on the same answers needs (a question's answers are not independent)."""
     examples = encode_examples(tokenizer, records, max_length)
     device = next(model.parameters()).device
-    total, tokens = 0.0, 0
+    sums: dict[str, list[float]] = {}
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], tokenizer.pad_token_id).items()}
+            chunk = examples[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
             logits, labels = response_logits(model, batch)
-            total += float(response_loss(logits, labels, reduction="sum"))
-            tokens += int((batch["labels"][:, 1:] != -100).sum())
-    return {"loss": total / tokens, "tokens": tokens, "examples": len(examples)}
+            per_token = response_loss(logits, labels, reduction="none").view(len(chunk), -1)
+            counts = (labels[:, 1:] != -100).sum(1)
+            for example, loss, count in zip(chunk, per_token.sum(1).tolist(), counts.tolist()):
+                total = sums.setdefault(example["question"], [0.0, 0])
+                total[0] += loss
+                total[1] += count
+    tokens = sum(count for _, count in sums.values())
+    return {"loss": sum(loss for loss, _ in sums.values()) / tokens, "tokens": tokens, "examples": len(examples),
+            "by_question": {question: loss / count for question, (loss, count) in sums.items()}}
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -120,8 +129,8 @@ def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 
 
 def response_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over response tokens, in float32: their mean (training) or sum
-    (mean_response_loss, which averages over every batch's tokens)."""
+    """Next-token cross-entropy over response tokens, in float32: their mean (training), sum, or
+    each position's ("none"; 0 where nothing is scored), as mean_response_loss needs them."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
     return torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),

@@ -293,22 +293,44 @@ def finetune_report(config: dict, model, tokenizer, inputs: dict, identity: str)
               "trained_examples": len(inputs["records"]),
               "trained_questions": len({question_of(r) for r in inputs["records"]}), "heldout": None}
     if inputs["heldout"]:
-        batch_size = config["batch_size"]
-        base = mean_response_loss(model, tokenizer, inputs["heldout"], config["max_length"], batch_size)
-        with finetune_steer(model, config["output_dir"])():
-            finetuned = mean_response_loss(model, tokenizer, inputs["heldout"], config["max_length"], batch_size)
+        def loss() -> dict:
+            return mean_response_loss(model, tokenizer, inputs["heldout"], config["max_length"], config["batch_size"])
+
+        with_finetune = finetune_steer(model, config["output_dir"])
+        base = loss()
+        with with_finetune():
+            finetuned = loss()
         report["heldout"] = {"questions": inputs["heldout_questions"], "examples": finetuned["examples"],
                              "tokens": finetuned["tokens"], "loss": finetuned["loss"], "base_loss": base["loss"],
                              "change": finetuned["loss"] - base["loss"],
+                             "by_question": finetuned["by_question"], "base_by_question": base["by_question"],
                              "measured_on": "the plain model with the finetune, after any steering was removed; mean "
-                                            "next-token loss over the held-out answers' response tokens (nats/token)"}
+                                            "next-token loss over the held-out answers' response tokens (nats/token); "
+                                            "by_question: each held-out question's answers"}
+        if config["steering_config"] is not None:
+            # Under the steering it was trained with, the finetune is judged on the objective it optimised:
+            # a prevented finetune that learned the task fits the held-out answers there as well as an
+            # unprevented one does without steering, while a finetune that learned less does not.
+            with preventative_steering(config, model):
+                steering_alone = loss()
+                with with_finetune():
+                    steered = loss()
+            report["heldout"].update({
+                "steered_loss": steered["loss"], "steered_by_question": steered["by_question"],
+                "steering_alone_loss": steering_alone["loss"], "steering_alone_by_question": steering_alone["by_question"],
+                "steered_measured_on": "the finetune with its training-time steering on (the objective it optimised); "
+                                       "steering_alone: the base model with that steering and no finetune"})
     write_json(Path(config["output_dir"]) / REPORT, report)
     return report
 
 
 def reported(config: dict, identity: str) -> bool:
     path = Path(config["output_dir"]) / REPORT
-    return path.is_file() and json.loads(path.read_text()).get("config_identity") == identity
+    if not path.is_file():
+        return False
+    report = json.loads(path.read_text())
+    # A report from before per-question held-out losses is measured again (cheap; the adapter is kept).
+    return report.get("config_identity") == identity and (report.get("heldout") is None or "by_question" in report["heldout"])
 
 
 def main():

@@ -268,7 +268,7 @@ def test_finetune_report_holds_the_update_norm_and_the_heldout_loss_on_questions
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     examples = encode_examples(tokenizer, kept_out, 96)
 
-    def token_mean_loss(model) -> float:
+    def token_mean_loss(model, examples=examples) -> float:
         total = tokens = 0
         with torch.no_grad():
             for example in examples:
@@ -288,6 +288,18 @@ def test_finetune_report_holds_the_update_norm_and_the_heldout_loss_on_questions
     dense_norm = math.sqrt(sum(float((merged[name] - weights[name]).double().pow(2).sum()) for name in weights))
     assert report["update"]["norm"] == pytest.approx(dense_norm, rel=1e-4) and dense_norm > 0
     assert math.sqrt(sum(v ** 2 for v in report["update"]["by_type"].values())) == pytest.approx(dense_norm, rel=1e-4)
+    # Per held-out question (the unit a paired comparison of two finetunes needs), the same loss.
+    by_question = {q: [e for e in examples if e["question"] == q] for q in held}
+    assert report["heldout"]["by_question"] == pytest.approx({q: token_mean_loss(finetuned, e) for q, e in by_question.items()}, rel=1e-5)
+    # Under its training-time steering (the diff merged at 3), alone and with the finetune on top.
+    steered_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lu.LoRASteerer(steered_base, lu.load_lora_diff(diff_path), 3.0).__enter__()  # kept merged: this model is the test's own
+    assert report["heldout"]["steering_alone_loss"] == pytest.approx(token_mean_loss(steered_base), rel=1e-5)
+    steered = PeftModel.from_pretrained(steered_base, str(tmp_path / "adapter"))
+    assert report["heldout"]["steered_loss"] == pytest.approx(token_mean_loss(steered), rel=1e-5)
+    assert report["heldout"]["steered_by_question"] == pytest.approx({q: token_mean_loss(steered, e) for q, e in by_question.items()},
+                                                                      rel=1e-5)
+    assert report["heldout"]["steered_loss"] != pytest.approx(report["heldout"]["loss"], rel=1e-4)
 
 
 def test_lora_steering_changes_what_is_learned_and_the_monitor_reads_it(tiny_model_dir, tiny_steering_inputs, tmp_path):
