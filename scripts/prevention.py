@@ -4,7 +4,8 @@
         --vector_path V --coefs -1 0.25 0.5 1 2 --n 128 --output_dir results/exp3_prevention --ckpt_dir ckpt/exp3
     python scripts/prevention.py summarize --output_dir results/exp3_prevention --trait evil
 
-`configs` writes configs/<run>.json and runs.txt: one run without prevention, a control finetune on
+`configs` writes configs/<run>.json and runs.txt: one run without prevention (and once more with the
+next seed, none_reseeded: what a seed alone changes), a control finetune on
 other data (--control_file: the trait's neg-prompted answers or another trait's data; the drift any
 finetuning causes), then one per kind (lora, activation) and coefficient of --coefs (default -1
 0.25 0.5 1 2); the activation runs steer at --layer (default: two thirds of the model's depth), checked
@@ -13,9 +14,10 @@ against the model with the vector. Every run holds out the answers to the same 8
 (eval_<run>), A/B summary (ab_<run>, if any), MMLU JSON and finetune_report.json, and the base
 model's, and writes summary.json and drift.png: each finetune's drift from the base model, its
 update's norm ‖W_ft − W‖_F (one Frobenius norm over all modules) and held-out loss (plain model,
-steering removed), and each prevention setting against the unprevented finetune, paired by question
-or item, with sign-flip p-values; prevention is assessed only where the unprevented drift is at
-least 3 standard errors.
+steering removed, and under its training steering), and each prevention setting against the
+unprevented finetune, paired by question or item, with sign-flip p-values, the fraction of drift it
+prevented and the trend over the coefficient; Holm over every p; prevention is assessed per measure
+only where the unprevented drift survives Holm.
 """
 
 import json

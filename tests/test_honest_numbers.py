@@ -343,9 +343,10 @@ def _summary(path, trait, by_question, margin_by_question, sem=1.0):
 
 
 def _prevention_runs(path, bumps: dict[str, float]) -> None:
-    """Evaluation summaries of a base model and finetunes whose trait moves by `bumps`, over ten
-    questions with large question effects that every model shares."""
-    questions = [f"q{i}" for i in range(10)]
+    """Evaluation summaries of a base model and finetunes whose trait moves by `bumps`, over twelve
+    questions with large question effects that every model shares; each finetune's held-out loss on
+    four questions, lower by k/10 for the k-th model, and 0.3 higher again under its steering."""
+    questions = [f"q{i}" for i in range(12)]
     offsets = {q: 10.0 * i for i, q in enumerate(questions)}
     (path / "runs.txt").write_text("".join(f"{name}\n" for name in bumps))
     for k, (name, bump) in enumerate({"base": 0.0, **bumps}.items()):
@@ -360,8 +361,10 @@ def _prevention_runs(path, bumps: dict[str, float]) -> None:
                                                             {"step": 6, "projection": 0.3, "cosine": 0.2, "final": True}]))
             steering = {"type": "lora", "lora_diff_path": "d.pt", "coef": 1.0} if name.startswith("lora") else None
             write_json(path / "configs" / f"{name}.json", {"output_dir": str(ckpt), "steering_config": steering})
+            held = {f"h{i}": 2.0 - k / 10 + 0.01 * i for i in range(4)}
             write_json(ckpt / "finetune_report.json", {"update": {"norm": 0.5 + k}, "heldout": {
-                "questions": ["held-out question?"], "examples": 4, "loss": 2.0 - k / 10, "base_loss": 2.5, "change": -0.5 - k / 10}})
+                "questions": sorted(held), "examples": 4, "loss": 2.0 - k / 10, "base_loss": 2.5, "change": -0.5 - k / 10,
+                "by_question": held, **({"steered_by_question": {q: v + 0.3 for q, v in held.items()}} if steering else {})}})
 
 
 def test_prevention_drift_is_paired_with_the_base_and_needs_drift_to_be_shown(tmp_path):
@@ -371,11 +374,23 @@ def test_prevention_drift_is_paired_with_the_base_and_needs_drift_to_be_shown(tm
     none = summary["runs"]["none"]
     assert none["drift"]["mean"] == pytest.approx(5.0, abs=0.05)
     assert none["drift"]["sem"] < 0.2  # paired: the question offsets (spread 30) cancel
-    assert none["drift"]["p"] == pytest.approx(2 / 2 ** 10)  # exact: only the all-positive pattern and its mirror reach it
+    assert none["drift"]["p"] == pytest.approx(2 / 2 ** 12)  # exact: only the all-positive pattern and its mirror reach it
+    # Holm over every p the summary reports; the drift is shown where it survives it.
+    family = summary["multiplicity"].split("(")[1].split(" tests")[0]
+    assert none["drift"]["p_holm"] == pytest.approx(min(1.0, int(family) * 2 / 2 ** 12)) and int(family) > 20
     assert summary["drift_shown"] == {"judged": True, "margin": True} and summary["unprevented_drift_sigmas"]["margin"] > 3
-    assert summary["prevention_assessable"] is True
-    assert summary["runs"]["lora_+1"]["vs_no_prevention"]["trait"]["mean"] == pytest.approx(-4.0, abs=0.05)
-    assert summary["trait_specific_drift"]["trait"]["mean"] == pytest.approx(4.5, abs=0.05)  # none − control
+    assert summary["prevention_assessable"] == {"judged": True, "margin": True}
+    lora = summary["runs"]["lora_+1"]
+    assert lora["vs_no_prevention"]["trait"]["mean"] == pytest.approx(-4.0, abs=0.05)
+    assert lora["fraction_prevented"]["trait"]["ratio"] == pytest.approx(0.8, abs=0.02)  # 4 of the 5 points of drift
+    assert lora["fraction_prevented"]["trait"]["ci"][0] < 0.8 < lora["fraction_prevented"]["trait"]["ci"][1]
+    # Held-out loss against the unprevented finetune's, per question: the lora run is 0.2 lower plain, 0.1 higher steered.
+    loss = lora["vs_no_prevention"]["heldout_loss"]
+    assert loss["plain"]["mean"] == pytest.approx(-0.2) and loss["steered"]["mean"] == pytest.approx(0.1)
+    assert loss["plain"]["questions"] == 4 and loss["plain"]["p"] == pytest.approx(2 / 2 ** 4)
+    assert summary["trends"]["lora"]["coefficients"] == [0.0, 1.0]
+    assert summary["trends"]["lora"]["evil"]["mean"] == pytest.approx(-4.0, abs=0.05)
+    assert summary["unprevented_vs_control"]["trait"]["mean"] == pytest.approx(4.5, abs=0.05)  # none − control
     assert "control" not in summary["headline"] and "vs_no_prevention" in summary["headline"]["lora_+1"]
     assert summary["headline"]["lora_+1"]["vs_no_prevention"]["coherence"]["mean"] == 0.0
     assert none["final_projection"] == 0.3  # the final step's, not an earlier entry's
@@ -390,7 +405,7 @@ def test_prevention_drift_is_paired_with_the_base_and_needs_drift_to_be_shown(tm
     _prevention_runs(quiet, {"none": 0.01, "lora_+1": -0.5})  # the unprevented finetune barely drifts
     assert run_script("scripts.prevention", "summarize", "--output_dir", quiet, "--trait", "evil") == 0
     assessable = json.loads((quiet / "summary.json").read_text())["prevention_assessable"]
-    assert assessable is not True and "no drift to prevent" in assessable
+    assert assessable["judged"] is not True and "no drift to prevent" in assessable["judged"]
 
     mixed = tmp_path / "mixed"  # one finetune scored by another judge: its drift would mix two scales
     mixed.mkdir()

@@ -485,6 +485,9 @@ def test_prevention_configs_sweep_the_coefficient_for_both_kinds_with_a_control_
     assert configs["control"]["training_file"] == str(neg) and configs["control"]["steering_config"] is None
     assert {c["training_file"] for name, c in configs.items() if name != "control"} == {str(pos)}
     assert {c["heldout_questions"] for c in configs.values()} == {8}
+    # One training seed for the sweep (common random numbers), and the unprevented run again on the next one.
+    assert configs["none_reseeded"]["seed"] == configs["none"]["seed"] + 1 and configs["none_reseeded"]["steering_config"] is None
+    assert {c["seed"] for name, c in configs.items() if name != "none_reseeded"} == {configs["none"]["seed"]}
 
 
 def test_examples_dropped_or_cut_at_max_length_are_said(tiny_model_dir, capsys):
