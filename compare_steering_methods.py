@@ -30,7 +30,7 @@ from eval.activations import ActivationSteerer, check_vector_fits, decoder_layer
 from eval.analysis import effective_rank, plot_ab_sweep, plot_sweep, save_figure, trait_similarity
 from eval.evaluate import Condition, add_eval_args, check_coefficients, load_eval_model, on_finetune, prepare_evaluation
 from eval.evaluate import run_evaluation
-from eval.stats import calibrated_contrast, cluster_slopes, linear_fit, paired_difference, paired_slope
+from eval.stats import calibrated_contrast, cluster_slopes, holm, linear_fit, paired_difference, paired_slope
 from eval.traits import load_trait
 from io_utils import ArgumentParser, file_identity, finite_float, positive_int, run_cli, write_json
 from io_utils import write_manifest
@@ -143,6 +143,9 @@ def calibrated_methods(summary: dict, trait: str, ab: dict | None) -> dict | Non
               "trait": calibrated_contrast(per_unit_slopes(summary["conditions"], f"{trait}_by_question"), margins, same_units=True)}
     if ab is not None:
         result["ab"] = calibrated_contrast(per_unit_slopes(ab["conditions"], "both_orders_by_item"), margins, same_units=False)
+    differences = [result[m]["difference"] for m in ("trait", "ab") if m in result]
+    for difference, adjusted in zip(differences, holm([d["p"] for d in differences])):
+        difference["p_holm"] = adjusted  # over this comparison's calibrated differences
     return result
 
 
@@ -399,9 +402,11 @@ def main():
             if measure in comparison["calibrated"]:
                 c = comparison["calibrated"][measure]
                 d = c["difference"]
+                tested = (f"p {d['p']:.2g}, Holm over {len(comparison['calibrated']) - 1} {d['p_holm']:.2g}, {d['p_method']}"
+                          if d["p"] == d["p"] else d["p_method"])
                 print(f"  {args.trait if measure == 'trait' else 'A/B p_matching':14s} " + ", ".join(
-                    f"{m} {c[m]['ratio']:+.4f} ± {c[m]['sem']:.4f}" for m in ("lora", "activation"))
-                    + f"; LoRA − activation {d['mean']:+.4f} ± {d['sem']:.4f} (p {d['p']:.2g}, {d['p_method']})")
+                    f"{m} {c[m]['ratio']:+.4f} ± {c[m]['sem']:.4f} [{c[m]['ci'][0]:+.3g}, {c[m]['ci'][1]:+.3g}]"
+                    for m in ("lora", "activation")) + f"; LoRA − activation {d['mean']:+.4f} ± {d['sem']:.4f} ({tested})")
     if args.test_latency:
         latency = comparison["latency"]
         print("== generation throughput vs unsteered (median ratio over rounds, [min, max]) ==  " + ", ".join(

@@ -385,7 +385,7 @@ def mean_covariance(a: dict[Hashable, float], b: dict[Hashable, float]) -> float
     shared = [key for key in a if key in b]
     if len(shared) < 2:
         return 0.0
-    mean_a, mean_b = sum(a.values()) / len(a), sum(b.values()) / len(b)
+    mean_a, mean_b = sum(a[k] for k in shared) / len(shared), sum(b[k] for k in shared) / len(shared)
     covariance = sum((a[k] - mean_a) * (b[k] - mean_b) for k in shared) / (len(shared) - 1)
     return covariance * len(shared) / (len(a) * len(b))
 
@@ -400,10 +400,11 @@ def calibrated_contrast(numerators: dict[str, dict[Hashable, float]], denominato
     numerators and denominators are measured on the same units (judged and margin slopes per
     question), so they are paired too; otherwise (A/B items against margin questions) they are
     independent whatever their keys. Errors by the delta method over the four means' covariance;
-    each ratio also gets Fieller's interval (normal quantile), unbounded when its denominator is not
-    distinguishable from 0, and then the difference is left undefined (p NaN) rather than read off a
-    linearisation that does not hold."""
-    from statistics import NormalDist
+    each ratio also gets Fieller's interval, unbounded when its denominator is not distinguishable
+    from 0, and then the difference is left undefined (p NaN) rather than read off a linearisation
+    that does not hold. Quantiles and p from Student's t with (fewest units − 1) degrees of freedom,
+    as ratio_interval's (a normal one rejects too often with ~20 questions)."""
+    from scipy.stats import t as student_t
 
     methods = list(numerators)
     if len(methods) != 2 or set(methods) != set(denominators):
@@ -413,7 +414,8 @@ def calibrated_contrast(numerators: dict[str, dict[Hashable, float]], denominato
     means = [sum(s.values()) / len(s) if s else float("nan") for s in series]
     cov = [[mean_covariance(x, y) if same_units or (i < 2) == (j < 2) else 0.0 for j, y in enumerate(series)]
            for i, x in enumerate(series)]
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    dof = max(min(len(x) for x in series) - 1, 1)
+    z = float(student_t.ppf(0.5 + confidence / 2, dof))
     result, bounded = {}, True
     for i, method in enumerate(methods):
         a, m = means[i], means[2 + i]
@@ -434,10 +436,10 @@ def calibrated_contrast(numerators: dict[str, dict[Hashable, float]], denominato
     variance = sum(gradient[i] * cov[i][j] * gradient[j] for i in range(4) for j in range(4))
     difference = first - second
     sem = math.sqrt(max(variance, 0.0))
-    p = 2 * (1 - NormalDist().cdf(abs(difference) / sem)) if bounded and sem > 0 else float("nan")
+    p = float(2 * student_t.sf(abs(difference) / sem, dof)) if bounded and sem > 0 else float("nan")
     result["difference"] = {"contrast": f"{methods[0]} − {methods[1]}", "mean": difference, "sem": sem, "p": p,
-                            "p_method": ("delta method, normal two-sided" if bounded else
+                            "p_method": (f"delta method, two-sided t with {dof} df" if bounded else
                                          "undefined: a denominator is not distinguishable from 0 (Fieller interval unbounded)")}
     result["method"] = (f"ratio of means with delta-method errors over the paired units; Fieller's {confidence:.0%} interval "
-                        "per ratio (normal quantile)")
+                        f"per ratio (t, {dof} df)")
     return result

@@ -35,9 +35,11 @@ def extraction_summary(model, trait: str, k: int, default_k: int) -> dict:
     return summary
 
 
-def item_slopes(summary: dict) -> dict[str, float]:
-    """Each item's slope of its both-orders p_matching per unit coefficient."""
-    return cluster_slopes([c["coef"] for c in summary["conditions"]], [c["both_orders_by_item"] for c in summary["conditions"]])
+def item_slopes(summary: dict, with_margin_only: bool = False) -> dict[str, float]:
+    """Each item's slope of its both-orders p_matching per unit coefficient (over the conditions
+    that also measured the margin, with_margin_only: so a ratio to the margin slope is over one range)."""
+    conditions = [c for c in summary["conditions"] if c.get("margin_by_question") or not with_margin_only]
+    return cluster_slopes([c["coef"] for c in conditions], [c["both_orders_by_item"] for c in conditions])
 
 
 def question_margin_slopes(summary: dict) -> dict[str, float]:
@@ -56,7 +58,7 @@ def calibrated_methods(lora: dict, vector: dict) -> dict | None:
     margins = {"lora": question_margin_slopes(lora), "vector": question_margin_slopes(vector)}
     if not all(margins.values()):
         return None
-    return calibrated_contrast({"lora": item_slopes(lora), "vector": item_slopes(vector)}, margins, same_units=False)
+    return calibrated_contrast({"lora": item_slopes(lora, True), "vector": item_slopes(vector, True)}, margins, same_units=False)
 
 
 def sweep_slopes(summary: dict) -> tuple[dict, dict | None]:
@@ -221,7 +223,7 @@ def table(report: dict, coefficients: list[float]) -> str:
     if calibrated:
         lines += ["", "Methods in calibrated units: the A/B slope per nat of the same sweep's margin slope (the forced-choice change "
                   "a method buys at an equal change of the margin) ± delta-method s.e. [Fieller 95 %]; the difference paired by "
-                  "item and question, normal p (undefined where a margin slope is not distinguishable from 0).", "",
+                  "item and question, t p (undefined where a margin slope is not distinguishable from 0).", "",
                   "| trait | K | persona LoRA | activation vector | LoRA − vector | p | Holm |", "|---|---|---|---|---|---|---|"]
         for trait, setting, c in calibrated:
             d = c["difference"]
