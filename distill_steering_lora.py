@@ -451,17 +451,36 @@ def comparisons(diff: lu.PersonaLoRADiff, persona_diff_path: str | None, control
 
 
 def functional_report(model, tokenizer, steerer, diff: lu.PersonaLoRADiff, persona_diff: lu.PersonaLoRADiff | None,
-                      heldout: list, layer: int, batch_size: int) -> dict:
+                      heldout: list, layer: int, batch_size: int, controls: dict[str, lu.PersonaLoRADiff] | None = None) -> dict:
     """The distilled update (merged at 1), the teacher's steering and the persona diff (merged at 1)
     compared by the residual-stream change each causes at the steered layer on the held-out answers'
     tokens (eval.activations.functional_comparison), on the plain `model`: do they do the same thing
-    there, whatever their weight-space cosine?"""
+    there, whatever their weight-space cosine? Each control diff (another trait's, merged at 1) is
+    compared alike: the null for those cosines (how much any persona diff's change lines up with the
+    steering's)."""
     edits = {"distilled": lambda: lu.LoRASteerer(model, diff, 1.0), "steering": lambda: steerer}
     if persona_diff is not None:
         edits["persona diff"] = lambda: lu.LoRASteerer(model, persona_diff, 1.0)
+    for label, control in (controls or {}).items():
+        edits[f"control {label}"] = (lambda d: lambda: lu.LoRASteerer(model, d, 1.0))(control)
     return {"layer": layer, "coefficients": "distilled and persona diff merged at 1, the steering at its --coef",
             "tokens": "the held-out teacher answers' own tokens", "pairs": functional_comparison(
                 model, heldout, tokenizer.pad_token_id, layer, edits, batch_size)}
+
+
+def control_diffs(args, inputs: dict) -> dict[str, lu.PersonaLoRADiff]:
+    """The control diffs by label (their trait, else their file's name)."""
+    return {control_label(path, inputs["comparisons"][path]): inputs["comparisons"][path] for path in args.control_diff_paths}
+
+
+def control_label(path: str, diff: lu.PersonaLoRADiff) -> str:
+    return str(diff.metadata.get("trait") or Path(path).stem)
+
+
+def controls_compared(functional: dict, control_paths: list[str], inputs: dict) -> bool:
+    """Whether a stored functional comparison already holds every control's pairs."""
+    return all(f"steering vs control {control_label(path, inputs['comparisons'][path])}" in functional.get("pairs", {})
+               for path in control_paths)
 
 
 def run_identity(args, teacher: dict, layers: list[int]) -> dict:
@@ -516,13 +535,14 @@ def main():
             print(f"{output_dir} holds an update distilled with these settings: reused (delete it to train again)")
             diff = lu.load_lora_diff(diff_path)
             summary = {**previous, "comparisons": comparisons(diff, args.persona_diff_path, args.control_diff_paths, inputs["comparisons"])}
-            if summary.get("functional") is None:  # a run made before the functional comparison existed
+            if summary.get("functional") is None or not controls_compared(summary["functional"], args.control_diff_paths, inputs):
+                # a run made before the functional comparison (or its controls) existed
                 model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype)
                 steerer = ActivationSteerer(model, inputs["vector"], args.layer, args.coef, positions=args.steering_type)
                 records = teacher_answers(args, trait, model, tokenizer, steerer, teacher)
                 _, heldout, _ = split_spans(tokenizer, records, inputs["heldout_from"], args.max_length)
                 summary["functional"] = functional_report(model, tokenizer, steerer, diff, inputs["comparisons"].get(args.persona_diff_path),
-                                                          heldout, args.layer, args.batch_size)
+                                                          heldout, args.layer, args.batch_size, control_diffs(args, inputs))
         else:
             summary = train_and_measure(args, inputs, dtype, teacher, identity, identity_hash, diff_path, started)
         write_json(summary_path, summary)
@@ -566,7 +586,7 @@ def train_and_measure(args, inputs: dict, dtype, teacher: dict, identity: dict, 
     diff.save(diff_path)
     model = peft_model.unload()  # the plain model again: the update is compared merged, like the persona diff
     functional = functional_report(model, tokenizer, steerer, diff, inputs["comparisons"].get(args.persona_diff_path), heldout,
-                                   args.layer, args.batch_size)
+                                   args.layer, args.batch_size, control_diffs(args, inputs))
     ratio = final["distilled"] / final["plain"]
     held_counts = ", ".join(f"{inputs['counts'][name] - start} {name}" for name, start in inputs["heldout_from"].items())
     summary = {

@@ -182,7 +182,7 @@ def test_held_out_kl_decreases_over_the_checkpoints(distilled_run):
     assert not (out / "checkpoint.pt").exists()
 
 
-def test_rerun_reuses_and_an_interrupted_run_resumes_where_it_stopped(distilled_run, tmp_path, monkeypatch):
+def test_rerun_reuses_and_an_interrupted_run_resumes_where_it_stopped(distilled_run, persona_diffs, tmp_path, monkeypatch):
     out, flags = distilled_run
     finished = lu.load_lora_diff(out / "evil_distilled_lora_diff.pt")
 
@@ -205,6 +205,12 @@ def test_rerun_reuses_and_an_interrupted_run_resumes_where_it_stopped(distilled_
                       "--output_dir", older) == 0
     recomputed = json.loads((older / "summary.json").read_text())
     assert recomputed["curve"] == summary["curve"]
+    assert not any("control" in pair for pair in recomputed["functional"]["pairs"])  # no control given to this rerun
+    # Given a control it lacks, a rerun adds the control's pairs (the null), again without retraining.
+    assert run_script("distill_steering_lora", *flags, *RUN_FLAGS, "--persona_diff_path", summary["comparisons"]["persona_diff"]["path"],
+                      "--control_diff_paths", persona_diffs["sycophancy"], "--output_dir", older) == 0
+    recomputed = json.loads((older / "summary.json").read_text())
+    assert recomputed["curve"] == summary["curve"] and set(recomputed["functional"]["pairs"]) == set(original["pairs"])
     for pair, values in original["pairs"].items():
         assert recomputed["functional"]["pairs"][pair]["mean_change_cosine"] == pytest.approx(values["mean_change_cosine"], abs=1e-5)
 
@@ -266,7 +272,10 @@ def test_sweep_summary_per_placement_and_rank(distilled_run, hidden_run, tmp_pat
     assert report["placements"]["0 2"]["cosine_with_persona_diff"] == [None]  # no persona diff was given to that run
     # What the distilled update does, beside the persona diff and the steering, at the steered layer on held-out answers.
     pairs = run["functional"]["pairs"]
-    assert set(pairs) == {"distilled vs steering", "distilled vs persona diff", "steering vs persona diff"}
+    # The control diff (sycophancy's) is compared alike: the null for the persona diff's cosines.
+    assert set(pairs) == {"distilled vs steering", "distilled vs persona diff", "steering vs persona diff", "distilled vs control sycophancy",
+                          "steering vs control sycophancy", "persona diff vs control sycophancy"}
+    assert before["functional"]["steering vs control sycophancy"] == [pairs["steering vs control sycophancy"]]
     assert run["functional"]["layer"] == 1 and len({p["tokens"] for p in pairs.values()}) == 1 and pairs["distilled vs steering"]["tokens"] > 0
     assert all(-1 <= p["mean_change_cosine"] <= 1 and p["mean_change_norm_ratio"] > 0 for p in pairs.values())
     assert before["functional"]["distilled vs persona diff"] == [pairs["distilled vs persona diff"]]

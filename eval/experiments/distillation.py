@@ -54,6 +54,15 @@ def module_cosine_spread(run: dict) -> dict | None:
     return {key: value for key, value in cosines.items() if key != "by_module"}
 
 
+def functional_pairs(series: list[dict]) -> list[str]:
+    """The functional comparison's pairs, the three of every run first, then the control diffs' (the
+    null: how far another trait's diff's change lines up with the steering's), in the runs' order."""
+    pairs = ["distilled vs persona diff", "distilled vs steering", "steering vs persona diff"]
+    for run in series:
+        pairs += [pair for pair in ((run.get("functional") or {}).get("pairs") or {}) if pair not in pairs]
+    return pairs
+
+
 def summarize(runs: list[dict], target: float) -> dict:
     placements: dict[str, dict] = {}
     for placement in dict.fromkeys(run["layers_spec"] for run in runs):
@@ -78,7 +87,7 @@ def summarize(runs: list[dict], target: float) -> dict:
                 for control in series[0]["comparisons"]["controls"]},
             "cosine_with_largest_rank": [distilled_diff(run).cosine(largest) for run in series],
             "functional": {pair: [((run.get("functional") or {}).get("pairs") or {}).get(pair) for run in series]
-                           for pair in ("distilled vs persona diff", "distilled vs steering", "steering vs persona diff")},
+                           for pair in functional_pairs(series)},
             "module_cosines_with_persona_diff": [module_cosine_spread(run) for run in series],
             "update_norm": [run["update"]["norm"] for run in series],
             "v_energy_in_output_space": [run["update"]["v_energy_in_output_space"]["norm_weighted_mean"] for run in series],
@@ -92,7 +101,8 @@ def summarize(runs: list[dict], target: float) -> dict:
                     "held-out answers (the teacher's own, teacher-forced); cosines are ⟨ΔW_distilled, ΔW⟩_F / (‖·‖‖·‖) "
                     "over the whole weight space (near 0 for independently initialised updates: not evidence of another "
                     "mechanism); functional compares what the updates do (residual-stream change at the steered layer on "
-                    "the held-out answers, distilled and persona diff merged at 1); module_cosines_with_persona_diff is "
+                    "the held-out answers, distilled, persona and control diffs merged at 1; a control's pairs are the null "
+                    "for the persona diff's); module_cosines_with_persona_diff is "
                     "the distribution of per-module cosines; sem (delta method) and ci95 (Fieller's) are over held-out "
                     "questions only (one student seed, one sample of teacher answers: variation between training seeds is "
                     "not in them)"}
