@@ -276,8 +276,10 @@ def summarize(out: Path, trait: str) -> dict:
 
 
 def plot_drift(path: Path, summary: dict) -> None:
-    """Top row: each run's drift from the base model. Bottom row: each prevention setting minus the
-    unprevented finetune, the paired contrast that says whether prevention worked."""
+    """Top row: each run's drift from the base model. Middle row: each prevention setting minus the
+    unprevented finetune, the paired contrast that says whether prevention worked. Bottom row: did
+    each finetune learn its task (update norm, held-out loss plain and under its training steering)
+    and where its update points (final projection onto the persona diff), against the coefficient."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -290,7 +292,30 @@ def plot_drift(path: Path, summary: dict) -> None:
                 ("margin", "margin_drift", "margin, no judge (nats/token)"), ("ab", "ab_drift", "A/B p_matching, no judge"),
                 ("mmlu", "mmlu_change", f"MMLU accuracy ({summary['base']['mmlu_questions']} items)")]
     measures = [m for m in measures if none[m[1]] is not None]
-    figure, axes = plt.subplots(2, len(measures), figsize=(4.4 * len(measures), 7.5), squeeze=False)
+    figure, axes = plt.subplots(3, max(len(measures), 4), figsize=(4.4 * max(len(measures), 4), 11), squeeze=False)
+    learning = [("update_norm", "‖W_ft − W‖_F"), ("heldout_loss", "held-out loss, steering removed (nats/token)"),
+                ("heldout_loss_steered", "held-out loss under its training steering"),
+                ("final_projection", "final projection onto the persona diff")]
+    for column, (key, label) in enumerate(learning):
+        axis = axes[2][column]
+        for kind, marker in (("lora", "o"), ("activation", "s")):
+            points = sorted((r["coef"], r[key]) for r in runs.values() if r["kind"] == kind and r.get(key) is not None)
+            if points:
+                axis.plot(*zip(*points), marker=marker, label=f"{kind} steering during training")
+        for name, style in (("none", "--"), (REPLICATE, ":"), ("control", "-.")):
+            if name == "control" and key.startswith("heldout"):
+                continue  # its held-out answers are its own data's: another loss
+            if name in runs and runs[name].get(key if key != "heldout_loss_steered" else "heldout_loss") is not None:
+                axis.axhline(runs[name][key if key != "heldout_loss_steered" else "heldout_loss"], color="grey", linestyle=style,
+                             label=f"{name} (plain)" if key == "heldout_loss_steered" else name)
+        axis.set(xlabel="steering coefficient during finetuning", ylabel=label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6)
+    for column in range(len(measures), axes.shape[1]):
+        for row in (0, 1):
+            axes[row][column].axis("off")
+    for column in range(len(learning), axes.shape[1]):
+        axes[2][column].axis("off")
     for kind, marker in (("lora", "o"), ("activation", "s")):
         points = sorted((r["coef"], r) for r in runs.values() if r["kind"] == kind)
         if not points:
@@ -321,7 +346,7 @@ def plot_drift(path: Path, summary: dict) -> None:
     shown = ", ".join(f"{m} {s:.1f} s.e." for m, s in summary["unprevented_drift_sigmas"].items())
     missing = [m for m, assessable in summary["prevention_assessable"].items() if assessable is not True]
     verdict = f" — NO DRIFT TO PREVENT on {', '.join(missing)} (Holm): prevention not assessable there" if missing else ""
-    figure.suptitle(f"Preventative steering ({trait}; judge: {judge}, {judge_quality_text(summary['judge_quality'])}); errors "
+    figure.suptitle(f"Preventative steering ({trait}; judge: {judge}; {judge_quality_text(summary['judge_quality'])}); errors "
                     f"paired by question or item; the runs share one training seed (measurement error only; the reseeded "
                     f"unprevented run shows a seed's effect)\nunprevented drift: {shown}{verdict}", fontsize=9)
     figure.tight_layout()
@@ -329,16 +354,22 @@ def plot_drift(path: Path, summary: dict) -> None:
 
 
 def judge_quality_text(quality: dict | None) -> str:
-    """The judge's measured quality in a few words: its held-out-question AUROC against shuffled labels."""
+    """The judge's measured quality in a few words: the trait judge's held-out-question AUROC against
+    shuffled labels, and the coherence proxy's separation of real from corrupted answers."""
     if not quality or quality.get("held_out_auroc") is None:
-        return "quality not measured (an LLM judge) or not recorded"
-    return (f"held-out-question AUROC {quality['held_out_auroc']:.3f}, shuffled labels "
-            f"{quality.get('shuffled_label_auroc', float('nan')):.3f}")
+        return "judge quality not measured (an LLM judge) or not recorded"
+    text = (f"trait judge held-out-question AUROC {quality['held_out_auroc']:.3f} (shuffled labels "
+            f"{quality.get('shuffled_label_auroc', float('nan')):.3f})")
+    coherence = quality.get("coherence_proxy") or {}
+    if coherence.get("real_vs_corrupted_auroc") is not None:
+        text += f", coherence proxy real-vs-corrupted AUROC {coherence['real_vs_corrupted_auroc']:.3f}"
+    return text
 
 
 def print_summary(summary: dict) -> None:
     trait, base = summary["trait"], summary["base"]
-    print(f"judge: {summary['judge']} ({judge_quality_text(summary['judge_quality'])})")
+    print(f"judge: {summary['judge']}")
+    print(f"judge quality: {judge_quality_text(summary['judge_quality'])}")
     print(f"base {trait} {base['trait']:.2f}, coherence {base['coherence']:.2f}, margin {base.get('margin') or float('nan'):+.4f}, "
           f"MMLU {base['mmlu']:.3f} ({base['mmlu_questions']} items)")
     print("unprevented drift: " + ", ".join(f"{m} {s:+.1f} standard errors" for m, s in summary["unprevented_drift_sigmas"].items()))
