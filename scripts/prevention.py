@@ -12,7 +12,7 @@ finetuning causes), then one per kind (lora, activation) and coefficient of --co
 against the model with the vector. Every run holds out the answers to the same 8 questions
 (--training '{"heldout_questions": N}' changes it). `summarize` reads each run's evaluation summary
 (eval_<run>), A/B summary (ab_<run>, if any), MMLU JSON and finetune_report.json, and the base
-model's, and writes summary.json and drift.png: each finetune's drift from the base model, its
+model's, and writes summary.json, table.md and drift.png: each finetune's drift from the base model, its
 update's norm ‖W_ft − W‖_F (one Frobenius norm over all modules) and held-out loss (plain model,
 steering removed, and under its training steering), and each prevention setting against the
 unprevented finetune, paired by question or item, with sign-flip p-values, the fraction of drift it
@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 from eval.activations import check_vector_fits
-from eval.experiments.prevention import DEFAULT_COEFS, plot_drift, print_summary, summarize, training_configs
+from eval.experiments.prevention import DEFAULT_COEFS, markdown_table, plot_drift, print_summary, summarize, training_configs
 from io_utils import ArgumentParser, atomic_path, finite_float, positive_int, run_cli, write_json
 from model_loading import model_config
 
@@ -46,6 +46,8 @@ def write_summary(args) -> None:
     out = Path(args.output_dir)
     summary = summarize(out, args.trait)
     write_json(out / "summary.json", summary)
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(markdown_table(summary))
     plot_drift(out / "drift.png", summary)
     print_summary(summary)
 

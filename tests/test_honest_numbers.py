@@ -391,6 +391,8 @@ def test_prevention_drift_is_paired_with_the_base_and_needs_drift_to_be_shown(tm
     assert summary["trends"]["lora"]["coefficients"] == [0.0, 1.0]
     assert summary["trends"]["lora"]["evil"]["mean"] == pytest.approx(-4.0, abs=0.05)
     assert summary["unprevented_vs_control"]["trait"]["mean"] == pytest.approx(4.5, abs=0.05)  # none − control
+    table = (tmp_path / "table.md").read_text()  # the same figures as Markdown, with their Holm-adjusted p
+    assert f"| lora_+1 | {lora['vs_no_prevention']['trait']['mean']:+.2f} ± " in table and "+0.80 [" in table
     assert "control" not in summary["headline"] and "vs_no_prevention" in summary["headline"]["lora_+1"]
     assert summary["headline"]["lora_+1"]["vs_no_prevention"]["coherence"]["mean"] == 0.0
     assert none["final_projection"] == 0.3  # the final step's, not an earlier entry's

@@ -366,6 +366,49 @@ def judge_quality_text(quality: dict | None) -> str:
     return text
 
 
+def markdown_table(summary: dict) -> str:
+    """The summary as RESULTS-ready Markdown: each run's drift and learning, then each setting against
+    the unprevented finetune with the fraction of drift it prevented, then the trends."""
+    trait, runs = summary["trait"], summary["runs"]
+
+    def cell(value: dict | None, digits: int) -> str:
+        if value is None:
+            return "—"
+        return f"{value['mean']:+.{digits}f} ± {value['sem']:.{digits}f} (Holm {value.get('p_holm', float('nan')):.2g})"
+
+    def number(value, form: str) -> str:
+        return "—" if value is None else format(value, form)
+
+    lines = [f"Judge: {(summary['judge'] or 'unnamed').split(':')[0]}; {judge_quality_text(summary['judge_quality'])}. "
+             f"{summary['multiplicity']}.", "",
+             f"| run | {trait} | coherence | margin | A/B | MMLU | ‖W_ft − W‖_F | held-out loss plain / steered / steering alone "
+             "| final projection |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        lines.append(f"| {name} | {cell(r['drift'], 2)} | {cell(r['coherence_drift'], 1)} | {cell(r['margin_drift'], 3)} | "
+                     f"{cell(r['ab_drift'], 4)} | {cell(r['mmlu_change'], 3)} | {number(r['update_norm'], '.3f')} | "
+                     f"{number(r['heldout_loss'], '.4f')} / {number(r['heldout_loss_steered'], '.4f')} / "
+                     f"{number(r['heldout_loss_steering_alone'], '.4f')} | {number(r['final_projection'], '+.4f')} |")
+    lines += ["", f"| setting − no prevention | {trait} | coherence | margin | A/B | held-out loss plain | held-out loss steered "
+              f"| fraction prevented: {trait} / margin |", "|---|---|---|---|---|---|---|---|"]
+    for name, h in summary["headline"].items():
+        v, loss = h["vs_no_prevention"], h["vs_no_prevention"].get("heldout_loss") or {}
+        fractions = " / ".join(f"{f['ratio']:+.2f} [{f['ci'][0]:+.2f}, {f['ci'][1]:+.2f}]"
+                               for f in (h["fraction_prevented"]["trait"], h["fraction_prevented"]["margin"]))
+        lines.append(f"| {name} | {cell(v['trait'], 2)} | {cell(v['coherence'], 1)} | {cell(v['margin'], 3)} | {cell(v['ab'], 4)} | "
+                     f"{cell(loss.get('plain'), 4)} | {cell(loss.get('steered'), 4)} | {fractions} |")
+    for label, key in (("a seed alone (none_reseeded − none)", "seed_spread"), ("unprevented − control", "unprevented_vs_control")):
+        if summary.get(key):
+            v = summary[key]
+            lines.append(f"| {label} | {cell(v['trait'], 2)} | {cell(v['coherence'], 1)} | {cell(v['margin'], 3)} | "
+                         f"{cell(v['ab'], 4)} | | | |")
+    lines += ["", "| trend (slope per unit coefficient, none at 0) | coefficients | " + f"{trait} | coherence | margin | A/B |",
+              "|---|---|---|---|---|---|"]
+    for kind, t in summary["trends"].items():
+        lines.append(f"| {kind} | {', '.join(f'{c:g}' for c in t['coefficients'])} | {cell(t[trait], 2)} | {cell(t['coherence'], 1)} | "
+                     f"{cell(t['margin'], 4)} | {cell(t.get('ab'), 4)} |")
+    return "\n".join(lines) + "\n"
+
+
 def print_summary(summary: dict) -> None:
     trait, base = summary["trait"], summary["base"]
     print(f"judge: {summary['judge']}")
