@@ -146,6 +146,7 @@ def calibrated_methods(summary: dict, trait: str, ab: dict | None) -> dict | Non
     differences = [result[m]["difference"] for m in ("trait", "ab") if m in result]
     for difference, adjusted in zip(differences, holm([d["p"] for d in differences])):
         difference["p_holm"] = adjusted  # over this comparison's calibrated differences
+    result["holm_tests"] = sum(d["p"] == d["p"] for d in differences)  # Holm counts the defined ones
     return result
 
 
@@ -402,7 +403,7 @@ def main():
             if measure in comparison["calibrated"]:
                 c = comparison["calibrated"][measure]
                 d = c["difference"]
-                tested = (f"p {d['p']:.2g}, Holm over {len(comparison['calibrated']) - 1} {d['p_holm']:.2g}, {d['p_method']}"
+                tested = (f"p {d['p']:.2g}, Holm over {comparison['calibrated']['holm_tests']} {d['p_holm']:.2g}, {d['p_method']}"
                           if d["p"] == d["p"] else d["p_method"])
                 print(f"  {args.trait if measure == 'trait' else 'A/B p_matching':14s} " + ", ".join(
                     f"{m} {c[m]['ratio']:+.4f} ± {c[m]['sem']:.4f} [{c[m]['ci'][0]:+.3g}, {c[m]['ci'][1]:+.3g}]"

@@ -87,18 +87,18 @@ def split_heldout(records: list[dict], n_questions: int) -> tuple[list[dict], li
     return trained, kept_out, sorted({question_of(r) for r in kept_out})
 
 
-def mean_response_loss(model, tokenizer, records: list[dict], max_length: int, batch_size: int = 8) -> dict:
-    """Next-token cross-entropy over the records' response tokens (question → answer, no system
-    prompt or demonstrations, as trained), averaged over tokens: {"loss", "tokens", "examples",
-    "by_question"}; by_question averages each question's own answers' tokens, the unit a paired
-    comparison of two models on the same answers needs (a question's answers are not independent)."""
-    examples = encode_examples(tokenizer, records, max_length)
+def mean_response_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
+    """Next-token cross-entropy over the response tokens of encode_examples' examples (question →
+    answer, no system prompt or demonstrations, as trained; encoded once by the caller however many
+    models it scores), averaged over tokens: {"loss", "tokens", "examples", "by_question"};
+    by_question averages each question's own answers' tokens, the unit a paired comparison of two
+    models on the same answers needs (a question's answers are not independent)."""
     device = next(model.parameters()).device
     sums: dict[str, list[float]] = {}
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
             logits, labels = response_logits(model, batch)
             per_token = response_loss(logits, labels, reduction="none").view(len(chunk), -1)
             counts = (labels[:, 1:] != -100).sum(1)

@@ -79,6 +79,7 @@ from model_loading import (
 )
 from trainer import (
     DEFAULT_TARGETS,
+    encode_examples,
     finished_adapter,
     init_seed,
     mean_response_loss,
@@ -293,8 +294,10 @@ def finetune_report(config: dict, model, tokenizer, inputs: dict, identity: str)
               "trained_examples": len(inputs["records"]),
               "trained_questions": len({question_of(r) for r in inputs["records"]}), "heldout": None}
     if inputs["heldout"]:
+        examples = encode_examples(tokenizer, inputs["heldout"], config["max_length"])  # once for the 2–4 models scored
+
         def loss() -> dict:
-            return mean_response_loss(model, tokenizer, inputs["heldout"], config["max_length"], config["batch_size"])
+            return mean_response_loss(model, examples, tokenizer.pad_token_id, config["batch_size"])
 
         with_finetune = finetune_steer(model, config["output_dir"])
         base = loss()

@@ -432,10 +432,12 @@ def calibrated_contrast(numerators: dict[str, dict[Hashable, float]], denominato
         result[method] = {"ratio": ratio, "sem": sem, "ci": ci, "numerator": a, "denominator": m,
                           "units": [len(series[i]), len(series[2 + i])]}
     first, second = (result[m]["ratio"] for m in methods)
-    gradient = [1 / means[2], -1 / means[3], -first / means[2], second / means[3]]
-    variance = sum(gradient[i] * cov[i][j] * gradient[j] for i in range(4) for j in range(4))
     difference = first - second
-    sem = math.sqrt(max(variance, 0.0))
+    if means[2] and means[3]:
+        gradient = [1 / means[2], -1 / means[3], -first / means[2], second / means[3]]
+        sem = math.sqrt(max(sum(gradient[i] * cov[i][j] * gradient[j] for i in range(4) for j in range(4)), 0.0))
+    else:  # a denominator of exactly 0: no ratio, no linearisation (Fieller already marked it unbounded)
+        sem = float("nan")
     p = float(2 * student_t.sf(abs(difference) / sem, dof)) if bounded and sem > 0 else float("nan")
     result["difference"] = {"contrast": f"{methods[0]} − {methods[1]}", "mean": difference, "sem": sem, "p": p,
                             "p_method": (f"delta method, two-sided t with {dof} df" if bounded else

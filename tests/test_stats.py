@@ -416,3 +416,7 @@ def test_calibrated_contrast_is_undefined_where_a_denominator_is_not_shown():
     assert result["vector"]["ci"] == [-math.inf, math.inf]
     assert math.isnan(result["difference"]["p"])
     assert math.isfinite(result["lora"]["ci"][0])
+    # A margin that did not move at all (every slope exactly 0): undefined, not a division error.
+    still = calibrated_contrast({"lora": {0: 0.01, 1: 0.02}, "vector": {0: 0.01, 1: 0.03}},
+                                {"lora": {0: 0.1, 1: 0.2}, "vector": {0: 0.0, 1: 0.0}}, same_units=False)
+    assert math.isnan(still["vector"]["ratio"]) and math.isnan(still["difference"]["p"])

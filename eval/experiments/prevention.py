@@ -262,7 +262,7 @@ def summarize(out: Path, trait: str) -> dict:
         "headline": {name: {**{key: r[key] for key in MEASURES.values()}, "vs_no_prevention": r["vs_no_prevention"],
                             "fraction_prevented": r["fraction_prevented"]}
                      for name, r in runs.items() if "vs_no_prevention" in r}}
-    family = [c for c in tested_contrasts({k: v for k, v in summary.items() if k != "headline"}) if c["p"] == c["p"]]
+    family = [c for c in tested_contrasts(summary) if c["p"] == c["p"]]  # the headline repeats runs' contrasts: skipped
     for c, adjusted in zip(family, holm([c["p"] for c in family])):
         c["p_holm"] = adjusted
     summary["multiplicity"] = f"Holm over every p in this summary ({len(family)} tests): p_holm beside each p"
@@ -302,12 +302,13 @@ def plot_drift(path: Path, summary: dict) -> None:
             points = sorted((r["coef"], r[key]) for r in runs.values() if r["kind"] == kind and r.get(key) is not None)
             if points:
                 axis.plot(*zip(*points), marker=marker, label=f"{kind} steering during training")
+        reference = "heldout_loss" if key == "heldout_loss_steered" else key  # the unsteered runs' plain loss
         for name, style in (("none", "--"), (REPLICATE, ":"), ("control", "-.")):
             if name == "control" and key.startswith("heldout"):
                 continue  # its held-out answers are its own data's: another loss
-            if name in runs and runs[name].get(key if key != "heldout_loss_steered" else "heldout_loss") is not None:
-                axis.axhline(runs[name][key if key != "heldout_loss_steered" else "heldout_loss"], color="grey", linestyle=style,
-                             label=f"{name} (plain)" if key == "heldout_loss_steered" else name)
+            if name in runs and runs[name].get(reference) is not None:
+                axis.axhline(runs[name][reference], color="grey", linestyle=style,
+                             label=f"{name} (plain)" if reference != key else name)
         axis.set(xlabel="steering coefficient during finetuning", ylabel=label)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=6)
@@ -366,18 +367,29 @@ def judge_quality_text(quality: dict | None) -> str:
     return text
 
 
+def contrast_text(value: dict | None, digits: int, raw_p: bool = True) -> str:
+    """A contrast as "mean ± s.e. (p …, Holm …)" (without the raw p: Markdown cells); — if absent."""
+    if value is None:
+        return "—"
+    tests = f"Holm {value.get('p_holm', float('nan')):.2g}"
+    if raw_p:
+        tests = f"p {value['p']:.2g}, {tests}"
+    return f"{value['mean']:+.{digits}f} ± {value['sem']:.{digits}f} ({tests})"
+
+
+def number_text(value, form: str) -> str:
+    return "—" if value is None else format(value, form)
+
+
 def markdown_table(summary: dict) -> str:
     """The summary as RESULTS-ready Markdown: each run's drift and learning, then each setting against
     the unprevented finetune with the fraction of drift it prevented, then the trends."""
     trait, runs = summary["trait"], summary["runs"]
 
     def cell(value: dict | None, digits: int) -> str:
-        if value is None:
-            return "—"
-        return f"{value['mean']:+.{digits}f} ± {value['sem']:.{digits}f} (Holm {value.get('p_holm', float('nan')):.2g})"
+        return contrast_text(value, digits, raw_p=False)
 
-    def number(value, form: str) -> str:
-        return "—" if value is None else format(value, form)
+    number = number_text
 
     lines = [f"Judge: {(summary['judge'] or 'unnamed').split(':')[0]}; {judge_quality_text(summary['judge_quality'])}. "
              f"{summary['multiplicity']}.", "",
@@ -421,13 +433,7 @@ def print_summary(summary: dict) -> None:
         if assessable is not True:
             print(f"prevention assessable on {measure}: {assessable}")
 
-    def shown(value: dict | None, digits: int) -> str:
-        if value is None:
-            return "—"
-        return f"{value['mean']:+.{digits}f} ± {value['sem']:.{digits}f} (p {value['p']:.2g}, Holm {value.get('p_holm', float('nan')):.2g})"
-
-    def number(value, form: str) -> str:
-        return "—" if value is None else format(value, form)
+    shown, number = contrast_text, number_text
 
     def measures(v: dict) -> str:
         return (f"{trait} {shown(v['trait'], 2)}  coherence {shown(v['coherence'], 2)}  margin {shown(v['margin'], 4)}  "
