@@ -624,6 +624,8 @@ def test_ab_summary_pairs_the_settings_by_item_and_refuses_runs_that_do_not_belo
         for method in ("lora", "vector"):
             noise = rng.normal(0, 0.001, 40)
             write_json(out / f"evil_k{k}_{method}.summary.json", _sweep_summary("evil", list(0.01 + item_effects + shift + noise)))
+    # the default setting's vector steered at every position, as the driver also sweeps it: a row and a test too
+    write_json(out / "evil_k4_vector_all.summary.json", _sweep_summary("evil", list(-0.004 + rng.normal(0, 0.001, 40))))
     args = ("scripts/ab_summary", "--traits", "evil", "--fewshot", "4", "0", "--output_dir", out)
     code, stdout, stderr = run_main(*args, cwd=tmp_path)
     assert code == 0, stderr
@@ -632,16 +634,18 @@ def test_ab_summary_pairs_the_settings_by_item_and_refuses_runs_that_do_not_belo
     assert difference["sem"] < 0.0005 < 0.02 / 40 ** 0.5  # paired: far below the items' own spread
     assert difference["p"] < 0.001 and "K=4 − K=0" in (out / "table.md").read_text()
     assert "offline-test" in (out / "table.md").read_text() and "+0.20 / -0.20" in (out / "table.md").read_text()
-    # Every slope and slope difference the table reports has its p and, beside it, Holm's over all six.
+    # Every slope and slope difference the table reports has its p and, beside it, Holm's over all seven.
     report = json.loads((out / "summary.json").read_text())["evil"]
     family = [report[k][m]["ab_slope_p"] for k in ("k4", "k0") for m in ("lora", "vector")] + \
-             [report["slope_difference"][m]["p"] for m in ("lora", "vector")]
+             [report["slope_difference"][m]["p"] for m in ("lora", "vector")] + [report["all_positions"]["ab_slope_p"]]
     adjusted = [report[k][m]["ab_slope_p_holm"] for k in ("k4", "k0") for m in ("lora", "vector")] + \
-               [report["slope_difference"][m]["p_holm"] for m in ("lora", "vector")]
+               [report["slope_difference"][m]["p_holm"] for m in ("lora", "vector")] + [report["all_positions"]["ab_slope_p_holm"]]
     assert adjusted == pytest.approx(holm(family)) and all(a >= p for a, p in zip(adjusted, family))
     assert report["k4"]["lora"]["ab_slope"] == pytest.approx(0.016, abs=0.002)
+    assert report["all_positions"]["ab_slope"] == pytest.approx(-0.004, abs=0.001) and report["all_positions"]["setting"] == "k4"
     table = (out / "table.md").read_text()
-    assert "(6 tests)" in table and "Holm" in table and "| -0.70 |" in table  # the unsteered model's own log-mass
+    assert "(7 tests)" in table and "Holm" in table and "| -0.70 |" in table  # the unsteered model's own log-mass
+    assert "| evil | 4 | activation vector, every position |" in table
 
     # one sweep on a rewritten A/B file: refused, naming it and what differs
     mixed = json.loads((out / "evil_k0_vector.summary.json").read_text())

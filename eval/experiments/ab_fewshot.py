@@ -5,8 +5,9 @@ and judge-free margin slopes (each with a sign-flip p and, beside it, Holm's adj
 slope and slope difference the report tests), how much probability the two answers hold at
 coefficient 0 (the unsteered model's log(P(m) + P(n))) and how it changes at the extreme coefficients,
 and how separable the extraction's pos and neg answers were (the judge's AUROC on them; an offline
-judge never saw them); and, per method, the difference between the settings' A/B slopes, paired by
-item (both settings answer the same items). `collect` makes the report, `table` its Markdown (the
+judge never saw them); per method, the difference between the settings' A/B slopes, paired by
+item (both settings answer the same items); and, where the sweep exists, the default setting's vector
+steered at every position (a merged LoRA also changes how the question and choices are read). `collect` makes the report, `table` its Markdown (the
 README's tables), `plot` ab.png.
 """
 
@@ -21,6 +22,7 @@ from io_utils import PersonaLoRAError, read_json_object
 from model_loading import persona_dir
 
 METHODS = {"lora": "persona LoRA", "vector": "activation vector"}
+ALL_POSITIONS = "activation vector, every position"
 DRAINED_LOG_MASS = -2.0  # log(P(m) + P(n)) fell by more than this: the model mostly stopped answering with a choice
 
 
@@ -73,10 +75,28 @@ def sweep_slopes(summary: dict) -> tuple[dict, dict | None]:
     return ab, margin
 
 
+def sweep_entry(summary: dict) -> dict:
+    """One sweep's row of the report: each coefficient's p_matching, its change from 0 and the
+    change of the answers' log-mass, and the A/B and margin slopes with their p."""
+    slope, margin = sweep_slopes(summary)
+    return {
+        "points": {c["coef"]: {"p": c["balanced_p_matching_both_orders"],
+                               "change": c["change_vs_baseline"]["balanced_p_matching_both_orders"],
+                               "change_sem": c["change_vs_baseline"]["balanced_p_matching_both_orders_sem"],
+                               "p_first_choice": c["p_first_choice"],
+                               "choice_log_mass_change": c["change_vs_baseline"].get("choice_log_mass"),
+                               "choice_log_mass_change_sem": c["change_vs_baseline"].get("choice_log_mass_sem")}
+                   for c in summary["conditions"]},
+        "ab_slope": slope["slope"], "ab_slope_sem": slope["slope_sem"], "ab_slope_p": slope["p"],
+        "margin_slope": margin["slope"] if margin else None, "margin_slope_sem": margin["slope_sem"] if margin else None,
+        "margin_slope_p": margin["p"] if margin else None,
+        "items": summary["items"], "ab_data": summary["ab_data"], "model": summary["model"]}
+
+
 def multiplicity_family(report: dict) -> list[tuple[dict, str]]:
     """Every p the report's table shows, as (the dict holding it, its key): each trait's, setting's
-    and method's A/B and margin slopes, the methods' calibrated difference, and the settings' slope
-    differences."""
+    and method's A/B and margin slopes, the methods' calibrated difference, the settings' slope
+    differences, and the A/B slope of the vector steered at every position."""
     family = []
     for entries in report.values():
         for entry in settings_of(entries).values():
@@ -85,6 +105,9 @@ def multiplicity_family(report: dict) -> list[tuple[dict, str]]:
             if entry.get("calibrated"):
                 family.append((entry["calibrated"]["difference"], "p"))
         family += [(difference, "p") for difference in entries.get("slope_difference", {}).values()]
+        if entries.get("all_positions"):
+            family += [(entries["all_positions"], key) for key in ("ab_slope_p", "margin_slope_p")
+                       if entries["all_positions"][key] is not None]
     return family
 
 
@@ -118,6 +141,10 @@ def collect(output_dir: Path, traits: list[str], fewshot: list[int], model: str 
         report[trait] = {}
         summaries = {(k, method): read_ab_summary(Path(output_dir) / f"{trait}_k{k}_{method}.summary.json", trait)
                      for k in fewshot for method in METHODS}
+        # The vector steered at every position (the driver's *_vector_all sweep, default setting only).
+        all_positions_path = Path(output_dir) / f"{trait}_k{fewshot[0]}_vector_all.summary.json"
+        if all_positions_path.exists():
+            summaries[(fewshot[0], "vector_all")] = read_ab_summary(all_positions_path, trait)
         # Every setting and method on one A/B file and one set of coefficients, or the rows do not compare.
         require_same_measurement({f"{trait}_k{k}_{m}": {**measurement_identity(s), "coefficients": sorted(c["coef"] for c in s["conditions"])}
                                   for (k, m), s in summaries.items()}, f"the A/B sweeps of {trait}")
@@ -126,23 +153,13 @@ def collect(output_dir: Path, traits: list[str], fewshot: list[int], model: str 
             entry = {"separability_auroc": separability.get("judge_auroc_pos_vs_neg"), "separability_judge": separability.get("judge")}
             for method in METHODS:
                 summary = summaries[(k, method)]
-                slope, margin = sweep_slopes(summary)
                 baseline = next(c for c in summary["conditions"] if c["coef"] == 0)
                 entry["baseline_choice_log_mass"] = baseline["choice_log_mass"]  # the unsteered model: one per trait
-                entry[method] = {
-                    "points": {c["coef"]: {"p": c["balanced_p_matching_both_orders"],
-                                           "change": c["change_vs_baseline"]["balanced_p_matching_both_orders"],
-                                           "change_sem": c["change_vs_baseline"]["balanced_p_matching_both_orders_sem"],
-                                           "p_first_choice": c["p_first_choice"],
-                                           "choice_log_mass_change": c["change_vs_baseline"].get("choice_log_mass"),
-                                           "choice_log_mass_change_sem": c["change_vs_baseline"].get("choice_log_mass_sem")}
-                               for c in summary["conditions"]},
-                    "ab_slope": slope["slope"], "ab_slope_sem": slope["slope_sem"], "ab_slope_p": slope["p"],
-                    "margin_slope": margin["slope"] if margin else None, "margin_slope_sem": margin["slope_sem"] if margin else None,
-                    "margin_slope_p": margin["p"] if margin else None,
-                    "items": summary["items"], "ab_data": summary["ab_data"], "model": summary["model"]}
+                entry[method] = sweep_entry(summary)
             entry["calibrated"] = calibrated_methods(summaries[(k, "lora")], summaries[(k, "vector")])
             report[trait][f"k{k}"] = entry
+        if (fewshot[0], "vector_all") in summaries:
+            report[trait]["all_positions"] = {"setting": f"k{fewshot[0]}", **sweep_entry(summaries[(fewshot[0], "vector_all")])}
         if len(fewshot) == 2:
             first, second = fewshot
             report[trait]["slope_difference"] = {}
@@ -187,31 +204,35 @@ def table(report: dict, coefficients: list[float]) -> str:
              f"log-mass: change of log(P(m) + P(n)) at {bottom:+g} / {top:+g} (the answers' total probability, which p_matching "
              "shares out; its paired s.e. is in summary.json); log-mass at 0: the unsteered model's log(P(m) + P(n)) itself, "
              "averaged over items (0: all its probability on the two answers; −2.3: a tenth). "
-             "p: sign flips of the per-item (per-question) slopes; Holm: adjusted over every slope and slope difference "
-             f"this table reports ({family_size(report)} tests). "
+             "p: sign flips of the per-item (per-question) slopes; Holm: adjusted over every slope, slope difference and "
+             f"calibrated difference these tables report ({family_size(report)} tests). "
              f"pos/neg AUROC: the judge ({', '.join(judges)}) on the extraction's own pos vs neg answers, which it was not fit on. "
              "Caveats: the judge's data and the margin's reference answers are elicited with demonstrations, which favours "
              "K > 0 by construction; vector coefficients are raw, so vector slopes do not compare across K (their norms differ).", ""]
     header = ("| trait | K | method | " + " | ".join(f"{c:+g}" for c in coefficients)
               + f" | A/B slope | margin slope | log-mass at 0 | log-mass {bottom:+g} / {top:+g} | pos/neg AUROC |")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
+
+    def row(trait: str, setting: str, label: str, entry: dict, m: dict) -> str:
+        cells = []
+        for c in coefficients:
+            point = m["points"].get(c)
+            cells.append("—" if point is None else f"{point['p']:.3f}" if c == 0 else
+                         f"{point['p']:.3f} ({point['change']:+.4f} ± {point['change_sem']:.4f})")
+        margin = "—" if m["margin_slope"] is None else tested(m["margin_slope"], m["margin_slope_sem"], m["margin_slope_p"],
+                                                                 m["margin_slope_p_holm"])
+        masses = [m["points"].get(c, {}).get("choice_log_mass_change") for c in (bottom, top)]
+        mass = "—" if None in masses else " / ".join(f"{v:+.2f}" for v in masses)
+        auroc = "—" if entry["separability_auroc"] is None else f"{entry['separability_auroc']:.3f}"
+        ab_slope = tested(m["ab_slope"], m["ab_slope_sem"], m["ab_slope_p"], m["ab_slope_p_holm"])
+        return (f"| {trait} | {setting[1:]} | {label} | " + " | ".join(cells)
+                + f" | {ab_slope} | {margin} | {entry['baseline_choice_log_mass']:.2f} | {mass} | {auroc} |")
+
     for trait, entries in report.items():
         for setting, entry in settings_of(entries).items():
-            for method, label in METHODS.items():
-                m = entry[method]
-                cells = []
-                for c in coefficients:
-                    point = m["points"].get(c)
-                    cells.append("—" if point is None else f"{point['p']:.3f}" if c == 0 else
-                                 f"{point['p']:.3f} ({point['change']:+.4f} ± {point['change_sem']:.4f})")
-                margin = "—" if m["margin_slope"] is None else tested(m["margin_slope"], m["margin_slope_sem"], m["margin_slope_p"],
-                                                                         m["margin_slope_p_holm"])
-                masses = [m["points"].get(c, {}).get("choice_log_mass_change") for c in (bottom, top)]
-                mass = "—" if None in masses else " / ".join(f"{v:+.2f}" for v in masses)
-                auroc = "—" if entry["separability_auroc"] is None else f"{entry['separability_auroc']:.3f}"
-                ab_slope = tested(m["ab_slope"], m["ab_slope_sem"], m["ab_slope_p"], m["ab_slope_p_holm"])
-                lines.append(f"| {trait} | {setting[1:]} | {label} | " + " | ".join(cells)
-                             + f" | {ab_slope} | {margin} | {entry['baseline_choice_log_mass']:.2f} | {mass} | {auroc} |")
+            lines += [row(trait, setting, label, entry, entry[method]) for method, label in METHODS.items()]
+            if entries.get("all_positions", {}).get("setting") == setting:
+                lines.append(row(trait, setting, ALL_POSITIONS, entry, entries["all_positions"]))
     differences = [(trait, method, d) for trait, entries in report.items() for method, d in entries.get("slope_difference", {}).items()]
     if differences:
         lines += ["", "| trait | method | A/B slope difference | ± s.e. (paired by item) | p (sign flips) | Holm |",
@@ -242,15 +263,18 @@ def plot(report: dict, path: Path) -> None:
     traits = list(report)
     figure, axes = plt.subplots(1, len(traits), figsize=(4.2 * len(traits), 3.8), squeeze=False)
     for axis, trait in zip(axes[0], traits):
-        for setting, entry in settings_of(report[trait]).items():
-            for method, label in METHODS.items():
-                points = sorted(entry[method]["points"].items())
-                line = axis.errorbar([c for c, _ in points], [p["p"] for _, p in points], yerr=[p["change_sem"] for _, p in points],
-                                     marker="o" if method == "lora" else "s", linestyle="-" if setting != "k0" else ":", capsize=3,
-                                     label=f"{label}, K={setting[1:]}")
-                drained = [(c, p["p"]) for c, p in points if (p.get("choice_log_mass_change") or 0) < DRAINED_LOG_MASS]
-                if drained:
-                    axis.scatter(*zip(*drained), s=150, facecolors="none", edgecolors=line[0].get_color(), linewidths=1.5, zorder=5)
+        sweeps = [(setting, method, label, entry[method]) for setting, entry in settings_of(report[trait]).items()
+                  for method, label in METHODS.items()]
+        if report[trait].get("all_positions"):
+            sweeps.append((report[trait]["all_positions"]["setting"], "vector_all", ALL_POSITIONS, report[trait]["all_positions"]))
+        for setting, method, label, sweep in sweeps:
+            points = sorted(sweep["points"].items())
+            line = axis.errorbar([c for c, _ in points], [p["p"] for _, p in points], yerr=[p["change_sem"] for _, p in points],
+                                 marker={"lora": "o", "vector": "s"}.get(method, "^"), linestyle="-" if setting != "k0" else ":",
+                                 capsize=3, label=f"{label}, K={setting[1:]}")
+            drained = [(c, p["p"]) for c, p in points if (p.get("choice_log_mass_change") or 0) < DRAINED_LOG_MASS]
+            if drained:
+                axis.scatter(*zip(*drained), s=150, facecolors="none", edgecolors=line[0].get_color(), linewidths=1.5, zorder=5)
         axis.axhline(0.5, color="grey", linewidth=0.5)
         axis.set(title=trait, xlabel="steering coefficient", ylabel="balanced p_matching (both orders)")
         axis.grid(alpha=0.3)
