@@ -633,6 +633,8 @@ def test_ab_summary_pairs_the_settings_by_item_and_refuses_runs_that_do_not_belo
     assert difference["mean"] == pytest.approx(0.006, abs=0.001)
     assert difference["sem"] < 0.0005 < 0.02 / 40 ** 0.5  # paired: far below the items' own spread
     assert difference["p"] < 0.001 and "K=4 − K=0" in (out / "table.md").read_text()
+    # a p at the sign-flip floor (1/100,001) is a bound, and so is its Holm adjustment
+    assert difference["p"] <= 1e-5 and f"| ≤ 1e-05 | ≤ {difference['p_holm']:.2g} |" in (out / "table.md").read_text()
     assert "offline-test" in (out / "table.md").read_text() and "+0.20 / -0.20" in (out / "table.md").read_text()
     # Every slope and slope difference the table reports has its p and, beside it, Holm's over all seven.
     report = json.loads((out / "summary.json").read_text())["evil"]

@@ -185,8 +185,13 @@ def p_text(p: float) -> str:
     return "≤ 1e-05" if p <= 1e-5 else f"{p:.2g}"
 
 
+def holm_text(p: float, p_holm: float) -> str:
+    """Holm's adjusted p; from a p at the sign-flip floor it is a bound too (≤), not a value."""
+    return f"≤ {p_holm:.2g}" if p <= 1e-5 else p_text(p_holm)
+
+
 def tested(value: float, sem: float, p: float, p_holm: float) -> str:
-    return f"{value:+.4f} ± {sem:.4f} (p {p_text(p)}, Holm {p_text(p_holm)})"
+    return f"{value:+.4f} ± {sem:.4f} (p {p_text(p)}, Holm {holm_text(p, p_holm)})"
 
 
 
@@ -238,7 +243,7 @@ def table(report: dict, coefficients: list[float]) -> str:
         lines += ["", "| trait | method | A/B slope difference | ± s.e. (paired by item) | p (sign flips) | Holm |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {trait} | {METHODS[method]} ({d['contrast']}) | {d['mean']:+.4f} | {d['sem']:.4f} | {p_text(d['p'])} "
-                  f"| {p_text(d['p_holm'])} |" for trait, method, d in differences]
+                  f"| {holm_text(d['p'], d['p_holm'])} |" for trait, method, d in differences]
     calibrated = [(trait, setting, e["calibrated"]) for trait, entries in report.items()
                   for setting, e in settings_of(entries).items() if e.get("calibrated")]
     if calibrated:
@@ -249,7 +254,7 @@ def table(report: dict, coefficients: list[float]) -> str:
         for trait, setting, c in calibrated:
             d = c["difference"]
             cells = [f"{c[m]['ratio']:+.4f} ± {c[m]['sem']:.4f} [{c[m]['ci'][0]:+.3g}, {c[m]['ci'][1]:+.3g}]" for m in METHODS]
-            tests = "— | —" if math.isnan(d["p"]) else f"{p_text(d['p'])} | {p_text(d['p_holm'])}"
+            tests = "— | —" if math.isnan(d["p"]) else f"{p_text(d['p'])} | {holm_text(d['p'], d['p_holm'])}"
             lines.append(f"| {trait} | {setting[1:]} | {cells[0]} | {cells[1]} | {d['mean']:+.4f} ± {d['sem']:.4f} | {tests} |")
     return "\n".join(lines) + "\n"
 
