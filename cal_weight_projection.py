@@ -310,6 +310,7 @@ def plot_scatter(models: list[dict], correlation: dict, diff: lu.PersonaLoRADiff
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     labels = {"behavior_score": "trait score of the finetune (judged, ± s.e.)", "margin": "log-likelihood margin (no judge, ± s.e.)",
               "ab": "A/B p_matching, both orders (no judge, ± s.e.)"}
@@ -337,6 +338,7 @@ def plot_scatter(models: list[dict], correlation: dict, diff: lu.PersonaLoRADiff
                  title=f"Pearson r = {stats['pearson_r']:.3f} (p = {stats['pearson_p']:.2g}), "
                        f"Spearman ρ = {stats['spearman_rho']:.2f} (p = {stats['spearman_p']:.2g}), n = {stats['n']}")
         axis.title.set_fontsize(8)
+        axis.xaxis.set_major_locator(MaxNLocator(nbins=5))  # projections are ~1e-2: the default ticks overprint
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     return save_figure(figure, path)
