@@ -280,17 +280,24 @@ def adjust_for_multiplicity(output: dict) -> None:
     """Holm over every test the run reports, in place: each correlation's Pearson and Spearman p of
     every diff, measure and group, each partial correlation, and each finetune's random-null test
     of every diff (two-sided). The adjusted p sits beside its raw one (…_holm)."""
-    tests = []  # (dict, key of its p)
+    correlation_tests, partial_tests, null_tests = [], [], []  # (dict, key of its p)
     for by_measure in output.get("correlations_by_diff", {}).values():
         for stats in by_measure.values():
             for group, test in stats.items():
-                tests += [(test, "p")] if group == "partial_correlation_given_fraction" else [(test, "pearson_p"), (test, "spearman_p")]
+                if group == "partial_correlation_given_fraction":
+                    partial_tests.append((test, "p"))
+                else:
+                    correlation_tests += [(test, "pearson_p"), (test, "spearman_p")]
     for model in output.get("models", [output]):
-        tests += [(null["null"], "p_two_sided") for null in model.get("null", {}).values()]
+        null_tests += [(null["null"], "p_two_sided") for null in model.get("null", {}).values()]
+    tests = correlation_tests + partial_tests + null_tests
     for (test, key), adjusted in zip(tests, holm([test[key] for test, key in tests])):
         test[f"{key}_holm"] = adjusted
-    output["multiplicity"] = (f"Holm over the run's {len(tests)} tests: every correlation (Pearson and Spearman, each diff, "
-                              "measure and group), each partial correlation, and each finetune's random-null test per diff")
+    # Name only what the family holds, with its counts: a reader checks the size against the parts.
+    parts = [(len(correlation_tests), "correlation p-value", " (Pearson and Spearman, each diff, measure and group)"),
+             (len(partial_tests), "partial correlation", ""), (len(null_tests), "random-null test", " (each finetune and diff)")]
+    output["multiplicity"] = (f"Holm over the run's {len(tests)} tests: "
+                              + ", ".join(f"{count} {what}{'s' * (count > 1)}{detail}" for count, what, detail in parts if count))
 
 
 def diff_labels(paths: list[str]) -> list[str]:

@@ -314,6 +314,12 @@ def test_correlations_per_diff_keep_lora_and_dense_apart_and_are_adjusted_for_mu
                 result["lora_by_dataset"]["pearson_p_holm"], result["lora_by_dataset"]["spearman_p_holm"], partial["p_holm"],
                 models[0]["null"]["d"]["null"]["p_two_sided_holm"]]
     assert adjusted == pytest.approx(holm(raw)) and "6 tests" in output["multiplicity"]
+    # the description names the family's parts with their counts, and only the parts it holds
+    assert "4 correlation p-values" in output["multiplicity"] and "1 partial correlation," in output["multiplicity"]
+    assert "1 random-null test (" in output["multiplicity"]
+    del models[0]["null"]
+    cwp.adjust_for_multiplicity(output)
+    assert "5 tests" in output["multiplicity"] and "random-null" not in output["multiplicity"]
 
 
 # ---------------------------------------------------------------------------------------------
