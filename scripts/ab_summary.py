@@ -1,8 +1,9 @@
 """The summary of scripts/ab_fewshot.sh, the command line of eval/experiments/ab_fewshot.py: per
 trait and extraction setting (few-shot K), the A/B balanced p_matching of the persona LoRA and of
 the vector at every coefficient (with its change against coefficient 0, paired by item), their A/B
-and margin slopes, and the difference between the settings' A/B slopes, paired by item; every
-slope's p with Holm's adjustment over all of them beside it, and the unsteered model's
+and margin slopes, the difference between the settings' A/B slopes, paired by item, the two methods
+in calibrated units, and the default setting's vector steered at every position (when the driver
+swept it); every p with Holm's adjustment over all of them beside it, and the unsteered model's
 log(P(m) + P(n)). Writes summary.json, table.md (the README's tables) and ab.png.
 
     python scripts/ab_summary.py --traits evil sycophancy --fewshot 4 0 --output_dir results/exp6_ab

@@ -6,9 +6,9 @@ slope and slope difference the report tests), how much probability the two answe
 coefficient 0 (the unsteered model's log(P(m) + P(n))) and how it changes at the extreme coefficients,
 and how separable the extraction's pos and neg answers were (the judge's AUROC on them; an offline
 judge never saw them); per method, the difference between the settings' A/B slopes, paired by
-item (both settings answer the same items); and, where the sweep exists, the default setting's vector
-steered at every position (a merged LoRA also changes how the question and choices are read). `collect` makes the report, `table` its Markdown (the
-README's tables), `plot` ab.png.
+item (both settings answer the same items); and, where the sweep exists, the default setting's
+vector steered at every position (a merged LoRA also changes how the question and choices are
+read). `collect` makes the report, `table` its Markdown (the README's tables), `plot` ab.png.
 """
 
 import math
@@ -17,7 +17,7 @@ from pathlib import Path
 from eval.ab import balanced_paired_test
 from eval.analysis import save_figure
 from eval.evaluate import measurement_identity, require_same_measurement
-from eval.stats import calibrated_contrast, cluster_slopes, holm, paired_slope
+from eval.stats import RANDOM_PERMUTATIONS, calibrated_contrast, cluster_slopes, holm, paired_slope
 from io_utils import PersonaLoRAError, read_json_object
 from model_loading import persona_dir
 
@@ -179,15 +179,23 @@ def settings_of(entries: dict) -> dict:
     return {setting: entry for setting, entry in entries.items() if setting.startswith("k")}
 
 
+P_FLOOR = 1 / (RANDOM_PERMUTATIONS + 1)  # a random-pattern p counts the observed one: it is never below this
+
+
+def at_floor(p: float) -> bool:
+    """No random pattern reached the observed value: the next possible p is 2/(N + 1)."""
+    return p < 1.5 * P_FLOOR
+
+
 def p_text(p: float) -> str:
-    """A sign-flip p: beyond 16 items it comes from 100,000 random patterns and the observed one, so
-    the smallest it can be is 1/100,001, which says "no random pattern reached the observed value"."""
-    return "≤ 1e-05" if p <= 1e-5 else f"{p:.2g}"
+    """A sign-flip p: beyond 16 items it comes from RANDOM_PERMUTATIONS random patterns and the
+    observed one, so at the floor it is a bound (≤ 1/100,001), not a value."""
+    return f"≤ {P_FLOOR:.0e}" if at_floor(p) else f"{p:.2g}"
 
 
 def holm_text(p: float, p_holm: float) -> str:
-    """Holm's adjusted p; from a p at the sign-flip floor it is a bound too (≤), not a value."""
-    return f"≤ {p_holm:.2g}" if p <= 1e-5 else p_text(p_holm)
+    """Holm's adjusted p; from a p at the floor it is a bound too (≤), not a value."""
+    return f"≤ {p_holm:.2g}" if at_floor(p) else p_text(p_holm)
 
 
 def tested(value: float, sem: float, p: float, p_holm: float) -> str:
